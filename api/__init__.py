@@ -1,0 +1,1 @@
+"""The HTTP edge: the Litestar app, each API surface's routes and envelopes, and the CLI."""

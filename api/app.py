@@ -1,0 +1,56 @@
+"""The Litestar application: every surface mounted on one app, with the runtime in its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request, Response, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from api.request_log import request_log
+from api.toolkit.routes import toolkit_router
+from orchestrator.bootstrap import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+@get("/health", tags=["ops"])
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    return Response({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.error("request.failed", path=request.url.path, exc_info=exc)
+    return Response({"error": "Internal server error"}, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+def create_app(runtime: Runtime) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    return Litestar(
+        route_handlers=[health, toolkit_router()],
+        state=State({"deps": runtime.deps}),
+        lifespan=[lifespan],
+        middleware=[request_log],
+        exception_handlers={HTTPException: _on_http, Exception: _on_unexpected},
+        request_max_body_size=runtime.deps.settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="GPU replica orchestrator", version="0.1.0", path="/schema"),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,26 @@
+"""Admin authentication of the toolkit API: `Authorization: Bearer <ADMIN_API_KEY>`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+
+from orchestrator.deps import Deps
+from orchestrator.keys import same_secret
+
+
+def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    deps: Deps = connection.app.state.deps
+    token = bearer_token(connection)
+    if token is None or not same_secret(token, deps.keys.admin_api_key):
+        raise NotAuthorizedException("Invalid Admin API key.")

@@ -1,0 +1,169 @@
+"""The toolkit's admin routes: parse -> call the domain -> shape the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Response, Router, delete, get, post, put
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
+
+from api.toolkit import schemas as s
+from api.toolkit.auth import admin_only
+from api.toolkit.errors import HANDLERS
+from orchestrator.deps import Deps
+from orchestrator.errors import Conflict
+from orchestrator.lifecycle import ReplicaStatus, vm_status
+from orchestrator.store import KeyRemoval, ReplicaDetail
+from orchestrator.tables import Replica
+
+_KEY_MESSAGES = {
+    KeyRemoval.DELETED: "API key deleted successfully",
+    KeyRemoval.DISABLED: "API key disabled successfully",
+}
+
+
+class ApiKeyController(Controller):
+    tags = ["api keys"]
+
+    @post("/generate_api_key", status_code=HTTP_200_OK)
+    async def generate(self, deps: Deps, data: s.GenerateApiKeyIn) -> s.IssuedKeyOut:
+        issued = await deps.api_keys.issue(data.user_id, allowed_rpm=data.allowed_rpm, name=data.name)
+        return s.IssuedKeyOut(api_key=issued.api_key, id=issued.id, enabled=issued.enabled)
+
+    @post("/delete_api_key", status_code=HTTP_200_OK)
+    async def remove(self, deps: Deps, data: s.DeleteApiKeyIn) -> Response[s.MessageOut]:
+        try:
+            outcome = await deps.api_keys.remove(data.user_id, data.api_key_id)
+        except Conflict as e:
+            return Response(s.MessageOut(message=str(e)), status_code=HTTP_409_CONFLICT)
+        return Response(s.MessageOut(message=_KEY_MESSAGES[outcome]))
+
+
+class TableController(Controller):
+    path = "/tables"
+    tags = ["tables"]
+
+    @get("/")
+    async def names(self, deps: Deps) -> s.TablesOut:
+        return s.TablesOut(tables=deps.store.table_names())
+
+    @get("/{table_name:str}")
+    async def rows(self, deps: Deps, table_name: str) -> s.TableDataOut:
+        return s.TableDataOut(data=await deps.store.table_rows(table_name))
+
+
+class ModelController(Controller):
+    path = "/models"
+    tags = ["models"]
+
+    @get("/")
+    async def list_models(
+        self, deps: Deps, active: Annotated[str | None, Parameter(query="active")] = None
+    ) -> list[s.ModelOut]:
+        models = await deps.models.list(active_only=bool(active) and active not in ("0", "false"))
+        return [s.ModelOut(id=_id(m.id), name=m.name) for m in models]
+
+    @get("/{model_name:str}")
+    async def get_model(self, deps: Deps, model_name: str) -> s.ModelOut:
+        model = await deps.models.get(model_name)
+        return s.ModelOut(id=_id(model.id), name=model.name)
+
+    @post("/")
+    async def create_model(self, deps: Deps, data: s.ModelIn) -> Response[Any]:
+        try:
+            model = await deps.models.create(data.name)
+        except Conflict as e:
+            return Response(s.MessageOut(message=str(e)), status_code=HTTP_400_BAD_REQUEST)
+        return Response(s.ModelCreatedOut(model_name=model.name, id=_id(model.id)), status_code=201)
+
+    @delete("/{model_id:int}", status_code=HTTP_204_NO_CONTENT)
+    async def delete_model(self, deps: Deps, model_id: int) -> None:
+        await deps.models.delete(model_id)
+
+    @get("/{model_id:int}/replicas")
+    async def list_replicas(self, deps: Deps, model_id: int) -> list[s.ReplicaOut]:
+        return [_replica_out(r) for r in await deps.replicas.list(model_id)]
+
+    @post("/{model_id:int}/replicas")
+    async def create_replica(self, deps: Deps, model_id: int, data: s.ReplicaIn) -> Response[Any]:
+        try:
+            replica_id = await deps.replicas.create(model_id, data.spec())
+        except Conflict as e:
+            return Response({"error": str(e)}, status_code=HTTP_400_BAD_REQUEST)
+        return Response(s.ReplicaCreatedOut(replica_id=replica_id), status_code=201)
+
+    @put("/replicas/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
+    async def update_replica(self, deps: Deps, replica_id: int, data: s.ReplicaUpdateIn) -> None:
+        await deps.replicas.set_rate_limit(replica_id, data.rate_limit)
+
+
+class ReplicaController(Controller):
+    path = "/replicas"
+    tags = ["replicas"]
+
+    @get("/{replica_id:int}")
+    async def detail(self, deps: Deps, replica_id: int) -> s.ReplicaDetailOut:
+        return _detail_out(await deps.replicas.detail(replica_id))
+
+    @delete("/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
+    async def remove(self, deps: Deps, replica_id: int) -> None:
+        await deps.replicas.delete(replica_id)
+
+
+def _id(value: int | None) -> int:
+    assert value is not None  # rows read back from the database always have one
+    return value
+
+
+def _replica_out(r: Replica) -> s.ReplicaOut:
+    return s.ReplicaOut(
+        id=_id(r.id),
+        model_id=r.model_id,
+        endpoint=r.endpoint,
+        rate_limit=r.rate_limit,
+        flavor_name=r.flavor_name,
+        vm_status=vm_status(ReplicaStatus(r.status), r.termination_reason),
+        name=r.name,
+        environment_name=r.environment_name,
+        image_name=r.image_name,
+        assign_floating_ip=r.assign_floating_ip,
+        run_command=r.run_command,
+        key_name=r.key_name,
+        vm_id=r.vm_id,
+        error_message=r.error_message,
+        status=r.status,
+        create_vm=r.create_vm,
+    )
+
+
+def _detail_out(d: ReplicaDetail) -> s.ReplicaDetailOut:
+    r = d.replica
+    return s.ReplicaDetailOut(
+        **_replica_out(r).model_dump(),
+        model_name=d.model_name,
+        port=r.port,
+        status_changed_at=r.status_changed_at,
+        termination_reason=r.termination_reason,
+        created_at=r.created_at,
+        deleted=r.delete_requested_at is not None,
+        security_rules=[s.SecurityRuleOut.model_validate(rule, from_attributes=True) for rule in d.rules],
+        events=[s.EventOut.model_validate(e, from_attributes=True) for e in d.events],
+    )
+
+
+def _deps(state: State) -> Deps:
+    deps: Deps = state.deps
+    return deps
+
+
+def toolkit_router() -> Router:
+    return Router(
+        path="/api/v1",
+        route_handlers=[ApiKeyController, TableController, ModelController, ReplicaController],
+        guards=[admin_only],
+        dependencies={"deps": Provide(_deps, sync_to_thread=False)},
+        exception_handlers=dict(HANDLERS),
+    )

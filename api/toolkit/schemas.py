@@ -1,0 +1,228 @@
+"""Request and response bodies of the toolkit API. Unknown fields are refused, as the toolkit does."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from orchestrator.services.replicas import ReplicaSpec, RuleSpec, VmSpec
+
+FIELD_RULE = "field_rule"
+"""Error type of a rule that spans fields: `ctx.field` names the field it is reported on."""
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """For model validators: report `message` on `field`, as marshmallow's `field_name=` does."""
+    return PydanticCustomError(FIELD_RULE, message, {"field": field})
+
+
+def invalid(message: str) -> PydanticCustomError:
+    """For field validators: the error already sits on its field."""
+    return PydanticCustomError("invalid", message)
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class GenerateApiKeyIn(_In):
+    user_id: Name
+    allowed_rpm: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    name: Annotated[str, Field(max_length=255)] | None = None
+
+
+class DeleteApiKeyIn(_In):
+    user_id: Name
+    api_key_id: int
+
+
+class ModelIn(_In):
+    name: Name
+
+    @field_validator("name")
+    @classmethod
+    def _no_blank(cls, v: str) -> str:
+        if v != v.strip():
+            raise invalid("Model name must not start or end with whitespace.")
+        return v
+
+
+class SecurityRuleIn(_In):
+    direction: Literal["ingress", "egress"] = "ingress"
+    protocol: Literal["tcp", "udp"] = "tcp"
+    ethertype: Literal["IPv4", "IPv6"] = "IPv4"
+    remote_ip_prefix: str = "0.0.0.0/0"
+    port_range_min: Port
+    port_range_max: Port
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.port_range_min > self.port_range_max:
+            raise field_error("port_range_min", "port_range_min must be less than or equal to port_range_max.")
+        try:
+            net = ipaddress.ip_network(self.remote_ip_prefix, strict=False)
+        except ValueError:
+            raise field_error("remote_ip_prefix", "Not a valid IP network (CIDR).") from None
+        if f"IPv{net.version}" != self.ethertype:
+            raise field_error("remote_ip_prefix", f"An {self.ethertype} rule needs an {self.ethertype} prefix.")
+        return self
+
+    def spec(self) -> RuleSpec:
+        return RuleSpec(**self.model_dump())
+
+
+_VM_NAME = re.compile(r"^[^ ][\w -]*[^ ]$")
+
+
+class VmCreationIn(_In):
+    name: Name
+    environment_name: Name
+    image_name: Name
+    flavor_name: Name
+    key_name: Name
+    port: Annotated[int, Field(ge=1, le=65535)]
+    run_command: Annotated[str, Field(min_length=1, max_length=4096)]
+    assign_floating_ip: bool = True
+    security_rules: Annotated[list[SecurityRuleIn], Field(max_length=64)] = []
+
+    @field_validator("name")
+    @classmethod
+    def _name_format(cls, v: str) -> str:
+        if not _VM_NAME.match(v):
+            raise invalid(
+                "Invalid name format. Name must not start or end with a space "
+                "and can contain alphanumeric characters, spaces, and hyphens.",
+            )
+        return v
+
+
+class ReplicaIn(_In):
+    endpoint: Annotated[str, Field(max_length=2048)] | None = None
+    rate_limit: Annotated[int, Field(ge=1)] | None = None
+    create_vm: bool = False
+    vm_creation_details: VmCreationIn | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        if not self.create_vm:
+            if not self.endpoint:
+                raise field_error("endpoint", "LLM EndPoint URL must not be empty.")
+            if not re.match(r"^https?://[^\s/?#]+[^\s]*$", self.endpoint):
+                raise field_error("endpoint", "Not a valid URL (http:// or https://).")
+        elif self.vm_creation_details is None:
+            raise PydanticCustomError(FIELD_RULE, "VM creation details must be provided when create_vm is True.")
+        elif self.endpoint:
+            raise field_error("endpoint", "A replica with create_vm gets its endpoint from its VM; leave it empty.")
+        return self
+
+    def spec(self) -> ReplicaSpec:
+        vm = self.vm_creation_details if self.create_vm else None
+        return ReplicaSpec(
+            endpoint=None if vm else self.endpoint,
+            rate_limit=self.rate_limit,
+            vm=None
+            if vm is None
+            else VmSpec(
+                **vm.model_dump(exclude={"security_rules"}),
+                security_rules=tuple(r.spec() for r in vm.security_rules),
+            ),
+        )
+
+
+class ReplicaUpdateIn(_In):
+    rate_limit: Annotated[int, Field(ge=1)]
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class IssuedKeyOut(BaseModel):
+    api_key: str
+    id: int
+    enabled: bool
+
+
+class MessageOut(BaseModel):
+    message: str
+
+
+class TablesOut(BaseModel):
+    tables: list[str]
+
+
+class TableDataOut(BaseModel):
+    data: list[dict[str, object]]
+
+
+class ModelOut(BaseModel):
+    id: int
+    name: str
+
+
+class ModelCreatedOut(BaseModel):
+    model_name: str
+    id: int
+
+
+class ReplicaCreatedOut(BaseModel):
+    replica_id: int
+
+
+class ReplicaOut(BaseModel):
+    """The toolkit's replica fields, then ours (`status`, `create_vm`)."""
+
+    id: int
+    model_id: int
+    endpoint: str | None
+    rate_limit: int | None
+    flavor_name: str | None
+    vm_status: Literal["PENDING", "SUCCESS", "FAILED"]
+    name: str | None
+    environment_name: str | None
+    image_name: str | None
+    assign_floating_ip: bool | None
+    run_command: str | None
+    key_name: str | None
+    vm_id: str | None
+    error_message: str | None
+    status: str
+    create_vm: bool
+
+
+class SecurityRuleOut(BaseModel):
+    id: int
+    origin: str
+    direction: str
+    protocol: str
+    ethertype: str
+    remote_ip_prefix: str
+    port_range_min: int
+    port_range_max: int
+
+
+class EventOut(BaseModel):
+    at: datetime
+    from_status: str | None
+    to_status: str
+    reason: str
+    message: str | None
+
+
+class ReplicaDetailOut(ReplicaOut):
+    model_name: str
+    port: int | None
+    status_changed_at: datetime
+    termination_reason: str | None
+    created_at: datetime
+    deleted: bool
+    security_rules: list[SecurityRuleOut]
+    events: list[EventOut]

@@ -1,0 +1,1 @@
+"""VM backends: Pulumi programs per cloud and the local sandbox (issue 5). The only place that imports pulumi."""

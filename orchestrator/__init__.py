@@ -1,0 +1,1 @@
+"""The domain: settings, tables, store, replica lifecycle, jobs and the composition root."""

@@ -1,0 +1,33 @@
+"""API key material: generation, the keyed hash stored in place of a key, and constant-time checks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+API_KEY_PREFIX = "sk-"
+
+
+def new_api_key() -> str:
+    """A fresh client key; 256 bits of entropy behind a recognisable prefix."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_api_key(secret_key: str, api_key: str) -> str:
+    """HMAC-SHA256 of the key under the server secret: a leaked table reveals no usable key."""
+    return hmac.new(secret_key.encode(), api_key.encode(), hashlib.sha256).hexdigest()
+
+
+def key_hint(api_key: str) -> str:
+    """The last four characters, enough for an operator to tell keys apart in a listing."""
+    return api_key[-4:]
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Compare two secrets in time independent of where they differ."""
+    return hmac.compare_digest(given.encode(), expected.encode())

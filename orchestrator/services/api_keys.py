@@ -1,0 +1,48 @@
+"""Client API keys: issue (the plain key is returned once, only its HMAC is kept) and revoke."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from orchestrator.keys import hash_api_key, key_hint, new_api_key
+from orchestrator.store import KeyRemoval, Store
+from orchestrator.tables import ApiKey
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_RPM = 160
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    id: int
+    api_key: str
+    enabled: bool
+    allowed_rpm: int
+
+
+class ApiKeyService:
+    def __init__(self, store: Store, secret_key: str) -> None:
+        self._store = store
+        self._secret = secret_key
+
+    async def issue(self, user_id: str, *, allowed_rpm: int | None = None, name: str | None = None) -> IssuedKey:
+        plain = new_api_key()
+        row = ApiKey(
+            user_id=user_id,
+            name=name,
+            key_hash=hash_api_key(self._secret, plain),
+            key_hint=key_hint(plain),
+            allowed_rpm=allowed_rpm if allowed_rpm is not None else DEFAULT_RPM,
+        )
+        row = await self._store.create_api_key(row)
+        assert row.id is not None
+        log.info("api_key.issued", api_key_id=row.id, user_id=user_id, allowed_rpm=row.allowed_rpm)
+        return IssuedKey(row.id, plain, row.enabled, row.allowed_rpm)
+
+    async def remove(self, user_id: str, key_id: int) -> KeyRemoval:
+        outcome = await self._store.remove_api_key(user_id, key_id)
+        log.info("api_key.removed", api_key_id=key_id, user_id=user_id, outcome=outcome.value)
+        return outcome

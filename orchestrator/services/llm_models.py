@@ -1,0 +1,42 @@
+"""Registered models: create, look up, list, delete (which sends their replicas to teardown)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from orchestrator.errors import Conflict, NotFound
+from orchestrator.lifecycle import REASON_MODEL_DELETED
+from orchestrator.store import Store
+from orchestrator.tables import LlmModel
+
+log = structlog.get_logger(__name__)
+
+
+class ModelService:
+    def __init__(self, store: Store, nudge: Callable[[], None]) -> None:
+        self._store = store
+        self._nudge = nudge
+
+    async def list(self, *, active_only: bool) -> Sequence[LlmModel]:
+        return await self._store.list_models(active_only=active_only)
+
+    async def get(self, name: str) -> LlmModel:
+        model = await self._store.model_by_name(name)
+        if model is None:
+            raise NotFound("Model not found")
+        return model
+
+    async def create(self, name: str) -> LlmModel:
+        if await self._store.model_by_name(name) is not None:
+            raise Conflict("Model already exists.")
+        model = await self._store.create_model(name)
+        log.info("model.created", model_id=model.id, model=name)
+        return model
+
+    async def delete(self, model_id: int) -> None:
+        replica_ids = await self._store.delete_model(model_id, REASON_MODEL_DELETED)
+        log.info("model.deleted", model_id=model_id, replicas_draining=replica_ids)
+        if replica_ids:
+            self._nudge()

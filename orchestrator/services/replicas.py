@@ -1,0 +1,123 @@
+"""Replicas as the admin sees them: creation with its domain checks, rate limit, deletion, detail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from orchestrator.errors import Conflict, InvalidInput, NotFound
+from orchestrator.lifecycle import REASON_DELETED
+from orchestrator.store import ReplicaDetail, Store
+from orchestrator.tables import Replica, ReplicaSecurityRule
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    direction: str
+    protocol: str
+    ethertype: str
+    remote_ip_prefix: str
+    port_range_min: int
+    port_range_max: int
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What the admin asked of a managed replica's VM (the toolkit's `vm_creation_details`)."""
+
+    name: str
+    environment_name: str
+    image_name: str
+    flavor_name: str
+    key_name: str
+    port: int
+    run_command: str
+    assign_floating_ip: bool = True
+    security_rules: tuple[RuleSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Either `endpoint` (external) or `vm` (managed) is set; the schema layer guarantees it."""
+
+    endpoint: str | None = None
+    rate_limit: int | None = None
+    vm: VmSpec | None = None
+
+
+class ReplicaService:
+    def __init__(self, store: Store, nudge: Callable[[], None]) -> None:
+        self._store = store
+        self._nudge = nudge
+
+    async def list(self, model_id: int) -> Sequence[Replica]:
+        if await self._store.model(model_id) is None:
+            raise NotFound("Model not found")
+        return await self._store.list_replicas(model_id)
+
+    async def create(self, model_id: int, spec: ReplicaSpec) -> int:
+        if await self._store.model(model_id) is None:
+            raise NotFound("Model not found")
+        if spec.vm is None:
+            if not spec.endpoint:
+                raise InvalidInput("endpoint", "LLM EndPoint URL must not be empty.")
+            if await self._store.endpoint_in_use(model_id, spec.endpoint):
+                raise Conflict("Endpoint already exists")
+        replica, rules = _rows(model_id, spec)
+        kind = "managed" if spec.vm else "external"
+        replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered")
+        log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind)
+        self._nudge()
+        return replica_id
+
+    async def set_rate_limit(self, replica_id: int, rate_limit: int) -> None:
+        await self._store.set_rate_limit(replica_id, rate_limit)
+        log.info("replica.rate_limit_set", replica_id=replica_id, rate_limit=rate_limit)
+
+    async def delete(self, replica_id: int) -> None:
+        await self._store.delete_replica(replica_id, REASON_DELETED)
+        log.info("replica.delete_requested", replica_id=replica_id)
+        self._nudge()
+
+    async def detail(self, replica_id: int) -> ReplicaDetail:
+        detail = await self._store.replica_detail(replica_id)
+        if detail is None:
+            raise NotFound("Replica not found")
+        return detail
+
+
+def _rows(model_id: int, spec: ReplicaSpec) -> tuple[Replica, list[ReplicaSecurityRule]]:
+    vm = spec.vm
+    if vm is None:
+        return Replica(model_id=model_id, endpoint=spec.endpoint, rate_limit=spec.rate_limit), []
+    replica = Replica(
+        model_id=model_id,
+        create_vm=True,
+        rate_limit=spec.rate_limit,
+        name=vm.name,
+        environment_name=vm.environment_name,
+        image_name=vm.image_name,
+        flavor_name=vm.flavor_name,
+        key_name=vm.key_name,
+        port=vm.port,
+        run_command=vm.run_command,
+        assign_floating_ip=vm.assign_floating_ip,
+    )
+    rules = [
+        ReplicaSecurityRule(
+            replica_id=0,  # set by the store once the replica has its id
+            origin="user",
+            direction=r.direction,
+            protocol=r.protocol,
+            ethertype=r.ethertype,
+            remote_ip_prefix=r.remote_ip_prefix,
+            port_range_min=r.port_range_min,
+            port_range_max=r.port_range_max,
+        )
+        for r in vm.security_rules
+    ]
+    return replica, rules

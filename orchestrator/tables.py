@@ -1,0 +1,127 @@
+"""SQLModel tables. Names follow the Hyperstack toolkit where the concept is the same, so its admin UI
+reads them unchanged through `/api/v1/tables`. Columns marked `secret` never leave the store in clear."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, ForeignKey, Index, Integer, String, Text, text
+from sqlmodel import Field, SQLModel
+
+# Column info flag read by the table browser: the value is replaced by a placeholder.
+SECRET: dict[str, Any] = {"info": {"secret": True}}
+
+
+def utcnow() -> datetime:
+    """Aware UTC; SQLModel's column type stores it as UTC on both databases and returns it aware."""
+    return datetime.now(UTC)
+
+
+class LlmModel(SQLModel, table=True):
+    __tablename__ = "llm_models"
+    __table_args__ = (
+        # Names are unique among live models; a deleted model's name can be registered again.
+        Index(
+            "uq_llm_models_live_name",
+            "name",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None
+
+
+class Replica(SQLModel, table=True):
+    __tablename__ = "replicas"
+    __table_args__ = (Index("ix_replicas_status", "status"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(sa_column=Column(Integer, ForeignKey("llm_models.id"), nullable=False, index=True))
+    create_vm: bool = False
+    endpoint: str | None = Field(default=None, max_length=2048)
+    rate_limit: int | None = None
+    status: str = Field(default="PENDING", max_length=16)
+    status_changed_at: datetime = Field(default_factory=utcnow)
+    termination_reason: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_column=Column(Text))
+    # The toolkit's VM creation details, kept as given.
+    name: str | None = Field(default=None, max_length=255)
+    environment_name: str | None = Field(default=None, max_length=255)
+    image_name: str | None = Field(default=None, max_length=255)
+    flavor_name: str | None = Field(default=None, max_length=255)
+    assign_floating_ip: bool | None = None
+    run_command: str | None = Field(default=None, sa_column=Column(Text))
+    key_name: str | None = Field(default=None, max_length=255)
+    port: int | None = None
+    vm_id: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    delete_requested_at: datetime | None = None
+    """Set when an admin deletes the replica: it leaves the toolkit listings at once, the row stays."""
+
+
+class ReplicaEvent(SQLModel, table=True):
+    __tablename__ = "replica_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), nullable=False, index=True))
+    at: datetime = Field(default_factory=utcnow)
+    from_status: str | None = Field(default=None, max_length=16)
+    to_status: str = Field(max_length=16)
+    reason: str = Field(max_length=64)
+    message: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class ReplicaSecurityRule(SQLModel, table=True):
+    __tablename__ = "replica_security_rules"
+
+    id: int | None = Field(default=None, primary_key=True)
+    replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), nullable=False, index=True))
+    origin: str = Field(default="user", max_length=16)
+    """Who asked for the rule: `user` (vm_creation_details) or a lifecycle phase of the orchestrator."""
+    direction: str = Field(max_length=8)
+    protocol: str = Field(max_length=8)
+    ethertype: str = Field(max_length=8)
+    remote_ip_prefix: str = Field(max_length=64)
+    port_range_min: int
+    port_range_max: int
+
+
+class ApiKey(SQLModel, table=True):
+    """One key table for every API surface; only the keyed hash of a key is stored."""
+
+    __tablename__ = "api_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(sa_column=Column(String(255), nullable=False, index=True))
+    name: str | None = Field(default=None, max_length=255)
+    key_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True, **SECRET))
+    key_hint: str = Field(max_length=8)
+    enabled: bool = True
+    allowed_rpm: int = 160
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Metric(SQLModel, table=True):
+    """One row per gateway call (usage); the toolkit's columns first, then ours."""
+
+    __tablename__ = "metric"
+
+    id: int | None = Field(default=None, primary_key=True)
+    api_key_id: int | None = Field(default=None, sa_column=Column(Integer, ForeignKey("api_key.id"), index=True))
+    input: str | None = Field(default=None, sa_column=Column(Text))
+    created: int = Field(default=0, index=True)
+    """Unix seconds: the toolkit's monitoring page plots against it."""
+    model: str | None = Field(default=None, max_length=255)
+    choices: str | None = Field(default=None, sa_column=Column(Text))
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    duration: float | None = None
+    replica_id: int | None = None
+    status_code: int | None = None
