@@ -161,7 +161,7 @@ class Store:
 
     async def set_rate_limit(self, replica_id: int, rate_limit: int) -> None:
         async with self._sessions() as s:
-            result = await s.execute(
+            result = await s.exec(
                 update(Replica)
                 .where(col(Replica.id) == replica_id, col(Replica.delete_requested_at).is_(None))
                 .values(rate_limit=rate_limit)
@@ -197,7 +197,7 @@ class Store:
             moved = await _move(s, replica_id, src, dst, reason=reason, message=message, **changes)
             if moved and dst is ReplicaStatus.TERMINATED:
                 # Nothing enforces a terminated replica's rules any more.
-                await s.execute(delete(ReplicaSecurityRule).where(col(ReplicaSecurityRule.replica_id) == replica_id))
+                await s.exec(delete(ReplicaSecurityRule).where(col(ReplicaSecurityRule.replica_id) == replica_id))
             await s.commit()
             return moved
 
@@ -243,7 +243,7 @@ class Store:
         if table is None:
             raise NotFound("Detail not found")
         async with self._sessions() as s:
-            rows = (await s.execute(core_select(table).order_by(table.c.id.desc()).limit(BROWSE_LIMIT))).mappings()
+            rows = (await s.exec(core_select(table).order_by(table.c.id.desc()).limit(BROWSE_LIMIT))).mappings()
             return [_redact(table, row) for row in rows]
 
 
@@ -273,14 +273,14 @@ async def _move(
     now = utcnow()
     if dst is ReplicaStatus.TERMINATED:
         changes.setdefault("termination_reason", reason)
-    result = await s.execute(
+    result = await s.exec(
         update(Replica)
         .where(col(Replica.id) == replica_id, col(Replica.status) == src)
         .values(status=dst, status_changed_at=now, **changes)
     )
     if _rowcount(result) != 1:
         return False
-    await s.execute(
+    await s.exec(
         insert(ReplicaEvent).values(
             replica_id=replica_id, at=now, from_status=src, to_status=dst, reason=reason, message=message
         )

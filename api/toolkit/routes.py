@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from litestar import Controller, Response, Router, delete, get, post, put
 from litestar.datastructures import State
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
 
 from api.toolkit import schemas as s
@@ -29,12 +29,12 @@ class ApiKeyController(Controller):
     tags = ["api keys"]
 
     @post("/generate_api_key", status_code=HTTP_200_OK)
-    async def generate(self, deps: Deps, data: s.GenerateApiKeyIn) -> s.IssuedKeyOut:
+    async def generate(self, deps: NamedDependency[Deps], data: JSONBody[s.GenerateApiKeyIn]) -> s.IssuedKeyOut:
         issued = await deps.api_keys.issue(data.user_id, allowed_rpm=data.allowed_rpm, name=data.name)
         return s.IssuedKeyOut(api_key=issued.api_key, id=issued.id, enabled=issued.enabled)
 
     @post("/delete_api_key", status_code=HTTP_200_OK)
-    async def remove(self, deps: Deps, data: s.DeleteApiKeyIn) -> Response[s.MessageOut]:
+    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.DeleteApiKeyIn]) -> Response[s.MessageOut]:
         try:
             outcome = await deps.api_keys.remove(data.user_id, data.api_key_id)
         except Conflict as e:
@@ -47,11 +47,11 @@ class TableController(Controller):
     tags = ["tables"]
 
     @get("/")
-    async def names(self, deps: Deps) -> s.TablesOut:
+    async def names(self, deps: NamedDependency[Deps]) -> s.TablesOut:
         return s.TablesOut(tables=deps.store.table_names())
 
     @get("/{table_name:str}")
-    async def rows(self, deps: Deps, table_name: str) -> s.TableDataOut:
+    async def rows(self, deps: NamedDependency[Deps], table_name: FromPath[str]) -> s.TableDataOut:
         return s.TableDataOut(data=await deps.store.table_rows(table_name))
 
 
@@ -60,19 +60,17 @@ class ModelController(Controller):
     tags = ["models"]
 
     @get("/")
-    async def list_models(
-        self, deps: Deps, active: Annotated[str | None, Parameter(query="active")] = None
-    ) -> list[s.ModelOut]:
+    async def list_models(self, deps: NamedDependency[Deps], active: FromQuery[str | None] = None) -> list[s.ModelOut]:
         models = await deps.models.list(active_only=bool(active) and active not in ("0", "false"))
         return [s.ModelOut(id=_id(m.id), name=m.name) for m in models]
 
     @get("/{model_name:str}")
-    async def get_model(self, deps: Deps, model_name: str) -> s.ModelOut:
+    async def get_model(self, deps: NamedDependency[Deps], model_name: FromPath[str]) -> s.ModelOut:
         model = await deps.models.get(model_name)
         return s.ModelOut(id=_id(model.id), name=model.name)
 
     @post("/")
-    async def create_model(self, deps: Deps, data: s.ModelIn) -> Response[Any]:
+    async def create_model(self, deps: NamedDependency[Deps], data: JSONBody[s.ModelIn]) -> Response[Any]:
         try:
             model = await deps.models.create(data.name)
         except Conflict as e:
@@ -80,15 +78,17 @@ class ModelController(Controller):
         return Response(s.ModelCreatedOut(model_name=model.name, id=_id(model.id)), status_code=201)
 
     @delete("/{model_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def delete_model(self, deps: Deps, model_id: int) -> None:
+    async def delete_model(self, deps: NamedDependency[Deps], model_id: FromPath[int]) -> None:
         await deps.models.delete(model_id)
 
     @get("/{model_id:int}/replicas")
-    async def list_replicas(self, deps: Deps, model_id: int) -> list[s.ReplicaOut]:
+    async def list_replicas(self, deps: NamedDependency[Deps], model_id: FromPath[int]) -> list[s.ReplicaOut]:
         return [_replica_out(r) for r in await deps.replicas.list(model_id)]
 
     @post("/{model_id:int}/replicas")
-    async def create_replica(self, deps: Deps, model_id: int, data: s.ReplicaIn) -> Response[Any]:
+    async def create_replica(
+        self, deps: NamedDependency[Deps], model_id: FromPath[int], data: JSONBody[s.ReplicaIn]
+    ) -> Response[Any]:
         try:
             replica_id = await deps.replicas.create(model_id, data.spec())
         except Conflict as e:
@@ -96,7 +96,9 @@ class ModelController(Controller):
         return Response(s.ReplicaCreatedOut(replica_id=replica_id), status_code=201)
 
     @put("/replicas/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def update_replica(self, deps: Deps, replica_id: int, data: s.ReplicaUpdateIn) -> None:
+    async def update_replica(
+        self, deps: NamedDependency[Deps], replica_id: FromPath[int], data: JSONBody[s.ReplicaUpdateIn]
+    ) -> None:
         await deps.replicas.set_rate_limit(replica_id, data.rate_limit)
 
 
@@ -105,11 +107,11 @@ class ReplicaController(Controller):
     tags = ["replicas"]
 
     @get("/{replica_id:int}")
-    async def detail(self, deps: Deps, replica_id: int) -> s.ReplicaDetailOut:
+    async def detail(self, deps: NamedDependency[Deps], replica_id: FromPath[int]) -> s.ReplicaDetailOut:
         return _detail_out(await deps.replicas.detail(replica_id))
 
     @delete("/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def remove(self, deps: Deps, replica_id: int) -> None:
+    async def remove(self, deps: NamedDependency[Deps], replica_id: FromPath[int]) -> None:
         await deps.replicas.delete(replica_id)
 
 
@@ -155,7 +157,7 @@ def _detail_out(d: ReplicaDetail) -> s.ReplicaDetailOut:
 
 
 def _deps(state: State) -> Deps:
-    deps: Deps = state.deps
+    deps: NamedDependency[Deps] = state.deps
     return deps
 
 

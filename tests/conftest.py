@@ -1,0 +1,105 @@
+"""Fixtures shared by every layer: databases (SQLite and PostgreSQL), settings, deps and the ASGI client."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import httpx
+
+from api.app import create_app
+from orchestrator.bootstrap import Runtime, build_deps
+from orchestrator.db import make_engine, upgrade
+from orchestrator.deps import Deps
+from orchestrator.settings import Settings
+from tests.support.aio import run_in_thread
+from tests.support.postgres import PostgresServer
+
+ADMIN_KEY = "sk-test-admin-key-0123456789"
+SECRET_KEY = "test-secret-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer.start()
+    try:
+        server.prepare_template()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+
+    async def run() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    run_in_thread(run)
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated database per test, on each backend in turn."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "orchestrator.db"
+        shutil.copyfile(template, path)
+        return f"sqlite+aiosqlite:///{path}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return await server.new_database()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        state_dir=tmp_path / "state",
+        database_url=database_url,
+        admin_api_key=ADMIN_KEY,
+        secret_key=SECRET_KEY,
+        scheduler=False,  # tests call the jobs themselves
+        log_format="console",
+    )
+
+
+@pytest.fixture
+async def deps(settings: Settings) -> AsyncIterator[Deps]:
+    deps = build_deps(settings)
+    try:
+        yield deps
+    finally:
+        await deps.engine.dispose()
+
+
+@pytest.fixture
+async def runtime(deps: Deps) -> AsyncIterator[Runtime]:
+    """What the app's lifespan runs (migrations, and the scheduler when enabled), in the test's own loop."""
+    runtime = Runtime(deps)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+@pytest.fixture
+async def anon_client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    """The whole app through ASGI, with no credentials."""
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture
+def client(anon_client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """The same, authenticated as the admin."""
+    anon_client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+    return anon_client
