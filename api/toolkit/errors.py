@@ -10,9 +10,7 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import (
     HTTPException,
-    MethodNotAllowedException,
     NotAuthorizedException,
-    NotFoundException,
     ValidationException,
 )
 from litestar.status_codes import (
@@ -54,8 +52,9 @@ def _message(err: Mapping[str, Any]) -> str:
         return f"Shorter than minimum length {ctx.get('min_length')}."
     if kind == "string_too_long":
         return f"Longer than maximum length {ctx.get('max_length')}."
-    if kind == "literal_error":
-        return f"Must be one of: {str(ctx.get('expected', '')).replace(chr(39), '')}."
+    if kind == "literal_error":  # pydantic says "'a', 'b' or 'c'"; marshmallow says "a, b, c"
+        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+        return f"Must be one of: {expected}."
     return _MESSAGES.get(kind, str(err.get("msg", "Invalid value.")))
 
 
@@ -85,18 +84,20 @@ def _json(body: Mapping[str, Any], status: int) -> Response[Any]:
 
 def on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     errors = getattr(exc.__cause__, "errors", None)
-    if not isinstance(errors, list):
-        return _json({"errors": {SCHEMA_KEY: [str(exc.detail)]}}, HTTP_400_BAD_REQUEST)
-    return _json({"errors": marshmallow_errors(errors)}, HTTP_400_BAD_REQUEST)
+    if isinstance(errors, list):  # a body: pydantic's own error list
+        return _json({"errors": marshmallow_errors(errors)}, HTTP_400_BAD_REQUEST)
+    # A path or query parameter: Litestar's list of {key, message}.
+    out: dict[str, list[str]] = {}
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if item.get("source") == "body":  # no body at all
+            out.setdefault(SCHEMA_KEY, []).append("A JSON object body is required.")
+        else:
+            out.setdefault(str(item.get("key", SCHEMA_KEY)), []).append(str(item.get("message", "Invalid value.")))
+    return _json({"errors": out or {SCHEMA_KEY: [str(exc.detail)]}}, HTTP_400_BAD_REQUEST)
 
 
 def on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    if isinstance(exc, NotFoundException):
-        detail = "Not found"
-    elif isinstance(exc, MethodNotAllowedException):
-        detail = "Method not allowed"
-    else:
-        detail = str(exc.detail)
+    detail = str(exc.detail)
     if exc.status_code == HTTP_400_BAD_REQUEST and not isinstance(exc, NotAuthorizedException):
         # A body Litestar could not decode (malformed JSON): still the marshmallow shape.
         return _json({"errors": {SCHEMA_KEY: [detail]}}, HTTP_400_BAD_REQUEST)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Response, Router, delete, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
 
 from api.toolkit import schemas as s
@@ -18,6 +18,9 @@ from orchestrator.errors import Conflict
 from orchestrator.lifecycle import ReplicaStatus, vm_status
 from orchestrator.store import KeyRemoval, ReplicaDetail
 from orchestrator.tables import Replica
+
+# Ids outside the column's range are refused with a 400 rather than reaching the database.
+PathId = Annotated[int, Parameter(ge=1, le=s.MAX_ID)]
 
 _KEY_MESSAGES = {
     KeyRemoval.DELETED: "API key deleted successfully",
@@ -78,16 +81,16 @@ class ModelController(Controller):
         return Response(s.ModelCreatedOut(model_name=model.name, id=_id(model.id)), status_code=201)
 
     @delete("/{model_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def delete_model(self, deps: NamedDependency[Deps], model_id: FromPath[int]) -> None:
+    async def delete_model(self, deps: NamedDependency[Deps], model_id: PathId) -> None:
         await deps.models.delete(model_id)
 
     @get("/{model_id:int}/replicas")
-    async def list_replicas(self, deps: NamedDependency[Deps], model_id: FromPath[int]) -> list[s.ReplicaOut]:
+    async def list_replicas(self, deps: NamedDependency[Deps], model_id: PathId) -> list[s.ReplicaOut]:
         return [_replica_out(r) for r in await deps.replicas.list(model_id)]
 
     @post("/{model_id:int}/replicas")
     async def create_replica(
-        self, deps: NamedDependency[Deps], model_id: FromPath[int], data: JSONBody[s.ReplicaIn]
+        self, deps: NamedDependency[Deps], model_id: PathId, data: JSONBody[s.ReplicaIn]
     ) -> Response[Any]:
         try:
             replica_id = await deps.replicas.create(model_id, data.spec())
@@ -97,7 +100,7 @@ class ModelController(Controller):
 
     @put("/replicas/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
     async def update_replica(
-        self, deps: NamedDependency[Deps], replica_id: FromPath[int], data: JSONBody[s.ReplicaUpdateIn]
+        self, deps: NamedDependency[Deps], replica_id: PathId, data: JSONBody[s.ReplicaUpdateIn]
     ) -> None:
         await deps.replicas.set_rate_limit(replica_id, data.rate_limit)
 
@@ -107,11 +110,11 @@ class ReplicaController(Controller):
     tags = ["replicas"]
 
     @get("/{replica_id:int}")
-    async def detail(self, deps: NamedDependency[Deps], replica_id: FromPath[int]) -> s.ReplicaDetailOut:
+    async def detail(self, deps: NamedDependency[Deps], replica_id: PathId) -> s.ReplicaDetailOut:
         return _detail_out(await deps.replicas.detail(replica_id))
 
     @delete("/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def remove(self, deps: NamedDependency[Deps], replica_id: FromPath[int]) -> None:
+    async def remove(self, deps: NamedDependency[Deps], replica_id: PathId) -> None:
         await deps.replicas.delete(replica_id)
 
 

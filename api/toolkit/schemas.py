@@ -30,6 +30,8 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_ID = 2**31 - 1  # row ids are 32-bit integers on PostgreSQL
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -42,7 +44,7 @@ class GenerateApiKeyIn(_In):
 
 class DeleteApiKeyIn(_In):
     user_id: Name
-    api_key_id: int
+    api_key_id: Id
 
 
 class ModelIn(_In):
