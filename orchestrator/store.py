@@ -242,9 +242,10 @@ class Store:
         table = SQLModel.metadata.tables.get(name)
         if table is None:
             raise NotFound("Detail not found")
+        query = core_select(table).order_by(table.c.id.desc()).limit(BROWSE_LIMIT)
         async with self._sessions() as s:
-            rows = (await s.exec(core_select(table).order_by(table.c.id.desc()).limit(BROWSE_LIMIT))).mappings()
-            return [_redact(table, row) for row in rows]
+            conn = await s.connection()
+            return [_redact(table, row) for row in (await conn.execute(query)).mappings()]
 
 
 def _live_models() -> SelectOfScalar[LlmModel]:

@@ -6,8 +6,8 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pytest
 import httpx
+import pytest
 
 from api.app import create_app
 from orchestrator.bootstrap import Runtime, build_deps
