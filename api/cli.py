@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
 import click
-import uvicorn
 
-from api.app import create_app
-from orchestrator.bootstrap import Runtime, build_deps
-from orchestrator.db import make_engine, upgrade
 from orchestrator.logs import configure_logging
 from orchestrator.settings import Settings
-from orchestrator.state_dir import ServerKeys
+
+if TYPE_CHECKING:
+    from orchestrator.state_dir import ServerKeys
+
+# The web stack and the database drivers are imported inside the commands that use them:
+# `orchestrator --help` answers in a fraction of the time.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +32,11 @@ def main() -> None:
 @click.option("--no-scheduler", is_flag=True, help="Do not run the scheduled jobs in this process.")
 def serve(host: str | None, port: int | None, no_scheduler: bool) -> None:
     """Run the admin API, the gateway and (unless told not to) the scheduler."""
+    import uvicorn  # noqa: PLC0415
+
+    from api.app import create_app  # noqa: PLC0415
+    from orchestrator.bootstrap import Runtime, build_deps  # noqa: PLC0415
+
     overrides: dict[str, object] = {}
     if host is not None:
         overrides["host"] = host
@@ -68,6 +75,8 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Apply every pending migration (the server also does this at start)."""
+    from orchestrator.db import make_engine, upgrade  # noqa: PLC0415
+
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
 
