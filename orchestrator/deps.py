@@ -16,17 +16,27 @@ from orchestrator.store import Store
 
 
 class Nudge:
-    """Asks the reconcile job to run now instead of at its next tick; a no-op until a scheduler listens."""
+    """Asks the reconcile job to run now instead of at its next tick; only a flag until a scheduler listens.
+
+    The flag covers a nudge that arrives while the job is running (the scheduler will not start a second
+    instance): the job takes it when it finishes and runs once more.
+    """
 
     def __init__(self) -> None:
         self._target: Callable[[], None] | None = None
+        self._requested = False
 
     def connect(self, target: Callable[[], None] | None) -> None:
         self._target = target
 
     def __call__(self) -> None:
+        self._requested = True
         if self._target is not None:
             self._target()
+
+    def take(self) -> bool:
+        requested, self._requested = self._requested, False
+        return requested
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())
-    # Interval jobs would log twice a second; our own request events replace the access log.
-    for noisy in ("apscheduler.executors.default", "apscheduler.scheduler", "uvicorn.access", "httpx"):
+    # Interval jobs would log every second; our own request events replace the access log.
+    for noisy in ("apscheduler.executors.default", "uvicorn.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" is expected when a nudge meets a running job.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)

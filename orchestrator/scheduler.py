@@ -15,7 +15,10 @@ RECONCILE = "reconcile"
 
 
 async def reconcile_job(deps: Deps) -> None:
+    deps.nudge.take()
     await reconcile(deps.store)
+    while deps.nudge.take():  # nudged while running
+        await reconcile(deps.store)
 
 
 def build_scheduler(deps: Deps) -> AsyncIOScheduler:

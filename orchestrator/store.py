@@ -29,6 +29,7 @@ from orchestrator.tables import (
 )
 
 REDACTED = "<redacted>"
+_ENDING = frozenset({ReplicaStatus.DRAINING, ReplicaStatus.TERMINATING, ReplicaStatus.TERMINATED})
 BROWSE_LIMIT = 100
 
 
@@ -272,8 +273,9 @@ async def _move(
 ) -> bool:
     check_move(src, dst)
     now = utcnow()
-    if dst is ReplicaStatus.TERMINATED:
-        changes.setdefault("termination_reason", reason)
+    if dst in _ENDING:
+        # The first reason that sends a replica towards its end is why it ended ("deleted", "never_ready"...).
+        changes.setdefault("termination_reason", func.coalesce(col(Replica.termination_reason), reason))
     result = await s.exec(
         update(Replica)
         .where(col(Replica.id) == replica_id, col(Replica.status) == src)
@@ -292,11 +294,10 @@ async def _move(
 async def _request_deletion(s: AsyncSession, replica: Replica, reason: str) -> None:
     """Mark the replica deleted and start draining it; statuses already on the way out stay."""
     assert replica.id is not None
+    status = ReplicaStatus(replica.status)
     replica.delete_requested_at = utcnow()
-    replica.termination_reason = reason
     s.add(replica)
     await s.flush()
-    status = ReplicaStatus(replica.status)
     if status in DELETABLE:
         await _move(
             s, replica.id, status, ReplicaStatus.DRAINING, reason=reason, message="deletion requested by an admin"

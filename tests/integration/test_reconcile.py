@@ -117,3 +117,33 @@ async def test_scheduler_runs_reconcile_and_a_nudge_runs_it_at_once(settings: Se
         await _wait_for(deps, replica_id, S.STARTING)
     finally:
         await runtime.stop()
+
+
+async def test_one_call_walks_every_cheap_step(deps: Deps) -> None:
+    replica_id = await _external(deps)
+    await reconcile(deps.store)
+    await deps.replicas.delete(replica_id)
+    await reconcile(deps.store)  # DRAINING -> TERMINATING -> TERMINATED in one call
+    assert await _status(deps, replica_id) == S.TERMINATED
+
+
+async def test_deleting_a_failed_replica_keeps_why_it_failed(deps: Deps) -> None:
+    replica_id = await _external(deps)
+    await deps.store.move(replica_id, S.PENDING, S.TERMINATING, "never_ready")
+    await reconcile(deps.store)
+    await deps.replicas.delete(replica_id)
+    detail = await deps.replicas.detail(replica_id)
+    assert (detail.replica.status, detail.replica.termination_reason) == (S.TERMINATED, "never_ready")
+    assert detail.replica.delete_requested_at is not None
+
+
+async def test_a_nudge_during_a_run_is_not_lost(deps: Deps) -> None:
+    from orchestrator.scheduler import reconcile_job
+
+    replica_id = await _external(deps)
+    deps.nudge()  # as if an admin acted while the job ran
+    assert deps.nudge.take()
+    deps.nudge()
+    await reconcile_job(deps)
+    assert not deps.nudge.take()
+    assert await _status(deps, replica_id) == S.STARTING
