@@ -53,7 +53,7 @@ class Store:
     # -- models -----------------------------------------------------------------------------
 
     async def list_models(self, *, active_only: bool = False) -> Sequence[LlmModel]:
-        query = select(LlmModel).where(col(LlmModel.deleted_at).is_(None)).order_by(col(LlmModel.id))
+        query = _live_models().order_by(col(LlmModel.id))
         if active_only:
             query = query.where(
                 exists().where(
