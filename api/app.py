@@ -9,13 +9,17 @@ from typing import Any
 import structlog
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ASGIApp, Receive, Scope, Send
 
+from api.gateway.routes import GatewayRoutes, match
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
 from orchestrator.bootstrap import Runtime
+from orchestrator.deps import Deps
 
 log = structlog.get_logger(__name__)
 
@@ -23,6 +27,12 @@ log = structlog.get_logger(__name__)
 @get("/health", tags=["ops"])
 async def health() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@get("/metrics", tags=["ops"], media_type="text/plain; version=0.0.4")
+async def metrics(state: State) -> bytes:
+    deps: Deps = state.deps
+    return deps.metrics.render(await deps.store.count_replicas_by_status())
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -34,7 +44,23 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return Response({"error": "Internal server error"}, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def create_app(runtime: Runtime) -> Litestar:
+def create_app(runtime: Runtime) -> ASGIApp:
+    """The gateway's paths go straight to their raw ASGI handlers; everything else to the Litestar app."""
+    admin = create_admin_app(runtime)
+    gateway = GatewayRoutes(runtime.deps.gateway, runtime.deps.metrics)
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            route = match(scope["path"])
+            if route is not None:
+                await gateway(scope, receive, send, route)
+                return
+        await admin(scope, receive, send)
+
+    return request_log(front)
+
+
+def create_admin_app(runtime: Runtime) -> Litestar:
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await runtime.start()
@@ -44,10 +70,9 @@ def create_app(runtime: Runtime) -> Litestar:
             await runtime.stop()
 
     return Litestar(
-        route_handlers=[health, toolkit_router()],
+        route_handlers=[health, metrics, toolkit_router()],
         state=State({"deps": runtime.deps}),
         lifespan=[lifespan],
-        middleware=[request_log],
         exception_handlers={HTTPException: _on_http, Exception: _on_unexpected},
         request_max_body_size=runtime.deps.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="GPU replica orchestrator", version="0.1.0", path="/schema"),

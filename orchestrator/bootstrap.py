@@ -6,7 +6,12 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from orchestrator.db import make_engine, make_sessions, upgrade
+from orchestrator.catalog import Catalog
+from orchestrator.crypto import SecretBox
 from orchestrator.deps import Deps, Nudge
+from orchestrator.gateway import Gateway
+from orchestrator.health import HealthMonitor, HealthPolicy
+from orchestrator.metrics import Metrics
 from orchestrator.scheduler import build_scheduler
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.llm_models import ModelService
@@ -14,6 +19,8 @@ from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
 from orchestrator.state_dir import ensure_server_keys
 from orchestrator.store import Store
+from orchestrator.upstream import Upstream
+from orchestrator.usage import UsageBuffer
 
 log = structlog.get_logger(__name__)
 
@@ -22,16 +29,37 @@ def build_deps(settings: Settings) -> Deps:
     keys = ensure_server_keys(settings)
     engine = make_engine(settings.resolved_database_url)
     store = Store(make_sessions(engine))
-    nudge = Nudge()
+    nudge, probe_nudge = Nudge(), Nudge()
+    box = SecretBox(keys.secret_key)
+    catalog = Catalog(store, box)
+    upstream = Upstream()
+    usage = UsageBuffer(store)
+    policy = HealthPolicy(
+        starting_interval_s=settings.probe_starting_interval_s,
+        ready_interval_s=settings.probe_ready_interval_s,
+        unhealthy_after=settings.unhealthy_after,
+        healthy_after=settings.healthy_after,
+        startup_grace_s=settings.startup_grace_s,
+        timeout_s=settings.probe_timeout_s,
+    )
+    health = HealthMonitor(store, upstream, box, policy, on_change=catalog.reload, wake=probe_nudge)
     return Deps(
         settings=settings,
         keys=keys,
         engine=engine,
         store=store,
         nudge=nudge,
-        models=ModelService(store, nudge),
-        replicas=ReplicaService(store, nudge),
-        api_keys=ApiKeyService(store, keys.secret_key),
+        probe_nudge=probe_nudge,
+        box=box,
+        catalog=catalog,
+        upstream=upstream,
+        usage=usage,
+        health=health,
+        gateway=Gateway(catalog, upstream, usage, keys.secret_key, on_unreachable=health.report_unreachable),
+        metrics=Metrics(),
+        models=ModelService(store, nudge, on_change=catalog.reload),
+        replicas=ReplicaService(store, nudge, box, on_change=catalog.reload),
+        api_keys=ApiKeyService(store, keys.secret_key, on_change=catalog.reload),
     )
 
 
@@ -44,6 +72,7 @@ class Runtime:
 
     async def start(self) -> None:
         await upgrade(self.deps.engine)
+        await self.deps.catalog.reload()
         log.info(
             "orchestrator.started",
             database=self.deps.engine.url.render_as_string(hide_password=True),
@@ -57,6 +86,12 @@ class Runtime:
     async def stop(self) -> None:
         if self._scheduler is not None:
             self.deps.nudge.connect(None)
+            self.deps.probe_nudge.connect(None)
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        try:
+            await self.deps.usage.flush()  # nothing recorded is lost on a clean stop
+        except Exception:
+            log.exception("usage.final_flush_failed")
+        await self.deps.upstream.close()
         await self.deps.engine.dispose()

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator.catalog import Catalog
+from orchestrator.crypto import SecretBox
+from orchestrator.gateway import Gateway
+from orchestrator.health import HealthMonitor
+from orchestrator.metrics import Metrics
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
 from orchestrator.state_dir import ServerKeys
 from orchestrator.store import Store
+from orchestrator.upstream import Upstream
+from orchestrator.usage import UsageBuffer
 
 
 class Nudge:
@@ -46,6 +53,16 @@ class Deps:
     engine: AsyncEngine
     store: Store
     nudge: Nudge
+    """Runs the reconcile job now."""
+    probe_nudge: Nudge
+    """Runs the probe job now."""
+    box: SecretBox
+    catalog: Catalog
+    upstream: Upstream
+    usage: UsageBuffer
+    health: HealthMonitor
+    gateway: Gateway
+    metrics: Metrics
     models: ModelService
     replicas: ReplicaService
     api_keys: ApiKeyService

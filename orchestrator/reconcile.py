@@ -47,11 +47,15 @@ STEPS: dict[ReplicaStatus, Step] = {
 }
 
 
-async def reconcile(store: Store) -> None:
-    """Passes over every replica some step applies to, until one moves nothing (or MAX_PASSES)."""
+async def reconcile(store: Store) -> bool:
+    """Passes over every replica some step applies to, until one moves nothing (or MAX_PASSES).
+    Returns whether any replica moved."""
+    moved = False
     for _ in range(MAX_PASSES):
         if not await _one_pass(store):
-            return
+            break
+        moved = True
+    return moved
 
 
 async def _one_pass(store: Store) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from apscheduler.jobstores.base import JobLookupError
@@ -12,13 +13,31 @@ from orchestrator.deps import Deps
 from orchestrator.reconcile import reconcile
 
 RECONCILE = "reconcile"
+PROBE = "probe"
 
 
 async def reconcile_job(deps: Deps) -> None:
     deps.nudge.take()
-    await reconcile(deps.store)
+    moved = await reconcile(deps.store)
     while deps.nudge.take():  # nudged while running
-        await reconcile(deps.store)
+        moved |= await reconcile(deps.store)
+    if moved:
+        deps.probe_nudge()  # a replica that reached STARTING is probed at once, not at the next tick
+
+
+async def probe_job(deps: Deps) -> None:
+    deps.probe_nudge.take()
+    await deps.health.run()
+    while deps.probe_nudge.take():
+        await deps.health.run()
+
+
+async def usage_flush_job(deps: Deps) -> None:
+    await deps.usage.flush()
+
+
+async def catalog_refresh_job(deps: Deps) -> None:
+    await deps.catalog.reload()
 
 
 def build_scheduler(deps: Deps) -> AsyncIOScheduler:
@@ -28,18 +47,25 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
         # A job that falls behind runs once, never as a burst; one instance of each at a time.
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
     )
-    scheduler.add_job(
-        reconcile_job,
-        "interval",
-        seconds=deps.settings.reconcile_interval_s,
-        args=[deps],
-        id=RECONCILE,
-        next_run_time=datetime.now(UTC),
+    settings = deps.settings
+    now = datetime.now(UTC)
+    jobs = (
+        (reconcile_job, RECONCILE, settings.reconcile_interval_s),
+        # Ticks often; each replica is only probed when its own interval is due.
+        (probe_job, PROBE, min(1.0, settings.probe_starting_interval_s)),
+        (usage_flush_job, "usage_flush", settings.usage_flush_interval_s),
+        (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
     )
+    for job, job_id, seconds in jobs:
+        scheduler.add_job(job, "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)
 
-    def wake() -> None:
-        with contextlib.suppress(JobLookupError):  # shutting down
-            scheduler.modify_job(RECONCILE, next_run_time=datetime.now(UTC))
+    def waker(job_id: str) -> Callable[[], None]:
+        def wake() -> None:
+            with contextlib.suppress(JobLookupError):  # shutting down
+                scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
 
-    deps.nudge.connect(wake)
+        return wake
+
+    deps.nudge.connect(waker(RECONCILE))
+    deps.probe_nudge.connect(waker(PROBE))
     return scheduler

@@ -56,6 +56,20 @@ class Settings(BaseSettings):
 
     reconcile_interval_s: float = Field(default=1.0, gt=0)
 
+    probe_starting_interval_s: float = Field(default=2.0, gt=0)
+    """How often a STARTING or UNHEALTHY replica is probed for readiness."""
+    probe_ready_interval_s: float = Field(default=10.0, gt=0)
+    """How often a READY replica's `/health` is checked."""
+    unhealthy_after: int = Field(default=3, ge=1)
+    healthy_after: int = Field(default=2, ge=1)
+    startup_grace_s: float = Field(default=600.0, gt=0)
+    """A replica STARTING for longer is a configuration error: terminated with reason `never_ready`."""
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+
+    usage_flush_interval_s: float = Field(default=1.0, gt=0)
+    catalog_refresh_interval_s: float = Field(default=5.0, gt=0)
+    """Safety net for changes made by another instance; this instance's own changes apply at once."""
+
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body the admin API reads; more is a 413."""
 

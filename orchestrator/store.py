@@ -46,6 +46,22 @@ class ReplicaDetail:
     events: Sequence[ReplicaEvent]
 
 
+@dataclass(frozen=True)
+class RouteRow:
+    replica_id: int
+    model: str
+    endpoint: str
+    rate_limit: int | None
+    engine_key_sealed: str | None
+
+
+@dataclass(frozen=True)
+class GatewayView:
+    models: Sequence[str]
+    ready: Sequence[RouteRow]
+    keys: Sequence[ApiKey]
+
+
 class Store:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
@@ -179,6 +195,22 @@ class Store:
             await _request_deletion(s, replica, reason)
             await s.commit()
 
+    async def replicas_with_model(self, statuses: Sequence[ReplicaStatus]) -> list[tuple[Replica, str]]:
+        """Replicas in `statuses` with their model's name (what the engine serves), in one query."""
+        query = (
+            select(Replica, col(LlmModel.name))
+            .join(LlmModel, col(LlmModel.id) == col(Replica.model_id))
+            .where(col(Replica.status).in_(statuses))
+            .order_by(col(Replica.id))
+        )
+        async with self._sessions() as s:
+            return [(replica, name) for replica, name in (await s.exec(query)).all()]
+
+    async def count_replicas_by_status(self) -> dict[str, int]:
+        query = select(col(Replica.status), func.count()).group_by(col(Replica.status))
+        async with self._sessions() as s:
+            return {status: int(n) for status, n in (await s.exec(query)).all()}
+
     async def replicas_in(self, statuses: Sequence[ReplicaStatus]) -> Sequence[Replica]:
         async with self._sessions() as s:
             query = select(Replica).where(col(Replica.status).in_(statuses)).order_by(col(Replica.id))
@@ -233,6 +265,36 @@ class Store:
             s.add(metric)
             await s.commit()
 
+    async def insert_usage(self, rows: Sequence[dict[str, Any]]) -> None:
+        """One multi-row insert into `metric`."""
+        async with self._sessions() as s:
+            await s.exec(insert(Metric), params=list(rows))
+            await s.commit()
+
+    # -- the gateway's in-memory view -------------------------------------------------------
+
+    async def gateway_view(self) -> GatewayView:
+        ready = (
+            select(Replica, col(LlmModel.name))
+            .join(LlmModel, col(LlmModel.id) == col(Replica.model_id))
+            .where(
+                col(Replica.status) == ReplicaStatus.READY,
+                col(Replica.endpoint).is_not(None),
+                col(Replica.delete_requested_at).is_(None),
+                col(LlmModel.deleted_at).is_(None),
+            )
+            .order_by(col(Replica.id))
+        )
+        async with self._sessions() as s:
+            models = (await s.exec(select(col(LlmModel.name)).where(col(LlmModel.deleted_at).is_(None)))).all()
+            rows = (await s.exec(ready)).all()
+            keys = (await s.exec(select(ApiKey))).all()
+        return GatewayView(
+            models=models,
+            ready=[RouteRow(_id(r.id), name, r.endpoint or "", r.rate_limit, r.engine_key_sealed) for r, name in rows],
+            keys=keys,
+        )
+
     # -- table browser ----------------------------------------------------------------------
 
     @staticmethod
@@ -255,6 +317,11 @@ def _live_models() -> SelectOfScalar[LlmModel]:
 
 def _live_replicas() -> SelectOfScalar[Replica]:
     return select(Replica).where(col(Replica.delete_requested_at).is_(None))
+
+
+def _id(value: int | None) -> int:
+    assert value is not None  # rows read back from the database always have one
+    return value
 
 
 def _rowcount(result: Any) -> int:

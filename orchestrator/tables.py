@@ -60,6 +60,8 @@ class Replica(SQLModel, table=True):
     key_name: str | None = Field(default=None, max_length=255)
     port: int | None = None
     vm_id: str | None = Field(default=None, max_length=255)
+    engine_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """The key the gateway sends to this replica's engine (vLLM `--api-key`), encrypted at rest."""
     created_at: datetime = Field(default_factory=utcnow)
     delete_requested_at: datetime | None = None
     """Set when an admin deletes the replica: it leaves the toolkit listings at once, the row stays."""

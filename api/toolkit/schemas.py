@@ -112,6 +112,8 @@ class ReplicaIn(_In):
     rate_limit: Annotated[int, Field(ge=1)] | None = None
     create_vm: bool = False
     vm_creation_details: VmCreationIn | None = None
+    engine_api_key: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """Our extension: the key the external engine wants (vLLM `--api-key`); stored encrypted, never shown."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> Self:
@@ -131,6 +133,7 @@ class ReplicaIn(_In):
         return ReplicaSpec(
             endpoint=None if vm else self.endpoint,
             rate_limit=self.rate_limit,
+            engine_api_key=self.engine_api_key,
             vm=None
             if vm is None
             else VmSpec(

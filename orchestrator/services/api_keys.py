@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -24,9 +25,10 @@ class IssuedKey:
 
 
 class ApiKeyService:
-    def __init__(self, store: Store, secret_key: str) -> None:
+    def __init__(self, store: Store, secret_key: str, on_change: Callable[[], Awaitable[None]]) -> None:
         self._store = store
         self._secret = secret_key
+        self._on_change = on_change
 
     async def issue(self, user_id: str, *, allowed_rpm: int | None = None, name: str | None = None) -> IssuedKey:
         plain = new_api_key()
@@ -38,11 +40,13 @@ class ApiKeyService:
             allowed_rpm=allowed_rpm if allowed_rpm is not None else DEFAULT_RPM,
         )
         row = await self._store.create_api_key(row)
+        await self._on_change()
         assert row.id is not None
         log.info("api_key.issued", api_key_id=row.id, user_id=user_id, allowed_rpm=row.allowed_rpm)
         return IssuedKey(row.id, plain, row.enabled, row.allowed_rpm)
 
     async def remove(self, user_id: str, key_id: int) -> KeyRemoval:
         outcome = await self._store.remove_api_key(user_id, key_id)
+        await self._on_change()  # a disabled key is refused from the next request on
         log.info("api_key.removed", api_key_id=key_id, user_id=user_id, outcome=outcome.value)
         return outcome

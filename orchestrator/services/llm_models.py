@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
@@ -15,9 +15,10 @@ log = structlog.get_logger(__name__)
 
 
 class ModelService:
-    def __init__(self, store: Store, nudge: Callable[[], None]) -> None:
+    def __init__(self, store: Store, nudge: Callable[[], None], on_change: Callable[[], Awaitable[None]]) -> None:
         self._store = store
         self._nudge = nudge
+        self._on_change = on_change
 
     async def list(self, *, active_only: bool) -> Sequence[LlmModel]:
         return await self._store.list_models(active_only=active_only)
@@ -32,11 +33,13 @@ class ModelService:
         if await self._store.model_by_name(name) is not None:
             raise Conflict("Model already exists.")
         model = await self._store.create_model(name)
+        await self._on_change()
         log.info("model.created", model_id=model.id, model=name)
         return model
 
     async def delete(self, model_id: int) -> None:
         replica_ids = await self._store.delete_model(model_id, REASON_MODEL_DELETED)
+        await self._on_change()
         log.info("model.deleted", model_id=model_id, replicas_draining=replica_ids)
         if replica_ids:
             self._nudge()

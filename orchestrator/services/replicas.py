@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 
+from orchestrator.crypto import SecretBox
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.lifecycle import REASON_DELETED
 from orchestrator.store import ReplicaDetail, Store
@@ -46,13 +47,24 @@ class ReplicaSpec:
 
     endpoint: str | None = None
     rate_limit: int | None = None
+    """Requests per second the gateway sends to this replica at most."""
     vm: VmSpec | None = None
+    engine_api_key: str | None = field(default=None, repr=False)
+    """What the gateway and the prober send to an external engine (vLLM `--api-key`); sealed at rest."""
 
 
 class ReplicaService:
-    def __init__(self, store: Store, nudge: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        nudge: Callable[[], None],
+        box: SecretBox,
+        on_change: Callable[[], Awaitable[None]],
+    ) -> None:
         self._store = store
         self._nudge = nudge
+        self._box = box
+        self._on_change = on_change
 
     async def list(self, model_id: int) -> Sequence[Replica]:
         if await self._store.model(model_id) is None:
@@ -68,6 +80,8 @@ class ReplicaService:
             if await self._store.endpoint_in_use(model_id, spec.endpoint):
                 raise Conflict("Endpoint already exists")
         replica, rules = _rows(model_id, spec)
+        if spec.engine_api_key:
+            replica.engine_key_sealed = self._box.seal(spec.engine_api_key)
         kind = "managed" if spec.vm else "external"
         replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered")
         log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind)
@@ -76,10 +90,12 @@ class ReplicaService:
 
     async def set_rate_limit(self, replica_id: int, rate_limit: int) -> None:
         await self._store.set_rate_limit(replica_id, rate_limit)
+        await self._on_change()
         log.info("replica.rate_limit_set", replica_id=replica_id, rate_limit=rate_limit)
 
     async def delete(self, replica_id: int) -> None:
         await self._store.delete_replica(replica_id, REASON_DELETED)
+        await self._on_change()  # out of the routing pool before the answer
         log.info("replica.delete_requested", replica_id=replica_id)
         self._nudge()
 

@@ -1,0 +1,118 @@
+"""Request bodies of the gateway: parsed with msgspec, only the fields the gateway needs or must check.
+
+The bytes the client sent are what the replica gets, unless the gateway must change them (the model named
+in the path, usage asked for on a stream); then the body is re-encoded once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Kind = Literal["chat", "completions"]
+
+
+class BadBody(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class _Message(msgspec.Struct):
+    role: str
+    content: Any = None
+
+
+_Unit = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_Temp = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+_Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Common(msgspec.Struct):
+    model: str = ""
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    temperature: _Temp | None = None
+    top_p: _Unit | None = None
+    frequency_penalty: _Penalty | None = None
+    presence_penalty: _Penalty | None = None
+    max_tokens: _Positive | None = None
+    n: _Positive | None = None
+    stop: str | list[str] | None = None
+
+
+class _Chat(_Common):
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+
+
+class _Completion(_Common):
+    prompt: str | list[Any] | None = None
+
+
+_CHAT = msgspec.json.Decoder(_Chat)
+_COMPLETION = msgspec.json.Decoder(_Completion)
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_TOOLKIT_ROLES = frozenset({"system", "user", "assistant"})
+_ROLES = _TOOLKIT_ROLES | {"tool", "developer", "function"}
+
+
+@dataclass(slots=True, frozen=True)
+class Parsed:
+    model: str
+    stream: bool
+    client_wants_usage: bool
+    body: bytes
+    """What to send upstream."""
+
+
+def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> Parsed:
+    try:
+        req: _Chat | _Completion = _CHAT.decode(raw) if kind == "chat" else _COMPLETION.decode(raw)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        found = _AT.search(message)
+        raise BadBody(_AT.sub("", message), found.group(1) if found else None) from e
+    except msgspec.DecodeError as e:
+        raise BadBody(f"Invalid JSON body: {e}") from e
+    if isinstance(req, _Chat):
+        _check_chat(req, toolkit)
+    elif req.prompt is None:
+        raise BadBody("Missing required field: prompt", "prompt")
+    model = path_model or req.model
+    if not model:
+        raise BadBody("Model must not be empty.", "model")
+    wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+    changes: dict[str, Any] = {}
+    if model != req.model:
+        changes["model"] = model  # the path's model wins over the body's
+    if req.stream and not wants_usage:
+        changes["stream_options"] = {"include_usage": True}  # the gateway needs the usage of every call
+    body = raw
+    if changes:
+        doc = msgspec.json.decode(raw)
+        doc.update(changes)
+        body = msgspec.json.encode(doc)
+    # The toolkit forces usage on its streams; OpenAI-style clients get the usage chunk only if they asked.
+    return Parsed(model, req.stream, wants_usage or toolkit, body)
+
+
+def _check_chat(req: _Chat, toolkit: bool) -> None:
+    if not req.messages:
+        raise BadBody("messages must be a non-empty list", "messages")
+    roles = _TOOLKIT_ROLES if toolkit else _ROLES
+    for i, message in enumerate(req.messages):
+        if message.role not in roles:
+            raise BadBody(f"Must be one of: {', '.join(sorted(roles))}.", f"messages.{i}.role")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise BadBody("top_logprobs can only be set if logprobs is True", "top_logprobs")

@@ -1,0 +1,65 @@
+"""Error answers of the gateway in each surface's shape: OpenAI's (LiteLLM's) envelope, or the toolkit's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from api.gateway.bodies import BadBody
+from orchestrator.gateway import GatewayError, NoReplica, RateLimited, Unauthorized, UnknownModel, UpstreamFailed
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _openai(status: int, message: str, kind: str, param: str | None = None, *extra: tuple[bytes, bytes]) -> ErrorAnswer:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
+    return ErrorAnswer(status, msgspec.json.encode(body), extra)
+
+
+def openai_error(e: Exception) -> ErrorAnswer:
+    match e:
+        case Unauthorized():
+            return _openai(401, "Invalid API key.", "authentication_error")
+        case RateLimited():
+            return _openai(429, str(e), "rate_limit_exceeded", None, (b"retry-after", b"60"))
+        case UnknownModel():
+            message = f"Invalid model name passed in model={e.model}. Call `/v1/models` to view available models for your key."
+            return _openai(400, message, "invalid_request_error", "model")
+        case NoReplica():
+            message = f"No replica of model {e.model} is ready; try again shortly."
+            return _openai(503, message, "service_unavailable", None, (b"retry-after", b"5"))
+        case UpstreamFailed():
+            return _openai(502, str(e), "upstream_unreachable", None, (b"retry-after", b"5"))
+        case BadBody():
+            return _openai(400, e.message, "invalid_request_error", e.param)
+        case TooLarge():
+            return _openai(413, str(e), "invalid_request_error")
+    raise TypeError(f"not a gateway error: {e!r}")
+
+
+def toolkit_error(e: Exception) -> ErrorAnswer:
+    match e:
+        case Unauthorized():
+            return ErrorAnswer(401, b'{"error":"Invalid API key."}')
+        case RateLimited():
+            body = {"error": "rate_limit_exceeded", "message": str(e), "allowed_rpm": e.allowed_rpm}
+            return ErrorAnswer(429, msgspec.json.encode(body))
+        case UnknownModel():
+            return ErrorAnswer(400, b'{"error":"Invalid Model"}')
+        case NoReplica() | UpstreamFailed():
+            return ErrorAnswer(400, b'{"error":"No Replica available / ready."}')
+        case BadBody():
+            return ErrorAnswer(400, msgspec.json.encode({"errors": {e.param or "_schema": [e.message]}}))
+        case TooLarge():
+            return ErrorAnswer(413, msgspec.json.encode({"error": str(e)}))
+    raise TypeError(f"not a gateway error: {e!r}")
+
+
+class TooLarge(GatewayError):
+    pass

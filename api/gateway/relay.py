@@ -1,0 +1,130 @@
+"""Relaying a replica's answer to the client: bytes through as they come, usage read on the way.
+
+A watcher on `receive` cancels the relay when the client goes away, which closes the upstream connection,
+which makes vLLM abort the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import msgspec
+from litestar.types import Receive, Send
+
+from orchestrator.gateway import Call, UpstreamFailed, Usage
+
+CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _Usage | None = None
+    choices: list[object] = []
+
+
+_USAGE_DECODER = msgspec.json.Decoder(_WithUsage)
+
+
+def usage_of(payload: bytes) -> Usage | None:
+    try:
+        found = _USAGE_DECODER.decode(payload).usage
+    except msgspec.DecodeError:
+        return None
+    return None if found is None else Usage(found.prompt_tokens, found.completion_tokens, found.total_tokens)
+
+
+async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Receive) -> int:
+    """Run `relay`; if the client disconnects first, cancel it and report CLIENT_CLOSED."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await relay()
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        return CLIENT_CLOSED
+    finally:
+        watcher.cancel()
+
+
+async def relay_whole(call: Call, send: Send) -> tuple[int, Usage | None]:
+    response = call.response
+    try:
+        payload = await response.read()
+    except (aiohttp.ClientError, TimeoutError) as e:  # nothing was sent yet: the caller answers 502
+        raise UpstreamFailed(f"the replica broke off its answer: {type(e).__name__}") from e
+    status = response.status
+    content_type = response.headers.get("Content-Type", "application/json").encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+    return status, usage_of(payload) if status == 200 else None
+
+
+async def relay_stream(call: Call, send: Send, *, keep_usage_chunk: bool) -> tuple[int, Usage | None]:
+    response = call.response
+    if response.status != 200:  # an error answers as one JSON document, not a stream
+        return await relay_whole(call, send)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+        }
+    )
+    usage: Usage | None = None
+    pending = b""
+    status = 200
+    try:
+        async for chunk in response.content.iter_any():
+            pending += chunk
+            if b"\n\n" not in pending:
+                continue
+            complete, _, pending = pending.rpartition(b"\n\n")
+            out = complete + b"\n\n"
+            if b'"usage":{' in complete:  # only the final chunk carries usage; find it without parsing the rest
+                out, usage = _take_usage(complete, keep_usage_chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+    except (aiohttp.ClientError, TimeoutError):
+        status, pending = 502, b""  # the replica broke off mid-stream: end ours cleanly, without [DONE]
+    await send({"type": "http.response.body", "body": pending, "more_body": False})
+    return status, usage
+
+
+def _take_usage(events: bytes, keep: bool) -> tuple[bytes, Usage | None]:
+    kept: list[bytes] = []
+    usage: Usage | None = None
+    for event in events.split(b"\n\n"):
+        if b'"usage":{' in event and event.startswith(b"data: "):
+            parsed = _USAGE_DECODER.decode(event[6:]) if event[6:7] == b"{" else None
+            if parsed is not None and parsed.usage is not None:
+                u = parsed.usage
+                usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+                if not keep and not parsed.choices:
+                    continue  # the usage-only chunk the client did not ask for
+        kept.append(event + b"\n\n")
+    return b"".join(kept), usage

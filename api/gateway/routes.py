@@ -1,0 +1,151 @@
+"""The gateway's routes as raw ASGI: which path is which call, and the handler that serves it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgspec
+from litestar.types import HTTPScope, Receive, Send
+
+from api.gateway.bodies import BadBody, Kind, parse
+from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
+from api.gateway.relay import until_disconnected, relay_stream, relay_whole
+from orchestrator.gateway import Gateway, GatewayError, UpstreamFailed
+from orchestrator.metrics import Metrics
+
+MAX_BODY = 4 * 1024 * 1024
+PROMPT_KEPT = 1000  # characters of each request body kept in the usage row
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind | None  # None: the model list
+    toolkit: bool = False
+    path_model: str | None = None
+
+
+_EXACT = {
+    "/v1/chat/completions": Route("chat"),
+    "/chat/completions": Route("chat"),
+    "/api/v1/chat/completions": Route("chat", toolkit=True),
+    "/v1/completions": Route("completions"),
+    "/completions": Route("completions"),
+    "/v1/models": Route(None),
+    "/models": Route(None),
+}
+_PREFIXES = ("/engines/", "/openai/deployments/")
+_TAILS: tuple[tuple[str, Kind], ...] = (("/chat/completions", "chat"), ("/completions", "completions"))
+
+
+def match(path: str) -> Route | None:
+    route = _EXACT.get(path)
+    if route is not None:
+        return route
+    for prefix in _PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            for tail, kind in _TAILS:
+                if rest.endswith(tail) and len(rest) > len(tail):
+                    return Route(kind, path_model=rest[: -len(tail)])
+    return None
+
+
+def _api_key(scope: HTTPScope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else value.decode("latin-1").strip()
+        if name in (b"api-key", b"x-api-key"):
+            return value.decode("latin-1").strip()
+    return None
+
+
+async def _body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise TooLarge(f"Request body larger than {MAX_BODY} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _answer(send: Send, answer: ErrorAnswer) -> int:
+    headers = [(b"content-type", b"application/json"), *answer.headers]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+    return answer.status
+
+
+class GatewayRoutes:
+    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+        self._gw = gateway
+        self._metrics = metrics
+
+    async def __call__(self, scope: HTTPScope, receive: Receive, send: Send, route: Route) -> None:
+        started = time.perf_counter()
+        self._metrics.inflight.inc()
+        status = 500
+        try:
+            status = await self._serve(scope, receive, send, route)
+        finally:
+            self._metrics.inflight.dec()
+            self._metrics.observe(route.kind or "models", status, time.perf_counter() - started)
+
+    async def _serve(self, scope: HTTPScope, receive: Receive, send: Send, route: Route) -> int:
+        errors = toolkit_error if route.toolkit else openai_error
+        method = scope["method"]
+        if route.kind is None:
+            return await (self._models(scope, send) if method == "GET" else _answer(send, _not_allowed(route)))
+        if method != "POST":
+            return await _answer(send, _not_allowed(route))
+        gw = self._gw
+        try:
+            key = gw.authenticate(_api_key(scope))
+            gw.admit(key)
+            raw = await _body(receive)
+            parsed = parse(raw, route.kind, path_model=route.path_model, toolkit=route.toolkit)
+            call = await gw.open(
+                parsed.model, "/chat/completions" if route.kind == "chat" else "/completions", parsed.body
+            )
+        except (GatewayError, BadBody) as e:
+            return await _answer(send, errors(e))
+        status, usage = 500, None
+
+        async def relay() -> int:
+            nonlocal usage
+            if parsed.stream:
+                code, usage = await relay_stream(call, send, keep_usage_chunk=parsed.client_wants_usage)
+            else:
+                code, usage = await relay_whole(call, send)
+            return code
+
+        try:
+            status = await until_disconnected(relay, receive)
+        except UpstreamFailed as e:  # broke off before anything was sent
+            status = await _answer(send, errors(e))
+        finally:
+            gw.finish(call, key, parsed.model, status, usage, raw[:PROMPT_KEPT].decode("utf-8", "replace"))
+        return status
+
+    async def _models(self, scope: HTTPScope, send: Send) -> int:
+        try:
+            self._gw.authenticate(_api_key(scope))
+        except GatewayError as e:
+            return await _answer(send, openai_error(e))
+        now = int(time.time())
+        models = sorted(self._gw.catalog.models)
+        data = [{"id": m, "object": "model", "created": now, "owned_by": "orchestrator"} for m in models]
+        return await _answer(send, ErrorAnswer(200, msgspec.json.encode({"object": "list", "data": data})))
+
+
+def _not_allowed(route: Route) -> ErrorAnswer:
+    if route.toolkit:
+        return ErrorAnswer(405, b'{"error":"Method Not Allowed"}')
+    body = {"error": {"message": "Method Not Allowed", "type": "invalid_request_error", "param": None, "code": "405"}}
+    return ErrorAnswer(405, msgspec.json.encode(body))

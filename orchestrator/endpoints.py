@@ -1,0 +1,30 @@
+"""Replica endpoints: the toolkit's full chat URL and a plain base URL both name the same OpenAI API root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+_SUFFIXES = ("/chat/completions", "/completions")
+
+
+@dataclass(frozen=True)
+class EngineUrls:
+    origin: str
+    """`http://host:port`: where vLLM serves `/health`, `/metrics` and `/tokenize`."""
+    api_base: str
+    """The OpenAI root, e.g. `http://host:port/v1`: `/chat/completions`, `/completions`, `/models` hang off it."""
+
+
+def engine_urls(endpoint: str) -> EngineUrls:
+    """`http://h:8000/v1/chat/completions`, `http://h:8000/v1/` and `http://h:8000` all give `http://h:8000/v1`."""
+    parts = urlsplit(endpoint.strip())
+    origin = f"{parts.scheme}://{parts.netloc}"
+    path = parts.path.rstrip("/")
+    for suffix in _SUFFIXES:
+        if path.endswith(suffix):
+            path = path[: -len(suffix)].rstrip("/")
+            break
+    if not path.endswith("/v1"):
+        path = f"{path}/v1"
+    return EngineUrls(origin=origin, api_base=origin + path)

@@ -1,0 +1,60 @@
+"""In-memory rate limits: a sliding-window requests-per-minute counter per API key, a token bucket per replica."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    current: int = 0
+    previous: int = 0
+
+
+@dataclass
+class RpmLimiter:
+    """Sliding window from two fixed minutes: the previous minute's count weighs by how much of it still
+    overlaps the last 60 s. Smooth at minute boundaries, O(1) memory per key."""
+
+    clock: Callable[[], float] = time.monotonic
+    _windows: dict[int, _Window] = field(default_factory=dict)
+
+    def allow(self, key_id: int, rpm: int) -> bool:
+        now = self.clock()
+        w = self._windows.get(key_id)
+        if w is None:
+            w = self._windows[key_id] = _Window(start=now)
+        elapsed = now - w.start
+        if elapsed >= 120:
+            w.start, w.current, w.previous = now, 0, 0
+        elif elapsed >= 60:
+            w.start, w.previous, w.current = w.start + 60, w.current, 0
+            elapsed -= 60
+        estimate = w.previous * (1 - elapsed / 60) + w.current
+        if estimate >= rpm:
+            return False
+        w.current += 1
+        return True
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`rate` requests per second with a burst of `rate`."""
+
+    rate: float
+    tokens: float = 0.0
+    stamp: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.tokens = self.rate
+
+    def has_token(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1
+
+    def take(self) -> None:
+        self.tokens -= 1
