@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -30,29 +31,48 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to listen on [ORCH_HOST, default 127.0.0.1].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port [ORCH_PORT, default 8000].")
 @click.option("--no-scheduler", is_flag=True, help="Do not run the scheduled jobs in this process.")
-def serve(host: str | None, port: int | None, no_scheduler: bool) -> None:
+@click.option(
+    "--server", type=click.Choice(["granian", "uvicorn"]), default=None, help="HTTP server [ORCH_SERVER, granian]."
+)
+def serve(host: str | None, port: int | None, no_scheduler: bool, server: str | None) -> None:
     """Run the admin API, the gateway and (unless told not to) the scheduler."""
-    import uvicorn  # noqa: PLC0415
+    from orchestrator.state_dir import ensure_server_keys  # noqa: PLC0415
 
-    from api.app import create_app  # noqa: PLC0415
-    from orchestrator.bootstrap import Runtime, build_deps  # noqa: PLC0415
-
-    overrides: dict[str, object] = {}
-    if host is not None:
-        overrides["host"] = host
-    if port is not None:
-        overrides["port"] = port
+    # Flags become the environment the server process builds its settings from.
+    for name, value in (("ORCH_HOST", host), ("ORCH_PORT", port), ("ORCH_SERVER", server)):
+        if value is not None:
+            os.environ[name] = str(value)
     if no_scheduler:
-        overrides["scheduler"] = False
-    settings = Settings().model_copy(update=overrides)
+        os.environ["ORCH_SCHEDULER"] = "false"
+    settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
-    deps = build_deps(settings)
-    _announce_admin_key(deps.keys)
-    app = create_app(Runtime(deps))
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False, server_header=False
-    )
-    uvicorn.Server(config).run()
+    _announce_admin_key(ensure_server_keys(settings))
+    if settings.server == "granian":
+        from granian.constants import Interfaces, Loops  # noqa: PLC0415
+        from granian.server import Server  # noqa: PLC0415
+
+        Server(
+            "api.asgi:app_from_env",
+            address=settings.host,
+            port=settings.port,
+            interface=Interfaces.ASGI,
+            workers=1,
+            loop=Loops.uvloop,
+            factory=True,
+            log_enabled=False,
+        ).serve()
+    else:
+        import uvicorn  # noqa: PLC0415
+
+        uvicorn.run(
+            "api.asgi:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
 
 
 def _announce_admin_key(keys: ServerKeys) -> None:
@@ -90,6 +110,14 @@ def db_upgrade() -> None:
 
     click.echo(f"Database is at the newest schema: {asyncio.run(run())}")
 
+
+def _add_engine_sim() -> None:
+    from orchestrator.engine_sim import engine_sim_command  # noqa: PLC0415
+
+    main.add_command(engine_sim_command, "engine-sim")
+
+
+_add_engine_sim()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from orchestrator.db import make_engine, make_sessions, upgrade
 from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
+from orchestrator.db import make_engine, make_sessions, upgrade
 from orchestrator.deps import Deps, Nudge
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor, HealthPolicy

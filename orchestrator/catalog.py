@@ -38,7 +38,8 @@ class Target:
     replica_id: int
     model: str
     api_base: str
-    authorization: str | None
+    headers: dict[str, str]
+    """Sent with every call: the content type and the engine's own key (never the client's)."""
     bucket: TokenBucket | None
     inflight: int = 0
     ejected_until: float = 0.0
@@ -70,11 +71,13 @@ class Catalog:
             self._targets, self.pools, self.models = targets, pools, frozenset(view.models)
 
     def _target(self, replica_id: int, model: str, endpoint: str, sealed: str | None, rate_limit: int | None) -> Target:
-        authorization = f"Bearer {self._box.open(sealed)}" if sealed else None
+        headers = {"Content-Type": "application/json"}
+        if sealed:
+            headers["Authorization"] = f"Bearer {self._box.open(sealed)}"
         old = self._targets.get(replica_id)
-        if old is not None and (old.api_base, old.authorization, old.model) == (
+        if old is not None and (old.api_base, old.headers, old.model) == (
             engine_urls(endpoint).api_base,
-            authorization,
+            headers,
             model,
         ):
             if (old.bucket.rate if old.bucket else None) != rate_limit:
@@ -84,7 +87,7 @@ class Catalog:
             replica_id=replica_id,
             model=model,
             api_base=engine_urls(endpoint).api_base,
-            authorization=authorization,
+            headers=headers,
             bucket=TokenBucket(rate_limit) if rate_limit else None,
         )
 
@@ -100,7 +103,7 @@ class Catalog:
         if len(candidates) == 1:
             chosen = candidates[0]
         else:
-            a, b = random.sample(candidates, 2)  # noqa: S311  (load spreading, not security)
+            a, b = random.sample(candidates, 2)
             chosen = a if a.inflight <= b.inflight else b
         if chosen.bucket is not None:
             chosen.bucket.take()

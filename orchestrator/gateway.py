@@ -80,6 +80,7 @@ class Gateway:
         upstream: Upstream,
         usage: UsageBuffer,
         secret_key: str,
+        *,
         on_unreachable: Callable[[int], None],
     ) -> None:
         self.catalog = catalog
@@ -115,7 +116,7 @@ class Gateway:
                 break
             started = time.perf_counter()
             try:
-                response = await self._upstream.post(target.api_base + path, body, target.authorization)
+                response = await self._upstream.post(target.api_base + path, body, target.headers)
             except ConnectFailed as e:
                 self.catalog.release(target)
                 tried.add(target.replica_id)
@@ -132,7 +133,9 @@ class Gateway:
             raise UpstreamFailed(f"no replica of {model} could be reached")
         raise NoReplica(model)
 
-    def finish(self, call: Call, key: KeyInfo, model: str, status: int, usage: Usage | None, prompt: str) -> None:
+    def finish(  # noqa: PLR0917  (one call site, in the order the call happened)
+        self, call: Call, key: KeyInfo, model: str, status: int, usage: Usage | None, prompt: str
+    ) -> None:
         """Give the replica's slot back and queue the usage row. Called exactly once per opened call."""
         self.catalog.release(call.target)
         call.response.release()

@@ -62,6 +62,7 @@ class HealthMonitor:
         upstream: Upstream,
         box: SecretBox,
         policy: HealthPolicy,
+        *,
         on_change: Callable[[], Awaitable[None]],
         wake: Callable[[], None],
     ) -> None:
@@ -117,7 +118,7 @@ class HealthMonitor:
         timeout = aiohttp.ClientTimeout(total=self.policy.timeout_s)
         session = self._upstream.session
         async with session.get(f"{urls.origin}/health", timeout=timeout) as r:
-            if r.status != 200 and r.status != 404:  # 404: an OpenAI-compatible server without /health
+            if r.status not in {200, 404}:  # 404: an OpenAI-compatible server without /health
                 return f"/health answered {r.status}"
         if replica.status == S.READY:
             return None

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import structlog
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -16,7 +17,14 @@ RECONCILE = "reconcile"
 PROBE = "probe"
 
 
+def _job_context(name: str) -> None:
+    # A job started by a nudge inherits the context of the request that nudged: start clean.
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(job=name)
+
+
 async def reconcile_job(deps: Deps) -> None:
+    _job_context(RECONCILE)
     deps.nudge.take()
     moved = await reconcile(deps.store)
     while deps.nudge.take():  # nudged while running
@@ -26,6 +34,7 @@ async def reconcile_job(deps: Deps) -> None:
 
 
 async def probe_job(deps: Deps) -> None:
+    _job_context(PROBE)
     deps.probe_nudge.take()
     await deps.health.run()
     while deps.probe_nudge.take():
@@ -33,10 +42,12 @@ async def probe_job(deps: Deps) -> None:
 
 
 async def usage_flush_job(deps: Deps) -> None:
+    _job_context("usage_flush")
     await deps.usage.flush()
 
 
 async def catalog_refresh_job(deps: Deps) -> None:
+    _job_context("catalog_refresh")
     await deps.catalog.reload()
 
 
@@ -52,7 +63,7 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
     jobs = (
         (reconcile_job, RECONCILE, settings.reconcile_interval_s),
         # Ticks often; each replica is only probed when its own interval is due.
-        (probe_job, PROBE, min(1.0, settings.probe_starting_interval_s)),
+        (probe_job, PROBE, min(1.0, max(0.1, settings.probe_starting_interval_s))),
         (usage_flush_job, "usage_flush", settings.usage_flush_interval_s),
         (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
     )

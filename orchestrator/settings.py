@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     )
     hyperstack_base_url: str = "https://infrahub-api.nexgencloud.com/v1"
 
+    server: Literal["granian", "uvicorn"] = "granian"
+    """The HTTP server of `serve`; chosen by measurement (see the README's benchmarks)."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
@@ -56,9 +59,9 @@ class Settings(BaseSettings):
 
     reconcile_interval_s: float = Field(default=1.0, gt=0)
 
-    probe_starting_interval_s: float = Field(default=2.0, gt=0)
+    probe_starting_interval_s: float = Field(default=2.0, ge=0)
     """How often a STARTING or UNHEALTHY replica is probed for readiness."""
-    probe_ready_interval_s: float = Field(default=10.0, gt=0)
+    probe_ready_interval_s: float = Field(default=10.0, ge=0)
     """How often a READY replica's `/health` is checked."""
     unhealthy_after: int = Field(default=3, ge=1)
     healthy_after: int = Field(default=2, ge=1)

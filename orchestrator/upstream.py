@@ -6,8 +6,6 @@ UpstreamError
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 
@@ -44,14 +42,11 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    async def post(self, url: str, body: bytes, authorization: str | None) -> aiohttp.ClientResponse:
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """Send a request and return once the answer's headers arrived; the caller reads and releases it."""
-        headers = {"Content-Type": "application/json"}
-        if authorization is not None:
-            headers["Authorization"] = authorization
         try:
             return await self.session.post(url, data=body, headers=headers)
         except aiohttp.ClientConnectorError as e:
             raise ConnectFailed(str(e), refused=True) from e
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, asyncio.TimeoutError) as e:
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, TimeoutError) as e:
             raise ConnectFailed(str(e) or type(e).__name__, refused=False) from e

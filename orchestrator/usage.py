@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import structlog
-
 from typing import Any
 
 from orchestrator.store import Store
-
-log = structlog.get_logger(__name__)
 
 MAX_BUFFERED = 100_000  # beyond this the database is down for long; keep the newest rather than grow forever
 
@@ -34,8 +30,7 @@ class UsageBuffer:
         rows, self._rows = self._rows, []
         try:
             await self._store.insert_usage(rows)
-        except Exception:
-            log.exception("usage.flush_failed", rows=len(rows))
+        except BaseException:  # failed or cancelled (shutdown): the rows wait for the next flush
             self._rows[:0] = rows
             raise
         return len(rows)

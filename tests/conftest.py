@@ -67,6 +67,9 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         secret_key=SECRET_KEY,
         scheduler=False,  # tests call the jobs themselves
         log_format="console",
+        # Every replica is due at every health.run(): tests probe by calling it, never by waiting.
+        probe_ready_interval_s=0,
+        probe_starting_interval_s=0,
     )
 
 
@@ -91,15 +94,21 @@ async def runtime(deps: Deps) -> AsyncIterator[Runtime]:
 
 
 @pytest.fixture
-async def anon_client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
-    """The whole app through ASGI, with no credentials."""
-    transport = httpx.ASGITransport(app=create_app(runtime))
+def transport(runtime: Runtime) -> httpx.ASGITransport:
+    """The whole app (gateway and admin API) in the test's own event loop."""
+    return httpx.ASGITransport(app=create_app(runtime))
+
+
+@pytest.fixture
+async def anon_client(transport: httpx.ASGITransport) -> AsyncIterator[httpx.AsyncClient]:
+    """A client with no credentials."""
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         yield c
 
 
 @pytest.fixture
-def client(anon_client: httpx.AsyncClient) -> httpx.AsyncClient:
-    """The same, authenticated as the admin."""
-    anon_client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
-    return anon_client
+async def client(transport: httpx.ASGITransport) -> AsyncIterator[httpx.AsyncClient]:
+    """A client authenticated as the admin."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=headers) as c:
+        yield c

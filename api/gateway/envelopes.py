@@ -22,14 +22,17 @@ def _openai(status: int, message: str, kind: str, param: str | None = None, *ext
     return ErrorAnswer(status, msgspec.json.encode(body), extra)
 
 
-def openai_error(e: Exception) -> ErrorAnswer:
+_SEE_MODELS = "Call `/v1/models` to view available models for your key."
+
+
+def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per error kind)
     match e:
         case Unauthorized():
             return _openai(401, "Invalid API key.", "authentication_error")
         case RateLimited():
             return _openai(429, str(e), "rate_limit_exceeded", None, (b"retry-after", b"60"))
         case UnknownModel():
-            message = f"Invalid model name passed in model={e.model}. Call `/v1/models` to view available models for your key."
+            message = f"Invalid model name passed in model={e.model}. {_SEE_MODELS}"
             return _openai(400, message, "invalid_request_error", "model")
         case NoReplica():
             message = f"No replica of model {e.model} is ready; try again shortly."

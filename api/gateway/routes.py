@@ -10,7 +10,7 @@ from litestar.types import HTTPScope, Receive, Send
 
 from api.gateway.bodies import BadBody, Kind, parse
 from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
-from api.gateway.relay import until_disconnected, relay_stream, relay_whole
+from api.gateway.relay import relay_stream, relay_whole, until_disconnected
 from orchestrator.gateway import Gateway, GatewayError, UpstreamFailed
 from orchestrator.metrics import Metrics
 

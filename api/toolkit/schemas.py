@@ -6,6 +6,7 @@ import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -107,6 +108,17 @@ class VmCreationIn(_In):
         return v
 
 
+def _is_http_url(value: str) -> bool:
+    if not re.match(r"^https?://[^\s/?#]+[^\s]*$", value):
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 class ReplicaIn(_In):
     endpoint: Annotated[str, Field(max_length=2048)] | None = None
     rate_limit: Annotated[int, Field(ge=1)] | None = None
@@ -120,7 +132,7 @@ class ReplicaIn(_In):
         if not self.create_vm:
             if not self.endpoint:
                 raise field_error("endpoint", "LLM EndPoint URL must not be empty.")
-            if not re.match(r"^https?://[^\s/?#]+[^\s]*$", self.endpoint):
+            if not _is_http_url(self.endpoint):
                 raise field_error("endpoint", "Not a valid URL (http:// or https://).")
         elif self.vm_creation_details is None:
             raise PydanticCustomError(FIELD_RULE, "VM creation details must be provided when create_vm is True.")

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
+import pytest
 import structlog
 
 from tests.conftest import ADMIN_KEY, SECRET_KEY
 from tests.integration.toolkit_helpers import Client, create_model
+
+
+@pytest.fixture(autouse=True)
+def info_level() -> Iterator[None]:
+    """As a server configures it: request events are INFO."""
+    logger = logging.getLogger("api.request")
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    yield
+    logger.setLevel(before)
 
 
 async def test_one_event_per_request_with_its_id(client: Client) -> None:
@@ -23,6 +37,7 @@ async def test_unsafe_request_ids_are_replaced(client: Client) -> None:
     r = await client.get("/health", headers={"X-Request-ID": "bad id\twith spaces"})
     assert r.headers["x-request-id"] != "bad id\twith spaces"
     assert len(r.headers["x-request-id"]) == 32
+    assert r.headers["x-request-id"] != (await client.get("/health")).headers["x-request-id"]
 
 
 async def test_no_secret_in_any_log_event(client: Client) -> None:

@@ -29,13 +29,13 @@ def orch_env(state_dir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def serving(state_dir: Path, *extra: str) -> Iterator[tuple[str, list[str]]]:
+def serving(state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, list[str]]]:
     """Run `orchestrator serve`; after the block, the list holds everything it printed."""
     port = _free_port()
     output: list[str] = []
     proc = subprocess.Popen(
         [*ORCHESTRATOR, "serve", "--host", "127.0.0.1", "--port", str(port), *extra],
-        env=orch_env(state_dir),
+        env=orch_env(state_dir) | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -1,0 +1,77 @@
+"""Engine simulators for tests: in-process on a real socket, or as a real process that can be killed."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import httpx
+from aiohttp import web
+
+from orchestrator.engine_sim import SimConfig, build_app
+
+
+@dataclass
+class Engine:
+    url: str  # http://127.0.0.1:PORT
+    model: str
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.url}/v1/chat/completions"
+
+    async def set_faults(self, **faults: object) -> None:
+        async with httpx.AsyncClient() as c:
+            (await c.post(f"{self.url}/sim/faults", json=faults)).raise_for_status()
+
+
+@asynccontextmanager
+async def engine_in_process(model: str, **knobs: object) -> AsyncIterator[Engine]:
+    runner = web.AppRunner(build_app(SimConfig(model=model, port=0, **knobs)))  # type: ignore[arg-type]
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Engine(f"http://127.0.0.1:{port}", model)
+    finally:
+        await runner.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def engine_process(model: str, *args: str) -> Iterator[tuple[Engine, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.engine_sim", "--model", model, "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    engine = Engine(f"http://127.0.0.1:{port}", model)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{engine.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, "engine simulator exited at start"
+            assert time.monotonic() < deadline, "engine simulator did not come up"
+            time.sleep(0.02)
+        yield engine, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
