@@ -87,7 +87,7 @@ def wrk(url: str, body: str, key: str | None, *, connections: int, duration: int
     if key:
         headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     script.write_text(f'wrk.method = "POST"\nwrk.body = [[{body}]]\n{headers}')
-    threads = 1 if connections == 1 else 2
+    threads = 1  # one load thread for every target: a second one takes CPU from the servers on 2 cores
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
         capture_output=True,
@@ -189,26 +189,34 @@ def main() -> None:
         log=workdir / "engine.log",
     ):
         wait_http(f"{upstream}/health")
-        targets: list[tuple[str, str, str | None, contextlib.ExitStack | None]] = [
-            ("direct to the engine", f"{upstream}/v1/chat/completions", None, None)
-        ]
-        base, key, gateway = start_gateway(workdir, upstream)
-        targets.append(("this gateway", f"{base}/v1/chat/completions", key, gateway))
+
+        # Each target runs alone: started, measured, stopped, so no idle proxy takes CPU from another's cells.
+        def direct() -> tuple[str, str | None, contextlib.ExitStack]:
+            return f"{upstream}/v1/chat/completions", None, contextlib.ExitStack()
+
+        def gateway() -> tuple[str, str | None, contextlib.ExitStack]:
+            base, key, stack = start_gateway(workdir, upstream)
+            return f"{base}/v1/chat/completions", key, stack
+
+        def litellm() -> tuple[str, str | None, contextlib.ExitStack]:
+            lite, stack = start_litellm(args.litellm, workdir, upstream)
+            return f"{lite}/v1/chat/completions", LITELLM_KEY, stack
+
+        targets = [("direct to the engine", direct), ("this gateway", gateway)]
         if Path(args.litellm).exists():
-            lite, lite_stack = start_litellm(args.litellm, workdir, upstream)
-            targets.append(("LiteLLM proxy (1 worker)", f"{lite}/v1/chat/completions", LITELLM_KEY, lite_stack))
+            targets.append(("LiteLLM proxy (1 worker)", litellm))
         else:
             print(f"(LiteLLM not found at {args.litellm}: its row is left out)", file=sys.stderr)
-        for name, url, api_key, stack in targets:
-            # Warm up: connection pools, caches, the first-call imports of each server.
-            wrk(url, plain, api_key, connections=8, duration=2, workdir=workdir)
-            rows[name] = {
-                "c32": wrk(url, plain, api_key, connections=32, duration=args.duration, workdir=workdir),
-                "c1": wrk(url, plain, api_key, connections=1, duration=args.duration, workdir=workdir),
-                "stream": wrk(url, stream, api_key, connections=32, duration=args.duration, workdir=workdir),
-            }
-            if stack is not None:
-                stack.close()
+        for name, start in targets:
+            url, api_key, stack = start()
+            with stack:
+                # Warm up: connection pools, caches, the first-call imports of each server.
+                wrk(url, plain, api_key, connections=8, duration=2, workdir=workdir)
+                rows[name] = {
+                    "c32": wrk(url, plain, api_key, connections=32, duration=args.duration, workdir=workdir),
+                    "c1": wrk(url, plain, api_key, connections=1, duration=args.duration, workdir=workdir),
+                    "stream": wrk(url, stream, api_key, connections=32, duration=args.duration, workdir=workdir),
+                }
     print(f"nproc={os.cpu_count()}, wrk {args.duration} s per cell, engine simulator as the upstream\n")
     print(
         "| target | non-stream req/s (c=32) | p50 / p99 ms (c=32) | p50 ms (c=1) | 20-chunk streams/s (c=32) | errors |"

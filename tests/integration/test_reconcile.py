@@ -18,7 +18,7 @@ from orchestrator.settings import Settings
 S = ReplicaStatus
 
 
-async def _external(deps: Deps, endpoint: str = "http://10.0.0.9:8000/v1") -> int:
+async def _external(deps: Deps, endpoint: str = "http://127.0.0.1:99/v1") -> int:
     model = await deps.models.create(f"m-{endpoint}")
     assert model.id is not None
     return await deps.replicas.create(model.id, ReplicaSpec(endpoint=endpoint))
@@ -83,8 +83,8 @@ async def test_forbidden_move_is_refused_before_any_sql(deps: Deps) -> None:
 
 
 async def test_one_bad_replica_does_not_stop_the_pass(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = await _external(deps, "http://10.0.0.1:1/v1")
-    second = await _external(deps, "http://10.0.0.2:1/v1")
+    first = await _external(deps, "http://127.0.0.1:91/v1")
+    second = await _external(deps, "http://127.0.0.1:92/v1")
     real_move = deps.store.move
 
     async def flaky_move(replica_id: int, *args: object, **kwargs: object) -> bool:

@@ -54,7 +54,7 @@ async def test_unknown_model_name_is_404(client: Client) -> None:
 async def test_active_filter_lists_models_with_a_ready_replica(client: Client, deps: Deps) -> None:
     llama = await create_model(client, "llama")
     await create_model(client, "idle")
-    replica_id = await create_replica(client, llama, endpoint="http://10.0.0.5:8000/v1/chat/completions")
+    replica_id = await create_replica(client, llama, endpoint="http://127.0.0.1:95/v1/chat/completions")
     assert (await client.get("/api/v1/models?active=1")).json() == []
 
     await reconcile(deps.store)  # PENDING -> STARTING
@@ -68,7 +68,7 @@ async def test_active_filter_lists_models_with_a_ready_replica(client: Client, d
 
 async def test_external_replica_listing_has_toolkit_fields(client: Client) -> None:
     model_id = await create_model(client)
-    endpoint = "http://10.0.0.5:8000/v1/chat/completions"
+    endpoint = "http://127.0.0.1:95/v1/chat/completions"
     replica_id = await create_replica(client, model_id, endpoint=endpoint, rate_limit=5)
 
     r = await client.get(f"/api/v1/models/{model_id}/replicas")
@@ -102,7 +102,7 @@ async def test_managed_replica_keeps_vm_details_and_rules(client: Client) -> Non
 
 async def test_duplicate_endpoint_for_the_model_is_400(client: Client) -> None:
     model_id = await create_model(client)
-    endpoint = "http://10.0.0.5:8000/v1/chat/completions"
+    endpoint = "http://127.0.0.1:95/v1/chat/completions"
     await create_replica(client, model_id, endpoint=endpoint)
     r = await client.post(f"/api/v1/models/{model_id}/replicas", json={"endpoint": endpoint})
     assert (r.status_code, r.json()) == (400, {"error": "Endpoint already exists"})
@@ -112,7 +112,7 @@ async def test_duplicate_endpoint_for_the_model_is_400(client: Client) -> None:
 
 async def test_endpoint_is_free_again_once_its_replica_is_deleted(client: Client) -> None:
     model_id = await create_model(client)
-    endpoint = "http://10.0.0.5:8000/v1"
+    endpoint = "http://127.0.0.1:95/v1"
     replica_id = await create_replica(client, model_id, endpoint=endpoint)
     assert (await client.delete(f"/api/v1/replicas/{replica_id}")).status_code == 204
     await create_replica(client, model_id, endpoint=endpoint)

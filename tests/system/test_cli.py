@@ -31,9 +31,7 @@ def test_first_start_generates_and_shows_the_admin_key_once(tmp_path: Path) -> N
         headers = {"Authorization": f"Bearer {key}"}
         assert httpx.post(f"{base}/api/v1/models", json={"name": "llama"}, headers=headers).status_code == 201
         # The in-process scheduler takes a new external replica to STARTING by itself.
-        r = httpx.post(
-            f"{base}/api/v1/models/1/replicas", json={"endpoint": "http://10.0.0.1:8000/v1"}, headers=headers
-        )
+        r = httpx.post(f"{base}/api/v1/models/1/replicas", json={"endpoint": "http://127.0.0.1:91/v1"}, headers=headers)
         replica_id = r.json()["replica_id"]
         deadline = time.monotonic() + 10
         while httpx.get(f"{base}/api/v1/replicas/{replica_id}", headers=headers).json()["status"] != "STARTING":
