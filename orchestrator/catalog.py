@@ -17,6 +17,7 @@ from orchestrator.crypto import SecretBox
 from orchestrator.endpoints import engine_urls
 from orchestrator.limits import TokenBucket
 from orchestrator.store import Store
+from orchestrator.tables import row_id
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +62,7 @@ class Catalog:
     async def reload(self) -> None:
         async with self._lock:
             view = await self._store.gateway_view()
-            self.keys = {k.key_hash: KeyInfo(_id(k.id), k.user_id, k.enabled, k.allowed_rpm) for k in view.keys}
+            self.keys = {k.key_hash: KeyInfo(row_id(k.id), k.user_id, k.enabled, k.allowed_rpm) for k in view.keys}
             targets: dict[int, Target] = {}
             pools: dict[str, list[Target]] = {}
             for row in view.ready:
@@ -118,8 +119,3 @@ class Catalog:
     def eject(target: Target) -> None:
         target.ejected_until = time.monotonic() + EJECT_S
         log.warning("gateway.replica_ejected", replica_id=target.replica_id, for_s=EJECT_S)
-
-
-def _id(value: int | None) -> int:
-    assert value is not None
-    return value

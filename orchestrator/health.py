@@ -21,7 +21,7 @@ from orchestrator.crypto import SecretBox
 from orchestrator.endpoints import engine_urls
 from orchestrator.lifecycle import ReplicaStatus
 from orchestrator.store import Store
-from orchestrator.tables import Replica
+from orchestrator.tables import Replica, row_id
 from orchestrator.upstream import Upstream
 
 log = structlog.get_logger(__name__)
@@ -86,10 +86,10 @@ class HealthMonitor:
         """Probe every replica that is due; apply the moves. Returns whether any replica moved."""
         now = time.monotonic()
         replicas = [(r, m) for r, m in await self._store.replicas_with_model(PROBED) if r.endpoint]
-        live = {_id(r) for r, _ in replicas}
+        live = {row_id(r.id) for r, _ in replicas}
         for gone in set(self._tracks) - live:
             del self._tracks[gone]
-        due = [(r, m) for r, m in replicas if self._tracks.setdefault(_id(r), _Track()).due <= now]
+        due = [(r, m) for r, m in replicas if self._tracks.setdefault(row_id(r.id), _Track()).due <= now]
         if not due:
             return False
         outcomes = await self.probe_all(due)
@@ -138,7 +138,7 @@ class HealthMonitor:
         return None
 
     async def _apply(self, replica: Replica, error: str | None) -> bool:
-        rid, status, track = _id(replica), S(replica.status), self._tracks[_id(replica)]
+        rid, status, track = row_id(replica.id), S(replica.status), self._tracks[row_id(replica.id)]
         p = self.policy
         if error is None:
             track.failures, track.successes, track.last_error = 0, track.successes + 1, None
@@ -165,8 +165,3 @@ class HealthMonitor:
         if status is S.UNHEALTHY and track.successes >= p.healthy_after:
             return await self._store.move(rid, status, S.READY, "probe_passed", "recovered")
         return False
-
-
-def _id(replica: Replica) -> int:
-    assert replica.id is not None
-    return replica.id

@@ -12,7 +12,7 @@ import structlog
 
 from orchestrator.lifecycle import ReplicaStatus
 from orchestrator.store import Store
-from orchestrator.tables import Replica
+from orchestrator.tables import Replica, row_id
 
 log = structlog.get_logger(__name__)
 
@@ -26,18 +26,18 @@ MAX_PASSES = 8
 async def _pending(store: Store, replica: Replica) -> bool:
     if replica.create_vm:
         return False  # managed replicas wait for a VM backend to provision them
-    return await store.move(_id(replica), S.PENDING, S.STARTING, "registered", f"probing {replica.endpoint}")
+    return await store.move(row_id(replica.id), S.PENDING, S.STARTING, "registered", f"probing {replica.endpoint}")
 
 
 async def _draining(store: Store, replica: Replica) -> bool:
     # No router holds requests for it yet, so nothing is in flight.
-    return await store.move(_id(replica), S.DRAINING, S.TERMINATING, "drained")
+    return await store.move(row_id(replica.id), S.DRAINING, S.TERMINATING, "drained")
 
 
 async def _terminating(store: Store, replica: Replica) -> bool:
     if replica.vm_id is not None:
         return False  # a VM to destroy needs a VM backend; the replica waits here rather than leak it
-    return await store.move(_id(replica), S.TERMINATING, S.TERMINATED, "destroyed", "nothing left to destroy")
+    return await store.move(row_id(replica.id), S.TERMINATING, S.TERMINATED, "destroyed", "nothing left to destroy")
 
 
 STEPS: dict[ReplicaStatus, Step] = {
@@ -66,8 +66,3 @@ async def _one_pass(store: Store) -> bool:
         except Exception:  # one failing replica never stops the others
             log.exception("reconcile.step_failed", replica_id=replica.id, status=replica.status)
     return moved
-
-
-def _id(replica: Replica) -> int:
-    assert replica.id is not None
-    return replica.id

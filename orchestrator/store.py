@@ -25,6 +25,7 @@ from orchestrator.tables import (
     Replica,
     ReplicaEvent,
     ReplicaSecurityRule,
+    row_id,
     utcnow,
 )
 
@@ -293,7 +294,9 @@ class Store:
             keys = (await s.exec(select(ApiKey))).all()
         return GatewayView(
             models=models,
-            ready=[RouteRow(_id(r.id), name, r.endpoint or "", r.rate_limit, r.engine_key_sealed) for r, name in rows],
+            ready=[
+                RouteRow(row_id(r.id), name, r.endpoint or "", r.rate_limit, r.engine_key_sealed) for r, name in rows
+            ],
             keys=keys,
         )
 
@@ -319,11 +322,6 @@ def _live_models() -> SelectOfScalar[LlmModel]:
 
 def _live_replicas() -> SelectOfScalar[Replica]:
     return select(Replica).where(col(Replica.delete_requested_at).is_(None))
-
-
-def _id(value: int | None) -> int:
-    assert value is not None  # rows read back from the database always have one
-    return value
 
 
 def _rowcount(result: Any) -> int:

@@ -13,6 +13,12 @@ from sqlmodel import Field, SQLModel
 SECRET: dict[str, Any] = {"info": {"secret": True}}
 
 
+def row_id(value: int | None) -> int:
+    """The id of a row read back from the database, which always has one (None only before an insert)."""
+    assert value is not None
+    return value
+
+
 def utcnow() -> datetime:
     """Aware UTC; SQLModel's column type stores it as UTC on both databases and returns it aware."""
     return datetime.now(UTC)

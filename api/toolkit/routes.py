@@ -17,7 +17,7 @@ from orchestrator.deps import Deps
 from orchestrator.errors import Conflict
 from orchestrator.lifecycle import ReplicaStatus, vm_status
 from orchestrator.store import KeyRemoval, ReplicaDetail
-from orchestrator.tables import Replica
+from orchestrator.tables import Replica, row_id
 
 # Ids outside the column's range are refused with a 400 rather than reaching the database.
 PathId = Annotated[int, Parameter(ge=1, le=s.MAX_ID)]
@@ -65,12 +65,12 @@ class ModelController(Controller):
     @get("/")
     async def list_models(self, deps: NamedDependency[Deps], active: FromQuery[str | None] = None) -> list[s.ModelOut]:
         models = await deps.models.list(active_only=bool(active) and active not in ("0", "false"))
-        return [s.ModelOut(id=_id(m.id), name=m.name) for m in models]
+        return [s.ModelOut(id=row_id(m.id), name=m.name) for m in models]
 
     @get("/{model_name:str}")
     async def get_model(self, deps: NamedDependency[Deps], model_name: FromPath[str]) -> s.ModelOut:
         model = await deps.models.get(model_name)
-        return s.ModelOut(id=_id(model.id), name=model.name)
+        return s.ModelOut(id=row_id(model.id), name=model.name)
 
     @post("/")
     async def create_model(self, deps: NamedDependency[Deps], data: JSONBody[s.ModelIn]) -> Response[Any]:
@@ -78,7 +78,7 @@ class ModelController(Controller):
             model = await deps.models.create(data.name)
         except Conflict as e:
             return Response(s.MessageOut(message=str(e)), status_code=HTTP_400_BAD_REQUEST)
-        return Response(s.ModelCreatedOut(model_name=model.name, id=_id(model.id)), status_code=201)
+        return Response(s.ModelCreatedOut(model_name=model.name, id=row_id(model.id)), status_code=201)
 
     @delete("/{model_id:int}", status_code=HTTP_204_NO_CONTENT)
     async def delete_model(self, deps: NamedDependency[Deps], model_id: PathId) -> None:
@@ -118,14 +118,9 @@ class ReplicaController(Controller):
         await deps.replicas.delete(replica_id)
 
 
-def _id(value: int | None) -> int:
-    assert value is not None  # rows read back from the database always have one
-    return value
-
-
 def _replica_out(r: Replica) -> s.ReplicaOut:
     return s.ReplicaOut(
-        id=_id(r.id),
+        id=row_id(r.id),
         model_id=r.model_id,
         endpoint=r.endpoint,
         rate_limit=r.rate_limit,
