@@ -7,6 +7,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
+import msgspec
 import structlog
 
 _SECRET_WORDS = ("authorization", "api_key", "apikey", "secret", "token", "password")
@@ -20,6 +21,14 @@ def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) ->
         if isinstance(value, str) and not lowered.endswith("_id") and any(w in lowered for w in _SECRET_WORDS):
             event[key] = REDACTED
     return event
+
+
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+def _dumps(event: Any, **_: Any) -> str:
+    """msgspec instead of json.dumps: the request event is written once per gateway call."""
+    return _encoder.encode(event).decode()
 
 
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
@@ -39,7 +48,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         cache_logger_on_first_use=True,
     )
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if as_json
         else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
@@ -59,7 +68,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root.handlers = [handler]
     root.setLevel(level.upper())
     # Interval jobs would log every second; our own request events replace the access log.
-    for noisy in ("apscheduler.executors.default", "uvicorn.access", "httpx"):
+    for noisy in ("apscheduler.executors.default", "uvicorn.access", "httpx", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # "skipped: maximum number of running instances reached" is expected when a nudge meets a running job.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
