@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -25,11 +28,23 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     with serving(state) as (base, _):
         env = orch_env(state) | {"ORCH_URL": base, "ENGINE_PORT": str(free_port())}
         script = "set -euo pipefail\n" + "\n".join(blocks)
-        done = subprocess.run(
-            ["bash", "-c", script], env=env, cwd=README.parent, capture_output=True, text=True, timeout=120, check=False
+        # Its own process group: whatever the blocks start (the engine simulator) dies with it, even on failure.
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            env=env,
+            cwd=README.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out + err
     assert '{"model_name":"llama-3.1-8b","id":1}' in out
     assert '{"replica_id":1}' in out
     assert '"status":"READY"' in out
