@@ -75,19 +75,16 @@ class Catalog:
         headers = {"Content-Type": "application/json"}
         if sealed:
             headers["Authorization"] = f"Bearer {self._box.open(sealed)}"
+        api_base = engine_urls(endpoint).api_base
         old = self._targets.get(replica_id)
-        if old is not None and (old.api_base, old.headers, old.model) == (
-            engine_urls(endpoint).api_base,
-            headers,
-            model,
-        ):
+        if old is not None and (old.api_base, old.headers, old.model) == (api_base, headers, model):
             if (old.bucket.rate if old.bucket else None) != rate_limit:
                 old.bucket = TokenBucket(rate_limit) if rate_limit else None
             return old
         return Target(
             replica_id=replica_id,
             model=model,
-            api_base=engine_urls(endpoint).api_base,
+            api_base=api_base,
             headers=headers,
             bucket=TokenBucket(rate_limit) if rate_limit else None,
         )

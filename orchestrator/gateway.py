@@ -102,13 +102,10 @@ class Gateway:
         if not self._limiter.allow(key.id, key.allowed_rpm):
             raise RateLimited(key.allowed_rpm)
 
-    def check_model(self, model: str) -> None:
-        if model not in self.catalog.models:
-            raise UnknownModel(model)
-
     async def open(self, model: str, path: str, body: bytes) -> Call:
         """Send `body` to `path` under a READY replica's API root; another replica on a failed connection."""
-        self.check_model(model)
+        if model not in self.catalog.models:
+            raise UnknownModel(model)
         tried: set[int] = set()
         for _ in range(MAX_ATTEMPTS):
             target = self.catalog.pick(model, tried)

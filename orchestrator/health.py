@@ -48,7 +48,6 @@ class _Track:
     failures: int = 0
     successes: int = 0
     due: float = 0.0
-    last_error: str | None = None
 
 
 class _Models(msgspec.Struct):
@@ -141,9 +140,9 @@ class HealthMonitor:
         rid, status, track = row_id(replica.id), S(replica.status), self._tracks[row_id(replica.id)]
         p = self.policy
         if error is None:
-            track.failures, track.successes, track.last_error = 0, track.successes + 1, None
+            track.failures, track.successes = 0, track.successes + 1
         else:
-            track.failures, track.successes, track.last_error = track.failures + 1, 0, error
+            track.failures, track.successes = track.failures + 1, 0
         track.due = time.monotonic() + (p.ready_interval_s if status is S.READY else p.starting_interval_s)
         if status is S.STARTING:
             if error is None:

@@ -162,8 +162,6 @@ class Store:
     async def create_replica(self, replica: Replica, rules: Sequence[ReplicaSecurityRule], message: str) -> int:
         """Insert a PENDING replica, its desired rules and its first event in one transaction."""
         async with self._sessions() as s:
-            if await s.get(LlmModel, replica.model_id) is None:
-                raise NotFound("Model not found")
             replica.status = ReplicaStatus.PENDING
             s.add(replica)
             await s.flush()
@@ -260,11 +258,6 @@ class Store:
                 outcome = KeyRemoval.DELETED
             await s.commit()
             return outcome
-
-    async def add_metric(self, metric: Metric) -> None:
-        async with self._sessions() as s:
-            s.add(metric)
-            await s.commit()
 
     async def insert_usage(self, rows: Sequence[dict[str, Any]]) -> None:
         """One executemany into `metric`, through Core: the ORM's bulk machinery costs more than the insert."""

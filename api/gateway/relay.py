@@ -21,14 +21,8 @@ WATCH_AFTER_S = 0.05
 the gateway's throughput, and a call abandoned within 50 ms wastes little engine time."""
 
 
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
 class _WithUsage(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: Usage | None = None  # msgspec decodes straight into the gateway's dataclass
     choices: list[object] = []
 
 
@@ -37,10 +31,9 @@ _USAGE_DECODER = msgspec.json.Decoder(_WithUsage)
 
 def usage_of(payload: bytes) -> Usage | None:
     try:
-        found = _USAGE_DECODER.decode(payload).usage
+        return _USAGE_DECODER.decode(payload).usage
     except msgspec.DecodeError:
         return None
-    return None if found is None else Usage(found.prompt_tokens, found.completion_tokens, found.total_tokens)
 
 
 async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Receive) -> int:
@@ -131,11 +124,13 @@ def _take_usage(events: bytes, keep: bool) -> tuple[bytes, Usage | None]:
     kept: list[bytes] = []
     usage: Usage | None = None
     for event in events.split(b"\n\n"):
-        if b'"usage":{' in event and event.startswith(b"data: "):
-            parsed = _USAGE_DECODER.decode(event[6:]) if event[6:7] == b"{" else None
+        if b'"usage":{' in event and event.startswith(b"data: {"):
+            try:
+                parsed = _USAGE_DECODER.decode(event[6:])
+            except msgspec.DecodeError:  # not ours to judge: pass the event through untouched
+                parsed = None
             if parsed is not None and parsed.usage is not None:
-                u = parsed.usage
-                usage = Usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+                usage = parsed.usage
                 if not keep and not parsed.choices:
                     continue  # the usage-only chunk the client did not ask for
         kept.append(event + b"\n\n")

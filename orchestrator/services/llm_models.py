@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 
-from orchestrator.errors import Conflict, NotFound
+from orchestrator.errors import NotFound
 from orchestrator.lifecycle import REASON_MODEL_DELETED
 from orchestrator.store import Store
 from orchestrator.tables import LlmModel
@@ -30,9 +30,7 @@ class ModelService:
         return model
 
     async def create(self, name: str) -> LlmModel:
-        if await self._store.model_by_name(name) is not None:
-            raise Conflict("Model already exists.")
-        model = await self._store.create_model(name)
+        model = await self._store.create_model(name)  # Conflict from the unique index of live names
         await self._on_change()
         log.info("model.created", model_id=model.id, model=name)
         return model

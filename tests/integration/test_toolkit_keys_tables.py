@@ -7,7 +7,6 @@ import pytest
 
 from orchestrator.deps import Deps
 from orchestrator.keys import hash_api_key
-from orchestrator.tables import Metric
 from tests.conftest import ADMIN_KEY, SECRET_KEY
 from tests.integration.toolkit_helpers import Client, create_model, create_replica, vm_details
 
@@ -65,7 +64,7 @@ async def test_delete_unused_key_deletes_it(client: Client) -> None:
 
 async def test_delete_used_key_disables_it_then_409(client: Client, deps: Deps) -> None:
     key_id = await _issue(client)
-    await deps.store.add_metric(Metric(api_key_id=key_id, created=1, model="llama", total_tokens=3))
+    await deps.store.insert_usage([{"api_key_id": key_id, "created": 1, "model": "llama", "total_tokens": 3}])
     r = await client.post("/api/v1/delete_api_key", json={"user_id": "alice", "api_key_id": key_id})
     assert (r.status_code, r.json()) == (200, {"message": "API key disabled successfully"})
     [row] = (await client.get("/api/v1/tables/api_key")).json()["data"]
@@ -100,18 +99,20 @@ async def test_table_rows_newest_first_limited_to_100(client: Client) -> None:
 
 async def test_metric_table_has_toolkit_columns_with_unix_created(client: Client, deps: Deps) -> None:
     key_id = await _issue(client)
-    await deps.store.add_metric(
-        Metric(
-            api_key_id=key_id,
-            input="hi",
-            created=1_700_000_000,
-            model="llama",
-            choices="[]",
-            prompt_tokens=1,
-            completion_tokens=2,
-            total_tokens=3,
-            duration=0.5,
-        )
+    await deps.store.insert_usage(
+        [
+            {
+                "api_key_id": key_id,
+                "input": "hi",
+                "created": 1_700_000_000,
+                "model": "llama",
+                "choices": "[]",
+                "prompt_tokens": 1,
+                "completion_tokens": 2,
+                "total_tokens": 3,
+                "duration": 0.5,
+            }
+        ]
     )
     [row] = (await client.get("/api/v1/tables/metric")).json()["data"]
     assert {
