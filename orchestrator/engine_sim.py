@@ -580,7 +580,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--model", required=True, help="Served model name.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1/ routes.")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="VLLM_API_KEY",
+    help="Require `Authorization: Bearer KEY` on /v1/ routes [VLLM_API_KEY, as vLLM reads it].",
+)
 @click.option("--startup-delay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds closed.")
 @click.option("--tokens-per-s", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = unpaced.")
 @click.option("--ttft", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to first token.")
