@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from infra.sandbox import SandboxBackend, SandboxConfig
 from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
 from orchestrator.db import make_engine, make_sessions, upgrade
 from orchestrator.deps import Deps, Nudge
+from orchestrator.engine_plans import sandbox_plans, vllm_plans
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor, HealthPolicy
+from orchestrator.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.metrics import Metrics
 from orchestrator.scheduler import build_scheduler
+from orchestrator.security import Network
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
-from orchestrator.state_dir import ensure_server_keys
+from orchestrator.ssh_access import AccessPolicy, EngineAccess, PlanMaker
+from orchestrator.state_dir import ServerKeys, ensure_server_keys
 from orchestrator.store import Store
 from orchestrator.upstream import Upstream
 from orchestrator.usage import UsageBuffer
+from orchestrator.vm_backend import VmBackend
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +51,27 @@ def build_deps(settings: Settings) -> Deps:
         timeout_s=settings.probe_timeout_s,
     )
     health = HealthMonitor(store, upstream, box, policy, on_change=catalog.reload, wake=probe_nudge)
+    backend, network, plans = build_backend(settings, keys)
+
+    async def on_moved() -> None:
+        await catalog.reload()
+        nudge()
+        probe_nudge()
+
+    managed = ManagedReplicas(
+        store,
+        backend,
+        box=box,
+        network=network,
+        access=EngineAccess(box, network, upstream, plans, AccessPolicy()),
+        pool=ThreadPoolExecutor(settings.provision_workers, thread_name_prefix="vm-work"),
+        policy=ManagedPolicy(
+            boot_deadline_s=settings.boot_deadline_s,
+            max_recoveries=settings.max_recoveries,
+            recover_after_s=settings.recover_after_s,
+        ),
+        on_moved=on_moved,
+    )
     return Deps(
         settings=settings,
         keys=keys,
@@ -60,7 +89,45 @@ def build_deps(settings: Settings) -> Deps:
         models=ModelService(store, nudge, on_change=catalog.reload),
         replicas=ReplicaService(store, nudge, box, on_change=catalog.reload),
         api_keys=ApiKeyService(store, keys.secret_key, on_change=catalog.reload),
+        managed=managed,
     )
+
+
+def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Network, PlanMaker]:
+    """The VM backend the settings name, the network it is reached over, and how its VMs run the engine."""
+    if settings.infra_backend == "local":
+        sandbox = SandboxBackend(
+            SandboxConfig(
+                root=settings.state_dir / "sandbox",
+                subnet=settings.sandbox_subnet,
+                ssh_port=settings.sandbox_ssh_port,
+                enforce_rules=settings.sandbox_enforce_rules,
+            )
+        )
+        # On loopback every connection comes from 127.0.0.1 unless bound: SSH binds 127.0.0.2 so the
+        # rules can tell the orchestrator from the gateway.
+        network = Network(
+            orchestrator_cidr=settings.orchestrator_cidr or "127.0.0.2/32",
+            gateway_cidr=settings.gateway_cidr or "127.0.0.1/32",
+            ssh_source_address=settings.ssh_source_address or "127.0.0.2",
+        )
+        return sandbox, network, sandbox_plans(sandbox.work_dir)
+    from infra.hyperstack import HyperstackBackend, HyperstackConfig  # noqa: PLC0415 (Pulumi loads only when used)
+
+    if not settings.orchestrator_cidr or not settings.gateway_cidr:
+        raise ValueError("ORCH_INFRA_BACKEND=hyperstack needs ORCH_ORCHESTRATOR_CIDR and ORCH_GATEWAY_CIDR")
+    if settings.hyperstack_api_key is None:
+        raise ValueError("ORCH_INFRA_BACKEND=hyperstack needs HYPERSTACK_API_KEY")
+    hyperstack = HyperstackBackend(
+        HyperstackConfig(
+            api_key=settings.hyperstack_api_key.get_secret_value(),
+            base_url=settings.hyperstack_base_url,
+            state_dir=settings.state_dir / "pulumi",
+            passphrase=keys.secret_key,
+        )
+    )
+    network = Network(settings.orchestrator_cidr, settings.gateway_cidr, settings.ssh_source_address)
+    return hyperstack, network, vllm_plans()
 
 
 class Runtime:
@@ -79,6 +146,13 @@ class Runtime:
             infra_backend=self.deps.settings.infra_backend,
             scheduler=self.deps.settings.scheduler,
         )
+        reason = getattr(self.deps.managed.backend, "not_enforced_reason", None)
+        if reason is not None:
+            log.warning(
+                "sandbox.rules_not_enforced",
+                reason=reason,
+                consequence="sandbox security rules are recorded but NOT enforced: every port is open to anyone",
+            )
         if self.deps.settings.scheduler:
             self._scheduler = build_scheduler(self.deps)
             self._scheduler.start()
@@ -89,6 +163,7 @@ class Runtime:
             self.deps.probe_nudge.connect(None)
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        await self.deps.managed.close()  # VM work resumes from the stored status at the next start
         try:
             await self.deps.usage.flush()  # nothing recorded is lost on a clean stop
         except Exception:

@@ -11,6 +11,7 @@ from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor
+from orchestrator.managed import ManagedReplicas
 from orchestrator.metrics import Metrics
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.llm_models import ModelService
@@ -66,3 +67,5 @@ class Deps:
     models: ModelService
     replicas: ReplicaService
     api_keys: ApiKeyService
+    managed: ManagedReplicas
+    """The VM side of managed replicas, on the backend the settings chose."""

@@ -27,6 +27,7 @@ from orchestrator.upstream import Upstream
 log = structlog.get_logger(__name__)
 S = ReplicaStatus
 PROBED = (S.STARTING, S.READY, S.UNHEALTHY)
+FIRST_RETRY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class HealthMonitor:
         self._on_change = on_change
         self._tracks: dict[int, _Track] = {}
         self._wake = wake
+        self._wake_at: float | None = None
 
     def report_unreachable(self, replica_id: int) -> None:
         """The gateway could not connect: a failed probe, and a real probe as soon as possible."""
@@ -97,7 +99,20 @@ class HealthMonitor:
             moved |= await self._apply(replica, error)
         if moved:
             await self._on_change()
+        self._wake_for_next(now)
         return moved
+
+    def _wake_for_next(self, now: float) -> None:
+        """Ask for a run when the next replica is due, if that is before the job's own next tick."""
+        soonest = min((t.due for t in self._tracks.values()), default=now + 60) - time.monotonic()
+        if soonest >= 1.0 or (self._wake_at is not None and self._wake_at <= now + soonest):
+            return
+        self._wake_at = now + max(0.0, soonest)
+        asyncio.get_running_loop().call_later(max(0.0, soonest), self._woken)
+
+    def _woken(self) -> None:
+        self._wake_at = None
+        self._wake()
 
     async def probe_all(self, replicas: list[tuple[Replica, str]]) -> list[str | None]:
         """One probe per (replica, model), `policy.concurrency` at a time; None is a pass, a string what failed."""
@@ -143,7 +158,12 @@ class HealthMonitor:
             track.failures, track.successes = 0, track.successes + 1
         else:
             track.failures, track.successes = track.failures + 1, 0
-        track.due = time.monotonic() + (p.ready_interval_s if status is S.READY else p.starting_interval_s)
+        if status is S.READY:
+            track.due = time.monotonic() + p.ready_interval_s
+        else:
+            # An engine coming up is looked at soon and then less often: a fast start is READY at once,
+            # a slow one (weights loading) costs a probe every `starting_interval_s`.
+            track.due = time.monotonic() + min(p.starting_interval_s, FIRST_RETRY_S * 2 ** (track.failures - 1))
         if status is S.STARTING:
             if error is None:
                 nxt = S.SECURING if replica.create_vm else S.READY

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from orchestrator.lifecycle import ReplicaStatus
+from orchestrator.managed import MANAGED_STEPS, ManagedReplicas
 from orchestrator.store import Store
 from orchestrator.tables import Replica, row_id
 
@@ -25,7 +26,7 @@ MAX_PASSES = 8
 
 async def _pending(store: Store, replica: Replica) -> bool:
     if replica.create_vm:
-        return False  # managed replicas wait for a VM backend to provision them
+        return False  # without a VM backend (no `managed`), a managed replica waits
     return await store.move(row_id(replica.id), S.PENDING, S.STARTING, "registered", f"probing {replica.endpoint}")
 
 
@@ -47,22 +48,31 @@ STEPS: dict[ReplicaStatus, Step] = {
 }
 
 
-async def reconcile(store: Store) -> bool:
+async def reconcile(store: Store, managed: ManagedReplicas | None = None) -> bool:
     """Passes over every replica some step applies to, until one moves nothing (or MAX_PASSES).
-    Returns whether any replica moved."""
+    Managed replicas' VM work is launched as tasks (`managed.settle()` waits for them).
+    Returns whether any replica moved here."""
     moved = False
     for _ in range(MAX_PASSES):
-        if not await _one_pass(store):
+        if not await _one_pass(store, managed):
             break
         moved = True
     return moved
 
 
-async def _one_pass(store: Store) -> bool:
+async def _one_pass(store: Store, managed: ManagedReplicas | None) -> bool:
     moved = False
-    for replica in await store.replicas_in(list(STEPS)):
+    statuses = set(STEPS) | (MANAGED_STEPS if managed else set())
+    for replica in await store.replicas_in(sorted(statuses)):
+        status = S(replica.status)
+        if managed is not None and replica.create_vm and status in MANAGED_STEPS:
+            managed.launch(replica)  # slow work (cloud calls, SSH) never holds up the pass
+            continue
+        step = STEPS.get(status)
+        if step is None:
+            continue
         try:
-            moved |= await STEPS[S(replica.status)](store, replica)
+            moved |= await step(store, replica)
         except Exception:  # one failing replica never stops the others
             log.exception("reconcile.step_failed", replica_id=replica.id, status=replica.status)
     return moved

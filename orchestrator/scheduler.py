@@ -12,6 +12,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from orchestrator.deps import Deps
 from orchestrator.reconcile import reconcile
+from orchestrator.sweeps import orphan_sweep, rules_drift
 
 RECONCILE = "reconcile"
 PROBE = "probe"
@@ -26,9 +27,9 @@ def _job_context(name: str) -> None:
 async def reconcile_job(deps: Deps) -> None:
     _job_context(RECONCILE)
     deps.nudge.take()
-    moved = await reconcile(deps.store)
+    moved = await reconcile(deps.store, deps.managed)
     while deps.nudge.take():  # nudged while running
-        moved |= await reconcile(deps.store)
+        moved |= await reconcile(deps.store, deps.managed)
     if moved:
         deps.probe_nudge()  # a replica that reached STARTING is probed at once, not at the next tick
 
@@ -36,14 +37,26 @@ async def reconcile_job(deps: Deps) -> None:
 async def probe_job(deps: Deps) -> None:
     _job_context(PROBE)
     deps.probe_nudge.take()
-    await deps.health.run()
+    moved = await deps.health.run()
     while deps.probe_nudge.take():
-        await deps.health.run()
+        moved |= await deps.health.run()
+    if moved:
+        deps.nudge()  # a replica that passed its probes may have VM work next (SECURING)
 
 
 async def usage_flush_job(deps: Deps) -> None:
     _job_context("usage_flush")
     await deps.usage.flush()
+
+
+async def rules_drift_job(deps: Deps) -> None:
+    _job_context("rules_drift")
+    await rules_drift(deps.managed)
+
+
+async def orphan_sweep_job(deps: Deps) -> None:
+    _job_context("orphan_sweep")
+    await orphan_sweep(deps.managed)
 
 
 async def catalog_refresh_job(deps: Deps) -> None:
@@ -66,6 +79,8 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
         (probe_job, PROBE, min(1.0, max(0.1, settings.probe_starting_interval_s))),
         (usage_flush_job, "usage_flush", settings.usage_flush_interval_s),
         (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
+        (rules_drift_job, "rules_drift", settings.rules_drift_interval_s),
+        (orphan_sweep_job, "orphan_sweep", settings.orphan_sweep_interval_s),
     )
     for job, job_id, seconds in jobs:
         scheduler.add_job(job, "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)

@@ -40,6 +40,33 @@ class Settings(BaseSettings):
     infra_backend: Literal["local", "hyperstack"] = "local"
     """Where managed replicas get their VMs."""
 
+    sandbox_subnet: str = "127.77.0.0/16"
+    """`local` backend: replica N's sandbox VM listens on the N-th address of this loopback subnet."""
+    sandbox_ssh_port: int = Field(default=2222, ge=1, le=65535)
+    """`local` backend: sshd's port on each sandbox address."""
+    sandbox_enforce_rules: bool = True
+    """`local` backend: enforce security rules with nftables (needs root and `nft`; else only recorded)."""
+
+    orchestrator_cidr: str | None = None
+    """Where the orchestrator's SSH connections come from: the only source SSH is opened to.
+    Default on `local`: 127.0.0.2/32 (SSH binds to it); required on `hyperstack` (its public IP)."""
+    gateway_cidr: str | None = None
+    """Where the gateway's (and the prober's) connections to engines come from: the only source the engine
+    port is opened to. Default on `local`: 127.0.0.1/32; required on `hyperstack`."""
+    ssh_source_address: str | None = None
+    """Local address the orchestrator's SSH client binds to; default on `local`: 127.0.0.2."""
+
+    boot_deadline_s: float = Field(default=600.0, gt=0)
+    """How long a new VM may take to accept SSH with its pinned host key."""
+    max_recoveries: int = Field(default=2, ge=0)
+    """Engine restarts tried on an UNHEALTHY managed replica before it is terminated."""
+    recover_after_s: float = Field(default=30.0, ge=0)
+    """How long a managed replica stays UNHEALTHY (it may recover by itself) before the engine is restarted."""
+    provision_workers: int = Field(default=32, ge=1)
+    """Threads for blocking VM work (backend calls, SSH): how many replicas are provisioned at once."""
+    rules_drift_interval_s: float = Field(default=30.0, gt=0)
+    orphan_sweep_interval_s: float = Field(default=300.0, gt=0)
+
     redis_url: str | None = None
     """Shared limits and counters when several instances run; in memory otherwise."""
 

@@ -205,6 +205,16 @@ class Store:
         async with self._sessions() as s:
             return [(replica, name) for replica, name in (await s.exec(query)).all()]
 
+    async def replica_with_model(self, replica_id: int) -> tuple[Replica, str] | None:
+        query = (
+            select(Replica, col(LlmModel.name))
+            .join(LlmModel, col(LlmModel.id) == col(Replica.model_id))
+            .where(col(Replica.id) == replica_id)
+        )
+        async with self._sessions() as s:
+            row = (await s.exec(query)).first()
+            return None if row is None else (row[0], row[1])
+
     async def count_replicas_by_status(self) -> dict[str, int]:
         query = select(col(Replica.status), func.count()).group_by(col(Replica.status))
         async with self._sessions() as s:
@@ -232,6 +242,44 @@ class Store:
                 await s.exec(delete(ReplicaSecurityRule).where(col(ReplicaSecurityRule.replica_id) == replica_id))
             await s.commit()
             return moved
+
+    async def record(self, replica_id: int, reason: str, message: str | None = None) -> None:
+        """An event that is not a move (a bootstrap step, re-applied rules): from and to are the current status."""
+        async with self._sessions() as s:
+            status = (await s.exec(select(col(Replica.status)).where(col(Replica.id) == replica_id))).first()
+            if status is None:
+                return
+            s.add(
+                ReplicaEvent(
+                    replica_id=replica_id, from_status=status, to_status=status, reason=reason, message=message
+                )
+            )
+            await s.commit()
+
+    async def set_phase_rules(self, replica_id: int, rules: Sequence[ReplicaSecurityRule]) -> None:
+        """Replace the orchestrator's rules of a replica (every origin but `user`) in one transaction."""
+        async with self._sessions() as s:
+            await s.exec(
+                delete(ReplicaSecurityRule).where(
+                    col(ReplicaSecurityRule.replica_id) == replica_id, col(ReplicaSecurityRule.origin) != "user"
+                )
+            )
+            for rule in rules:
+                s.add(rule)
+            await s.commit()
+
+    async def security_rules(self, replica_id: int) -> Sequence[ReplicaSecurityRule]:
+        async with self._sessions() as s:
+            query = select(ReplicaSecurityRule).where(col(ReplicaSecurityRule.replica_id) == replica_id)
+            return (await s.exec(query.order_by(col(ReplicaSecurityRule.id)))).all()
+
+    async def replica_ids(self, *, live: bool) -> set[int]:
+        """Ids of every replica row; with `live`, only those not TERMINATED (what may own a VM)."""
+        query = select(col(Replica.id))
+        if live:
+            query = query.where(col(Replica.status) != ReplicaStatus.TERMINATED)
+        async with self._sessions() as s:
+            return {row_id(i) for i in (await s.exec(query)).all()}
 
     # -- API keys ---------------------------------------------------------------------------
 

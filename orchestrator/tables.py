@@ -66,6 +66,18 @@ class Replica(SQLModel, table=True):
     key_name: str | None = Field(default=None, max_length=255)
     port: int | None = None
     vm_id: str | None = Field(default=None, max_length=255)
+    vm_address: str | None = Field(default=None, max_length=64)
+    """Managed: where the VM's SSH and engine are reached (public IP, or the sandbox address)."""
+    ssh_port: int | None = None
+    ssh_user: str | None = Field(default=None, max_length=64)
+    host_key: str | None = Field(default=None, sa_column=Column(Text))
+    """Managed: the VM's SSH host key (OpenSSH public line), generated here and pinned before first contact."""
+    host_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """Managed: the private half, injected into the VM; encrypted at rest."""
+    ssh_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """Managed: the orchestrator's per-replica SSH login key; encrypted at rest."""
+    recoveries: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    """Managed: engine restarts done after the replica went UNHEALTHY."""
     engine_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
     """The key the gateway sends to this replica's engine (vLLM `--api-key`), encrypted at rest."""
     created_at: datetime = Field(default_factory=utcnow)

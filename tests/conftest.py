@@ -16,6 +16,7 @@ from orchestrator.deps import Deps
 from orchestrator.settings import Settings
 from tests.support.aio import run_in_thread
 from tests.support.postgres import PostgresServer
+from tests.support.sandbox import next_subnet
 
 ADMIN_KEY = "sk-test-admin-key-0123456789"
 SECRET_KEY = "test-secret-key-0123456789"
@@ -70,6 +71,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         # Every replica is due at every health.run(): tests probe by calling it, never by waiting.
         probe_ready_interval_s=0,
         probe_starting_interval_s=0,
+        sandbox_subnet=next_subnet(),  # no two tests share a sandbox address or nft table
+        recover_after_s=0,
     )
 
 

@@ -97,6 +97,23 @@ class VmCreationIn(_In):
     assign_floating_ip: bool = True
     security_rules: Annotated[list[SecurityRuleIn], Field(max_length=64)] = []
 
+    @model_validator(mode="after")
+    def _managed_ports_not_public(self) -> Self:
+        # The orchestrator opens SSH to itself and the engine port to the gateway; an admin may add a named
+        # network (the toolkit's "proxy IP" rule) but never the whole internet.
+        managed = {22: "SSH (port 22)", self.port: f"the engine port ({self.port})"}
+        for rule in self.security_rules:
+            if rule.direction != "ingress" or ipaddress.ip_network(rule.remote_ip_prefix, strict=False).prefixlen:
+                continue
+            for port, what in managed.items():
+                if rule.port_range_min <= port <= rule.port_range_max:
+                    raise field_error(
+                        "security_rules",
+                        f"{what} may not be opened to {rule.remote_ip_prefix}: the orchestrator opens it to "
+                        "whom needs it (SSH to itself while bootstrapping, the engine port to the gateway).",
+                    )
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_format(cls, v: str) -> str:
@@ -237,6 +254,11 @@ class EventOut(BaseModel):
 class ReplicaDetailOut(ReplicaOut):
     model_name: str
     port: int | None
+    vm_address: str | None
+    ssh_port: int | None
+    host_key: str | None
+    """The VM's SSH host key the orchestrator pins (public)."""
+    recoveries: int
     status_changed_at: datetime
     termination_reason: str | None
     created_at: datetime

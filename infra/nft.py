@@ -1,0 +1,165 @@
+"""nftables for sandbox VMs: one `inet` table per sandbox address, holding its security rules.
+
+Every rule carries a comment that encodes the `Rule` it enforces, so what the kernel enforces can be read
+back and compared with what is stored (drift). Ingress to the sandbox address that no rule allows is
+rejected with a TCP reset (an immediate, unambiguous "closed"); egress is open, as on Hyperstack.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+from infra.vm import BackendError, Rule
+
+TABLE_PREFIX = "orch_sandbox_"
+_DENY = "orchestrator: default deny"
+_RULE = "orchestrator: "
+TIMEOUT_S = 10.0
+OPEN_TO_ALL = Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 0, 65535)
+"""What an unrecognised table means for drift: assume the worst."""
+
+
+def available() -> str | None:
+    """None when rules can be enforced here, else why not (for a loud warning at start)."""
+    if shutil.which("nft") is None:
+        return "the `nft` command is not installed (Debian package `nftables`)"
+    try:
+        _nft("list", "tables")
+    except BackendError as e:
+        return f"`nft` cannot change the ruleset here (root is needed): {e}"
+    return None
+
+
+def table_name(address: str) -> str:
+    return TABLE_PREFIX + address.replace(".", "_")
+
+
+def address_of(table: str) -> str | None:
+    if not table.startswith(TABLE_PREFIX):
+        return None
+    return table.removeprefix(TABLE_PREFIX).replace("_", ".")
+
+
+def script(address: str, rules: Iterable[Rule]) -> str:
+    """The whole table, replaced atomically (`nft -f` applies a script as one transaction)."""
+    name = table_name(address)
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for rule in sorted(set(rules)):
+        (inputs if rule.direction == "ingress" else outputs).append(_line(address, rule))
+    inputs += [
+        f'ip daddr {address} meta l4proto tcp reject with tcp reset comment "{_DENY}"',
+        f'ip daddr {address} meta l4proto udp reject comment "{_DENY}"',
+    ]
+    body = "\n".join(
+        [
+            f"table inet {name} {{",
+            "  chain input { type filter hook input priority 0; policy accept;",
+            *(f"    {line}" for line in inputs),
+            "  }",
+            "  chain output { type filter hook output priority 0; policy accept;",
+            *(f"    {line}" for line in outputs),
+            "  }",
+            "}",
+        ]
+    )
+    # `add` then `delete` makes the delete safe when the table does not exist yet.
+    return f"add table inet {name}\ndelete table inet {name}\n{body}\n"
+
+
+def _line(address: str, rule: Rule) -> str:
+    net = ipaddress.ip_network(rule.remote_ip_prefix, strict=False)
+    family = "ip" if net.version == 4 else "ip6"
+    ports = f"{rule.port_range_min}-{rule.port_range_max}"
+    peer = "saddr" if rule.direction == "ingress" else "daddr"
+    own = "daddr" if rule.direction == "ingress" else "saddr"
+    # An IPv6 rule never concerns the sandbox's IPv4 address; it is kept (as an accept, a no-op under the
+    # accept policy) so the table states the whole desired set.
+    scope = f"ip {own} {address} " if family == "ip" else "meta nfproto ipv6 "
+    return f'{scope}{family} {peer} {net} {rule.protocol} dport {ports} accept comment "{_encode(rule)}"'
+
+
+def _encode(rule: Rule) -> str:
+    return _RULE + " ".join(
+        str(v)
+        for v in (
+            rule.direction,
+            rule.protocol,
+            rule.ethertype,
+            rule.remote_ip_prefix,
+            rule.port_range_min,
+            rule.port_range_max,
+        )
+    )
+
+
+def _decode(comment: str) -> Rule | None:
+    parts = comment.removeprefix(_RULE).split()
+    if not comment.startswith(_RULE) or len(parts) != 6:
+        return None
+    direction, protocol, ethertype, prefix, low, high = parts
+    if direction not in {"ingress", "egress"} or protocol not in {"tcp", "udp"} or ethertype not in {"IPv4", "IPv6"}:
+        return None
+    return Rule(direction, protocol, ethertype, prefix, int(low), int(high))  # type: ignore[arg-type]
+
+
+def apply(address: str, rules: Iterable[Rule]) -> None:
+    _nft("-f", "-", stdin=script(address, rules))
+
+
+def delete(address: str) -> None:
+    _nft("-f", "-", stdin=f"add table inet {table_name(address)}\ndelete table inet {table_name(address)}\n")
+
+
+def enforced(address: str) -> frozenset[Rule]:
+    """The rules the kernel enforces for `address`; a missing table, a missing default deny or a rule
+    this module did not write reads as open to all."""
+    found = _nft_json("list", "tables")
+    if table_name(address) not in {t["table"]["name"] for t in found if "table" in t}:
+        return frozenset({OPEN_TO_ALL})
+    rules: set[Rule] = set()
+    denies = 0
+    for item in _nft_json("list", "table", "inet", table_name(address)):
+        if "rule" not in item:
+            continue
+        comment = str(item["rule"].get("comment", ""))
+        if comment == _DENY:
+            denies += 1
+        else:
+            rules.add(_decode(comment) or OPEN_TO_ALL)
+    if denies != 2:
+        rules.add(OPEN_TO_ALL)
+    return frozenset(rules)
+
+
+def sandbox_tables() -> list[str]:
+    """Addresses that have a sandbox table in the kernel."""
+    names = [str(t["table"]["name"]) for t in _nft_json("list", "tables") if "table" in t]
+    return [a for a in map(address_of, names) if a is not None]
+
+
+def _nft_json(*args: str) -> list[dict[str, dict[str, object]]]:
+    out = _nft("-j", *args)
+    items: list[dict[str, dict[str, object]]] = json.loads(out)["nftables"]
+    return items
+
+
+def _nft(*args: str, stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(  # noqa: S603 (arguments built here)
+            ["nft", *args],  # noqa: S607 (PATH finds nft wherever the distribution puts it)
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BackendError(f"nft {args[0]} failed: {e}") from e
+    if done.returncode != 0:
+        raise BackendError(f"nft {' '.join(args[:3])} failed: {done.stderr.strip()[:300]}")
+    return done.stdout

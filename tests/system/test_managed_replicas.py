@@ -1,0 +1,258 @@
+"""Managed replicas end to end on the local sandbox backend: real sshd, real nftables, the engine simulator
+started over SSH, the gateway in front, and the jobs called as the scheduler calls them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import pytest
+
+from infra import nft
+from infra.sandbox import SandboxBackend
+from infra.vm import BackendError, Rule, VmHandle, VmRequest
+from orchestrator.deps import Deps
+from orchestrator.lifecycle import ReplicaStatus
+from orchestrator.reconcile import reconcile
+from orchestrator.security import Phase, phase_rules
+from orchestrator.sweeps import orphan_sweep, rules_drift
+from orchestrator.tables import Replica
+from tests.integration.gateway_helpers import issue_key, openai_client
+from tests.integration.toolkit_helpers import create_model, vm_details
+from tests.support.sandbox import FOREIGN, connects, keypair, listening_on
+
+S = ReplicaStatus
+MODEL = "sim-llama"
+GATEWAY, ORCHESTRATOR = "127.0.0.1", "127.0.0.2"
+WALK = ["PENDING", "PROVISIONING", "BOOTSTRAPPING", "STARTING", "SECURING", "READY"]
+
+
+@pytest.fixture(autouse=True)
+def _root_and_nft() -> None:
+    assert os.geteuid() == 0, "the sandbox system tests need root for nftables (CI runs as root)"
+
+
+@pytest.fixture
+async def sandbox(deps: Deps) -> AsyncIterator[SandboxBackend]:
+    backend = deps.managed.backend
+    assert isinstance(backend, SandboxBackend)
+    assert backend.not_enforced_reason is None
+    try:
+        yield backend
+    finally:
+        await deps.managed.settle()
+        for replica_id in backend.owned():  # whatever a failed test left behind
+            backend.destroy(replica_id)
+
+
+async def step_jobs(deps: Deps) -> None:
+    """One round of the scheduler's jobs, as they would run."""
+    await reconcile(deps.store, deps.managed)
+    await deps.managed.settle()
+    await deps.health.run()
+
+
+async def drive_to(deps: Deps, replica_id: int, status: ReplicaStatus, timeout_s: float = 30.0) -> Replica:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await step_jobs(deps)
+        replica = await deps.store.replica(replica_id)
+        assert replica is not None
+        if replica.status == status:
+            return replica
+        if replica.status == S.TERMINATED:
+            detail = await deps.replicas.detail(replica_id)
+            pytest.fail(f"ended {replica.termination_reason}: {[(e.to_status, e.message) for e in detail.events]}")
+        assert time.monotonic() < deadline, f"still {replica.status} after {timeout_s} s"
+        await asyncio.sleep(0.05)  # the engine starting in its own process
+
+
+async def create_managed(client: httpx.AsyncClient, **overrides: object) -> int:
+    model_id = await create_model(client, MODEL)
+    details = vm_details(port=8000, **overrides)
+    r = await client.post(
+        f"/api/v1/models/{model_id}/replicas", json={"create_vm": True, "vm_creation_details": details}
+    )
+    assert r.status_code == 201, r.text
+    return int(r.json()["replica_id"])
+
+
+async def moves(deps: Deps, replica_id: int) -> list[str]:
+    detail = await deps.replicas.detail(replica_id)
+    return [e.to_status for e in detail.events if e.from_status != e.to_status]
+
+
+async def test_a_managed_replica_walks_to_ready_serves_and_leaves_nothing(
+    deps: Deps, client: httpx.AsyncClient, transport: httpx.ASGITransport, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.READY)
+    address, port = replica.vm_address or "", replica.port or 0
+
+    assert await moves(deps, replica_id) == WALK
+    [listed] = (await client.get(f"/api/v1/models/{replica.model_id}/replicas")).json()
+    assert (listed["vm_status"], listed["endpoint"]) == ("SUCCESS", f"http://{address}:{port}")
+    detail = (await client.get(f"/api/v1/replicas/{replica_id}")).json()
+    assert {e["reason"] for e in detail["events"]} >= {"bootstrap_start", "secured"}
+    assert {(r["origin"], r["port_range_min"], r["remote_ip_prefix"]) for r in detail["security_rules"]} == {
+        ("user", 8000, "203.0.113.7/32"),
+        ("serving", 8000, f"{GATEWAY}/32"),
+    }
+
+    _, key = await issue_key(client)
+    answer = await openai_client(transport, key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4
+    )
+    assert answer.choices[0].message.content
+
+    assert connects(address, port, GATEWAY)
+    assert not connects(address, port, FOREIGN)
+    assert not connects(address, 2222, FOREIGN)
+    assert not connects(address, 2222, ORCHESTRATOR)  # closed once serving
+
+    assert (await client.delete(f"/api/v1/replicas/{replica_id}")).status_code == 204
+    gone = await drive_to(deps, replica_id, S.TERMINATED)
+    assert gone.termination_reason == "deleted"
+    assert listening_on(address) == []
+    assert address not in nft.sandbox_tables()
+    assert not sandbox.work_dir(replica_id).parent.exists()
+    assert sandbox.owned() == frozenset()
+
+
+async def test_a_second_bootstrap_changes_nothing(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.READY)
+    events: list[tuple[str, str]] = []
+    await deps.managed.in_thread(
+        sandbox.apply_rules, deps.managed.request(replica, ()), await _bootstrap_rules(deps, replica)
+    )
+    changed, total = await deps.managed.in_thread(
+        deps.managed.access.bootstrap, replica, MODEL, 10.0, lambda reason, message: events.append((reason, message))
+    )
+    assert (changed, total) == (0, len(events))
+    assert all(message == "unchanged" or message.startswith("unchanged") for _, message in events)
+
+
+async def _bootstrap_rules(deps: Deps, replica: Replica) -> list[Rule]:
+    net = deps.managed.network
+    return list(phase_rules(Phase.BOOTSTRAP, net, engine_port=replica.port or 0, ssh_port=replica.ssh_port or 0))
+
+
+class _Failing:
+    """Wraps the sandbox: `up` creates the VM, then fails, as a cloud API may after allocating."""
+
+    def __init__(self, inner: SandboxBackend, *, host_key: tuple[str, str] | None = None) -> None:
+        self.inner = inner
+        self.ssh_port = inner.ssh_port
+        self._host_key = host_key
+
+    def up(self, request: VmRequest) -> VmHandle:
+        if self._host_key is None:
+            self.inner.up(request)
+            raise BackendError("the cloud said ERROR after creating the VM")
+        # A VM that answers with another host key than the one the orchestrator pinned (a man in the middle).
+        private, public = self._host_key
+        return self.inner.up(dataclasses.replace(request, host_private_key=private, host_public_key=public))
+
+    def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
+        self.inner.apply_rules(request, rules)
+
+    def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
+        return self.inner.enforced_rules(handle)
+
+    def destroy(self, replica_id: int) -> None:
+        self.inner.destroy(replica_id)
+
+    def owned(self) -> frozenset[int]:
+        return self.inner.owned()
+
+
+async def test_failed_provisioning_destroys_what_it_created(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    deps.managed.backend = _Failing(sandbox)
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.TERMINATED)
+    assert (replica.termination_reason, replica.error_message) == (
+        "provision_failed",
+        "the cloud said ERROR after creating the VM",
+    )
+    [listed] = (await client.get(f"/api/v1/models/{replica.model_id}/replicas")).json()
+    assert listed["vm_status"] == "FAILED"
+    assert sandbox.owned() == frozenset()
+    assert listening_on(sandbox.address(replica_id)) == []
+
+
+async def test_a_wrong_host_key_is_refused_and_the_vm_destroyed(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    deps.managed.backend = _Failing(sandbox, host_key=keypair())
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.TERMINATED)
+    assert replica.termination_reason == "bootstrap_failed"
+    assert (replica.error_message or "").startswith("HostKeyMismatch: ")
+    assert sandbox.owned() == frozenset()
+
+
+async def test_drifted_rules_are_reapplied(deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend) -> None:
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.READY)
+    address = replica.vm_address or ""
+    assert await rules_drift(deps.managed) == []
+
+    nft.delete(address)  # someone flushed the firewall
+    assert connects(address, 8000, FOREIGN)
+    assert await rules_drift(deps.managed) == [replica_id]
+    assert not connects(address, 8000, FOREIGN)
+    assert connects(address, 8000, GATEWAY)
+    detail = await deps.replicas.detail(replica_id)
+    assert detail.events[-1].reason == "rules_drift"
+    assert await rules_drift(deps.managed) == []
+
+
+async def test_orphan_sweep_destroys_what_the_database_does_not_know(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    await drive_to(deps, replica_id, S.READY)
+    private, public = keypair()
+    orphan = VmRequest(77, "orphan", "", "", "", "", False, 8000, keypair()[1], public, private, ())
+    sandbox.up(orphan)
+    assert sandbox.owned() == {replica_id, 77}
+
+    assert await orphan_sweep(deps.managed) == [77]
+    assert sandbox.owned() == {replica_id}
+    assert listening_on(sandbox.address(77)) == []
+    assert await orphan_sweep(deps.managed) == []
+
+
+async def test_an_unhealthy_engine_is_restarted_then_given_up(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.READY)
+
+    def kill_engine() -> None:
+        pid = int((sandbox.work_dir(replica_id) / "engine.pid").read_text())
+        os.kill(pid, 9)
+
+    kill_engine()
+    await drive_to(deps, replica_id, S.UNHEALTHY)
+    recovered = await drive_to(deps, replica_id, S.READY)  # recovery 1: SSH reopened, engine restarted, secured
+    assert recovered.recoveries == 1
+    assert not connects(replica.vm_address or "", 2222, ORCHESTRATOR)  # SSH closed again
+
+    for _ in range(deps.settings.max_recoveries - 1):
+        kill_engine()
+        await drive_to(deps, replica_id, S.UNHEALTHY)
+        await drive_to(deps, replica_id, S.READY)
+    kill_engine()
+    ended = await drive_to(deps, replica_id, S.TERMINATED)
+    assert ended.termination_reason == "unrecoverable"
+    assert sandbox.owned() == frozenset()
