@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,8 +30,11 @@ def orch_env(state_dir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def serving(state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, list[str]]]:
-    """Run `orchestrator serve`; after the block, the list holds everything it printed."""
+def serving(
+    state_dir: Path, *extra: str, env: dict[str, str] | None = None, stop_signal: int = signal.SIGTERM
+) -> Iterator[tuple[str, list[str]]]:
+    """Run `orchestrator serve`; after the block, the list holds everything it printed.
+    `stop_signal=SIGKILL` ends it as a crash would."""
     port = _free_port()
     output: list[str] = []
     proc = subprocess.Popen(
@@ -39,6 +43,7 @@ def serving(state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: a crash takes the server's workers down too
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -54,7 +59,10 @@ def serving(state_dir: Path, *extra: str, env: dict[str, str] | None = None) -> 
             time.sleep(0.05)
         yield base, output
     finally:
-        proc.terminate()
+        if stop_signal == signal.SIGKILL:
+            os.killpg(proc.pid, signal.SIGKILL)  # every process of the server at once, as a crash would
+        else:
+            proc.send_signal(stop_signal)
         proc.wait(timeout=15)
         if proc.stdout:
             output.append(proc.stdout.read())

@@ -1,0 +1,128 @@
+"""The Pulumi program of one replica: its keypair, its VM (with the pinned SSH host key) and its security rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import pulumi
+
+from infra.hyperstack.provider import Keypair, KeypairArgs, SecurityRule, SecurityRuleArgs, Vm, VmArgs
+from infra.vm import Rule, VmRequest
+
+HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key"
+
+
+def replica_label(replica_id: int) -> str:
+    """The label that ties a Hyperstack VM to its replica (what an orphan sweep over the cloud looks for)."""
+    return f"orchestrator-replica={replica_id}"
+
+
+def keypair_name(request: VmRequest) -> str:
+    # Keypair names are unique per environment and the stack owns (and deletes) this one, so it cannot be
+    # the requested name itself, which several replicas share and which may name a keypair of the user's.
+    return f"{request.key_name}-replica-{request.replica_id}"
+
+
+def cloud_init(request: VmRequest) -> str:
+    """cloud-config that makes the orchestrator's host key the VM's only one before sshd first answers.
+
+    cloud-init's ssh module runs before sshd starts: it deletes the image's host keys, installs these and
+    generates no other. The runcmd repeats that for images whose sshd starts earlier, then restarts sshd.
+    JSON is YAML, and json.dumps quotes the PEM's newlines correctly.
+    """
+    config = {
+        "ssh_deletekeys": True,
+        "ssh_genkeytypes": [],
+        "ssh_keys": {"ed25519_private": request.host_private_key, "ed25519_public": request.host_public_key},
+        "runcmd": [
+            ["sh", "-c", "find /etc/ssh -name 'ssh_host_*' ! -name 'ssh_host_ed25519_key*' -delete"],
+            ["chmod", "0600", HOST_KEY_PATH],
+            ["chmod", "0644", f"{HOST_KEY_PATH}.pub"],
+            ["sh", "-c", "systemctl restart ssh || systemctl restart sshd"],
+        ],
+    }
+    return "#cloud-config\n" + json.dumps(config, indent=2) + "\n"
+
+
+def rule_resource_name(prefix: str, rule: Rule) -> str:
+    """A name that follows the rule's content, so a changed rule set touches only the rules that changed.
+
+    A digest rather than the fields: IPv6 prefixes hold "::", the separator of Pulumi URNs.
+    """
+    fields = (
+        rule.direction,
+        rule.protocol,
+        rule.ethertype,
+        rule.remote_ip_prefix,
+        rule.port_range_min,
+        rule.port_range_max,
+    )
+    digest = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
+    return f"{prefix}-{rule.direction}-{rule.protocol}-{rule.port_range_min}-{rule.port_range_max}-{digest}"
+
+
+class ReplicaVm(pulumi.ComponentResource):
+    """Keypair -> VM -> one security rule per rule; outputs the VM's id and address."""
+
+    vm_id: pulumi.Output[str]
+    address: pulumi.Output[str]
+
+    def __init__(
+        self,
+        name: str,
+        request: VmRequest,
+        rules: Sequence[Rule],
+        opts: pulumi.ResourceOptions | None = None,
+        *,
+        create_timeout_s: float = 300.0,
+        poll_interval_s: float = 3.0,
+    ) -> None:
+        super().__init__("orchestrator:hyperstack:ReplicaVm", name, None, opts)
+        keypair = Keypair(
+            f"{name}-key",
+            KeypairArgs(keypair_name(request), request.environment_name, request.ssh_public_key),
+            pulumi.ResourceOptions(parent=self),
+        )
+        vm = Vm(
+            f"{name}-vm",
+            VmArgs(
+                name=request.name,
+                environment_name=request.environment_name,
+                image_name=request.image_name,
+                flavor_name=request.flavor_name,
+                key_name=keypair.name,  # an Output: the VM waits for the keypair
+                assign_floating_ip=request.assign_floating_ip,
+                user_data=pulumi.Output.secret(cloud_init(request)),
+                labels=[replica_label(request.replica_id)],
+                enable_port_randomization=False,  # the orchestrator connects to port 22
+                create_timeout_s=create_timeout_s,
+                poll_interval_s=poll_interval_s,
+            ),
+            pulumi.ResourceOptions(parent=self, depends_on=[keypair]),
+        )
+        for rule in sorted(set(rules)):
+            SecurityRule(
+                rule_resource_name(name, rule),
+                SecurityRuleArgs(
+                    vm_id=vm.vm_id,
+                    direction=rule.direction,
+                    protocol=rule.protocol,
+                    ethertype=rule.ethertype,
+                    remote_ip_prefix=rule.remote_ip_prefix,
+                    port_range_min=rule.port_range_min,
+                    port_range_max=rule.port_range_max,
+                ),
+                pulumi.ResourceOptions(parent=self, depends_on=[vm]),
+            )
+        self.vm_id = vm.vm_id
+        self.address = vm.address
+        self.register_outputs({"vm_id": vm.vm_id, "address": vm.address})
+
+
+def replica_program(request: VmRequest, rules: Sequence[Rule]) -> None:
+    """The inline program of stack `replica-<id>`: enforce `rules` on the replica's VM."""
+    replica = ReplicaVm(f"replica-{request.replica_id}", request, rules)
+    pulumi.export("vm_id", replica.vm_id)
+    pulumi.export("address", replica.address)

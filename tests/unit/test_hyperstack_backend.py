@@ -1,0 +1,288 @@
+"""The Hyperstack backend's own work: a missing Pulumi CLI, the per-stack lock and the cap, Pulumi errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pulumi import automation as auto
+
+from infra.hyperstack import HyperstackBackend, HyperstackConfig
+from infra.hyperstack.backend import CLI_MISSING, command_error_summary, pulumi_errors
+from infra.vm import BackendError, BackendUnavailable, Rule, VmHandle, VmRequest
+
+RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.7/32", 22, 22)
+
+
+def request(replica_id: int) -> VmRequest:
+    return VmRequest(
+        replica_id=replica_id,
+        name=f"llama-{replica_id}",
+        environment_name="default-CANADA-1",
+        image_name="Ubuntu Server 22.04 LTS R535 CUDA 12.2",
+        flavor_name="n3-RTX-A6000x1",
+        key_name="orch",
+        assign_floating_ip=True,
+        engine_port=8000,
+        ssh_public_key="ssh-ed25519 AAAA orchestrator",
+        host_public_key="ssh-ed25519 AAAA host",
+        host_private_key="-----BEGIN OPENSSH PRIVATE KEY-----\n-----END OPENSSH PRIVATE KEY-----\n",
+        rules=(RULE,),
+    )
+
+
+def config(tmp_path: Path, **overrides: Any) -> HyperstackConfig:
+    return HyperstackConfig(**({"api_key": "hs-key", "state_dir": tmp_path / "state", "passphrase": "pw"} | overrides))
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
+@dataclass
+class GatedStacks:
+    """A `StackRunner` whose `up` and `destroy` hold until the test opens the stack's gate; records overlaps."""
+
+    outputs: Mapping[str, Any] = field(default_factory=lambda: {"vm_id": "101", "address": "203.0.113.101"})
+    names: list[str] = field(default_factory=list)
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    inside: list[str] = field(default_factory=list)
+    """Stack names of the operations running now, in the order they entered."""
+    max_inside: int = 0
+    same_stack_overlap: bool = False
+    finished: list[str] = field(default_factory=list)
+    programs: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def gate(self, stack_name: str) -> threading.Event:
+        with self._lock:
+            return self.gates.setdefault(stack_name, threading.Event())
+
+    def up(self, stack_name: str, program: Callable[[], None]) -> Mapping[str, Any]:
+        self.programs.append(program)
+        self._run(stack_name)
+        return self.outputs
+
+    def destroy(self, stack_name: str) -> None:
+        self._run(stack_name)
+
+    def stack_names(self) -> list[str]:
+        return list(self.names)
+
+    def _run(self, stack_name: str) -> None:
+        with self._lock:
+            self.same_stack_overlap |= stack_name in self.inside
+            self.inside.append(stack_name)
+            self.max_inside = max(self.max_inside, len(self.inside))
+        assert self.gate(stack_name).wait(timeout=10), f"the test never opened {stack_name}"
+        with self._lock:
+            self.inside.remove(stack_name)
+            self.finished.append(stack_name)
+
+
+@pytest.fixture
+def in_threads() -> Iterator[Callable[[Callable[[], object]], threading.Thread]]:
+    threads: list[threading.Thread] = []
+
+    def start(fn: Callable[[], object]) -> threading.Thread:
+        thread = threading.Thread(target=fn, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return thread
+
+    yield start
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+# -- without the Pulumi CLI
+
+
+@pytest.fixture
+def no_pulumi_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+
+
+@pytest.mark.usefixtures("no_pulumi_on_path")
+@pytest.mark.parametrize(
+    "operation",
+    [
+        pytest.param(lambda b: b.up(request(7)), id="up"),
+        pytest.param(lambda b: b.apply_rules(request(7), [RULE]), id="apply_rules"),
+        pytest.param(lambda b: b.destroy(7), id="destroy"),
+        pytest.param(lambda b: b.owned(), id="owned"),
+    ],
+)
+def test_without_the_pulumi_cli_every_operation_says_so(
+    tmp_path: Path, operation: Callable[[HyperstackBackend], object]
+) -> None:
+    backend = HyperstackBackend(config(tmp_path))
+
+    with pytest.raises(BackendUnavailable) as caught:
+        operation(backend)
+
+    assert str(caught.value) == CLI_MISSING
+    assert "the Pulumi CLI is not on PATH" in str(caught.value)
+    assert isinstance(caught.value.__cause__, FileNotFoundError)
+
+
+def test_without_an_api_key_the_backend_is_unavailable(tmp_path: Path) -> None:
+    backend = HyperstackBackend(config(tmp_path, api_key=""))
+
+    with pytest.raises(BackendUnavailable, match="HYPERSTACK_API_KEY is empty"):
+        backend.up(request(7))
+
+
+def test_config_keeps_secrets_out_of_its_repr(tmp_path: Path) -> None:
+    text = repr(config(tmp_path, api_key="hs-very-secret", passphrase="pass-very-secret"))
+
+    assert "very-secret" not in text
+    assert "state_dir" in text
+
+
+# -- with a fake stack runner
+
+
+def test_up_runs_the_replica_stack_and_returns_its_handle(tmp_path: Path) -> None:
+    stacks = GatedStacks()
+    stacks.gate("replica-7").set()
+
+    handle = HyperstackBackend(config(tmp_path, ssh_user="ubuntu"), stacks=stacks).up(request(7))
+
+    assert handle == VmHandle(7, "101", "203.0.113.101", 22, "ubuntu")
+    assert stacks.finished == ["replica-7"]
+    assert len(stacks.programs) == 1
+
+
+def test_up_without_outputs_is_a_backend_error(tmp_path: Path) -> None:
+    stacks = GatedStacks(outputs={"vm_id": "101"})
+    stacks.gate("replica-7").set()
+
+    with pytest.raises(BackendError, match="stack replica-7 has no vm_id/address output"):
+        HyperstackBackend(config(tmp_path), stacks=stacks).up(request(7))
+
+
+def test_owned_reads_replica_ids_from_stack_names(tmp_path: Path) -> None:
+    stacks = GatedStacks(names=["replica-3", "replica-12", "staging", "replica-x", "replica-"])
+
+    assert HyperstackBackend(config(tmp_path), stacks=stacks).owned() == {3, 12}
+
+
+def test_operations_on_one_stack_never_overlap(tmp_path: Path, in_threads: Any) -> None:
+    stacks = GatedStacks()
+    backend = HyperstackBackend(config(tmp_path, max_concurrent_ups=3), stacks=stacks)
+
+    in_threads(lambda: backend.up(request(7)))
+    wait_until(lambda: stacks.inside == ["replica-7"], "the first up runs")
+    in_threads(lambda: backend.destroy(7))
+    in_threads(lambda: backend.up(request(8)))  # another stack is not held up
+    wait_until(lambda: "replica-8" in stacks.inside, "replica 8 runs beside replica 7")
+    stacks.gate("replica-8").set()
+    stacks.gate("replica-7").set()
+    wait_until(lambda: len(stacks.finished) == 3, "all three end")
+
+    assert not stacks.same_stack_overlap
+    assert stacks.finished.count("replica-7") == 2
+
+
+def test_a_caller_queued_on_its_stack_holds_no_slot(tmp_path: Path, in_threads: Any) -> None:
+    stacks = GatedStacks()
+    backend = HyperstackBackend(config(tmp_path, max_concurrent_ups=2), stacks=stacks)
+
+    in_threads(lambda: backend.up(request(7)))
+    wait_until(lambda: stacks.inside == ["replica-7"], "replica 7 runs")
+    in_threads(lambda: backend.apply_rules(request(7), [RULE]))  # waits for replica 7's lock, not for a slot
+    in_threads(lambda: backend.up(request(8)))
+
+    wait_until(lambda: stacks.inside == ["replica-7", "replica-8"], "replica 8 takes the second slot")
+    stacks.gate("replica-7").set()
+    stacks.gate("replica-8").set()
+    wait_until(lambda: len(stacks.finished) == 3, "all three end")
+
+
+def test_at_most_max_concurrent_ups_run_at_once(tmp_path: Path, in_threads: Any) -> None:
+    stacks = GatedStacks()
+    backend = HyperstackBackend(config(tmp_path, max_concurrent_ups=2), stacks=stacks)
+    started: list[int] = []
+
+    def up(replica_id: int) -> None:
+        started.append(replica_id)
+        backend.up(request(replica_id))
+
+    for replica_id in range(1, 6):
+        in_threads(lambda r=replica_id: up(r))
+    wait_until(lambda: len(started) == 5 and len(stacks.inside) == 2, "two run and three wait")
+    for replica_id in range(1, 6):  # open the gates one by one: each opening lets exactly one more in
+        stacks.gate(f"replica-{replica_id}").set()
+    wait_until(lambda: len(stacks.finished) == 5, "all five end")
+
+    assert stacks.max_inside == 2
+
+
+def test_max_concurrent_ups_must_allow_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        HyperstackBackend(config(tmp_path, max_concurrent_ups=0), stacks=GatedStacks())
+
+
+# -- Pulumi's errors
+
+
+def command_error(kind: type[auto.CommandError], stdout: str = "", stderr: str = "") -> auto.CommandError:
+    return kind(auto.CommandResult(stdout=stdout, stderr=stderr, code=255))
+
+
+def test_a_locked_stack_is_a_clear_backend_error() -> None:
+    error = command_error(auto.ConcurrentUpdateError, stderr="error: the stack is currently locked by 1 lock(s)")
+
+    locked = r"^stack replica-7 is locked by another Pulumi update"
+    with pytest.raises(BackendError, match=locked) as caught, pulumi_errors("replica-7", "up"):
+        raise error
+    assert caught.value.__cause__ is error
+
+
+def test_a_provider_failure_is_summarised_on_one_line() -> None:
+    stdout = (
+        "Updating (replica-7):\n"
+        "    pulumi-python:dynamic/hyperstack:Vm (replica-7-vm):\n"
+        "      error: Exception calling application: Traceback (most recent call last):\n"
+        '        File "/srv/infra/hyperstack/provider.py", line 120, in create\n'
+        "      infra.hyperstack.api.VmNotActive: Hyperstack VM 101 went to ERROR while being created\n"
+        "Resources:\n    1 unchanged\n"
+    )
+    error = command_error(auto.CommandError, stdout=stdout, stderr="error: update failed")
+
+    with pytest.raises(BackendError) as caught, pulumi_errors("replica-7", "up"):
+        raise error
+
+    assert (
+        str(caught.value) == "pulumi up of stack replica-7 failed: Hyperstack VM 101 went to ERROR while being created"
+    )
+
+
+def test_a_cli_error_without_a_traceback_keeps_its_error_line() -> None:
+    error = command_error(
+        auto.CommandError, stdout="Previewing update (replica-7):\n", stderr="error: passphrase must be set\n"
+    )
+    generic = command_error(auto.CommandError, stderr="error: update failed\nerror: getting secrets manager: bad\n")
+
+    assert command_error_summary(error) == "passphrase must be set"
+    assert command_error_summary(generic) == "getting secrets manager: bad"
+
+
+def test_a_missing_file_other_than_the_cli_is_not_called_a_missing_cli() -> None:
+    with pytest.raises(BackendError) as caught, pulumi_errors("replica-7", "up"):
+        raise FileNotFoundError(2, "No such file or directory", "/state/pulumi/replica-7/Pulumi.yaml")
+
+    assert not isinstance(caught.value, BackendUnavailable)
+    assert "Pulumi.yaml" in str(caught.value)
