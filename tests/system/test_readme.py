@@ -47,6 +47,8 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, out + err
     assert '{"model_name":"llama-3.1-8b","id":1}' in out
     assert '{"replica_id":1}' in out
+    assert '{"replica_id":2}' in out
+    assert "['PENDING', 'PROVISIONING', 'BOOTSTRAPPING', 'STARTING', 'SECURING', 'READY']" in out
     assert '"status":"READY"' in out
     assert '"object":"chat.completion"' in out
     assert '{"object":"list","data":[{"id":"llama-3.1-8b"' in out
