@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -95,7 +96,7 @@ class SandboxBackend:
 
     def destroy(self, replica_id: int) -> None:
         vm = self._vm_dir(replica_id)
-        pids = set(_processes_under(vm))
+        pids = set(_processes_under(vm)) | set(_processes_on(self.address(replica_id)))
         if (pid := self._sshd_pid(replica_id)) is not None:
             pids.add(pid)
         _terminate(sorted(pids), self.config.stop_timeout_s)
@@ -217,6 +218,25 @@ def _processes_under(directory: Path) -> list[int]:
         with contextlib.suppress(OSError):
             cwd = os.readlink(entry / "cwd")
             if cwd == root or cwd.startswith(root + "/"):
+                found.append(int(entry.name))
+    return found
+
+
+def _processes_on(address: str) -> list[int]:
+    """Processes holding a TCP socket on `address`: sshd's per-connection children among them, which live on
+    after their listener when a connection's end was never seen (its FIN rejected by a rule change)."""
+    packed = socket.inet_aton(address)[::-1].hex().upper()
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].split(":")[0] == packed and fields[9] != "0":
+            inodes.add(f"socket:[{fields[9]}]")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not inodes or not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
                 found.append(int(entry.name))
     return found
 

@@ -128,6 +128,22 @@ async def _post_replica(client: Client, body: Any) -> tuple[int, Any]:
                 }
             },
         ),
+        (
+            {
+                "create_vm": True,
+                "vm_creation_details": vm_details(
+                    security_rules=[{"remote_ip_prefix": "0.0.0.0/0", "port_range_min": 20, "port_range_max": 30}]
+                ),
+            },
+            {
+                "vm_creation_details": {
+                    "security_rules": [
+                        "SSH (port 22) may not be opened to 0.0.0.0/0: the orchestrator opens it to whom needs it "
+                        "(SSH to itself while bootstrapping, the engine port to the gateway)."
+                    ]
+                }
+            },
+        ),
         ([], {"_schema": ["Invalid input type."]}),
         ("endpoint", {"_schema": ["Invalid input type."]}),
     ],

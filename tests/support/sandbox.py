@@ -57,11 +57,20 @@ def connects(host: str, port: int, source: str, timeout: float = 1.0) -> bool:
 
 def listening_on(address: str) -> list[str]:
     """Sockets listening on `address` (from /proc/net/tcp), as "address:port" strings."""
+    return [f"{address}:{port}" for port, state in _sockets(address) if state == "0A"]
+
+
+def sockets_on(address: str) -> list[str]:
+    """Every TCP socket on `address` a process may still hold (TIME_WAIT has no process), as "port state"."""
+    return [f"{port} {state}" for port, state in _sockets(address) if state != "06"]
+
+
+def _sockets(address: str) -> list[tuple[int, str]]:
     packed = socket.inet_aton(address)[::-1].hex().upper()
     found = []
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         local, state = line.split()[1], line.split()[3]
         host, port = local.split(":")
-        if host == packed and state == "0A":
-            found.append(f"{address}:{int(port, 16)}")
+        if host == packed:
+            found.append((int(port, 16), state))
     return found

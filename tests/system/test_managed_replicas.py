@@ -23,7 +23,7 @@ from orchestrator.sweeps import orphan_sweep, rules_drift
 from orchestrator.tables import Replica
 from tests.integration.gateway_helpers import issue_key, openai_client
 from tests.integration.toolkit_helpers import create_model, vm_details
-from tests.support.sandbox import FOREIGN, connects, keypair, listening_on
+from tests.support.sandbox import FOREIGN, connects, keypair, listening_on, sockets_on
 
 S = ReplicaStatus
 MODEL = "sim-llama"
@@ -117,7 +117,7 @@ async def test_a_managed_replica_walks_to_ready_serves_and_leaves_nothing(
     assert (await client.delete(f"/api/v1/replicas/{replica_id}")).status_code == 204
     gone = await drive_to(deps, replica_id, S.TERMINATED)
     assert gone.termination_reason == "deleted"
-    assert listening_on(address) == []
+    assert sockets_on(address) == []  # no listener, and no session left behind either
     assert address not in nft.sandbox_tables()
     assert not sandbox.work_dir(replica_id).parent.exists()
     assert sandbox.owned() == frozenset()
