@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterable
+from dataclasses import astuple
 
 from infra.vm import BackendError, Rule
 
@@ -84,17 +85,7 @@ def _line(address: str, rule: Rule) -> str:
 
 
 def _encode(rule: Rule) -> str:
-    return _RULE + " ".join(
-        str(v)
-        for v in (
-            rule.direction,
-            rule.protocol,
-            rule.ethertype,
-            rule.remote_ip_prefix,
-            rule.port_range_min,
-            rule.port_range_max,
-        )
-    )
+    return _RULE + " ".join(map(str, astuple(rule)))
 
 
 def _decode(comment: str) -> Rule | None:
@@ -118,12 +109,13 @@ def delete(address: str) -> None:
 def enforced(address: str) -> frozenset[Rule]:
     """The rules the kernel enforces for `address`; a missing table, a missing default deny or a rule
     this module did not write reads as open to all."""
-    found = _nft_json("list", "tables")
-    if table_name(address) not in {t["table"]["name"] for t in found if "table" in t}:
+    try:
+        items = _nft_json("list", "table", "inet", table_name(address))
+    except BackendError:  # no such table (nft says "No such file or directory")
         return frozenset({OPEN_TO_ALL})
     rules: set[Rule] = set()
     denies = 0
-    for item in _nft_json("list", "table", "inet", table_name(address)):
+    for item in items:
         if "rule" not in item:
             continue
         comment = str(item["rule"].get("comment", ""))

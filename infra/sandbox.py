@@ -127,9 +127,10 @@ class SandboxBackend:
 
     def _enforce(self, replica_id: int, rules: Iterable[Rule]) -> None:
         rules = sorted(set(rules))
-        _write(self._vm_dir(replica_id) / "rules.json", json.dumps([asdict(r) for r in rules]).encode())
         if self.not_enforced_reason is None:
             nft.apply(self.address(replica_id), rules)
+        else:  # nothing enforces them: the record is all there is to read back
+            _write(self._vm_dir(replica_id) / "rules.json", json.dumps([asdict(r) for r in rules]).encode())
 
     def _sshd_pid(self, replica_id: int) -> int | None:
         try:
@@ -142,24 +143,7 @@ class SandboxBackend:
         vm = self._vm_dir(replica_id)
         pid_file = vm / "sshd.pid"
         pid_file.unlink(missing_ok=True)
-        options = {
-            "ListenAddress": f"{address}:{self.config.ssh_port}",
-            "HostKey": str(vm / "host_ed25519"),
-            "PidFile": str(pid_file),
-            "AuthorizedKeysFile": str(vm / "authorized_keys"),
-            "UsePAM": "no",
-            "StrictModes": "no",
-            "PasswordAuthentication": "no",
-            "KbdInteractiveAuthentication": "no",
-            "PermitRootLogin": "prohibit-password",
-            "Subsystem": "sftp internal-sftp",
-            # bash reads ~/.bashrc for commands sshd runs unless SHLVL says it is nested. The sandbox shares
-            # the host's home, whose bashrc may be heavy (pyenv init: 90 ms per command here, 3 ms without).
-            "SetEnv": "SHLVL=1",
-        }
-        argv = [self.config.sshd, "-D", "-e", "-f", "/dev/null"]
-        for key, value in options.items():
-            argv += ["-o", f"{key}={value}"]
+        argv = sshd_argv(self.config.sshd, address, self.config.ssh_port, vm)
         with (vm / "sshd.log").open("ab") as log_file:
             try:
                 process = subprocess.Popen(  # noqa: S603 (fixed binary, arguments built here)
@@ -180,6 +164,30 @@ class SandboxBackend:
                 self._children.pop(replica_id).wait(self.config.stop_timeout_s)
                 raise BackendError(f"sshd on {address} did not start within {self.config.start_timeout_s} s")
             time.sleep(0.005)
+
+
+def sshd_argv(sshd: str, address: str, port: int, vm_dir: Path, **extra: str) -> list[str]:
+    """sshd's command line for a sandbox VM: its host key, authorized keys and pid file are in `vm_dir`."""
+    options = {
+        "ListenAddress": f"{address}:{port}",
+        "HostKey": str(vm_dir / "host_ed25519"),
+        "PidFile": str(vm_dir / "sshd.pid"),
+        "AuthorizedKeysFile": str(vm_dir / "authorized_keys"),
+        "UsePAM": "no",
+        "StrictModes": "no",
+        "PasswordAuthentication": "no",
+        "KbdInteractiveAuthentication": "no",
+        "PermitRootLogin": "prohibit-password",
+        "Subsystem": "sftp internal-sftp",
+        # bash reads ~/.bashrc for commands sshd runs unless SHLVL says it is nested. The sandbox shares
+        # the host's home, whose bashrc may be heavy (pyenv init: 90 ms per command here, 3 ms without).
+        "SetEnv": "SHLVL=1",
+        **extra,
+    }
+    argv = [sshd, "-D", "-e", "-f", "/dev/null"]
+    for key, value in options.items():
+        argv += ["-o", f"{key}={value}"]
+    return argv
 
 
 def _write(path: Path, content: bytes) -> bool:

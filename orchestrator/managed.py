@@ -127,12 +127,12 @@ class ManagedReplicas:
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _fail(self, replica: Replica, reason: str, message: str) -> bool:
-        """The replica cannot go on: terminate it, keeping why (toolkit vm_status FAILED)."""
+    async def _fail(self, replica: Replica, reason: str, message: str, *, src: ReplicaStatus | None = None) -> bool:
+        """The replica cannot go on: terminate it, keeping why (toolkit vm_status FAILED).
+        `src` is the status it is in now, when a step moved it since `replica` was read."""
         log.warning("managed.failed", replica_id=replica.id, reason=reason, error=message)
-        return await self.store.move(
-            row_id(replica.id), S(replica.status), S.TERMINATING, reason, message, error_message=message
-        )
+        src = src or S(replica.status)
+        return await self.store.move(row_id(replica.id), src, S.TERMINATING, reason, message, error_message=message)
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -227,8 +227,7 @@ class ManagedReplicas:
             await self.in_thread(self.backend.apply_rules, self.request(replica, ()), rules)
             output = await self.in_thread(self.access.restart, replica, model)
         except (BackendError, SshError) as e:
-            replica.status = S.STARTING
-            return await self._fail(replica, "recovery_failed", f"{type(e).__name__}: {e}")
+            return await self._fail(replica, "recovery_failed", f"{type(e).__name__}: {e}", src=S.STARTING)
         await self.store.record(rid, "engine_restarted", output)
         return True
 

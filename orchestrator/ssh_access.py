@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-from cryptography.hazmat.primitives import serialization
 
 from infra.vm import Rule
 from orchestrator.crypto import SecretBox
@@ -19,6 +18,7 @@ from orchestrator.security import Network, allows, source_of
 from orchestrator.tables import Replica
 from orchestrator.upstream import Upstream
 from provisioning.bootstrap import StepReport, bootstrap, restart_engine
+from provisioning.keys import public_key_line
 from provisioning.plan import EnginePlan
 from provisioning.ssh import SshTarget, connect
 
@@ -47,9 +47,7 @@ class EngineAccess:
         self.policy = policy
 
     def client_public_key(self, replica: Replica) -> str:
-        private = serialization.load_ssh_private_key(self._box.open(replica.ssh_key_sealed or "").encode(), None)
-        line = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        return f"{line.decode()} orchestrator@replica-{replica.id}"
+        return public_key_line(self._box.open(replica.ssh_key_sealed or ""), f"orchestrator@replica-{replica.id}")
 
     def target(self, replica: Replica) -> SshTarget:
         return SshTarget(

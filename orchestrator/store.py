@@ -273,13 +273,11 @@ class Store:
             query = select(ReplicaSecurityRule).where(col(ReplicaSecurityRule.replica_id) == replica_id)
             return (await s.exec(query.order_by(col(ReplicaSecurityRule.id)))).all()
 
-    async def replica_ids(self, *, live: bool) -> set[int]:
-        """Ids of every replica row; with `live`, only those not TERMINATED (what may own a VM)."""
-        query = select(col(Replica.id))
-        if live:
-            query = query.where(col(Replica.status) != ReplicaStatus.TERMINATED)
+    async def replica_statuses(self) -> dict[int, ReplicaStatus]:
+        """The status of every replica row, by id."""
         async with self._sessions() as s:
-            return {row_id(i) for i in (await s.exec(query)).all()}
+            rows = (await s.exec(select(col(Replica.id), col(Replica.status)))).all()
+            return {row_id(i): ReplicaStatus(status) for i, status in rows}
 
     # -- API keys ---------------------------------------------------------------------------
 

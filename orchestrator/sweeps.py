@@ -61,10 +61,9 @@ async def orphan_sweep(managed: ManagedReplicas) -> list[int]:
     """Destroy what the backend owns for replicas the database does not know or has terminated."""
     owned = await managed.in_thread(managed.backend.owned)
     # Read after `owned`: a replica's row always exists before anything is allocated for it.
-    live = await managed.store.replica_ids(live=True)
-    known = await managed.store.replica_ids(live=False)
+    statuses = await managed.store.replica_statuses()
     destroyed = []
-    for rid in sorted(owned - live):
+    for rid in sorted(r for r in owned if statuses.get(r, S.TERMINATED) is S.TERMINATED):
         if managed.busy(rid):
             continue
         try:
@@ -72,8 +71,8 @@ async def orphan_sweep(managed: ManagedReplicas) -> list[int]:
         except BackendError as e:
             log.warning("orphan_sweep.failed", replica_id=rid, error=str(e))
             continue
-        log.warning("orphan_sweep.destroyed", replica_id=rid, known=rid in known)
-        if rid in known:
+        log.warning("orphan_sweep.destroyed", replica_id=rid, known=rid in statuses)
+        if rid in statuses:
             await managed.store.record(
                 rid, "orphan_destroyed", "the backend still held a VM for this terminated replica"
             )

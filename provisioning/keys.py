@@ -9,6 +9,7 @@ import io
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from provisioning.errors import SshError
 
@@ -20,8 +21,21 @@ def generate_keypair(comment: str = "") -> tuple[str, str]:
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     ).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return private, f"{public} {comment}".rstrip()
+    return private, _public_line(key.public_key(), comment)
+
+
+def public_key_line(private_pem: str, comment: str = "") -> str:
+    """The OpenSSH public line of a private key in OpenSSH PEM (what goes into authorized_keys)."""
+    try:
+        key = serialization.load_ssh_private_key(private_pem.encode(), None)
+    except (ValueError, TypeError) as e:
+        raise SshError("not an unencrypted OpenSSH private key") from e  # never quote key material
+    return _public_line(key.public_key(), comment)
+
+
+def _public_line(key: PublicKeyTypes, comment: str) -> str:
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{line} {comment}".rstrip()
 
 
 def parse_public_key(line: str) -> paramiko.PKey:

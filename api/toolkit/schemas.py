@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from orchestrator.services.replicas import ReplicaSpec, RuleSpec, VmSpec
+from infra.vm import Rule
+from orchestrator.services.replicas import ReplicaSpec, VmSpec
 
 FIELD_RULE = "field_rule"
 """Error type of a rule that spans fields: `ctx.field` names the field it is reported on."""
@@ -79,8 +80,8 @@ class SecurityRuleIn(_In):
             raise field_error("remote_ip_prefix", f"An {self.ethertype} rule needs an {self.ethertype} prefix.")
         return self
 
-    def spec(self) -> RuleSpec:
-        return RuleSpec(**self.model_dump())
+    def spec(self) -> Rule:
+        return Rule(**self.model_dump())
 
 
 _VM_NAME = re.compile(r"^[^ ][\w -]*[^ ]$")

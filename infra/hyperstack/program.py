@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import astuple
 
 import pulumi
 
@@ -51,15 +52,7 @@ def rule_resource_name(prefix: str, rule: Rule) -> str:
 
     A digest rather than the fields: IPv6 prefixes hold "::", the separator of Pulumi URNs.
     """
-    fields = (
-        rule.direction,
-        rule.protocol,
-        rule.ethertype,
-        rule.remote_ip_prefix,
-        rule.port_range_min,
-        rule.port_range_max,
-    )
-    digest = hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(repr(astuple(rule)).encode()).hexdigest()[:12]
     return f"{prefix}-{rule.direction}-{rule.protocol}-{rule.port_range_min}-{rule.port_range_max}-{digest}"
 
 

@@ -7,23 +7,15 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from infra.vm import Rule
 from orchestrator.crypto import SecretBox
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.lifecycle import REASON_DELETED
+from orchestrator.security import Phase, rows_of
 from orchestrator.store import ReplicaDetail, Store
 from orchestrator.tables import Replica, ReplicaSecurityRule
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class RuleSpec:
-    direction: str
-    protocol: str
-    ethertype: str
-    remote_ip_prefix: str
-    port_range_min: int
-    port_range_max: int
 
 
 @dataclass(frozen=True)
@@ -38,7 +30,7 @@ class VmSpec:
     port: int
     run_command: str
     assign_floating_ip: bool = True
-    security_rules: tuple[RuleSpec, ...] = ()
+    security_rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,17 +115,6 @@ def _rows(model_id: int, spec: ReplicaSpec) -> tuple[Replica, list[ReplicaSecuri
         run_command=vm.run_command,
         assign_floating_ip=vm.assign_floating_ip,
     )
-    rules = [
-        ReplicaSecurityRule(
-            replica_id=0,  # set by the store once the replica has its id
-            origin="user",
-            direction=r.direction,
-            protocol=r.protocol,
-            ethertype=r.ethertype,
-            remote_ip_prefix=r.remote_ip_prefix,
-            port_range_min=r.port_range_min,
-            port_range_max=r.port_range_max,
-        )
-        for r in vm.security_rules
-    ]
+    # The store sets replica_id once the replica has its id.
+    rules = rows_of(0, Phase.USER, vm.security_rules)
     return replica, rules

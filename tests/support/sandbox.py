@@ -9,9 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from infra.sandbox import SandboxBackend, SandboxConfig
 
 _subnets = itertools.count()
@@ -32,15 +29,6 @@ def sandbox_backend(root: Path, **options: object) -> Iterator[SandboxBackend]:
     finally:
         for replica_id in backend.owned():
             backend.destroy(replica_id)
-
-
-def keypair() -> tuple[str, str]:
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    ).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public.decode()
 
 
 def connects(host: str, port: int, source: str, timeout: float = 1.0) -> bool:

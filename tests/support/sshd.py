@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from infra.sandbox import sshd_argv
 from provisioning.ssh import SshTarget, generate_keypair
 
 SSHD = "/usr/sbin/sshd"
@@ -77,21 +78,8 @@ class Sshd:
     def start(self, deadline_s: float = 10.0) -> None:
         assert Path("/run/sshd").is_dir(), "sshd needs /run/sshd (scripts/test creates it)"
         d = self.dir
-        options = {
-            "ListenAddress": f"{self.address}:{self.port}",
-            "HostKey": f"{d}/host_ed25519",
-            "PidFile": f"{d}/sshd.pid",
-            "AuthorizedKeysFile": f"{d}/authorized_keys",
-            "UsePAM": "no",
-            "StrictModes": "no",
-            "PasswordAuthentication": "no",
-            "KbdInteractiveAuthentication": "no",
-            "Subsystem": "sftp internal-sftp",
-            "LogLevel": "VERBOSE",  # logs "Connection from" for each connection, so tests can count attempts
-        }
-        argv = [SSHD, "-D", "-e", "-f", "/dev/null"]
-        for key, value in options.items():
-            argv += ["-o", f"{key}={value}"]
+        # LogLevel VERBOSE logs "Connection from" for each connection, so tests can count attempts.
+        argv = sshd_argv(SSHD, self.address, self.port, d, LogLevel="VERBOSE")
         with (d / "sshd.log").open("ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self._wait_ready(deadline_s)

@@ -21,9 +21,11 @@ from orchestrator.reconcile import reconcile
 from orchestrator.security import Phase, phase_rules
 from orchestrator.sweeps import orphan_sweep, rules_drift
 from orchestrator.tables import Replica
+from provisioning.keys import generate_keypair
 from tests.integration.gateway_helpers import issue_key, openai_client
 from tests.integration.toolkit_helpers import create_model, vm_details
-from tests.support.sandbox import FOREIGN, connects, keypair, listening_on, sockets_on
+from tests.support.sandbox import FOREIGN, connects, listening_on, sockets_on
+from tests.support.vm import vm_request
 
 S = ReplicaStatus
 MODEL = "sim-llama"
@@ -136,7 +138,7 @@ async def test_a_second_bootstrap_changes_nothing(
         deps.managed.access.bootstrap, replica, MODEL, 10.0, lambda reason, message: events.append((reason, message))
     )
     assert (changed, total) == (0, len(events))
-    assert all(message == "unchanged" or message.startswith("unchanged") for _, message in events)
+    assert all(message.startswith("unchanged") for _, message in events)
 
 
 async def _bootstrap_rules(deps: Deps, replica: Replica) -> list[Rule]:
@@ -192,7 +194,7 @@ async def test_failed_provisioning_destroys_what_it_created(
 async def test_a_wrong_host_key_is_refused_and_the_vm_destroyed(
     deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
 ) -> None:
-    deps.managed.backend = _Failing(sandbox, host_key=keypair())
+    deps.managed.backend = _Failing(sandbox, host_key=generate_keypair())
     replica_id = await create_managed(client)
     replica = await drive_to(deps, replica_id, S.TERMINATED)
     assert replica.termination_reason == "bootstrap_failed"
@@ -221,9 +223,7 @@ async def test_orphan_sweep_destroys_what_the_database_does_not_know(
 ) -> None:
     replica_id = await create_managed(client)
     await drive_to(deps, replica_id, S.READY)
-    private, public = keypair()
-    orphan = VmRequest(77, "orphan", "", "", "", "", False, 8000, keypair()[1], public, private, ())
-    sandbox.up(orphan)
+    sandbox.up(vm_request(77))
     assert sandbox.owned() == {replica_id, 77}
 
     assert await orphan_sweep(deps.managed) == [77]

@@ -12,8 +12,9 @@ import pytest
 
 from infra import nft
 from infra.sandbox import SandboxBackend
-from infra.vm import Rule, VmRequest
-from tests.support.sandbox import FOREIGN, connects, keypair, listening_on, sandbox_backend
+from infra.vm import Rule
+from tests.support.sandbox import FOREIGN, connects, listening_on, sandbox_backend
+from tests.support.vm import vm_request
 
 ORCHESTRATOR, GATEWAY = "127.0.0.2", "127.0.0.1"
 
@@ -28,35 +29,17 @@ def backend(tmp_path: Path) -> Iterator[SandboxBackend]:
         yield b
 
 
-def request(replica_id: int, rules: tuple[Rule, ...], host_key: tuple[str, str] | None = None) -> VmRequest:
-    host_private, host_public = host_key or keypair()
-    return VmRequest(
-        replica_id=replica_id,
-        name="vm",
-        environment_name="env",
-        image_name="img",
-        flavor_name="flavor",
-        key_name="ops",
-        assign_floating_ip=False,
-        engine_port=8000,
-        ssh_public_key=keypair()[1],
-        host_public_key=host_public,
-        host_private_key=host_private,
-        rules=rules,
-    )
-
-
 def ssh_from(cidr: str, port: int = 2222) -> Rule:
     return Rule("ingress", "tcp", "IPv4", cidr, port, port)
 
 
 def test_up_starts_sshd_with_the_given_host_key_behind_its_rules(backend: SandboxBackend) -> None:
-    host_key = keypair()
-    handle = backend.up(request(1, (ssh_from(f"{ORCHESTRATOR}/32"),), host_key))
+    req = vm_request(1, (ssh_from(f"{ORCHESTRATOR}/32"),))
+    handle = backend.up(req)
 
     assert handle.address == backend.address(1)
     assert listening_on(handle.address) == [f"{handle.address}:2222"]
-    assert (backend.work_dir(1).parent / "host_ed25519.pub").read_text() == host_key[1]
+    assert (backend.work_dir(1).parent / "host_ed25519.pub").read_text() == req.host_public_key
     assert connects(handle.address, 2222, ORCHESTRATOR)
     assert not connects(handle.address, 2222, FOREIGN)
     assert not connects(handle.address, 2222, GATEWAY)
@@ -65,7 +48,7 @@ def test_up_starts_sshd_with_the_given_host_key_behind_its_rules(backend: Sandbo
 
 
 def test_up_again_is_idempotent_and_apply_rules_replaces_the_set(backend: SandboxBackend) -> None:
-    req = request(2, (ssh_from(f"{ORCHESTRATOR}/32"),))
+    req = vm_request(2, (ssh_from(f"{ORCHESTRATOR}/32"),))
     first = backend.up(req)
     pid = (backend.work_dir(2).parent / "sshd.pid").read_text()
     assert backend.up(req) == first
@@ -78,14 +61,14 @@ def test_up_again_is_idempotent_and_apply_rules_replaces_the_set(backend: Sandbo
 
 
 def test_a_rule_added_or_removed_behind_its_back_reads_as_drift(backend: SandboxBackend) -> None:
-    handle = backend.up(request(3, (ssh_from(f"{ORCHESTRATOR}/32"),)))
+    handle = backend.up(vm_request(3, (ssh_from(f"{ORCHESTRATOR}/32"),)))
     nft.delete(handle.address)
     assert backend.enforced_rules(handle) == {nft.OPEN_TO_ALL}
     assert connects(handle.address, 2222, FOREIGN)  # really open: the table is gone
 
 
 def test_destroy_leaves_no_process_table_or_file(backend: SandboxBackend) -> None:
-    handle = backend.up(request(4, (ssh_from(f"{ORCHESTRATOR}/32"),)))
+    handle = backend.up(vm_request(4, (ssh_from(f"{ORCHESTRATOR}/32"),)))
     vm_dir = backend.work_dir(4).parent
     backend.destroy(4)
     assert listening_on(handle.address) == []
@@ -99,7 +82,7 @@ def test_without_nft_the_rules_are_recorded_and_the_reason_given(tmp_path: Path)
     with sandbox_backend(tmp_path / "sandbox", enforce_rules=False) as backend:
         assert backend.not_enforced_reason == "disabled by configuration"
         rules = (ssh_from(f"{ORCHESTRATOR}/32"),)
-        handle = backend.up(request(5, rules))
+        handle = backend.up(vm_request(5, rules))
         assert backend.enforced_rules(handle) == set(rules)
         assert handle.address not in nft.sandbox_tables()
         assert connects(handle.address, 2222, FOREIGN)  # nothing enforces them: the server says so at start

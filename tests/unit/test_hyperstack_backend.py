@@ -15,25 +15,13 @@ from pulumi import automation as auto
 from infra.hyperstack import HyperstackBackend, HyperstackConfig
 from infra.hyperstack.backend import CLI_MISSING, command_error_summary, pulumi_errors
 from infra.vm import BackendError, BackendUnavailable, Rule, VmHandle, VmRequest
+from tests.support.vm import vm_request
 
 RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.7/32", 22, 22)
 
 
 def request(replica_id: int) -> VmRequest:
-    return VmRequest(
-        replica_id=replica_id,
-        name=f"llama-{replica_id}",
-        environment_name="default-CANADA-1",
-        image_name="Ubuntu Server 22.04 LTS R535 CUDA 12.2",
-        flavor_name="n3-RTX-A6000x1",
-        key_name="orch",
-        assign_floating_ip=True,
-        engine_port=8000,
-        ssh_public_key="ssh-ed25519 AAAA orchestrator",
-        host_public_key="ssh-ed25519 AAAA host",
-        host_private_key="-----BEGIN OPENSSH PRIVATE KEY-----\n-----END OPENSSH PRIVATE KEY-----\n",
-        rules=(RULE,),
-    )
+    return vm_request(replica_id, (RULE,))
 
 
 def config(tmp_path: Path, **overrides: Any) -> HyperstackConfig:

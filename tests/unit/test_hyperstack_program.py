@@ -22,27 +22,13 @@ from infra.hyperstack.program import (
     replica_program,
     rule_resource_name,
 )
-from infra.vm import Rule, VmRequest
+from infra.vm import Rule
+from tests.support.vm import vm_request
 
-HOST_PRIVATE = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
-HOST_PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHOST host"
 SSH_RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.7/32", 22, 22)
 ENGINE_RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.0/24", 8000, 8000)
 ENGINE_RULE_V6 = Rule("ingress", "tcp", "IPv6", "2001:db8::/32", 8000, 8000)
-REQUEST = VmRequest(
-    replica_id=7,
-    name="llama-7",
-    environment_name="default-CANADA-1",
-    image_name="Ubuntu Server 22.04 LTS R535 CUDA 12.2",
-    flavor_name="n3-RTX-A6000x1",
-    key_name="orch",
-    assign_floating_ip=True,
-    engine_port=8000,
-    ssh_public_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIORCH orchestrator",
-    host_public_key=HOST_PUBLIC,
-    host_private_key=HOST_PRIVATE,
-    rules=(SSH_RULE, ENGINE_RULE),
-)
+REQUEST = vm_request(7, (SSH_RULE, ENGINE_RULE))
 
 
 @dataclass
@@ -175,7 +161,10 @@ def test_cloud_init_installs_the_pinned_host_key_and_no_other() -> None:
 
     assert text.startswith("#cloud-config\n")
     config = json.loads(text.removeprefix("#cloud-config\n"))  # JSON is YAML: what cloud-init reads
-    assert config["ssh_keys"] == {"ed25519_private": HOST_PRIVATE, "ed25519_public": HOST_PUBLIC}
+    assert config["ssh_keys"] == {
+        "ed25519_private": REQUEST.host_private_key,
+        "ed25519_public": REQUEST.host_public_key,
+    }
     assert config["ssh_deletekeys"] is True
     assert config["ssh_genkeytypes"] == []
     assert ["chmod", "0600", HOST_KEY_PATH] in config["runcmd"]
