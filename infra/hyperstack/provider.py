@@ -24,14 +24,14 @@ from infra.hyperstack.api import (
     JsonObject,
     NotFoundError,
 )
-from infra.vm import BackendError, BackendUnavailable
+from infra.vm import BackendError, BackendUnavailable, Rule
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 API_KEY_ENV = "HYPERSTACK_API_KEY"
 BASE_URL_ENV = "ORCH_HYPERSTACK_BASE_URL"
-RULE_FIELDS = ("direction", "protocol", "ethertype", "remote_ip_prefix", "port_range_min", "port_range_max")
+RULE_FIELDS = tuple(f.name for f in fields(Rule))
 
 
 def client_from_env(timeout: float = 30.0) -> HyperstackClient:
