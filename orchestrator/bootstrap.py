@@ -8,6 +8,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from infra.sandbox import SandboxBackend, SandboxConfig
+from orchestrator.billing import Ledger
 from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
 from orchestrator.db import make_engine, make_sessions, upgrade
@@ -17,6 +18,8 @@ from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor, HealthPolicy
 from orchestrator.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.metrics import Metrics
+from orchestrator.record_store import RecordStore
+from orchestrator.records import CallRecords
 from orchestrator.scheduler import build_scheduler
 from orchestrator.security import Network
 from orchestrator.services.api_keys import ApiKeyService
@@ -27,7 +30,6 @@ from orchestrator.ssh_access import AccessPolicy, EngineAccess, PlanMaker
 from orchestrator.state_dir import ServerKeys, ensure_server_keys
 from orchestrator.store import Store
 from orchestrator.upstream import Upstream
-from orchestrator.usage import UsageBuffer
 from orchestrator.vm_backend import VmBackend
 
 log = structlog.get_logger(__name__)
@@ -36,12 +38,15 @@ log = structlog.get_logger(__name__)
 def build_deps(settings: Settings) -> Deps:
     keys = ensure_server_keys(settings)
     engine = make_engine(settings.resolved_database_url)
-    store = Store(make_sessions(engine))
+    sessions = make_sessions(engine)
+    store = Store(sessions)
     nudge, probe_nudge = Nudge(), Nudge()
     box = SecretBox(keys.secret_key)
-    catalog = Catalog(store, box)
+    ledger = Ledger()
+    catalog = Catalog(store, box, ledger)
     upstream = Upstream()
-    usage = UsageBuffer(store)
+    record_store = RecordStore(sessions)
+    records = CallRecords(record_store, ledger)
     policy = HealthPolicy(
         starting_interval_s=settings.probe_starting_interval_s,
         ready_interval_s=settings.probe_ready_interval_s,
@@ -82,9 +87,17 @@ def build_deps(settings: Settings) -> Deps:
         box=box,
         catalog=catalog,
         upstream=upstream,
-        usage=usage,
+        records=records,
+        record_store=record_store,
         health=health,
-        gateway=Gateway(catalog, upstream, usage, keys.secret_key, on_unreachable=health.report_unreachable),
+        gateway=Gateway(
+            catalog,
+            upstream,
+            records,
+            secret_key=keys.secret_key,
+            admin_key=keys.admin_api_key,
+            on_unreachable=health.report_unreachable,
+        ),
         metrics=Metrics(),
         models=ModelService(store, nudge, on_change=catalog.reload),
         replicas=ReplicaService(store, nudge, box, on_change=catalog.reload),
@@ -165,8 +178,8 @@ class Runtime:
             self._scheduler = None
         await self.deps.managed.close()  # VM work resumes from the stored status at the next start
         try:
-            await self.deps.usage.flush()  # nothing recorded is lost on a clean stop
+            await self.deps.records.flush()  # nothing recorded (nor any fee) is lost on a clean stop
         except Exception:
-            log.exception("usage.final_flush_failed")
+            log.exception("records.final_flush_failed")
         await self.deps.upstream.close()
         await self.deps.engine.dispose()

@@ -1,4 +1,5 @@
-"""What the gateway serves from memory: API keys by hash, live models, and the READY replicas of each.
+"""What the gateway serves from memory: API keys by hash (with the models each may call and what it may
+still spend), live models with their prices, and the READY replicas of each.
 
 Reloaded from the store whenever an admin action or a health move changes it (and periodically, for changes
 made by another instance). Reloads keep the Target objects of replicas that stay, so in-flight counts survive.
@@ -6,18 +7,18 @@ made by another instance). Reloads keep the Target objects of replicas that stay
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from dataclasses import dataclass
 
 import structlog
 
+from orchestrator.billing import CONNECTOR, Account, Ledger
 from orchestrator.crypto import SecretBox
 from orchestrator.endpoints import engine_urls
 from orchestrator.limits import TokenBucket
-from orchestrator.store import Store
-from orchestrator.tables import row_id
+from orchestrator.store import GatewayView, Store
+from orchestrator.tables import ApiKey, LlmModel, row_id
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +31,35 @@ class KeyInfo:
     user_id: str
     enabled: bool
     allowed_rpm: int
+    kind: str = "toolkit"
+    role: str = "user"
+    group_id: int | None = None
+    models: frozenset[int] | None = None
+    """Ids of the models the key may call (bound to it or to its group); None: every model."""
+
+    @property
+    def connector(self) -> bool:
+        return self.kind == CONNECTOR
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+
+SERVER_ADMIN = KeyInfo(id=0, user_id="admin", enabled=True, allowed_rpm=0, kind="server", role="admin")
+"""The server's own admin key (ORCH_ADMIN_API_KEY): every model, no limit, never billed or recorded as a thread."""
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    id: int
+    name: str
+    provider: str
+    multiple: bool
+    price_in: int
+    price_out: int
+    created: int
+    """Unix seconds."""
 
 
 @dataclass(slots=True, eq=False)
@@ -50,26 +80,29 @@ class Target:
 
 
 class Catalog:
-    def __init__(self, store: Store, box: SecretBox) -> None:
+    def __init__(self, store: Store, box: SecretBox, ledger: Ledger) -> None:
         self._store = store
         self._box = box
-        self._lock = asyncio.Lock()
+        self.ledger = ledger
         self.keys: dict[str, KeyInfo] = {}
-        self.models: frozenset[str] = frozenset()
+        self.models: dict[str, ModelInfo] = {}
         self.pools: dict[str, list[Target]] = {}
         self._targets: dict[int, Target] = {}
 
     async def reload(self) -> None:
-        async with self._lock:
+        # The ledger's lock: a flush of fees never lands between reading the accounts and installing them.
+        async with self.ledger.lock:
             view = await self._store.gateway_view()
-            self.keys = {k.key_hash: KeyInfo(row_id(k.id), k.user_id, k.enabled, k.allowed_rpm) for k in view.keys}
+            self.keys = _keys(view)
+            self.ledger.replace({row_id(k.id): account_of(k) for k in view.keys})
+            self.models = {m.name: _model(m) for m in view.models}
             targets: dict[int, Target] = {}
             pools: dict[str, list[Target]] = {}
             for row in view.ready:
                 target = self._target(row.replica_id, row.model, row.endpoint, row.engine_key_sealed, row.rate_limit)
                 targets[row.replica_id] = target
                 pools.setdefault(row.model, []).append(target)
-            self._targets, self.pools, self.models = targets, pools, frozenset(view.models)
+            self._targets, self.pools = targets, pools
 
     def _target(self, replica_id: int, model: str, endpoint: str, sealed: str | None, rate_limit: int | None) -> Target:
         headers = {"Content-Type": "application/json"}
@@ -116,3 +149,30 @@ class Catalog:
     def eject(target: Target) -> None:
         target.ejected_until = time.monotonic() + EJECT_S
         log.warning("gateway.replica_ejected", replica_id=target.replica_id, for_s=EJECT_S)
+
+
+def account_of(key: ApiKey) -> Account:
+    return Account(key.month_quota, key.balance, key.month_fee, key.fee_month, metered=key.kind == CONNECTOR)
+
+
+def _model(m: LlmModel) -> ModelInfo:
+    return ModelInfo(
+        row_id(m.id), m.name, m.provider, m.multiple, m.price_in, m.price_out, int(m.created_at.timestamp())
+    )
+
+
+def _keys(view: GatewayView) -> dict[str, KeyInfo]:
+    by_key: dict[int, set[int]] = {}
+    for key_id, model_id in view.key_models:
+        by_key.setdefault(key_id, set()).add(model_id)
+    by_group: dict[int, set[int]] = {}
+    for group_id, model_id in view.group_models:
+        by_group.setdefault(group_id, set()).add(model_id)
+    keys = {}
+    for k in view.keys:
+        key_id = row_id(k.id)
+        models = None
+        if k.kind == CONNECTOR:
+            models = frozenset(by_key.get(key_id, set()) | (by_group.get(k.group_id, set()) if k.group_id else set()))
+        keys[k.key_hash] = KeyInfo(key_id, k.user_id, k.enabled, k.allowed_rpm, k.kind, k.role, k.group_id, models)
+    return keys

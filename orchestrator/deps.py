@@ -13,6 +13,8 @@ from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor
 from orchestrator.managed import ManagedReplicas
 from orchestrator.metrics import Metrics
+from orchestrator.record_store import RecordStore
+from orchestrator.records import CallRecords
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
@@ -20,7 +22,6 @@ from orchestrator.settings import Settings
 from orchestrator.state_dir import ServerKeys
 from orchestrator.store import Store
 from orchestrator.upstream import Upstream
-from orchestrator.usage import UsageBuffer
 
 
 class Nudge:
@@ -60,7 +61,10 @@ class Deps:
     box: SecretBox
     catalog: Catalog
     upstream: Upstream
-    usage: UsageBuffer
+    records: CallRecords
+    """Gateway calls waiting to be written (with their sessions and fees)."""
+    record_store: RecordStore
+    """The calls as written: sessions and threads."""
     health: HealthMonitor
     gateway: Gateway
     metrics: Metrics

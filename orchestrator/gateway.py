@@ -1,10 +1,13 @@
-"""The gateway's domain flow: authenticate a key, admit it under its limit, open a call to a replica with
-failover, and account for the call. Everything here is served from memory.
+"""The gateway's domain flow: authenticate a key, admit it under its limits, resolve the model it may call,
+open a call to a replica with failover, and account for the call (fee and record). Everything here is
+served from memory.
 
     GatewayError
     ├── Unauthorized     no key, an unknown key, or a disabled one
     ├── RateLimited      the key's requests-per-minute are used up
+    ├── PaymentRequired  a metered key has spent its month's quota and its balance
     ├── UnknownModel     no live model of that name
+    ├── Forbidden        the key is not bound to the model (directly or through its group)
     ├── NoReplica        the model has no READY replica with room
     └── UpstreamFailed   every replica tried refused the connection
 """
@@ -18,11 +21,12 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from orchestrator.catalog import Catalog, KeyInfo, Target
-from orchestrator.keys import hash_api_key
+from orchestrator import money
+from orchestrator.catalog import SERVER_ADMIN, Catalog, KeyInfo, ModelInfo, Target
+from orchestrator.keys import hash_api_key, same_secret
 from orchestrator.limits import RpmLimiter
+from orchestrator.records import CallRecord, CallRecords, Kind
 from orchestrator.upstream import ConnectFailed, Upstream
-from orchestrator.usage import UsageBuffer
 
 log = structlog.get_logger(__name__)
 
@@ -43,10 +47,22 @@ class RateLimited(GatewayError):
         self.allowed_rpm = allowed_rpm
 
 
+class PaymentRequired(GatewayError):
+    def __init__(self) -> None:
+        super().__init__("Please recharge.")
+
+
 class UnknownModel(GatewayError):
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, connector: bool = False) -> None:
         super().__init__(model)
         self.model = model
+        self.connector = connector
+        """Asked with a connector key: answered with the connector's message."""
+
+
+class Forbidden(GatewayError):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"You do not have permission to access the [{model}] model, please contact the administrator.")
 
 
 class NoReplica(GatewayError):
@@ -73,20 +89,34 @@ class Call:
     started: float
 
 
+@dataclass(slots=True)
+class Outcome:
+    """How a relayed call ended."""
+
+    status: int
+    usage: Usage | None = None
+    answer: bytes | list[bytes] = b""
+    """What the client got: the whole body, or the stream's events."""
+    first_byte: float | None = None
+    """perf_counter() when the first byte of the answer went to the client."""
+
+
 class Gateway:
     def __init__(
         self,
         catalog: Catalog,
         upstream: Upstream,
-        usage: UsageBuffer,
-        secret_key: str,
+        records: CallRecords,
         *,
+        secret_key: str,
+        admin_key: str,
         on_unreachable: Callable[[int], None],
     ) -> None:
         self.catalog = catalog
         self._upstream = upstream
-        self._usage = usage
+        self._records = records
         self._secret = secret_key
+        self._admin_key = admin_key
         self._on_unreachable = on_unreachable
         self._limiter = RpmLimiter()
 
@@ -94,18 +124,42 @@ class Gateway:
         if not raw_key:
             raise Unauthorized("missing API key")
         key = self.catalog.keys.get(hash_api_key(self._secret, raw_key))
-        if key is None or not key.enabled:
+        if key is None:
+            if same_secret(raw_key, self._admin_key):
+                return SERVER_ADMIN
+            raise Unauthorized("invalid API key")
+        if not key.enabled:
             raise Unauthorized("invalid API key")
         return key
 
     def admit(self, key: KeyInfo) -> None:
+        """The key's rate limit, then its spend: refused before anything is sent upstream."""
+        if key is SERVER_ADMIN:
+            return
         if not self._limiter.allow(key.id, key.allowed_rpm):
             raise RateLimited(key.allowed_rpm)
+        if not self.catalog.ledger.may_spend(key.id, this_month()):
+            raise PaymentRequired
+
+    def resolve(self, key: KeyInfo, name: str) -> ModelInfo:
+        """The model a call goes to. A connector key falls back to a model named "default", as the connector does."""
+        models = self.catalog.models
+        model = models.get(name)
+        if model is None and key.connector:
+            model = models.get("default")
+        if model is None:
+            raise UnknownModel(name, connector=key.connector)
+        if key.models is not None and model.id not in key.models:
+            raise Forbidden(model.name)
+        return model
+
+    def visible_models(self, key: KeyInfo) -> list[ModelInfo]:
+        """What `/v1/models` lists for the key: its bound models, or every live model."""
+        models = sorted(self.catalog.models.values(), key=lambda m: m.name)
+        return models if key.models is None else [m for m in models if m.id in key.models]
 
     async def open(self, model: str, path: str, body: bytes) -> Call:
         """Send `body` to `path` under a READY replica's API root; another replica on a failed connection."""
-        if model not in self.catalog.models:
-            raise UnknownModel(model)
         tried: set[int] = set()
         for _ in range(MAX_ATTEMPTS):
             target = self.catalog.pick(model, tried)
@@ -131,23 +185,50 @@ class Gateway:
         raise NoReplica(model)
 
     def finish(  # noqa: PLR0917  (one call site, in the order the call happened)
-        self, call: Call, key: KeyInfo, model: str, status: int, usage: Usage | None, prompt: str
+        self,
+        call: Call,
+        key: KeyInfo,
+        model: ModelInfo,
+        kind: Kind,
+        request: bytes,
+        outcome: Outcome,
+        *,
+        stream: bool,
+        session: str | None,
     ) -> None:
-        """Give the replica's slot back and queue the usage row. Called exactly once per opened call."""
+        """Give the replica's slot back, charge the key and queue the record. Called once per opened call."""
         self.catalog.release(call.target)
         call.response.release()
-        u = usage or Usage()
-        self._usage.add(
-            {
-                "api_key_id": key.id,
-                "input": prompt,
-                "created": int(time.time()),
-                "model": model,
-                "prompt_tokens": u.prompt_tokens,
-                "completion_tokens": u.completion_tokens,
-                "total_tokens": u.total_tokens,
-                "duration": round(time.perf_counter() - call.started, 6),
-                "replica_id": call.target.replica_id,
-                "status_code": status,
-            }
+        u = outcome.usage or Usage()
+        fee = money.fee(u.prompt_tokens, u.completion_tokens, model.price_in, model.price_out)
+        client = None if key is SERVER_ADMIN else key.id
+        if client is not None:
+            self.catalog.ledger.charge(client, fee)
+        now = time.perf_counter()
+        self._records.add(
+            CallRecord(
+                key_id=client,
+                model=model.name,
+                kind=kind,
+                request=request,
+                answer=outcome.answer,
+                stream=stream,
+                session=session,
+                created=time.time(),
+                duration=now - call.started,
+                first_byte=None if outcome.first_byte is None else outcome.first_byte - call.started,
+                replica_id=call.target.replica_id,
+                status=outcome.status,
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                total_tokens=u.total_tokens,
+                price_in=model.price_in,
+                price_out=model.price_out,
+                fee=fee,
+            )
         )
+
+
+def this_month() -> int:
+    now = time.gmtime()
+    return now.tm_year * 100 + now.tm_mon

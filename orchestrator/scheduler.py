@@ -44,9 +44,9 @@ async def probe_job(deps: Deps) -> None:
         deps.nudge()  # a replica that passed its probes may have VM work next (SECURING)
 
 
-async def usage_flush_job(deps: Deps) -> None:
-    _job_context("usage_flush")
-    await deps.usage.flush()
+async def records_flush_job(deps: Deps) -> None:
+    _job_context("records_flush")
+    await deps.records.flush()
 
 
 async def rules_drift_job(deps: Deps) -> None:
@@ -77,7 +77,7 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
         (reconcile_job, RECONCILE, settings.reconcile_interval_s),
         # Ticks often; each replica is only probed when its own interval is due.
         (probe_job, PROBE, min(1.0, max(0.1, settings.probe_starting_interval_s))),
-        (usage_flush_job, "usage_flush", settings.usage_flush_interval_s),
+        (records_flush_job, "records_flush", settings.usage_flush_interval_s),
         (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
         (rules_drift_job, "rules_drift", settings.rules_drift_interval_s),
         (orphan_sweep_job, "orphan_sweep", settings.orphan_sweep_interval_s),

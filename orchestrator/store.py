@@ -20,6 +20,8 @@ from orchestrator.errors import Conflict, NotFound
 from orchestrator.lifecycle import DELETABLE, ReplicaStatus, check_move
 from orchestrator.tables import (
     ApiKey,
+    GroupModel,
+    KeyModel,
     LlmModel,
     Metric,
     Replica,
@@ -58,9 +60,13 @@ class RouteRow:
 
 @dataclass(frozen=True)
 class GatewayView:
-    models: Sequence[str]
+    models: Sequence[LlmModel]
     ready: Sequence[RouteRow]
     keys: Sequence[ApiKey]
+    key_models: Sequence[tuple[int, int]]
+    """(key id, model id) bindings."""
+    group_models: Sequence[tuple[int, int]]
+    """(group id, model id) bindings."""
 
 
 class Store:
@@ -305,14 +311,6 @@ class Store:
             await s.commit()
             return outcome
 
-    async def insert_usage(self, rows: Sequence[dict[str, Any]]) -> None:
-        """One executemany into `metric`, through Core: the ORM's bulk machinery costs more than the insert."""
-        table: Table = Metric.__table__  # type: ignore[attr-defined]
-        async with self._sessions() as s:
-            conn = await s.connection()
-            await conn.execute(table.insert(), list(rows))
-            await s.commit()
-
     # -- the gateway's in-memory view -------------------------------------------------------
 
     async def gateway_view(self) -> GatewayView:
@@ -328,15 +326,19 @@ class Store:
             .order_by(col(Replica.id))
         )
         async with self._sessions() as s:
-            models = (await s.exec(select(col(LlmModel.name)).where(col(LlmModel.deleted_at).is_(None)))).all()
+            models = (await s.exec(_live_models())).all()
             rows = (await s.exec(ready)).all()
             keys = (await s.exec(select(ApiKey))).all()
+            key_models = (await s.exec(select(col(KeyModel.key_id), col(KeyModel.model_id)))).all()
+            group_models = (await s.exec(select(col(GroupModel.group_id), col(GroupModel.model_id)))).all()
         return GatewayView(
             models=models,
             ready=[
                 RouteRow(row_id(r.id), name, r.endpoint or "", r.rate_limit, r.engine_key_sealed) for r, name in rows
             ],
             keys=keys,
+            key_models=key_models,
+            group_models=group_models,
         )
 
     # -- table browser ----------------------------------------------------------------------

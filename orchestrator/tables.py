@@ -6,11 +6,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Column info flag read by the table browser: the value is replaced by a placeholder.
 SECRET: dict[str, Any] = {"info": {"secret": True}}
+
+
+def money() -> Any:
+    """A sum of money or a price, as an integer count of `orchestrator.money.UNIT` (exact on both databases)."""
+    return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
 
 
 def row_id(value: int | None) -> int:
@@ -39,7 +44,17 @@ class LlmModel(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=255)
+    provider: str = Field(default="vllm", sa_column=Column(String(64), nullable=False, server_default="vllm"))
+    multiple: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false")))
+    """Multimodal: takes images as well as text."""
+    config: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
+    """A JSON object kept for the admin (the connector's model config)."""
+    price_in: int = money()
+    """Per prompt token."""
+    price_out: int = money()
+    """Per completion token."""
     created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
     deleted_at: datetime | None = None
 
 
@@ -125,10 +140,125 @@ class ApiKey(SQLModel, table=True):
     enabled: bool = True
     allowed_rpm: int = 160
     created_at: datetime = Field(default_factory=utcnow)
+    kind: str = Field(default="toolkit", sa_column=Column(String(16), nullable=False, server_default="toolkit"))
+    """`toolkit` (sk-, every model, never refused for spend) or `connector` (br-, bound models, metered)."""
+    role: str = Field(default="user", sa_column=Column(String(16), nullable=False, server_default="user"))
+    group_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("key_group.id", ondelete="SET NULL"), index=True)
+    )
+    email: str | None = Field(default=None, max_length=255)
+    month_quota: int = money()
+    balance: int = money()
+    month_fee: int = money()
+    """Spent from this month's quota (balance spending is not counted here)."""
+    fee_month: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    """The month `month_fee` belongs to, as YYYYMM; a charge in a later month starts it from zero."""
+    total_fee: int = money()
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class KeyGroup(SQLModel, table=True):
+    __tablename__ = "key_group"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
+    key: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class KeyModel(SQLModel, table=True):
+    """A model an API key may call."""
+
+    __tablename__ = "key_model"
+    __table_args__ = (UniqueConstraint("key_id", "model_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False))
+    model_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("llm_models.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class GroupModel(SQLModel, table=True):
+    """A model every key of a group may call."""
+
+    __tablename__ = "group_model"
+    __table_args__ = (UniqueConstraint("group_id", "model_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_id: int = Field(sa_column=Column(Integer, ForeignKey("key_group.id", ondelete="CASCADE"), nullable=False))
+    model_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("llm_models.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Payment(SQLModel, table=True):
+    """A recharge of a key's balance."""
+
+    __tablename__ = "payment"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    fee: int = money()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ChatSession(SQLModel, table=True):
+    """The calls a client grouped under one `Session-Id` header (scoped to its key)."""
+
+    __tablename__ = "chat_session"
+    __table_args__ = (UniqueConstraint("key_id", "key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False))
+    key: str = Field(max_length=128)
+    """The client's Session-Id."""
+    title: str | None = Field(default=None, max_length=64)
+    total_in_tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    total_out_tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    total_fee: int = money()
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class BotConnector(SQLModel, table=True):
+    """A chat bot (Feishu) that answers as one of our API keys."""
+
+    __tablename__ = "bot_connector"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    provider: str = Field(default="feishu", max_length=64)
+    config: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    """The config's public fields as a JSON object (appId, modelId)."""
+    secrets_sealed: str = Field(sa_column=Column(Text, nullable=False, **SECRET))
+    """The config's secret fields (appSecret, apiKey, encryptKey) as a JSON object, encrypted at rest."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class BotEvent(SQLModel, table=True):
+    """An event a bot has taken: a platform that delivers it again is answered once."""
+
+    __tablename__ = "bot_event"
+    __table_args__ = (UniqueConstraint("bot_id", "event_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    bot_id: int = Field(sa_column=Column(Integer, ForeignKey("bot_connector.id", ondelete="CASCADE"), nullable=False))
+    event_id: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class Metric(SQLModel, table=True):
-    """One row per gateway call (usage); the toolkit's columns first, then ours."""
+    """One row per gateway call: the toolkit's usage row and the connector's chat thread.
+
+    The toolkit's columns first (`input` is the whole prompt, `choices` the completion's text), then ours.
+    """
 
     __tablename__ = "metric"
 
@@ -145,3 +275,14 @@ class Metric(SQLModel, table=True):
     duration: float | None = None
     replica_id: int | None = None
     status_code: int | None = None
+    session_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("chat_session.id", ondelete="CASCADE"), index=True)
+    )
+    prompt: str | None = Field(default=None, sa_column=Column(Text))
+    """The last message of the prompt."""
+    price_in: int = money()
+    price_out: int = money()
+    fee: int = money()
+    first_byte_latency: int | None = None
+    """Milliseconds from the request to the first byte of the answer."""
+    stream: bool | None = None

@@ -116,3 +116,10 @@ def _check_chat(req: _Chat, toolkit: bool) -> None:
             raise BadBody(f"Must be one of: {', '.join(sorted(roles))}.", f"messages.{i}.role")
     if req.top_logprobs is not None and not req.logprobs:
         raise BadBody("top_logprobs can only be set if logprobs is True", "top_logprobs")
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with another model named (a connector key's unknown model falls back to "default")."""
+    doc = msgspec.json.decode(body)
+    doc["model"] = model
+    return msgspec.json.encode(doc)

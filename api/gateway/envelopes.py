@@ -7,7 +7,16 @@ from dataclasses import dataclass
 import msgspec
 
 from api.gateway.bodies import BadBody
-from orchestrator.gateway import GatewayError, NoReplica, RateLimited, Unauthorized, UnknownModel, UpstreamFailed
+from orchestrator.gateway import (
+    Forbidden,
+    GatewayError,
+    NoReplica,
+    PaymentRequired,
+    RateLimited,
+    Unauthorized,
+    UnknownModel,
+    UpstreamFailed,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +40,15 @@ def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per
             return _openai(401, "Invalid API key.", "authentication_error")
         case RateLimited():
             return _openai(429, str(e), "rate_limit_exceeded", None, (b"retry-after", b"60"))
+        case PaymentRequired():
+            return _openai(402, str(e), "insufficient_quota")
+        case UnknownModel() if e.connector:
+            return _openai(400, f"The model [{e.model}] is not found.", "invalid_request_error", "model")
         case UnknownModel():
             message = f"Invalid model name passed in model={e.model}. {_SEE_MODELS}"
             return _openai(400, message, "invalid_request_error", "model")
+        case Forbidden():
+            return _openai(403, str(e), "permission_error", "model")
         case NoReplica():
             message = f"No replica of model {e.model} is ready; try again shortly."
             return _openai(503, message, "service_unavailable", None, (b"retry-after", b"5"))
@@ -46,15 +61,19 @@ def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per
     raise TypeError(f"not a gateway error: {e!r}")
 
 
-def toolkit_error(e: Exception) -> ErrorAnswer:
+def toolkit_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per error kind)
     match e:
         case Unauthorized():
             return ErrorAnswer(401, b'{"error":"Invalid API key."}')
         case RateLimited():
             body = {"error": "rate_limit_exceeded", "message": str(e), "allowed_rpm": e.allowed_rpm}
             return ErrorAnswer(429, msgspec.json.encode(body))
+        case PaymentRequired():
+            return ErrorAnswer(402, msgspec.json.encode({"error": str(e)}))
         case UnknownModel():
             return ErrorAnswer(400, b'{"error":"Invalid Model"}')
+        case Forbidden():
+            return ErrorAnswer(403, msgspec.json.encode({"error": str(e)}))
         case NoReplica() | UpstreamFailed():
             return ErrorAnswer(400, b'{"error":"No Replica available / ready."}')
         case BadBody():

@@ -7,13 +7,14 @@ which makes vLLM abort the generation.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
-from orchestrator.gateway import Call, UpstreamFailed, Usage
+from orchestrator.gateway import Call, Outcome, UpstreamFailed, Usage
 
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
 WATCH_AFTER_S = 0.05
@@ -70,7 +71,7 @@ async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Recei
             watcher.cancel()
 
 
-async def relay_whole(call: Call, send: Send) -> tuple[int, Usage | None]:
+async def relay_whole(call: Call, send: Send) -> Outcome:
     response = call.response
     try:
         payload = await response.read()
@@ -85,11 +86,12 @@ async def relay_whole(call: Call, send: Send) -> tuple[int, Usage | None]:
             "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())],
         }
     )
+    first_byte = time.perf_counter()
     await send({"type": "http.response.body", "body": payload, "more_body": False})
-    return status, usage_of(payload) if status == 200 else None
+    return Outcome(status, usage_of(payload) if status == 200 else None, payload, first_byte)
 
 
-async def relay_stream(call: Call, send: Send, *, keep_usage_chunk: bool) -> tuple[int, Usage | None]:
+async def relay_stream(call: Call, send: Send, *, keep_usage_chunk: bool) -> Outcome:
     response = call.response
     if response.status != 200:  # an error answers as one JSON document, not a stream
         return await relay_whole(call, send)
@@ -103,6 +105,8 @@ async def relay_stream(call: Call, send: Send, *, keep_usage_chunk: bool) -> tup
     usage: Usage | None = None
     pending = b""
     status = 200
+    sent: list[bytes] = []  # kept for the call's record, which reads the completion's text off the hot path
+    first_byte: float | None = None
     try:
         async for chunk in response.content.iter_any():
             pending += chunk
@@ -113,11 +117,14 @@ async def relay_stream(call: Call, send: Send, *, keep_usage_chunk: bool) -> tup
             if b'"usage":{' in complete:  # only the final chunk carries usage; find it without parsing the rest
                 out, usage = _take_usage(complete, keep_usage_chunk)
             if out:
+                if first_byte is None:
+                    first_byte = time.perf_counter()
+                sent.append(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except (aiohttp.ClientError, TimeoutError):
         status, pending = 502, b""  # the replica broke off mid-stream: end ours cleanly, without [DONE]
     await send({"type": "http.response.body", "body": pending, "more_body": False})
-    return status, usage
+    return Outcome(status, usage, sent, first_byte)
 
 
 def _take_usage(events: bytes, keep: bool) -> tuple[bytes, Usage | None]:

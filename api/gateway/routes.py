@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
-from api.gateway.bodies import BadBody, Kind, parse
+from api.gateway.bodies import BadBody, Kind, parse, with_model
 from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
 from api.gateway.relay import relay_stream, relay_whole, until_disconnected
-from orchestrator.gateway import Gateway, GatewayError, UpstreamFailed
+from orchestrator.gateway import Gateway, GatewayError, Outcome, UpstreamFailed
 from orchestrator.metrics import Metrics
 
 MAX_BODY = 4 * 1024 * 1024
-PROMPT_KEPT = 1000  # characters of each request body kept in the usage row
+MAX_SESSION_ID = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +51,18 @@ def match(path: str) -> Route | None:
     return None
 
 
-def _api_key(scope: HTTPScope) -> str | None:
+def _credentials(scope: HTTPScope) -> tuple[str | None, str | None]:
+    """(the API key, the Session-Id) from the request's headers, in one pass."""
+    key = session = None
     for name, value in scope["headers"]:
-        if name == b"authorization":
+        if name == b"authorization" and key is None:
             scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else value.decode("latin-1").strip()
-        if name in (b"api-key", b"x-api-key"):
-            return value.decode("latin-1").strip()
-    return None
+            key = token.strip() if scheme.lower() == "bearer" else value.decode("latin-1").strip()
+        elif name in (b"api-key", b"x-api-key") and key is None:
+            key = value.decode("latin-1").strip()
+        elif name == b"session-id":
+            session = value.decode("utf-8", "replace").strip() or None
+    return key, session
 
 
 async def _body(receive: Receive) -> bytes:
@@ -105,42 +109,47 @@ class GatewayRoutes:
         if method != "POST":
             return await _answer(send, _not_allowed(route))
         gw = self._gw
+        kind = route.kind
+        raw_key, session = _credentials(scope)
         try:
-            key = gw.authenticate(_api_key(scope))
+            key = gw.authenticate(raw_key)
             gw.admit(key)
+            if session is not None and len(session) > MAX_SESSION_ID:
+                raise BadBody(f"Session-Id must be at most {MAX_SESSION_ID} characters.")
             raw = await _body(receive)
-            parsed = parse(raw, route.kind, path_model=route.path_model, toolkit=route.toolkit)
-            call = await gw.open(
-                parsed.model, "/chat/completions" if route.kind == "chat" else "/completions", parsed.body
-            )
+            parsed = parse(raw, kind, path_model=route.path_model, toolkit=route.toolkit)
+            model = gw.resolve(key, parsed.model)
+            body = parsed.body if model.name == parsed.model else with_model(parsed.body, model.name)
+            call = await gw.open(model.name, "/chat/completions" if kind == "chat" else "/completions", body)
         except (GatewayError, BadBody) as e:
             return await _answer(send, errors(e))
-        status, usage = 500, None
+        outcome = Outcome(500)
 
         async def relay() -> int:
-            nonlocal usage
+            nonlocal outcome
             if parsed.stream:
-                code, usage = await relay_stream(call, send, keep_usage_chunk=parsed.client_wants_usage)
+                outcome = await relay_stream(call, send, keep_usage_chunk=parsed.client_wants_usage)
             else:
-                code, usage = await relay_whole(call, send)
-            return code
+                outcome = await relay_whole(call, send)
+            return outcome.status
 
         try:
-            status = await until_disconnected(relay, receive)
+            outcome.status = await until_disconnected(relay, receive)
         except UpstreamFailed as e:  # broke off before anything was sent
-            status = await _answer(send, errors(e))
+            outcome.status = await _answer(send, errors(e))
         finally:
-            gw.finish(call, key, parsed.model, status, usage, raw[:PROMPT_KEPT].decode("utf-8", "replace"))
-        return status
+            gw.finish(call, key, model, kind, raw, outcome, stream=parsed.stream, session=session)
+        return outcome.status
 
     async def _models(self, scope: HTTPScope, send: Send) -> int:
         try:
-            self._gw.authenticate(_api_key(scope))
+            key = self._gw.authenticate(_credentials(scope)[0])
         except GatewayError as e:
             return await _answer(send, openai_error(e))
-        now = int(time.time())
-        models = sorted(self._gw.catalog.models)
-        data = [{"id": m, "object": "model", "created": now, "owned_by": "orchestrator"} for m in models]
+        data = [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": m.provider, "multiple": m.multiple}
+            for m in self._gw.visible_models(key)
+        ]
         return await _answer(send, ErrorAnswer(200, msgspec.json.encode({"object": "list", "data": data})))
 
 

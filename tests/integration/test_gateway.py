@@ -64,7 +64,7 @@ async def test_stream_without_usage_gets_no_usage_chunk_but_is_billed(
     chunks = [c async for c in stream]
     assert all(c.choices for c in chunks)
     assert all(c.usage is None for c in chunks)
-    assert await deps.usage.flush() == 1
+    assert await deps.records.flush() == 1
     [row] = (await client.get("/api/v1/tables/metric")).json()["data"]
     assert (row["completion_tokens"], row["model"], row["status_code"]) == (4, MODEL, 200)
     assert row["prompt_tokens"] > 0
@@ -111,7 +111,7 @@ async def test_disabled_key_is_refused_at_once(
     key_id, key = await issue_key(client, "carol")
     mine = openai_client(transport, key)
     await mine.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    await deps.usage.flush()
+    await deps.records.flush()
     r = await client.post("/api/v1/delete_api_key", json={"user_id": "carol", "api_key_id": key_id})
     assert r.json() == {"message": "API key disabled successfully"}
     with pytest.raises(openai.AuthenticationError):

@@ -7,6 +7,7 @@ import pytest
 
 from orchestrator.deps import Deps
 from orchestrator.keys import hash_api_key
+from orchestrator.record_store import CallRow
 from tests.conftest import ADMIN_KEY, SECRET_KEY
 from tests.integration.toolkit_helpers import Client, create_model, create_replica, vm_details
 
@@ -55,6 +56,11 @@ async def _issue(client: Client, user_id: str = "alice") -> int:
     return int((await client.post("/api/v1/generate_api_key", json={"user_id": user_id})).json()["id"])
 
 
+async def _write_usage(deps: Deps, row: dict[str, object]) -> None:
+    """A usage row written the way the record job writes it."""
+    await deps.record_store.write_calls([CallRow(row["api_key_id"], None, row)], [], [])  # type: ignore[arg-type]
+
+
 async def test_delete_unused_key_deletes_it(client: Client) -> None:
     key_id = await _issue(client)
     r = await client.post("/api/v1/delete_api_key", json={"user_id": "alice", "api_key_id": key_id})
@@ -64,7 +70,7 @@ async def test_delete_unused_key_deletes_it(client: Client) -> None:
 
 async def test_delete_used_key_disables_it_then_409(client: Client, deps: Deps) -> None:
     key_id = await _issue(client)
-    await deps.store.insert_usage([{"api_key_id": key_id, "created": 1, "model": "llama", "total_tokens": 3}])
+    await _write_usage(deps, {"api_key_id": key_id, "created": 1, "model": "llama", "total_tokens": 3})
     r = await client.post("/api/v1/delete_api_key", json={"user_id": "alice", "api_key_id": key_id})
     assert (r.status_code, r.json()) == (200, {"message": "API key disabled successfully"})
     [row] = (await client.get("/api/v1/tables/api_key")).json()["data"]
@@ -99,20 +105,19 @@ async def test_table_rows_newest_first_limited_to_100(client: Client) -> None:
 
 async def test_metric_table_has_toolkit_columns_with_unix_created(client: Client, deps: Deps) -> None:
     key_id = await _issue(client)
-    await deps.store.insert_usage(
-        [
-            {
-                "api_key_id": key_id,
-                "input": "hi",
-                "created": 1_700_000_000,
-                "model": "llama",
-                "choices": "[]",
-                "prompt_tokens": 1,
-                "completion_tokens": 2,
-                "total_tokens": 3,
-                "duration": 0.5,
-            }
-        ]
+    await _write_usage(
+        deps,
+        {
+            "api_key_id": key_id,
+            "input": "hi",
+            "created": 1_700_000_000,
+            "model": "llama",
+            "choices": "[]",
+            "prompt_tokens": 1,
+            "completion_tokens": 2,
+            "total_tokens": 3,
+            "duration": 0.5,
+        },
     )
     [row] = (await client.get("/api/v1/tables/metric")).json()["data"]
     assert {

@@ -1,0 +1,73 @@
+"""What each key may still spend, served from memory: the accounts as last written, plus the fees of calls
+made since and not yet written (`pending`). The record writer settles both at once under `lock`, and the
+catalog reloads the accounts under the same lock, so no fee is ever counted twice or not at all.
+
+The rule (the connector's): a key whose month changed starts the month at zero; a fee is taken from the
+month's quota first and from the balance for the rest; a metered key that has used its quota and has no
+balance left is refused ("Please recharge."). Unmetered keys (the toolkit's) are charged but never refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+
+CONNECTOR = "connector"
+"""The kind of key the connector surface issues (br-): bound models only, metered, the connector's messages."""
+
+
+@dataclass(slots=True, frozen=True)
+class Account:
+    month_quota: int
+    balance: int
+    month_fee: int
+    fee_month: int
+    metered: bool
+
+    def charged(self, fee: int, month: int) -> Account:
+        """The account after `fee` in `month`: quota first, then balance (the store's SQL does the same)."""
+        month_fee = self.month_fee if self.fee_month == month else 0
+        from_quota = min(fee, max(self.month_quota - month_fee, 0)) if self.metered else fee
+        return replace(
+            self, month_fee=month_fee + from_quota, balance=self.balance - (fee - from_quota), fee_month=month
+        )
+
+    def spent(self) -> bool:
+        return self.metered and self.month_fee >= self.month_quota and self.balance <= 0
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self._accounts: dict[int, Account] = {}
+        self._pending: dict[int, int] = {}
+
+    def may_spend(self, key_id: int, month: int) -> bool:
+        account = self._accounts.get(key_id)
+        if account is None or not account.metered:
+            return True
+        return not account.charged(self._pending.get(key_id, 0), month).spent()
+
+    def charge(self, key_id: int, fee: int) -> None:
+        """A call's fee, on the hot path: counted at once, written by the next flush."""
+        if fee:
+            self._pending[key_id] = self._pending.get(key_id, 0) + fee
+
+    def account(self, key_id: int, month: int) -> Account | None:
+        """The account with what is pending applied: what the key has as of now."""
+        account = self._accounts.get(key_id)
+        return None if account is None else account.charged(self._pending.get(key_id, 0), month)
+
+    def replace(self, accounts: dict[int, Account]) -> None:
+        """All accounts as read from the store (hold `lock` across the read and this call)."""
+        self._accounts = accounts
+
+    def settle(self, written: dict[int, int], fresh: dict[int, Account]) -> None:
+        """Fees just written (hold `lock` across the write and this call) and the accounts they left."""
+        for key_id, fee in written.items():
+            left = self._pending.get(key_id, 0) - fee
+            if left:
+                self._pending[key_id] = left
+            else:
+                self._pending.pop(key_id, None)
+        self._accounts.update(fresh)

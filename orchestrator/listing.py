@@ -1,0 +1,38 @@
+"""Pages of rows, the connector's way: `{items, total, limit, offset}`, with `q` a substring search."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import func
+from sqlalchemy import select as core_select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import Select, SelectOfScalar
+
+T = TypeVar("T")
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: Sequence[T]
+    total: int
+    limit: int
+    offset: int
+
+
+def like(q: str) -> str:
+    """A LIKE pattern matching `q` anywhere, with LIKE's own wildcards in `q` taken literally (escape `\\`)."""
+    return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+async def paged(s: AsyncSession, query: SelectOfScalar[T] | Select[Any], limit: int, offset: int) -> Page[Any]:
+    """One page of `query` (already filtered and ordered) and the count of all its rows."""
+    counted = core_select(func.count()).select_from(query.order_by(None).subquery())
+    total = (await s.exec(counted)).one()  # type: ignore[call-overload]
+    items = (await s.exec(query.limit(limit).offset(offset))).all()
+    return Page(items, int(total[0] if isinstance(total, tuple) else total), limit, offset)

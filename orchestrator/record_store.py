@@ -1,0 +1,174 @@
+"""SQL of the call records: a batch of calls written with their sessions and their keys' charges in one
+transaction, and the sessions and threads read back, for an admin or for the key that made them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, Table, case, func, literal, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from orchestrator.billing import CONNECTOR, Account
+from orchestrator.listing import Page, like, paged
+from orchestrator.tables import ApiKey, ChatSession, Metric, row_id, utcnow
+
+
+@dataclass(slots=True)
+class CallRow:
+    api_key_id: int | None
+    session_key: str | None
+    values: dict[str, Any]
+    """The `metric` row, less its session id."""
+
+
+@dataclass(slots=True)
+class SessionSum:
+    key_id: int
+    key: str
+    in_tokens: int = 0
+    out_tokens: int = 0
+    fee: int = 0
+    title: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Charge:
+    key_id: int
+    month: int
+    fee: int
+
+
+class RecordStore:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    async def write_calls(
+        self, rows: list[CallRow], sessions: list[SessionSum], charges: list[Charge]
+    ) -> dict[int, Account]:
+        """Insert the calls, add them to their sessions, charge their keys; returns the charged accounts.
+
+        Calls of a key deleted meanwhile are dropped with it (its records are deleted with it anyway).
+        """
+        async with self._sessions() as s:
+            conn = await s.connection()
+            dialect = conn.dialect.name
+            live = await _live_keys(s, {r.api_key_id for r in rows if r.api_key_id is not None}, dialect)
+            now = utcnow()
+            session_ids = {
+                (t.key_id, t.key): await _add_to_session(s, t, now, dialect) for t in sessions if t.key_id in live
+            }
+            values = []
+            for row in rows:
+                if row.api_key_id is not None and row.api_key_id not in live:
+                    continue
+                key = (row.api_key_id, row.session_key)
+                values.append({**row.values, "session_id": session_ids.get(key) if row.session_key else None})  # type: ignore[arg-type]
+            table: Table = Metric.__table__  # type: ignore[attr-defined]
+            if values:
+                await conn.execute(table.insert(), values)
+            fresh = {c.key_id: await _charge(s, c) for c in charges if c.key_id in live}
+            await s.commit()
+        return fresh
+
+    async def sessions(self, *, key_id: int | None, q: str | None, limit: int, offset: int) -> Page[ChatSession]:
+        query = select(ChatSession).order_by(col(ChatSession.id).desc())
+        if key_id is not None:
+            query = query.where(col(ChatSession.key_id) == key_id)
+        if q:
+            query = query.where(col(ChatSession.title).like(like(q), escape="\\"))
+        async with self._sessions() as s:
+            return await paged(s, query, limit, offset)
+
+    async def session(self, session_id: int) -> ChatSession | None:
+        async with self._sessions() as s:
+            return await s.get(ChatSession, session_id)
+
+    async def threads(
+        self, *, key_id: int | None, session_id: int | None, q: str | None, limit: int, offset: int
+    ) -> Page[Metric]:
+        """Calls made with a client key (the server's admin key makes usage rows, not threads); newest first,
+        or in the order they happened within one session."""
+        query = select(Metric).where(col(Metric.api_key_id).is_not(None))
+        if key_id is not None:
+            query = query.where(col(Metric.api_key_id) == key_id)
+        if session_id is not None:
+            query = query.where(col(Metric.session_id) == session_id).order_by(col(Metric.id))
+        else:
+            query = query.order_by(col(Metric.id).desc())
+        if q:
+            pattern = like(q)
+            query = query.where(
+                col(Metric.prompt).like(pattern, escape="\\") | col(Metric.choices).like(pattern, escape="\\")
+            )
+        async with self._sessions() as s:
+            return await paged(s, query, limit, offset)
+
+    async def thread(self, thread_id: int) -> Metric | None:
+        async with self._sessions() as s:
+            row = await s.get(Metric, thread_id)
+        return row if row is not None and row.api_key_id is not None else None
+
+
+async def _live_keys(s: AsyncSession, key_ids: set[int], dialect: str) -> set[int]:
+    if not key_ids:
+        return set()
+    query = select(col(ApiKey.id)).where(col(ApiKey.id).in_(key_ids))
+    if dialect == "postgresql":
+        query = query.with_for_update(read=True)  # a key deleted now waits for this batch, then takes it along
+    return {row_id(i) for i in (await s.exec(query)).all()}
+
+
+async def _add_to_session(s: AsyncSession, t: SessionSum, now: Any, dialect: str) -> int:
+    table: Table = ChatSession.__table__  # type: ignore[attr-defined]
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table).values(
+        key_id=t.key_id,
+        key=t.key,
+        title=t.title,
+        total_in_tokens=t.in_tokens,
+        total_out_tokens=t.out_tokens,
+        total_fee=t.fee,
+        created_at=now,
+        updated_at=now,
+    )
+    new = stmt.excluded
+    upsert = stmt.on_conflict_do_update(
+        index_elements=["key_id", "key"],
+        set_={
+            "title": func.coalesce(new.title, table.c.title),
+            "total_in_tokens": table.c.total_in_tokens + new.total_in_tokens,
+            "total_out_tokens": table.c.total_out_tokens + new.total_out_tokens,
+            "total_fee": table.c.total_fee + new.total_fee,
+            "updated_at": new.updated_at,
+        },
+    ).returning(table.c.id)
+    return int((await s.execute(upsert)).scalar_one())
+
+
+async def _charge(s: AsyncSession, c: Charge) -> Account:
+    """One atomic UPDATE, relative to the row as it is (a recharge or another instance's charge may have
+    landed since this instance last read it): quota first, then balance. Mirrors `Account.charged`."""
+    fee = literal(c.fee, BigInteger)
+    month_fee = case((col(ApiKey.fee_month) == c.month, col(ApiKey.month_fee)), else_=0)
+    room = case((col(ApiKey.month_quota) > month_fee, col(ApiKey.month_quota) - month_fee), else_=0)
+    from_quota = case((col(ApiKey.kind) != CONNECTOR, fee), (room > fee, fee), else_=room)
+    stmt = (
+        update(ApiKey)
+        .where(col(ApiKey.id) == c.key_id)
+        .values(
+            month_fee=month_fee + from_quota,
+            balance=col(ApiKey.balance) - (fee - from_quota),
+            total_fee=col(ApiKey.total_fee) + fee,
+            fee_month=c.month,
+            updated_at=utcnow(),
+        )
+        .returning(
+            col(ApiKey.month_quota), col(ApiKey.balance), col(ApiKey.month_fee), col(ApiKey.fee_month), col(ApiKey.kind)
+        )
+    )
+    quota, balance, month_fee_now, fee_month, kind = (await s.execute(stmt)).one()
+    return Account(quota, balance, month_fee_now, fee_month, metered=kind == CONNECTOR)
