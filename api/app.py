@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import structlog
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
@@ -15,6 +16,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from api.brconnector.bots import FeishuReceiver
+from api.brconnector.routes import connector_routers
 from api.gateway.routes import GatewayRoutes, match
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
@@ -46,7 +49,6 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
 
 def create_app(runtime: Runtime) -> ASGIApp:
     """The gateway's paths go straight to their raw ASGI handlers; everything else to the Litestar app."""
-    admin = create_admin_app(runtime)
     gateway = GatewayRoutes(runtime.deps.gateway, runtime.deps.metrics)
 
     async def front(scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,21 +59,26 @@ def create_app(runtime: Runtime) -> ASGIApp:
                 return
         await admin(scope, receive, send)
 
+    # Bots chat through this same app, in process, exactly as a client would (auth, billing, records).
+    self_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, front)), base_url="http://gateway")
+    receiver = FeishuReceiver(runtime.deps, self_client)
+    admin = create_admin_app(runtime, receiver)
     return request_log(front)
 
 
-def create_admin_app(runtime: Runtime) -> Litestar:
+def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
         finally:
+            await receiver.close()
             await runtime.stop()
 
     return Litestar(
-        route_handlers=[health, metrics, toolkit_router()],
-        state=State({"deps": runtime.deps}),
+        route_handlers=[health, metrics, toolkit_router(), *connector_routers()],
+        state=State({"deps": runtime.deps, "feishu_receiver": receiver}),
         lifespan=[lifespan],
         exception_handlers={HTTPException: _on_http, Exception: _on_unexpected},
         request_max_body_size=runtime.deps.settings.max_body_bytes,

@@ -8,12 +8,15 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from infra.sandbox import SandboxBackend, SandboxConfig
+from orchestrator.account_store import AccountStore
 from orchestrator.billing import Ledger
+from orchestrator.bot_store import BotStore
 from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
 from orchestrator.db import make_engine, make_sessions, upgrade
 from orchestrator.deps import Deps, Nudge
 from orchestrator.engine_plans import sandbox_plans, vllm_plans
+from orchestrator.feishu import FeishuClient
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor, HealthPolicy
 from orchestrator.managed import ManagedPolicy, ManagedReplicas
@@ -22,7 +25,9 @@ from orchestrator.record_store import RecordStore
 from orchestrator.records import CallRecords
 from orchestrator.scheduler import build_scheduler
 from orchestrator.security import Network
+from orchestrator.services.accounts import AccountService
 from orchestrator.services.api_keys import ApiKeyService
+from orchestrator.services.bots import BotService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
@@ -103,6 +108,9 @@ def build_deps(settings: Settings) -> Deps:
         replicas=ReplicaService(store, nudge, box, on_change=catalog.reload),
         api_keys=ApiKeyService(store, keys.secret_key, on_change=catalog.reload),
         managed=managed,
+        accounts=AccountService(AccountStore(sessions), keys.secret_key, on_change=catalog.reload),
+        bots=BotService(BotStore(sessions), box, keys.secret_key),
+        feishu=FeishuClient(settings.feishu_base_url),
     )
 
 
@@ -182,4 +190,5 @@ class Runtime:
         except Exception:
             log.exception("records.final_flush_failed")
         await self.deps.upstream.close()
+        await self.deps.feishu.aclose()
         await self.deps.engine.dispose()

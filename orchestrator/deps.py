@@ -9,13 +9,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
+from orchestrator.feishu import FeishuClient
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor
 from orchestrator.managed import ManagedReplicas
 from orchestrator.metrics import Metrics
 from orchestrator.record_store import RecordStore
 from orchestrator.records import CallRecords
+from orchestrator.services.accounts import AccountService
 from orchestrator.services.api_keys import ApiKeyService
+from orchestrator.services.bots import BotService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
@@ -72,4 +75,8 @@ class Deps:
     replicas: ReplicaService
     api_keys: ApiKeyService
     managed: ManagedReplicas
+    accounts: AccountService
+    """The connector's keys, recharges, groups and model bindings."""
+    bots: BotService
+    feishu: FeishuClient
     """The VM side of managed replicas, on the backend the settings chose."""

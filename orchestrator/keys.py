@@ -5,13 +5,21 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import string
 
 API_KEY_PREFIX = "sk-"
+CONNECTOR_KEY_PREFIX = "br-"
+_ALPHANUMERIC = string.ascii_letters + string.digits
 
 
 def new_api_key() -> str:
     """A fresh client key; 256 bits of entropy behind a recognisable prefix."""
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_connector_key() -> str:
+    """A key of the connector surface: `br-` and 29 alphanumerics (~172 bits), the connector's own shape."""
+    return CONNECTOR_KEY_PREFIX + "".join(secrets.choice(_ALPHANUMERIC) for _ in range(29))
 
 
 def new_secret() -> str:

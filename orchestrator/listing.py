@@ -9,7 +9,6 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import func
 from sqlalchemy import select as core_select
 from sqlmodel.ext.asyncio.session import AsyncSession
-from sqlmodel.sql.expression import Select, SelectOfScalar
 
 T = TypeVar("T")
 
@@ -30,9 +29,9 @@ def like(q: str) -> str:
     return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-async def paged(s: AsyncSession, query: SelectOfScalar[T] | Select[Any], limit: int, offset: int) -> Page[Any]:
+async def paged(s: AsyncSession, query: Any, limit: int, offset: int) -> Page[Any]:
     """One page of `query` (already filtered and ordered) and the count of all its rows."""
     counted = core_select(func.count()).select_from(query.order_by(None).subquery())
-    total = (await s.exec(counted)).one()  # type: ignore[call-overload]
+    total = (await (await s.connection()).execute(counted)).scalar_one()
     items = (await s.exec(query.limit(limit).offset(offset))).all()
-    return Page(items, int(total[0] if isinstance(total, tuple) else total), limit, offset)
+    return Page(items, int(total), limit, offset)

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Table, case, func, literal, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -59,7 +59,7 @@ class RecordStore:
             live = await _live_keys(s, {r.api_key_id for r in rows if r.api_key_id is not None}, dialect)
             now = utcnow()
             session_ids = {
-                (t.key_id, t.key): await _add_to_session(s, t, now, dialect) for t in sessions if t.key_id in live
+                (t.key_id, t.key): await _add_to_session(conn, t, now, dialect) for t in sessions if t.key_id in live
             }
             values = []
             for row in rows:
@@ -70,7 +70,7 @@ class RecordStore:
             table: Table = Metric.__table__  # type: ignore[attr-defined]
             if values:
                 await conn.execute(table.insert(), values)
-            fresh = {c.key_id: await _charge(s, c) for c in charges if c.key_id in live}
+            fresh = {c.key_id: await _charge(conn, c) for c in charges if c.key_id in live}
             await s.commit()
         return fresh
 
@@ -122,7 +122,7 @@ async def _live_keys(s: AsyncSession, key_ids: set[int], dialect: str) -> set[in
     return {row_id(i) for i in (await s.exec(query)).all()}
 
 
-async def _add_to_session(s: AsyncSession, t: SessionSum, now: Any, dialect: str) -> int:
+async def _add_to_session(conn: AsyncConnection, t: SessionSum, now: Any, dialect: str) -> int:
     table: Table = ChatSession.__table__  # type: ignore[attr-defined]
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(table).values(
@@ -146,10 +146,10 @@ async def _add_to_session(s: AsyncSession, t: SessionSum, now: Any, dialect: str
             "updated_at": new.updated_at,
         },
     ).returning(table.c.id)
-    return int((await s.execute(upsert)).scalar_one())
+    return int((await conn.execute(upsert)).scalar_one())
 
 
-async def _charge(s: AsyncSession, c: Charge) -> Account:
+async def _charge(conn: AsyncConnection, c: Charge) -> Account:
     """One atomic UPDATE, relative to the row as it is (a recharge or another instance's charge may have
     landed since this instance last read it): quota first, then balance. Mirrors `Account.charged`."""
     fee = literal(c.fee, BigInteger)
@@ -170,5 +170,5 @@ async def _charge(s: AsyncSession, c: Charge) -> Account:
             col(ApiKey.month_quota), col(ApiKey.balance), col(ApiKey.month_fee), col(ApiKey.fee_month), col(ApiKey.kind)
         )
     )
-    quota, balance, month_fee_now, fee_month, kind = (await s.execute(stmt)).one()
+    quota, balance, month_fee_now, fee_month, kind = (await conn.execute(stmt)).one()
     return Account(quota, balance, month_fee_now, fee_month, metered=kind == CONNECTOR)

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     )
     hyperstack_base_url: str = "https://infrahub-api.nexgencloud.com/v1"
 
+    feishu_base_url: str = "https://open.feishu.cn"
+    """Feishu's open API, where bots fetch their tenant tokens and post their replies (Lark: open.larksuite.com)."""
+
     server: Literal["granian", "uvicorn"] = "granian"
     """The HTTP server of `serve`; chosen by measurement (see the README's benchmarks)."""
 

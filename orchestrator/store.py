@@ -18,6 +18,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.lifecycle import DELETABLE, ReplicaStatus, check_move
+from orchestrator.listing import Page, like, paged
 from orchestrator.tables import (
     ApiKey,
     GroupModel,
@@ -95,8 +96,16 @@ class Store:
         async with self._sessions() as s:
             return (await s.exec(_live_models().where(col(LlmModel.id) == model_id))).first()
 
-    async def create_model(self, name: str) -> LlmModel:
-        model = LlmModel(name=name)
+    async def models_page(self, *, q: str | None, provider: str | None, limit: int, offset: int) -> Page[LlmModel]:
+        query = _live_models().order_by(col(LlmModel.id).desc())
+        if q:
+            query = query.where(col(LlmModel.name).like(like(q), escape="\\"))
+        if provider:
+            query = query.where(col(LlmModel.provider) == provider)
+        async with self._sessions() as s:
+            return await paged(s, query, limit, offset)
+
+    async def create_model(self, model: LlmModel) -> LlmModel:
         async with self._sessions() as s:
             s.add(model)
             try:
@@ -105,13 +114,31 @@ class Store:
                 raise Conflict("Model already exists.") from e
         return model
 
+    async def update_model(self, model_id: int, changes: dict[str, Any]) -> LlmModel:
+        async with self._sessions() as s:
+            model = (await s.exec(_live_models().where(col(LlmModel.id) == model_id))).first()
+            if model is None:
+                raise NotFound("Model not found")
+            for name, value in changes.items():
+                setattr(model, name, value)
+            model.updated_at = utcnow()
+            s.add(model)
+            try:
+                await s.commit()
+            except IntegrityError as e:
+                raise Conflict("Model already exists.") from e
+            return model
+
     async def delete_model(self, model_id: int, reason: str) -> list[int]:
-        """Hide the model and send each of its live replicas on its way out; returns their ids."""
+        """Hide the model, drop its bindings to keys and groups, and send each of its live replicas on its way
+        out; returns their ids."""
         async with self._sessions() as s:
             model = (await s.exec(_live_models().where(col(LlmModel.id) == model_id))).first()
             if model is None:
                 raise NotFound("Model not found")
             model.deleted_at = utcnow()
+            await s.exec(delete(KeyModel).where(col(KeyModel.model_id) == model_id))
+            await s.exec(delete(GroupModel).where(col(GroupModel.model_id) == model_id))
             replicas = (await s.exec(_live_replicas().where(col(Replica.model_id) == model_id))).all()
             for replica in replicas:
                 await _request_deletion(s, replica, reason)

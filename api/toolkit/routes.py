@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Response, Router, delete, get, post, put
-from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
 
+from api.deps import DEPS
 from api.toolkit import schemas as s
 from api.toolkit.auth import admin_only
 from api.toolkit.errors import HANDLERS
@@ -158,16 +158,11 @@ def _detail_out(d: ReplicaDetail) -> s.ReplicaDetailOut:
     )
 
 
-def _deps(state: State) -> Deps:
-    deps: NamedDependency[Deps] = state.deps
-    return deps
-
-
 def toolkit_router() -> Router:
     return Router(
         path="/api/v1",
         route_handlers=[ApiKeyController, TableController, ModelController, ReplicaController],
         guards=[admin_only],
-        dependencies={"deps": Provide(_deps, sync_to_thread=False)},
+        dependencies=DEPS,
         exception_handlers=dict(HANDLERS),
     )

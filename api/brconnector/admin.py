@@ -1,0 +1,237 @@
+"""The connector's admin routes (`/admin`, role admin): keys and payments, priced models, groups, model
+bindings and the totals. Each route: parse -> call the domain -> the envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from litestar import Controller, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.status_codes import HTTP_200_OK
+
+from api.brconnector import schemas as s
+from api.brconnector.envelope import ok, page
+from orchestrator import money
+from orchestrator.deps import Deps
+from orchestrator.errors import Conflict, InvalidInput
+from orchestrator.services.accounts import KeyRef
+
+Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
+Offset = Annotated[int, QueryParameter(ge=0, le=s.MAX_ID)]
+OptId = Annotated[int | None, QueryParameter(ge=0, le=s.MAX_ID)]
+PathId = Annotated[int, PathParameter(ge=1, le=s.MAX_ID)]
+Text = Annotated[str | None, QueryParameter(max_length=255)]
+
+
+def _ref(data: s.KeyRefIn) -> KeyRef:
+    if data.id is None and not data.api_key:
+        raise InvalidInput("id", "api_key or id is required")
+    return KeyRef(data.id, data.api_key)
+
+
+class KeyController(Controller):
+    path = "/admin/api-key"
+    tags = ["connector: keys"]
+
+    @post("/apply", status_code=HTTP_200_OK)
+    async def apply(self, deps: NamedDependency[Deps], data: JSONBody[s.ApplyKeyIn]) -> dict[str, Any]:
+        key, plain = await deps.accounts.apply(
+            name=data.name,
+            group_id=data.group_id or None,
+            role=data.role,
+            email=data.email or None,
+            month_quota=s.units("month_quota", data.month_quota),
+            balance=s.units("balance", data.balance),
+        )
+        return ok(s.key_out(key, api_key=plain))
+
+    @post("/update", status_code=HTTP_200_OK)
+    async def update(self, deps: NamedDependency[Deps], data: JSONBody[s.UpdateKeyIn]) -> dict[str, Any]:
+        changes: dict[str, Any] = data.model_dump(exclude_unset=True, exclude={"id"}, exclude_none=True)
+        if "group_id" in changes:
+            changes["group_id"] = changes["group_id"] or None
+        if "month_quota" in changes:
+            changes["month_quota"] = s.units("month_quota", data.month_quota)
+        return ok(s.key_out(await deps.accounts.update(data.id, changes)))
+
+    @post("/recharge", status_code=HTTP_200_OK)
+    async def recharge(self, deps: NamedDependency[Deps], data: JSONBody[s.RechargeIn]) -> dict[str, Any]:
+        ref = _ref(data)
+        if data.balance is None:
+            raise InvalidInput("balance", "balance is required")
+        amount = s.units("balance", data.balance)
+        if amount <= 0:
+            raise InvalidInput("balance", "balance must be greater than 0")
+        return ok(s.key_out(await deps.accounts.recharge(ref, amount)))
+
+    @post("/reset-key", status_code=HTTP_200_OK)
+    async def reset(self, deps: NamedDependency[Deps], data: JSONBody[s.KeyRefIn]) -> dict[str, Any]:
+        key, plain = await deps.accounts.reset(_ref(data))
+        return ok(s.key_out(key, api_key=plain))
+
+    @post("/delete", status_code=HTTP_200_OK)
+    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.KeyRefIn]) -> dict[str, Any]:
+        await deps.accounts.delete(_ref(data))
+        return ok(True)
+
+    @get("/list")
+    async def listing(
+        self,
+        deps: NamedDependency[Deps],
+        *,
+        q: Text = None,
+        name: Text = None,
+        group_id: OptId = None,
+        role: Text = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.accounts.keys(q=q, name=name, group_id=group_id, role=role, limit=limit, offset=offset)
+        return page(p, [s.key_out(k, group_name=g or "") for k, g in p.items])
+
+    @get("/detail/{key_id:int}")
+    async def detail(self, deps: NamedDependency[Deps], key_id: PathId) -> dict[str, Any]:
+        return ok(s.key_out(await deps.accounts.key(key_id)))
+
+    @get("/list-model")
+    async def models(
+        self,
+        deps: NamedDependency[Deps],
+        *,
+        key_id: OptId = None,
+        q: Text = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.accounts.key_models(key_id=key_id, q=q, limit=limit, offset=offset)
+        return page(p, [s.binding_out(b, "key") for b in p.items])
+
+    @post("/bind-or-unbind-model", status_code=HTTP_200_OK)
+    async def bind(self, deps: NamedDependency[Deps], data: JSONBody[s.KeyBindIn]) -> dict[str, Any]:
+        return ok(await deps.accounts.toggle_key_model(data.key_id, data.model_id))
+
+
+class PaymentController(Controller):
+    path = "/admin/payment"
+    tags = ["connector: keys"]
+
+    @get("/list")
+    async def listing(
+        self, deps: NamedDependency[Deps], *, key_id: OptId = None, limit: Limit = 20, offset: Offset = 0
+    ) -> dict[str, Any]:
+        p = await deps.accounts.payments(key_id=key_id or None, limit=limit, offset=offset)
+        return page(p, [s.payment_out(x) for x in p.items])
+
+
+class ModelController(Controller):
+    """The orchestrator's own models: one saved here can get replicas through `/api/v1/models/{id}/replicas`."""
+
+    path = "/admin/model"
+    tags = ["connector: models"]
+
+    @get("/list")
+    async def listing(
+        self,
+        deps: NamedDependency[Deps],
+        *,
+        q: Text = None,
+        provider: Text = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.models.page(q=q, provider=provider, limit=limit, offset=offset)
+        return page(p, [s.model_out(m) for m in p.items])
+
+    @get("/detail/{model_id:int}")
+    async def detail(self, deps: NamedDependency[Deps], model_id: PathId) -> dict[str, Any]:
+        return ok(s.model_out(await deps.models.by_id(model_id)))
+
+    @post("/save", status_code=HTTP_200_OK)
+    async def save(self, deps: NamedDependency[Deps], data: JSONBody[s.ModelSaveIn]) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if data.provider is not None:
+            fields["provider"] = data.provider
+        if data.multiple is not None:
+            fields["multiple"] = data.multiple
+        if data.config is not None:
+            fields["config"] = json.dumps(s.json_object("config", data.config))
+        if data.price_in is not None:
+            fields["price_in"] = s.per_token("price_in", data.price_in)
+        if data.price_out is not None:
+            fields["price_out"] = s.per_token("price_out", data.price_out)
+        try:
+            if data.id is not None:
+                if data.name:
+                    fields["name"] = data.name
+                model = await deps.models.update(data.id, fields)
+            else:
+                if not data.name:
+                    raise InvalidInput("name", "name is required")
+                if not data.provider:
+                    raise InvalidInput("provider", "provider is required")
+                model = await deps.models.create(data.name, **fields)
+        except Conflict as e:
+            raise Conflict(f"{data.name} already exists") from e
+        return ok(s.model_out(model))
+
+    @post("/delete", status_code=HTTP_200_OK)
+    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.IdIn]) -> dict[str, Any]:
+        await deps.models.delete(data.id)
+        return ok(True)
+
+
+class GroupController(Controller):
+    path = "/admin/group"
+    tags = ["connector: groups"]
+
+    @get("/list")
+    async def listing(
+        self, deps: NamedDependency[Deps], *, q: Text = None, limit: Limit = 20, offset: Offset = 0
+    ) -> dict[str, Any]:
+        p = await deps.accounts.groups(q=q, limit=limit, offset=offset)
+        return page(p, [s.group_out(g) for g in p.items])
+
+    @get("/detail/{group_id:int}")
+    async def detail(self, deps: NamedDependency[Deps], group_id: PathId) -> dict[str, Any]:
+        return ok(s.group_out(await deps.accounts.group(group_id)))
+
+    @post("/save", status_code=HTTP_200_OK)
+    async def save(self, deps: NamedDependency[Deps], data: JSONBody[s.GroupSaveIn]) -> dict[str, Any]:
+        return ok(s.group_out(await deps.accounts.save_group(data.id, data.name, data.key)))
+
+    @post("/delete", status_code=HTTP_200_OK)
+    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.IdIn]) -> dict[str, Any]:
+        await deps.accounts.delete_group(data.id)
+        return ok(True)
+
+    @get("/list-model")
+    async def models(
+        self,
+        deps: NamedDependency[Deps],
+        group_id: OptId = None,
+        q: Text = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.accounts.group_models(group_id=group_id, q=q, limit=limit, offset=offset)
+        return page(p, [s.binding_out(b, "group") for b in p.items])
+
+    @post("/bind-or-unbind-model", status_code=HTTP_200_OK)
+    async def bind(self, deps: NamedDependency[Deps], data: JSONBody[s.GroupBindIn]) -> dict[str, Any]:
+        return ok(await deps.accounts.toggle_group_model(data.group_id, data.model_id))
+
+
+@get("/admin/statistics/total", tags=["connector: keys"])
+async def statistics(deps: NamedDependency[Deps]) -> dict[str, Any]:
+    t = await deps.accounts.totals()
+    return ok(
+        {
+            "count_key": t.count_key,
+            "active_key": t.active_key,
+            "active_key_this_month": t.active_key_this_month,
+            "total_fee": money.usd(t.total_fee),
+            "total_month_fee": money.usd(t.total_month_fee),
+        }
+    )

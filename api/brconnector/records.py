@@ -1,0 +1,135 @@
+"""Chat records: every session and thread for an admin (`/admin`), and a key's own for its caller (`/user`).
+The connector forgot to scope `/user/thread/list` to the caller; here every `/user` route is scoped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.exceptions import PermissionDeniedException
+
+from api.brconnector import schemas as s
+from api.brconnector.admin import Limit, Offset, OptId, PathId, Text
+from api.brconnector.envelope import caller, ok, page
+from orchestrator import money
+from orchestrator.catalog import SERVER_ADMIN
+from orchestrator.deps import Deps
+from orchestrator.errors import NotFound
+from orchestrator.gateway import this_month
+
+
+class AdminRecords(Controller):
+    path = "/admin"
+    tags = ["connector: chat records"]
+
+    @get("/session/list")
+    async def sessions(
+        self,
+        deps: NamedDependency[Deps],
+        *,
+        q: Text = None,
+        key_id: OptId = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.record_store.sessions(key_id=key_id or None, q=q, limit=limit, offset=offset)
+        return page(p, [s.session_out(x) for x in p.items])
+
+    @get("/session/detail/{session_id:int}")
+    async def session(self, deps: NamedDependency[Deps], session_id: PathId) -> dict[str, Any]:
+        found = await deps.record_store.session(session_id)
+        if found is None:
+            raise NotFound(f"session {session_id} is not found")
+        return ok(s.session_out(found))
+
+    @get("/thread/list")
+    async def threads(
+        self,
+        deps: NamedDependency[Deps],
+        *,
+        q: Text = None,
+        key_id: OptId = None,
+        session_id: OptId = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.record_store.threads(
+            key_id=key_id or None, session_id=session_id or None, q=q, limit=limit, offset=offset
+        )
+        return page(p, [s.thread_out(x, detail=False) for x in p.items])
+
+    @get("/thread/detail/{thread_id:int}")
+    async def thread(self, deps: NamedDependency[Deps], thread_id: PathId) -> dict[str, Any]:
+        found = await deps.record_store.thread(thread_id)
+        if found is None:
+            raise NotFound(f"thread {thread_id} is not found")
+        return ok(s.thread_out(found, detail=True))
+
+
+class UserRecords(Controller):
+    path = "/user"
+    tags = ["connector: chat records"]
+
+    @get("/api-key/mine")
+    async def mine(self, request: Request[Any, Any, Any], deps: NamedDependency[Deps]) -> dict[str, Any]:
+        me = caller(request)
+        if me is SERVER_ADMIN:
+            return ok({"id": 0, "name": "admin", "role": "admin", "kind": SERVER_ADMIN.kind})
+        key = await deps.accounts.key(me.id)
+        mine = s.key_out(key)
+        account = deps.catalog.ledger.account(me.id, this_month())  # with the fees not yet written
+        if account is not None:
+            mine.update({"balance": money.usd(account.balance), "month_fee": money.usd(account.month_fee)})
+        return ok(mine)
+
+    @get("/session/list")
+    async def sessions(
+        self,
+        request: Request[Any, Any, Any],
+        deps: NamedDependency[Deps],
+        *,
+        q: Text = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.record_store.sessions(key_id=caller(request).id, q=q, limit=limit, offset=offset)
+        return page(p, [s.session_out(x) for x in p.items])
+
+    @get("/session/detail/{session_id:int}")
+    async def session(
+        self, request: Request[Any, Any, Any], deps: NamedDependency[Deps], session_id: PathId
+    ) -> dict[str, Any]:
+        found = await deps.record_store.session(session_id)
+        if found is None:
+            raise NotFound(f"session {session_id} is not found")
+        if found.key_id != caller(request).id:
+            raise PermissionDeniedException("Unauthorized: not your session.")
+        return ok(s.session_out(found))
+
+    @get("/thread/list")
+    async def threads(
+        self,
+        request: Request[Any, Any, Any],
+        deps: NamedDependency[Deps],
+        *,
+        q: Text = None,
+        session_id: OptId = None,
+        limit: Limit = 20,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        p = await deps.record_store.threads(
+            key_id=caller(request).id, session_id=session_id or None, q=q, limit=limit, offset=offset
+        )
+        return page(p, [s.thread_out(x, detail=False) for x in p.items])
+
+    @get("/thread/detail/{thread_id:int}")
+    async def thread(
+        self, request: Request[Any, Any, Any], deps: NamedDependency[Deps], thread_id: PathId
+    ) -> dict[str, Any]:
+        found = await deps.record_store.thread(thread_id)
+        if found is None:
+            raise NotFound(f"thread {thread_id} is not found")
+        if found.api_key_id != caller(request).id:
+            raise PermissionDeniedException("Unauthorized: not your thread.")
+        return ok(s.thread_out(found, detail=True))
