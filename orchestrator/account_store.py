@@ -104,7 +104,7 @@ class AccountStore:
     async def delete_key(self, key_id: int) -> None:
         """The key and everything it owns: bindings, chat records and payments."""
         async with self._sessions() as s:
-            await _key(s, key_id)
+            await _key(s, key_id, lock=True)  # a batch of its calls being written finishes first
             await s.exec(delete(Metric).where(col(Metric.api_key_id) == key_id))
             await s.exec(delete(ChatSession).where(col(ChatSession.key_id) == key_id))
             await s.exec(delete(KeyModel).where(col(KeyModel.key_id) == key_id))
@@ -250,8 +250,8 @@ class AccountStore:
         return Page(items, page.total, page.limit, page.offset)
 
 
-async def _key(s: AsyncSession, key_id: int) -> ApiKey:
-    key = await s.get(ApiKey, key_id)
+async def _key(s: AsyncSession, key_id: int, *, lock: bool = False) -> ApiKey:
+    key = await s.get(ApiKey, key_id, with_for_update=lock)
     if key is None:
         raise NotFound(KEY_NOT_FOUND)
     return key

@@ -116,9 +116,11 @@ class RecordStore:
 async def _live_keys(s: AsyncSession, key_ids: set[int], dialect: str) -> set[int]:
     if not key_ids:
         return set()
-    query = select(col(ApiKey.id)).where(col(ApiKey.id).in_(key_ids))
+    query = select(col(ApiKey.id)).where(col(ApiKey.id).in_(key_ids)).order_by(col(ApiKey.id))
     if dialect == "postgresql":
-        query = query.with_for_update(read=True)  # a key deleted now waits for this batch, then takes it along
+        # Lock the keys (in id order) before charging them: another instance's flush waits instead of
+        # deadlocking on a lock upgrade, and a key deleted now waits for this batch, then takes it along.
+        query = query.with_for_update(key_share=True)
     return {row_id(i) for i in (await s.exec(query)).all()}
 
 

@@ -61,8 +61,13 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
+    return instance_settings(tmp_path / "state", database_url)
+
+
+def instance_settings(state_dir: Path, database_url: str) -> Settings:
+    """Settings of an instance under test: jobs run by the test itself, probes due at every run."""
     return Settings(
-        state_dir=tmp_path / "state",
+        state_dir=state_dir,
         database_url=database_url,
         admin_api_key=ADMIN_KEY,
         secret_key=SECRET_KEY,
