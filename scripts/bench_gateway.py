@@ -86,6 +86,8 @@ def wrk(url: str, body: str, key: str | None, *, connections: int, duration: int
     headers = 'wrk.headers["Content-Type"] = "application/json"\n'
     if key:
         headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    if key and key.startswith("br-"):  # a connector key: every call also lands in a chat session
+        headers += 'wrk.headers["Session-Id"] = "bench-session"\n'
     script.write_text(f'wrk.method = "POST"\nwrk.body = [[{body}]]\n{headers}')
     threads = 1  # one load thread for every target: a second one takes CPU from the servers on 2 cores
     out = subprocess.run(
@@ -121,7 +123,9 @@ def start_gateway(workdir: Path, upstream: str) -> tuple[str, str, contextlib.Ex
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/health")
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    model_id = httpx.post(f"{base}/api/v1/models", json={"name": MODEL}, headers=admin).json()["id"]
+    # The full path: a priced model, a metered connector key bound to it (billing, chat records, sessions).
+    priced = {"name": MODEL, "provider": "vllm", "price_in": 0.15, "price_out": 0.6}
+    model_id = httpx.post(f"{base}/admin/model/save", json=priced, headers=admin).json()["data"]["id"]
     replica = httpx.post(
         f"{base}/api/v1/models/{model_id}/replicas", json={"endpoint": f"{upstream}/v1/chat/completions"}, headers=admin
     ).json()["replica_id"]
@@ -130,10 +134,12 @@ def start_gateway(workdir: Path, upstream: str) -> tuple[str, str, contextlib.Ex
         if time.monotonic() > deadline:
             raise RuntimeError("the replica never became READY")
         time.sleep(0.1)
-    key = httpx.post(
-        f"{base}/api/v1/generate_api_key", json={"user_id": "bench", "allowed_rpm": 1_000_000}, headers=admin
-    ).json()["api_key"]
-    return base, key, stack
+    applied = httpx.post(
+        f"{base}/admin/api-key/apply", json={"name": "bench", "month_quota": 1000, "balance": 1000}, headers=admin
+    ).json()["data"]
+    bind = {"key_id": applied["id"], "model_id": model_id}
+    httpx.post(f"{base}/admin/api-key/bind-or-unbind-model", json=bind, headers=admin)
+    return base, applied["api_key"], stack
 
 
 LITELLM_KEY = "sk-litellm-bench-master-key-0123456789"

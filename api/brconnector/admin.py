@@ -44,6 +44,7 @@ class KeyController(Controller):
             email=data.email or None,
             month_quota=s.units("month_quota", data.month_quota),
             balance=s.units("balance", data.balance),
+            allowed_rpm=data.allowed_rpm,
         )
         return ok(s.key_out(key, api_key=plain))
 

@@ -31,6 +31,7 @@ class ApplyKeyIn(_Body):
     email: str | None = Field(default=None, max_length=255)
     month_quota: Amount = None
     balance: Amount = None
+    allowed_rpm: int | None = Field(default=None, ge=1, le=10**9)
 
 
 class UpdateKeyIn(_Body):
@@ -40,6 +41,7 @@ class UpdateKeyIn(_Body):
     group_id: int | None = Field(default=None, ge=0, le=MAX_ID)
     email: str | None = Field(default=None, max_length=255)
     month_quota: Amount = None
+    allowed_rpm: int | None = Field(default=None, ge=1, le=10**9)
 
 
 class KeyRefIn(_Body):
@@ -136,6 +138,7 @@ def key_out(key: ApiKey, *, group_name: str | None = None, api_key: str | None =
         "total_fee": money.usd(key.total_fee),
         "key_hint": key.key_hint,
         "enabled": key.enabled,
+        "allowed_rpm": key.allowed_rpm,
         "created_at": key.created_at,
         "updated_at": key.updated_at,
     }

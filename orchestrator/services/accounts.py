@@ -20,7 +20,8 @@ from orchestrator.tables import ApiKey, KeyGroup, Payment
 
 log = structlog.get_logger(__name__)
 
-CONNECTOR_RPM = 10_000  # the connector has no per-key rate limit; this only stops a runaway client
+CONNECTOR_RPM = 1_000_000
+"""The connector has no per-key rate limit: its keys get one this high unless `allowed_rpm` is given."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,15 @@ class AccountService:
     # -- keys -------------------------------------------------------------------------------
 
     async def apply(
-        self, *, name: str, group_id: int | None, role: str, email: str | None, month_quota: int, balance: int
+        self,
+        *,
+        name: str,
+        group_id: int | None,
+        role: str,
+        email: str | None,
+        month_quota: int,
+        balance: int,
+        allowed_rpm: int | None = None,
     ) -> tuple[ApiKey, str]:
         plain = new_connector_key()
         key = ApiKey(
@@ -55,7 +64,7 @@ class AccountService:
             name=name,
             key_hash=hash_api_key(self._secret, plain),
             key_hint=key_hint(plain),
-            allowed_rpm=CONNECTOR_RPM,
+            allowed_rpm=allowed_rpm or CONNECTOR_RPM,
             kind=CONNECTOR,
             role=role,
             group_id=group_id,
