@@ -41,13 +41,14 @@ class BotStore:
             return (await s.exec(query)).first()
 
     async def save(self, bot: BotConnector) -> BotConnector:
+        name, provider = bot.name, bot.provider  # read before a failed commit leaves the session unusable
         async with self._sessions() as s:
             bot.updated_at = utcnow()
             bot = await s.merge(bot)
             try:
                 await s.commit()
             except IntegrityError as e:
-                raise Conflict(f"{bot.name}@[{bot.provider}] already exists") from e
+                raise Conflict(f"{name}@[{provider}] already exists") from e
             await s.refresh(bot)
             return bot
 

@@ -129,10 +129,14 @@ class FeishuReceiver:
             headers["Session-Id"] = chat_id
         body = {"model": bot.model, "messages": [{"role": "user", "content": text}]}
         r = await self._gateway.post("/v1/chat/completions", json=body, headers=headers, timeout=300)
-        answer = r.json()
-        if r.status_code != HTTP_200_OK:
-            return f"Error: {answer.get('error', {}).get('message', r.status_code)}"
-        return str(answer["choices"][0]["message"].get("content") or "")
+        try:  # the gateway relays an engine's own error body, whatever its shape
+            answer = r.json()
+            if r.status_code != HTTP_200_OK:
+                error = answer.get("error") if isinstance(answer, dict) else None
+                return f"Error: {error.get('message') if isinstance(error, dict) else error or r.status_code}"
+            return str(answer["choices"][0]["message"].get("content") or "")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return f"Error: HTTP {r.status_code}"
 
 
 def _event(bot: FeishuBot, headers: dict[str, str], raw: bytes) -> dict[str, Any]:

@@ -12,15 +12,17 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import select
 
+from orchestrator.db import make_sessions
 from orchestrator.deps import Deps
 from orchestrator.feishu import signature
 from orchestrator.settings import Settings
-from tests.conftest import ADMIN_KEY, SECRET_KEY
+from orchestrator.tables import BotConnector
+from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import make_ready
 from tests.support.engines import Engine, engine_in_process
 from tests.support.fake_feishu import FakeFeishu, encrypt_event, fake_feishu
-from tests.support.sandbox import next_subnet
 
 APP_ID, APP_SECRET = "cli_app", "app-secret"
 ENCRYPT_KEY = "encrypt-key-0123456789"
@@ -45,19 +47,7 @@ async def feishu() -> AsyncIterator[FakeFeishu]:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str, feishu: FakeFeishu) -> Settings:
     """The shared settings (tests/conftest.py), with Feishu's open API on the fake."""
-    return Settings(
-        state_dir=tmp_path / "state",
-        database_url=database_url,
-        admin_api_key=ADMIN_KEY,
-        secret_key=SECRET_KEY,
-        scheduler=False,
-        log_format="console",
-        probe_ready_interval_s=0,
-        probe_starting_interval_s=0,
-        sandbox_subnet=next_subnet(),
-        recover_after_s=0,
-        feishu_base_url=feishu.base_url,
-    )
+    return instance_settings(tmp_path / "state", database_url).model_copy(update={"feishu_base_url": feishu.base_url})
 
 
 @pytest.fixture
@@ -199,18 +189,13 @@ async def test_saved_bot_shows_public_fields_and_masks_secrets_everywhere(
     assert row["secrets_sealed"] == "<redacted>"
     assert json.loads(row["config"]) == {"appId": APP_ID, "modelId": MODEL}
 
-    for r in (detail, listing, alias, alias_detail, table):
+    for text in (json.dumps(saved), *(r.text for r in (detail, listing, alias, alias_detail, table))):
         for secret in (APP_SECRET, bot_key.api_key, ENCRYPT_KEY):
-            assert secret not in r.text
+            assert secret not in text
 
 
 async def test_secrets_are_not_stored_in_the_clear(client: httpx.AsyncClient, deps: Deps, bot_key: BotKey) -> None:
     await _save_bot(client, _config(bot_key.api_key, encryptKey=ENCRYPT_KEY))
-    from sqlmodel import select
-
-    from orchestrator.db import make_sessions
-    from orchestrator.tables import BotConnector
-
     async with make_sessions(deps.engine)() as s:
         row = (await s.exec(select(BotConnector))).one()
     for secret in (APP_SECRET, bot_key.api_key, ENCRYPT_KEY):
@@ -308,6 +293,12 @@ async def test_duplicate_name_is_409(client: httpx.AsyncClient, bot_key: BotKey)
     first = await _save_bot(client, _config(bot_key.api_key))
     body = {"name": BOT, "provider": "feishu", "config": _config(bot_key.api_key)}
     _failure(await client.post("/admin/bot/feishu/save", json=body), 409, f"{BOT}@[feishu] already exists")
+    items = (await client.get("/admin/bot-connector/list")).json()["data"]["items"]
+    assert [(b["id"], b["name"]) for b in items] == [(first["id"], BOT)]
+
+
+async def test_renaming_onto_an_existing_name_is_409(client: httpx.AsyncClient, bot_key: BotKey) -> None:
+    first = await _save_bot(client, _config(bot_key.api_key))
     second = await _save_bot(client, _config(bot_key.api_key), name="other")
     r = await client.post("/admin/bot/feishu/save", json={"id": second["id"], "name": BOT})
     _failure(r, 409, f"{BOT}@[feishu] already exists")
