@@ -123,12 +123,12 @@ class AccountStore:
         if q:
             pattern = like(q)
             query = query.where(
-                col(ApiKey.name).like(pattern, escape="\\") | col(ApiKey.email).like(pattern, escape="\\")
+                col(ApiKey.name).ilike(pattern, escape="\\") | col(ApiKey.email).ilike(pattern, escape="\\")
             )
         if name:
             query = query.where(col(ApiKey.name) == name)
-        if group_id is not None:
-            query = query.where(col(ApiKey.group_id) == group_id)
+        if group_id is not None:  # 0: in no group, as the connector shows it
+            query = query.where(col(ApiKey.group_id) == group_id if group_id else col(ApiKey.group_id).is_(None))
         if role:
             query = query.where(col(ApiKey.role) == role)
         async with self._sessions() as s:
@@ -163,7 +163,7 @@ class AccountStore:
     async def groups(self, *, q: str | None, limit: int, offset: int) -> Page[KeyGroup]:
         query = select(KeyGroup).order_by(col(KeyGroup.id))
         if q:
-            query = query.where(col(KeyGroup.name).like(like(q), escape="\\"))
+            query = query.where(col(KeyGroup.name).ilike(like(q), escape="\\"))
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)
 
@@ -222,7 +222,7 @@ class AccountStore:
         if q:
             pattern = like(q)
             query = query.where(
-                col(ApiKey.name).like(pattern, escape="\\") | col(LlmModel.name).like(pattern, escape="\\")
+                col(ApiKey.name).ilike(pattern, escape="\\") | col(LlmModel.name).ilike(pattern, escape="\\")
             )
         async with self._sessions() as s:
             page = await paged(s, query, limit, offset)
@@ -242,7 +242,7 @@ class AccountStore:
         if q:
             pattern = like(q)
             query = query.where(
-                col(KeyGroup.name).like(pattern, escape="\\") | col(LlmModel.name).like(pattern, escape="\\")
+                col(KeyGroup.name).ilike(pattern, escape="\\") | col(LlmModel.name).ilike(pattern, escape="\\")
             )
         async with self._sessions() as s:
             page = await paged(s, query, limit, offset)

@@ -22,8 +22,8 @@ class BotStore:
         if q:
             pattern = like(q)
             query = query.where(
-                col(BotConnector.name).like(pattern, escape="\\")
-                | col(BotConnector.provider).like(pattern, escape="\\")
+                col(BotConnector.name).ilike(pattern, escape="\\")
+                | col(BotConnector.provider).ilike(pattern, escape="\\")
             )
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)

@@ -79,7 +79,7 @@ class RecordStore:
         if key_id is not None:
             query = query.where(col(ChatSession.key_id) == key_id)
         if q:
-            query = query.where(col(ChatSession.title).like(like(q), escape="\\"))
+            query = query.where(col(ChatSession.title).ilike(like(q), escape="\\"))
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)
 
@@ -102,7 +102,7 @@ class RecordStore:
         if q:
             pattern = like(q)
             query = query.where(
-                col(Metric.prompt).like(pattern, escape="\\") | col(Metric.choices).like(pattern, escape="\\")
+                col(Metric.prompt).ilike(pattern, escape="\\") | col(Metric.choices).ilike(pattern, escape="\\")
             )
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)

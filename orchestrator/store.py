@@ -99,7 +99,7 @@ class Store:
     async def models_page(self, *, q: str | None, provider: str | None, limit: int, offset: int) -> Page[LlmModel]:
         query = _live_models().order_by(col(LlmModel.id).desc())
         if q:
-            query = query.where(col(LlmModel.name).like(like(q), escape="\\"))
+            query = query.where(col(LlmModel.name).ilike(like(q), escape="\\"))
         if provider:
             query = query.where(col(LlmModel.provider) == provider)
         async with self._sessions() as s:

@@ -10,7 +10,11 @@ from typing import Any, Literal
 
 import httpx
 import pytest
+from sqlmodel import col, select
 
+from orchestrator.db import make_sessions
+from orchestrator.deps import Deps
+from orchestrator.tables import GroupModel, KeyModel
 from tests.conftest import ADMIN_KEY
 
 Client = httpx.AsyncClient
@@ -132,6 +136,14 @@ async def test_admin_routes_need_a_known_admin_key(client: Client, anon_client: 
     assert sorted(names(page)) == ["admin-key", "user-key"]
     group = data(await post(anon_client, "/admin/group/save", {"name": "by-admin-key"}, admin["api_key"]))
     assert group["name"] == "by-admin-key"
+    # A change of role holds from the next call.
+    data(await post(client, "/admin/api-key/update", {"id": admin["id"], "role": "user"}))
+    failed(await get(anon_client, "/admin/api-key/list", admin["api_key"]), 403, NOT_ADMIN)
+    data(await post(client, "/admin/api-key/update", {"id": user["id"], "role": "admin"}))
+    assert (await listing(anon_client, "/admin/group/list", user["api_key"]))["total"] == 1
+    # The toolkit's keys are users here.
+    toolkit = (await client.post("/api/v1/generate_api_key", json={"user_id": "tk"})).json()["api_key"]
+    failed(await get(anon_client, "/admin/api-key/list", toolkit), 403, NOT_ADMIN)
 
 
 async def test_user_routes_take_any_valid_key(client: Client, anon_client: Client) -> None:
@@ -238,12 +250,15 @@ async def test_recharge_by_id_or_key_writes_payments(client: Client) -> None:
     assert after_key["balance"] == 4.25
     assert "api_key" not in after_key
     data(await post(client, "/admin/api-key/recharge", {"id": other["id"], "balance": 9}))
+    for _ in range(3):  # exact money: 0.1 + 0.1 + 0.1 is 0.3
+        tenth = data(await post(client, "/admin/api-key/recharge", {"id": other["id"], "balance": "0.1"}))
+    assert tenth["balance"] == 9.3
 
     payments = await listing(client, "/admin/payment/list", key_id=key["id"])
     assert (payments["total"], payments["limit"], payments["offset"]) == (2, 20, 0)
     assert [(p["key_id"], p["fee"]) for p in payments["items"]] == [(key["id"], 0.25), (key["id"], 1.5)]
     assert payments["items"][0]["id"] > payments["items"][1]["id"]
-    assert names(await listing(client, "/admin/payment/list"), "fee") == [9.0, 0.25, 1.5]
+    assert names(await listing(client, "/admin/payment/list"), "fee") == [0.1, 0.1, 0.1, 9.0, 0.25, 1.5]
 
     recharge = "/admin/api-key/recharge"
     failed(await post(client, recharge, {"balance": 1}), 400, KEY_REQUIRED)
@@ -286,6 +301,22 @@ async def test_key_list_filters_pages_and_orders(client: Client) -> None:
     alice = (await listing(client, path, name="alice"))["items"][0]
     data(await post(client, "/admin/api-key/update", {"id": alice["id"], "email": "alice@new.example"}))
     assert names(await listing(client, path)) == ["alice", "corporal", "bob"]  # newest updated first
+
+
+async def test_q_ignores_case_on_every_database(client: Client) -> None:
+    await apply_key(client, "Bob", email="Bob@Home.example")
+    await save_model(client, "Llama-8B")
+    await save_group(client, "Ops")
+    assert names(await listing(client, "/admin/api-key/list", q="home")) == ["Bob"]
+    assert names(await listing(client, "/admin/model/list", q="llama")) == ["Llama-8B"]
+    assert names(await listing(client, "/admin/group/list", q="OPS")) == ["Ops"]
+
+
+async def test_group_id_zero_lists_the_keys_in_no_group(client: Client) -> None:
+    group = await save_group(client, "ops")
+    await apply_key(client, "loner")
+    await apply_key(client, "member", group_id=group["id"])
+    assert names(await listing(client, "/admin/api-key/list", group_id=0)) == ["loner"]
 
 
 async def test_reset_key_replaces_the_key(client: Client, anon_client: Client) -> None:
@@ -393,7 +424,15 @@ async def test_model_list_filters(client: Client) -> None:
     assert (names(page), page["total"]) == (["llama-8b"], 3)
 
 
-async def test_delete_model_drops_it_and_its_bindings(client: Client) -> None:
+async def binding_rows(deps: Deps, model_id: int) -> int:
+    """Rows binding the model to keys and groups, as stored (the model row itself stays, soft-deleted)."""
+    async with make_sessions(deps.engine)() as s:
+        keys = (await s.exec(select(KeyModel).where(col(KeyModel.model_id) == model_id))).all()
+        groups = (await s.exec(select(GroupModel).where(col(GroupModel.model_id) == model_id))).all()
+    return len(keys) + len(groups)
+
+
+async def test_delete_model_drops_it_and_its_bindings(client: Client, deps: Deps) -> None:
     model = await save_model(client, "doomed")
     kept = await save_model(client, "kept")
     key = await apply_key(client, "k")
@@ -407,6 +446,7 @@ async def test_delete_model_drops_it_and_its_bindings(client: Client) -> None:
     assert [m["name"] for m in (await client.get("/api/v1/models")).json()] == ["kept"]
     assert await bindings(client, "api-key", key["id"]) == [(kept["id"], "kept")]
     assert await bindings(client, "group", group["id"]) == [(kept["id"], "kept")]
+    assert (await binding_rows(deps, model["id"]), await binding_rows(deps, kept["id"])) == (0, 2)
     failed(await get(client, f"/admin/model/detail/{model['id']}"), 404, "Model not found")
     failed(await post(client, "/admin/model/delete", {"id": model["id"]}), 404, "Model not found")
     failed(
