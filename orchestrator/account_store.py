@@ -14,7 +14,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from orchestrator.errors import Conflict, NotFound
-from orchestrator.listing import Page, like, paged
+from orchestrator.listing import Page, found, paged
 from orchestrator.tables import (
     ApiKey,
     ChatSession,
@@ -121,10 +121,7 @@ class AccountStore:
             .order_by(col(ApiKey.updated_at).desc(), col(ApiKey.id).desc())
         )
         if q:
-            pattern = like(q)
-            query = query.where(
-                col(ApiKey.name).ilike(pattern, escape="\\") | col(ApiKey.email).ilike(pattern, escape="\\")
-            )
+            query = query.where(found(q, col(ApiKey.name), col(ApiKey.email)))
         if name:
             query = query.where(col(ApiKey.name) == name)
         if group_id is not None:  # 0: in no group, as the connector shows it
@@ -163,7 +160,7 @@ class AccountStore:
     async def groups(self, *, q: str | None, limit: int, offset: int) -> Page[KeyGroup]:
         query = select(KeyGroup).order_by(col(KeyGroup.id))
         if q:
-            query = query.where(col(KeyGroup.name).ilike(like(q), escape="\\"))
+            query = query.where(found(q, col(KeyGroup.name)))
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)
 
@@ -210,43 +207,39 @@ class AccountStore:
             return await _toggle(s, GroupModel, "group_id", group_id, model_id)
 
     async def key_models(self, *, key_id: int | None, q: str | None, limit: int, offset: int) -> Page[Binding]:
-        query = (
-            select(KeyModel, col(ApiKey.name), col(LlmModel.name))
-            .join(ApiKey, col(ApiKey.id) == col(KeyModel.key_id))
-            .join(LlmModel, col(LlmModel.id) == col(KeyModel.model_id))
-            .where(col(LlmModel.deleted_at).is_(None))
-            .order_by(col(KeyModel.id))
-        )
-        if key_id is not None:
-            query = query.where(col(KeyModel.key_id) == key_id)
-        if q:
-            pattern = like(q)
-            query = query.where(
-                col(ApiKey.name).ilike(pattern, escape="\\") | col(LlmModel.name).ilike(pattern, escape="\\")
-            )
-        async with self._sessions() as s:
-            page = await paged(s, query, limit, offset)
-        items = [Binding(row_id(b.id), b.key_id, kn or "", b.model_id, mn, b.created_at) for b, kn, mn in page.items]
-        return Page(items, page.total, page.limit, page.offset)
+        return await self._bindings(KeyModel, ApiKey, key_id, q, limit, offset)
 
     async def group_models(self, *, group_id: int | None, q: str | None, limit: int, offset: int) -> Page[Binding]:
+        return await self._bindings(GroupModel, KeyGroup, group_id, q, limit, offset)
+
+    async def _bindings(  # noqa: PLR0917  (the two kinds of binding share one listing)
+        self,
+        binding: type[KeyModel] | type[GroupModel],
+        owner: type[ApiKey] | type[KeyGroup],
+        owner_id: int | None,
+        q: str | None,
+        limit: int,
+        offset: int,
+    ) -> Page[Binding]:
+        """Live models bound to keys or to groups, with the owner's and the model's names."""
+        owner_fk = col(KeyModel.key_id) if binding is KeyModel else col(GroupModel.group_id)
         query = (
-            select(GroupModel, col(KeyGroup.name), col(LlmModel.name))
-            .join(KeyGroup, col(KeyGroup.id) == col(GroupModel.group_id))
-            .join(LlmModel, col(LlmModel.id) == col(GroupModel.model_id))
+            select(binding, owner_fk, col(owner.name), col(LlmModel.name))
+            .join(owner, col(owner.id) == owner_fk)
+            .join(LlmModel, col(LlmModel.id) == col(binding.model_id))
             .where(col(LlmModel.deleted_at).is_(None))
-            .order_by(col(GroupModel.id))
+            .order_by(col(binding.id))
         )
-        if group_id is not None:
-            query = query.where(col(GroupModel.group_id) == group_id)
+        if owner_id is not None:
+            query = query.where(owner_fk == owner_id)
         if q:
-            pattern = like(q)
-            query = query.where(
-                col(KeyGroup.name).ilike(pattern, escape="\\") | col(LlmModel.name).ilike(pattern, escape="\\")
-            )
+            query = query.where(found(q, col(owner.name), col(LlmModel.name)))
         async with self._sessions() as s:
             page = await paged(s, query, limit, offset)
-        items = [Binding(row_id(b.id), b.group_id, gn, b.model_id, mn, b.created_at) for b, gn, mn in page.items]
+        items = [
+            Binding(row_id(b.id), owner_of, owner_name or "", b.model_id, model_name, b.created_at)
+            for b, owner_of, owner_name, model_name in page.items
+        ]
         return Page(items, page.total, page.limit, page.offset)
 
 

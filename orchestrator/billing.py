@@ -10,6 +10,7 @@ balance left is refused ("Please recharge."). Unmetered keys (the toolkit's) are
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 CONNECTOR = "connector"
@@ -24,16 +25,15 @@ class Account:
     fee_month: int
     metered: bool
 
-    def charged(self, fee: int, month: int) -> Account:
-        """The account after `fee` in `month`: quota first, then balance (the store's SQL does the same)."""
+    def after(self, fee: int, month: int) -> tuple[int, int]:
+        """(month_fee, balance) after `fee` in `month`: quota first, then balance (the store's SQL does the same)."""
         month_fee = self.month_fee if self.fee_month == month else 0
         from_quota = min(fee, max(self.month_quota - month_fee, 0)) if self.metered else fee
-        return replace(
-            self, month_fee=month_fee + from_quota, balance=self.balance - (fee - from_quota), fee_month=month
-        )
+        return month_fee + from_quota, self.balance - (fee - from_quota)
 
-    def spent(self) -> bool:
-        return self.metered and self.month_fee >= self.month_quota and self.balance <= 0
+    def charged(self, fee: int, month: int) -> Account:
+        month_fee, balance = self.after(fee, month)
+        return replace(self, month_fee=month_fee, balance=balance, fee_month=month)
 
 
 class Ledger:
@@ -46,7 +46,8 @@ class Ledger:
         account = self._accounts.get(key_id)
         if account is None or not account.metered:
             return True
-        return not account.charged(self._pending.get(key_id, 0), month).spent()
+        month_fee, balance = account.after(self._pending.get(key_id, 0), month)  # the hot path: no Account is built
+        return month_fee < account.month_quota or balance > 0
 
     def charge(self, key_id: int, fee: int) -> None:
         """A call's fee, on the hot path: counted at once, written by the next flush."""
@@ -62,9 +63,9 @@ class Ledger:
         """All accounts as read from the store (hold `lock` across the read and this call)."""
         self._accounts = accounts
 
-    def settle(self, written: dict[int, int], fresh: dict[int, Account]) -> None:
-        """Fees just written (hold `lock` across the write and this call) and the accounts they left."""
-        for key_id, fee in written.items():
+    def settle(self, written: Iterable[tuple[int, int]], fresh: dict[int, Account]) -> None:
+        """Fees written, as (key id, fee), and the accounts they left (hold `lock` across the write and this)."""
+        for key_id, fee in written:
             left = self._pending.get(key_id, 0) - fee
             if left:
                 self._pending[key_id] = left

@@ -9,7 +9,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from orchestrator.errors import Conflict, NotFound
-from orchestrator.listing import Page, like, paged
+from orchestrator.listing import Page, found, paged
 from orchestrator.tables import ApiKey, BotConnector, BotEvent, utcnow
 
 
@@ -20,11 +20,7 @@ class BotStore:
     async def bots(self, *, q: str | None, limit: int, offset: int) -> Page[BotConnector]:
         query = select(BotConnector).order_by(col(BotConnector.id).desc())
         if q:
-            pattern = like(q)
-            query = query.where(
-                col(BotConnector.name).ilike(pattern, escape="\\")
-                | col(BotConnector.provider).ilike(pattern, escape="\\")
-            )
+            query = query.where(found(q, col(BotConnector.name), col(BotConnector.provider)))
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -162,17 +163,20 @@ def _model(m: LlmModel) -> ModelInfo:
 
 
 def _keys(view: GatewayView) -> dict[str, KeyInfo]:
-    by_key: dict[int, set[int]] = {}
-    for key_id, model_id in view.key_models:
-        by_key.setdefault(key_id, set()).add(model_id)
-    by_group: dict[int, set[int]] = {}
-    for group_id, model_id in view.group_models:
-        by_group.setdefault(group_id, set()).add(model_id)
+    by_key, by_group = _models_of(view.key_models), _models_of(view.group_models)
     keys = {}
     for k in view.keys:
         key_id = row_id(k.id)
         models = None
         if k.kind == CONNECTOR:
-            models = frozenset(by_key.get(key_id, set()) | (by_group.get(k.group_id, set()) if k.group_id else set()))
+            models = frozenset(by_key.get(key_id, set()) | by_group.get(k.group_id or 0, set()))
         keys[k.key_hash] = KeyInfo(key_id, k.user_id, k.enabled, k.allowed_rpm, k.kind, k.role, k.group_id, models)
     return keys
+
+
+def _models_of(bindings: Sequence[tuple[int, int]]) -> dict[int, set[int]]:
+    """(owner id, model id) pairs -> the model ids of each owner."""
+    out: dict[int, set[int]] = {}
+    for owner_id, model_id in bindings:
+        out.setdefault(owner_id, set()).add(model_id)
+    return out

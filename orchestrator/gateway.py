@@ -138,7 +138,7 @@ class Gateway:
             return
         if not self._limiter.allow(key.id, key.allowed_rpm):
             raise RateLimited(key.allowed_rpm)
-        if not self.catalog.ledger.may_spend(key.id, this_month()):
+        if not self.catalog.ledger.may_spend(key.id, money.month_of()):
             raise PaymentRequired
 
     def resolve(self, key: KeyInfo, name: str) -> ModelInfo:
@@ -227,8 +227,3 @@ class Gateway:
                 fee=fee,
             )
         )
-
-
-def this_month() -> int:
-    now = time.gmtime()
-    return now.tm_year * 100 + now.tm_mon

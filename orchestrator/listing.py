@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func
+from sqlalchemy import ColumnElement, func, or_
 from sqlalchemy import select as core_select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -24,9 +24,10 @@ class Page(Generic[T]):
     offset: int
 
 
-def like(q: str) -> str:
-    """A LIKE pattern matching `q` anywhere, with LIKE's own wildcards in `q` taken literally (escape `\\`)."""
-    return "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+def found(q: str, *columns: Any) -> ColumnElement[bool]:
+    """`q` anywhere in any of `columns`, ignoring case on both databases; LIKE's wildcards in `q` are literal."""
+    pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return or_(*(column.ilike(pattern, escape="\\") for column in columns))
 
 
 async def paged(s: AsyncSession, query: Any, limit: int, offset: int) -> Page[Any]:

@@ -6,7 +6,7 @@ tokens exact, and a signed 64-bit column still holds balances up to nine million
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 UNIT = 10**12
@@ -49,6 +49,7 @@ def fee(prompt_tokens: int, completion_tokens: int, price_in: int, price_out: in
     return prompt_tokens * price_in + completion_tokens * price_out
 
 
-def month_of(at: datetime) -> int:
-    """The billing month of a moment, as YYYYMM (UTC)."""
-    return at.year * 100 + at.month
+def month_of(at: float | None = None) -> int:
+    """The billing month of a moment in unix seconds (now by default), as YYYYMM (UTC)."""
+    t = time.gmtime(at)
+    return t.tm_year * 100 + t.tm_mon

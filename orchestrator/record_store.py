@@ -13,16 +13,21 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from orchestrator.billing import CONNECTOR, Account
-from orchestrator.listing import Page, like, paged
+from orchestrator.errors import NotFound
+from orchestrator.listing import Page, found, paged
 from orchestrator.tables import ApiKey, ChatSession, Metric, row_id, utcnow
 
 
 @dataclass(slots=True)
 class CallRow:
-    api_key_id: int | None
-    session_key: str | None
     values: dict[str, Any]
     """The `metric` row, less its session id."""
+    session_key: str | None = None
+
+    @property
+    def api_key_id(self) -> int | None:
+        key_id: int | None = self.values["api_key_id"]
+        return key_id
 
 
 @dataclass(slots=True)
@@ -58,15 +63,15 @@ class RecordStore:
             dialect = conn.dialect.name
             live = await _live_keys(s, {r.api_key_id for r in rows if r.api_key_id is not None}, dialect)
             now = utcnow()
-            session_ids = {
+            session_ids: dict[tuple[int | None, str | None], int] = {
                 (t.key_id, t.key): await _add_to_session(conn, t, now, dialect) for t in sessions if t.key_id in live
             }
             values = []
             for row in rows:
-                if row.api_key_id is not None and row.api_key_id not in live:
-                    continue
-                key = (row.api_key_id, row.session_key)
-                values.append({**row.values, "session_id": session_ids.get(key) if row.session_key else None})  # type: ignore[arg-type]
+                key_id = row.api_key_id
+                if key_id is None or key_id in live:
+                    row.values["session_id"] = session_ids.get((key_id, row.session_key))
+                    values.append(row.values)
             table: Table = Metric.__table__  # type: ignore[attr-defined]
             if values:
                 await conn.execute(table.insert(), values)
@@ -79,13 +84,16 @@ class RecordStore:
         if key_id is not None:
             query = query.where(col(ChatSession.key_id) == key_id)
         if q:
-            query = query.where(col(ChatSession.title).ilike(like(q), escape="\\"))
+            query = query.where(found(q, col(ChatSession.title)))
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)
 
-    async def session(self, session_id: int) -> ChatSession | None:
+    async def session(self, session_id: int) -> ChatSession:
         async with self._sessions() as s:
-            return await s.get(ChatSession, session_id)
+            found = await s.get(ChatSession, session_id)
+        if found is None:
+            raise NotFound(f"session {session_id} is not found")
+        return found
 
     async def threads(
         self, *, key_id: int | None, session_id: int | None, q: str | None, limit: int, offset: int
@@ -100,17 +108,16 @@ class RecordStore:
         else:
             query = query.order_by(col(Metric.id).desc())
         if q:
-            pattern = like(q)
-            query = query.where(
-                col(Metric.prompt).ilike(pattern, escape="\\") | col(Metric.choices).ilike(pattern, escape="\\")
-            )
+            query = query.where(found(q, col(Metric.prompt), col(Metric.choices)))
         async with self._sessions() as s:
             return await paged(s, query, limit, offset)
 
-    async def thread(self, thread_id: int) -> Metric | None:
+    async def thread(self, thread_id: int) -> Metric:
         async with self._sessions() as s:
             row = await s.get(Metric, thread_id)
-        return row if row is not None and row.api_key_id is not None else None
+        if row is None or row.api_key_id is None:  # the server admin key's calls are usage rows, not threads
+            raise NotFound(f"thread {thread_id} is not found")
+        return row
 
 
 async def _live_keys(s: AsyncSession, key_ids: set[int], dialect: str) -> set[int]:

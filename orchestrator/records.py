@@ -6,7 +6,6 @@ fees are charged to their keys, all in one transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -69,10 +68,7 @@ class CallRecords:
             rows, sessions, charges = _batch(calls)
             async with self._ledger.lock:
                 fresh = await self._store.write_calls(rows, sessions, charges)
-                written: dict[int, int] = {}
-                for charge in charges:
-                    written[charge.key_id] = written.get(charge.key_id, 0) + charge.fee
-                self._ledger.settle(written, fresh)
+                self._ledger.settle(((c.key_id, c.fee) for c in charges), fresh)
         except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
             self._calls[:0] = calls
             raise
@@ -87,7 +83,6 @@ def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], li
         whole, last = prompt_texts(call.kind, call.request)
         completion = completion_text(call.answer)
         row = CallRow(
-            api_key_id=call.key_id,
             session_key=call.session if call.key_id is not None else None,
             values={
                 "api_key_id": call.key_id,
@@ -113,7 +108,7 @@ def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], li
         if call.key_id is None:
             continue
         if call.fee:
-            month = month_of(datetime.fromtimestamp(call.created, UTC))
+            month = month_of(call.created)
             charges[(call.key_id, month)] = charges.get((call.key_id, month), 0) + call.fee
         if row.session_key is not None:
             totals = sessions.get((call.key_id, row.session_key))

@@ -18,7 +18,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.lifecycle import DELETABLE, ReplicaStatus, check_move
-from orchestrator.listing import Page, like, paged
+from orchestrator.listing import Page, found, paged
 from orchestrator.tables import (
     ApiKey,
     GroupModel,
@@ -99,7 +99,7 @@ class Store:
     async def models_page(self, *, q: str | None, provider: str | None, limit: int, offset: int) -> Page[LlmModel]:
         query = _live_models().order_by(col(LlmModel.id).desc())
         if q:
-            query = query.where(col(LlmModel.name).ilike(like(q), escape="\\"))
+            query = query.where(found(q, col(LlmModel.name)))
         if provider:
             query = query.where(col(LlmModel.provider) == provider)
         async with self._sessions() as s:

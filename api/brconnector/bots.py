@@ -86,6 +86,7 @@ class FeishuReceiver:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._gateway.aclose()
 
     async def receive(self, name: str, headers: dict[str, str], raw: bytes) -> Response[Any]:
         bot = await self._deps.bots.feishu(name)

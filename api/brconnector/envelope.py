@@ -23,10 +23,11 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
 )
 
-from orchestrator.catalog import SERVER_ADMIN, KeyInfo
+from api.gateway.routes import credentials
+from orchestrator.catalog import KeyInfo
 from orchestrator.deps import Deps
 from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound
-from orchestrator.keys import hash_api_key, same_secret
+from orchestrator.gateway import Unauthorized
 from orchestrator.listing import Page
 
 log = structlog.get_logger(__name__)
@@ -55,18 +56,15 @@ def caller(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
 
 
 def _authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
+    """The key as the gateway authenticates it (the same headers, the server's admin key included)."""
     deps: Deps = connection.app.state.deps
-    header = connection.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else header.strip()
-    token = token or connection.headers.get("x-api-key", "").strip()
+    token, _ = credentials(connection.scope)  # type: ignore[arg-type]
     if not token:
         raise NotAuthorizedException(NO_KEY)
-    key = deps.catalog.keys.get(hash_api_key(deps.keys.secret_key, token))
-    if key is None and same_secret(token, deps.keys.admin_api_key):
-        key = SERVER_ADMIN
-    if key is None or not key.enabled:
-        raise NotAuthorizedException(BAD_KEY)
+    try:
+        key = deps.gateway.authenticate(token)
+    except Unauthorized as e:
+        raise NotAuthorizedException(BAD_KEY) from e
     connection.scope.setdefault("state", {})["caller"] = key
     return key
 

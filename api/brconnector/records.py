@@ -15,8 +15,6 @@ from api.brconnector.envelope import caller, ok, page
 from orchestrator import money
 from orchestrator.catalog import SERVER_ADMIN
 from orchestrator.deps import Deps
-from orchestrator.errors import NotFound
-from orchestrator.gateway import this_month
 
 
 class AdminRecords(Controller):
@@ -38,10 +36,7 @@ class AdminRecords(Controller):
 
     @get("/session/detail/{session_id:int}")
     async def session(self, deps: NamedDependency[Deps], session_id: PathId) -> dict[str, Any]:
-        found = await deps.record_store.session(session_id)
-        if found is None:
-            raise NotFound(f"session {session_id} is not found")
-        return ok(s.session_out(found))
+        return ok(s.session_out(await deps.record_store.session(session_id)))
 
     @get("/thread/list")
     async def threads(
@@ -61,10 +56,7 @@ class AdminRecords(Controller):
 
     @get("/thread/detail/{thread_id:int}")
     async def thread(self, deps: NamedDependency[Deps], thread_id: PathId) -> dict[str, Any]:
-        found = await deps.record_store.thread(thread_id)
-        if found is None:
-            raise NotFound(f"thread {thread_id} is not found")
-        return ok(s.thread_out(found, detail=True))
+        return ok(s.thread_out(await deps.record_store.thread(thread_id), detail=True))
 
 
 class UserRecords(Controller):
@@ -78,7 +70,7 @@ class UserRecords(Controller):
             return ok({"id": 0, "name": "admin", "role": "admin", "kind": SERVER_ADMIN.kind})
         key = await deps.accounts.key(me.id)
         mine = s.key_out(key)
-        account = deps.catalog.ledger.account(me.id, this_month())  # with the fees not yet written
+        account = deps.catalog.ledger.account(me.id, money.month_of())  # with the fees not yet written
         if account is not None:
             mine.update({"balance": money.usd(account.balance), "month_fee": money.usd(account.month_fee)})
         return ok(mine)
@@ -101,10 +93,7 @@ class UserRecords(Controller):
         self, request: Request[Any, Any, Any], deps: NamedDependency[Deps], session_id: PathId
     ) -> dict[str, Any]:
         found = await deps.record_store.session(session_id)
-        if found is None:
-            raise NotFound(f"session {session_id} is not found")
-        if found.key_id != caller(request).id:
-            raise PermissionDeniedException("Unauthorized: not your session.")
+        _own(request, found.key_id, "session")
         return ok(s.session_out(found))
 
     @get("/thread/list")
@@ -128,8 +117,10 @@ class UserRecords(Controller):
         self, request: Request[Any, Any, Any], deps: NamedDependency[Deps], thread_id: PathId
     ) -> dict[str, Any]:
         found = await deps.record_store.thread(thread_id)
-        if found is None:
-            raise NotFound(f"thread {thread_id} is not found")
-        if found.api_key_id != caller(request).id:
-            raise PermissionDeniedException("Unauthorized: not your thread.")
+        _own(request, found.api_key_id, "thread")
         return ok(s.thread_out(found, detail=True))
+
+
+def _own(request: Request[Any, Any, Any], owner_id: int | None, what: str) -> None:
+    if owner_id != caller(request).id:
+        raise PermissionDeniedException(f"Unauthorized: not your {what}.")

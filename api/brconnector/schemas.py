@@ -4,8 +4,9 @@ shapes its answers give to rows."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +16,11 @@ from orchestrator.errors import InvalidInput
 from orchestrator.tables import ApiKey, ChatSession, KeyGroup, LlmModel, Metric, Payment, row_id
 
 MAX_ID = 2**31 - 1
-Id = Field(ge=1, le=MAX_ID)
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+GroupId = Annotated[int, Field(ge=0, le=MAX_ID)]
+"""0: no group, as the connector writes it."""
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+Rpm = Annotated[int, Field(ge=1, le=10**9)]
 Role = Literal["user", "admin"]
 Amount = Decimal | None
 
@@ -25,27 +30,27 @@ class _Body(BaseModel):
 
 
 class ApplyKeyIn(_Body):
-    name: str = Field(min_length=1, max_length=255)
-    group_id: int = Field(default=0, ge=0, le=MAX_ID)
+    name: Name
+    group_id: GroupId = 0
     role: Role = "user"
     email: str | None = Field(default=None, max_length=255)
     month_quota: Amount = None
     balance: Amount = None
-    allowed_rpm: int | None = Field(default=None, ge=1, le=10**9)
+    allowed_rpm: Rpm | None = None
 
 
 class UpdateKeyIn(_Body):
-    id: int = Id
-    name: str | None = Field(default=None, min_length=1, max_length=255)
+    id: Id
+    name: Name | None = None
     role: Role | None = None
-    group_id: int | None = Field(default=None, ge=0, le=MAX_ID)
+    group_id: GroupId | None = None
     email: str | None = Field(default=None, max_length=255)
     month_quota: Amount = None
-    allowed_rpm: int | None = Field(default=None, ge=1, le=10**9)
+    allowed_rpm: Rpm | None = None
 
 
 class KeyRefIn(_Body):
-    id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    id: Id | None = None
     api_key: str | None = Field(default=None, max_length=255)
 
 
@@ -54,12 +59,12 @@ class RechargeIn(KeyRefIn):
 
 
 class IdIn(_Body):
-    id: int = Id
+    id: Id
 
 
 class ModelSaveIn(_Body):
-    id: int | None = Field(default=None, ge=1, le=MAX_ID)
-    name: str | None = Field(default=None, min_length=1, max_length=255)
+    id: Id | None = None
+    name: Name | None = None
     provider: str | None = Field(default=None, min_length=1, max_length=64)
     multiple: bool | None = None
     config: str | dict[str, Any] | None = None
@@ -68,23 +73,23 @@ class ModelSaveIn(_Body):
 
 
 class GroupSaveIn(_Body):
-    id: int | None = Field(default=None, ge=1, le=MAX_ID)
-    name: str | None = Field(default=None, min_length=1, max_length=255)
+    id: Id | None = None
+    name: Name | None = None
     key: str | None = Field(default=None, max_length=255)
 
 
 class KeyBindIn(_Body):
-    key_id: int = Id
-    model_id: int = Id
+    key_id: Id
+    model_id: Id
 
 
 class GroupBindIn(_Body):
-    group_id: int = Id
-    model_id: int = Id
+    group_id: Id
+    model_id: Id
 
 
 class BotSaveIn(_Body):
-    id: int | None = Field(default=None, ge=1, le=MAX_ID)
+    id: Id | None = None
     name: str | None = Field(default=None, min_length=1, max_length=64)
     provider: str | None = Field(default=None, max_length=64)
     config: str | dict[str, Any] | None = None
@@ -93,18 +98,17 @@ class BotSaveIn(_Body):
 # -- inputs the schema cannot check alone --------------------------------------------------
 
 
-def units(field: str, value: Decimal | None) -> int:
-    """Dollars as entered -> money units, with the field named in the error."""
+def units(field: str, value: Decimal | None, convert: Callable[[Decimal], int] = money.units) -> int:
+    """Dollars as entered -> money units (or whatever `convert` makes of them), with the field named in the error."""
     try:
-        return money.units(value if value is not None else 0)
+        return convert(value if value is not None else Decimal(0))
     except money.BadAmount as e:
         raise InvalidInput(field, f"{field} {e}") from e
 
 
 def per_token(field: str, value: Decimal | None) -> int:
     """A price entered in dollars per million tokens -> units per token."""
-    units(field, value)
-    return money.per_token(value if value is not None else 0)
+    return units(field, value, money.per_token)
 
 
 def json_object(field: str, value: str | dict[str, Any] | None) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def match(path: str) -> Route | None:
     return None
 
 
-def _credentials(scope: HTTPScope) -> tuple[str | None, str | None]:
+def credentials(scope: HTTPScope) -> tuple[str | None, str | None]:
     """(the API key, the Session-Id) from the request's headers, in one pass."""
     key = session = None
     for name, value in scope["headers"]:
@@ -110,7 +110,7 @@ class GatewayRoutes:
             return await _answer(send, _not_allowed(route))
         gw = self._gw
         kind = route.kind
-        raw_key, session = _credentials(scope)
+        raw_key, session = credentials(scope)
         try:
             key = gw.authenticate(raw_key)
             gw.admit(key)
@@ -143,7 +143,7 @@ class GatewayRoutes:
 
     async def _models(self, scope: HTTPScope, send: Send) -> int:
         try:
-            key = self._gw.authenticate(_credentials(scope)[0])
+            key = self._gw.authenticate(credentials(scope)[0])
         except GatewayError as e:
             return await _answer(send, openai_error(e))
         data = [

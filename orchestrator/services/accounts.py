@@ -71,7 +71,7 @@ class AccountService:
             email=email,
             month_quota=month_quota,
             balance=balance,
-            fee_month=month_of(datetime.now(UTC)),
+            fee_month=month_of(),
         )
         key = await self._store.add_key(key)
         await self._on_change()
@@ -119,7 +119,9 @@ class AccountService:
 
     async def totals(self) -> Totals:
         now = datetime.now(UTC)
-        return await self._store.totals(month_of(now), now.replace(day=1, hour=0, minute=0, second=0, microsecond=0))
+        return await self._store.totals(
+            month_of(now.timestamp()), now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        )
 
     # -- groups and bindings ----------------------------------------------------------------
 

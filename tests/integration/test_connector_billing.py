@@ -15,8 +15,7 @@ from sqlalchemy import update
 from api.app import create_app
 from orchestrator.bootstrap import Runtime, build_deps
 from orchestrator.deps import Deps
-from orchestrator.gateway import this_month
-from orchestrator.money import UNIT
+from orchestrator.money import UNIT, month_of
 from orchestrator.tables import ApiKey, Metric
 from tests.conftest import ADMIN_KEY, instance_settings
 from tests.integration.gateway_helpers import make_ready
@@ -90,7 +89,7 @@ async def test_quota_first_then_balance_then_please_recharge(
     assert row.month_fee == quota  # the quota is used up first...
     assert row.balance == balance - (5 * one - quota)  # ...then the balance, into the red by the last call
     assert row.total_fee == 5 * one
-    assert row.fee_month == this_month()
+    assert row.fee_month == month_of()
     r = await client.post("/admin/api-key/recharge", json={"id": key_id, "balance": 1})
     assert r.json()["data"]["balance"] == pytest.approx((row.balance + UNIT) / UNIT)
     assert (await chat(anon_client, key)).status_code == 200
@@ -106,7 +105,7 @@ async def test_a_new_month_starts_the_quota_again(
 ) -> None:
     model_id = await priced_model(client, deps, engine)
     key_id, key = await connector_key(client, model_id, month_quota=0.001, balance=0)
-    last_month = this_month() - 1 if this_month() % 100 != 1 else this_month() - 89  # Dec of the year before
+    last_month = month_of() - 1 if month_of() % 100 != 1 else month_of() - 89  # Dec of the year before
     async with deps.engine.begin() as conn:  # the quota was all spent, last month
         await conn.execute(
             update(ApiKey).where(ApiKey.id == key_id).values(month_fee=10**9, month_quota=10**9, fee_month=last_month)  # type: ignore[arg-type]
@@ -116,7 +115,7 @@ async def test_a_new_month_starts_the_quota_again(
     assert answer.status_code == 200, answer.text
     await deps.records.flush()
     row = await key_row(deps, key_id)
-    assert (row.month_fee, row.fee_month, row.balance) == (fee_of(answer), this_month(), 0)
+    assert (row.month_fee, row.fee_month, row.balance) == (fee_of(answer), month_of(), 0)
 
 
 async def test_fees_follow_the_model_prices_and_admin_calls_are_not_billed(
