@@ -53,3 +53,12 @@ def month_of(at: float | None = None) -> int:
     """The billing month of a moment in unix seconds (now by default), as YYYYMM (UTC)."""
     t = time.gmtime(at)
     return t.tm_year * 100 + t.tm_mon
+
+
+CREDIT = UNIT // 10**6
+"""LlmEndpoint's credit: 10^-4 cent (its costs are in cents, divided by 0.0001)."""
+
+
+def credits(amount: int) -> int:
+    """Units -> whole credits, rounded up (what a call costs is never rounded in the caller's favour)."""
+    return -(-amount // CREDIT)

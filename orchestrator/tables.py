@@ -155,6 +155,8 @@ class ApiKey(SQLModel, table=True):
     """The month `month_fee` belongs to, as YYYYMM; a charge in a later month starts it from zero."""
     total_fee: int = money()
     updated_at: datetime = Field(default_factory=utcnow)
+    allowed_ips: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    """Comma-separated addresses or networks the key may be used from (LlmEndpoint's rule); empty: anywhere."""
 
 
 class KeyGroup(SQLModel, table=True):
@@ -286,3 +288,58 @@ class Metric(SQLModel, table=True):
     first_byte_latency: int | None = None
     """Milliseconds from the request to the first byte of the answer."""
     stream: bool | None = None
+
+
+class CreditRate(SQLModel, table=True):
+    """LlmEndpoint's prices: what a model's calls cost in credits on `/api/v1/completions` and the queue.
+
+    In units per character of the user's messages and per `max_tokens` asked; seeded with the 18 models of
+    LlmEndpoint's rate table. A credit is `CREDIT` units (10^-4 cent)."""
+
+    __tablename__ = "credit_rate"
+
+    model: str = Field(sa_column=Column(String(255), primary_key=True))
+    input_rate: int = money()
+    output_rate: int = money()
+
+
+class CompletionTask(SQLModel, table=True):
+    """A queued LlmEndpoint completion (`/api/v1/qcompletions`): queued -> processing -> completed | failed."""
+
+    __tablename__ = "completion_task"
+    __table_args__ = (Index("ix_completion_task_status_created", "status", "created_at"),)
+
+    id: str = Field(sa_column=Column(String(36), primary_key=True))
+    key_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    model: str = Field(max_length=255)
+    request: str = Field(sa_column=Column(Text, nullable=False))
+    """The validated request, as JSON."""
+    status: str = Field(default="queued", sa_column=Column(String(16), nullable=False, server_default="queued"))
+    result: str | None = Field(default=None, sa_column=Column(Text))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class LlmEndpoint(SQLModel, table=True):
+    """Moonshot's llm_endpoint: an external OpenAI-compatible API the gateway routes to as a replica of the
+    model named by the endpoint's id."""
+
+    __tablename__ = "llm_endpoint"
+
+    id: str = Field(sa_column=Column(String(255), primary_key=True))
+    """The slug of the name, lower-cased."""
+    name: str = Field(sa_column=Column(String(255), nullable=False))
+    connector_type: str = Field(sa_column=Column(String(64), nullable=False))
+    uri: str = Field(sa_column=Column(Text, nullable=False))
+    token_sealed: str = Field(default="", sa_column=Column(Text, nullable=False, server_default="", **SECRET))
+    max_calls_per_second: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    max_concurrency: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    params: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
+    """A JSON object of defaults merged into every request sent to the endpoint."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
