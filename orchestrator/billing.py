@@ -5,6 +5,9 @@ catalog reloads the accounts under the same lock, so no fee is ever counted twic
 The rule (the connector's): a key whose month changed starts the month at zero; a fee is taken from the
 month's quota first and from the balance for the rest; a metered key that has used its quota and has no
 balance left is refused ("Please recharge."). Unmetered keys (the toolkit's) are charged but never refused.
+
+LlmEndpoint's credits are a second kind of charge: taken from the balance alone, whatever the key's kind, and
+checked against it before the call (`balance`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Ledger:
         self.lock = asyncio.Lock()
         self._accounts: dict[int, Account] = {}
         self._pending: dict[int, int] = {}
+        self._debits: dict[int, int] = {}
+        """Credits spent and not yet written: off the balance alone."""
 
     def may_spend(self, key_id: int, month: int) -> bool:
         account = self._accounts.get(key_id)
@@ -49,10 +54,18 @@ class Ledger:
         month_fee, balance = account.after(self._pending.get(key_id, 0), month)  # the hot path: no Account is built
         return month_fee < account.month_quota or balance > 0
 
-    def charge(self, key_id: int, fee: int) -> None:
-        """A call's fee, on the hot path: counted at once, written by the next flush."""
+    def charge(self, key_id: int, fee: int, *, on_balance: bool = False) -> None:
+        """A call's fee (or, `on_balance`, its credits), on the hot path: counted at once, written by the next flush."""
         if fee:
-            self._pending[key_id] = self._pending.get(key_id, 0) + fee
+            pending = self._debits if on_balance else self._pending
+            pending[key_id] = pending.get(key_id, 0) + fee
+
+    def balance(self, key_id: int, month: int) -> int:
+        """What is left on the key's balance as of now (what its credits are), or 0 for an unknown key."""
+        account = self._accounts.get(key_id)
+        if account is None:
+            return 0
+        return account.after(self._pending.get(key_id, 0), month)[1] - self._debits.get(key_id, 0)
 
     def account(self, key_id: int, month: int) -> Account | None:
         """The account with what is pending applied: what the key has as of now."""
@@ -63,12 +76,14 @@ class Ledger:
         """All accounts as read from the store (hold `lock` across the read and this call)."""
         self._accounts = accounts
 
-    def settle(self, written: Iterable[tuple[int, int]], fresh: dict[int, Account]) -> None:
-        """Fees written, as (key id, fee), and the accounts they left (hold `lock` across the write and this)."""
-        for key_id, fee in written:
-            left = self._pending.get(key_id, 0) - fee
+    def settle(self, written: Iterable[tuple[int, int, bool]], fresh: dict[int, Account]) -> None:
+        """Charges written, as (key id, fee, on_balance), and the accounts they left (hold `lock` across the write
+        and this)."""
+        for key_id, fee, on_balance in written:
+            pending = self._debits if on_balance else self._pending
+            left = pending.get(key_id, 0) - fee
             if left:
-                self._pending[key_id] = left
+                pending[key_id] = left
             else:
-                self._pending.pop(key_id, None)
+                pending.pop(key_id, None)
         self._accounts.update(fresh)

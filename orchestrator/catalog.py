@@ -1,5 +1,6 @@
-"""What the gateway serves from memory: API keys by hash (with the models each may call and what it may
-still spend), live models with their prices, and the READY replicas of each.
+"""What the gateway serves from memory: API keys by hash (with the models each may call, where they may be
+used from and what they may still spend), live models with their prices and credit rates, and what serves each
+model: its READY replicas, and the external llm_endpoint named like it.
 
 Reloaded from the store whenever an admin action or a health move changes it (and periodically, for changes
 made by another instance). Reloads keep the Target objects of replicas that stay, so in-flight counts survive.
@@ -7,23 +8,28 @@ made by another instance). Reloads keep the Target objects of replicas that stay
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from orchestrator.billing import CONNECTOR, Account, Ledger
 from orchestrator.crypto import SecretBox
-from orchestrator.endpoints import engine_urls
-from orchestrator.limits import TokenBucket
+from orchestrator.endpoints import engine_urls, external_api_base
+from orchestrator.limits import Gate, TokenBucket
 from orchestrator.store import GatewayView, Store
-from orchestrator.tables import ApiKey, LlmModel, row_id
+from orchestrator.tables import ApiKey, LlmEndpoint, LlmModel, row_id
 
 log = structlog.get_logger(__name__)
 
 EJECT_S = 5.0  # how long a replica that refused a connection stays out of the pool before a retry
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,6 +43,17 @@ class KeyInfo:
     group_id: int | None = None
     models: frozenset[int] | None = None
     """Ids of the models the key may call (bound to it or to its group); None: every model."""
+    allowed_ips: tuple[Network, ...] = ()
+    """Where the key may be used from; empty: anywhere."""
+
+    def allows(self, address: str | None) -> bool:
+        if not self.allowed_ips:
+            return True
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return False
+        return any(ip in net for net in self.allowed_ips)
 
     @property
     def connector(self) -> bool:
@@ -63,11 +80,20 @@ class ModelInfo:
     """Unix seconds."""
 
 
+@dataclass(slots=True, frozen=True)
+class CreditRate:
+    """LlmEndpoint's price of a model: units per character of the user's messages, and per max_tokens asked."""
+
+    input: int
+    output: int
+
+
 @dataclass(slots=True, eq=False)
 class Target:
-    """A READY replica as the router sees it."""
+    """A READY replica, or an external llm_endpoint, as the router sees it."""
 
-    replica_id: int
+    replica_id: int | None
+    """None: an external llm_endpoint (`endpoint_id`)."""
     model: str
     api_base: str
     headers: dict[str, str]
@@ -75,6 +101,11 @@ class Target:
     bucket: TokenBucket | None
     inflight: int = 0
     ejected_until: float = 0.0
+    endpoint_id: str | None = None
+    gate: Gate | None = None
+    """An endpoint's max_concurrency and max_calls_per_second: calls wait at it."""
+    params: dict[str, Any] | None = None
+    """An endpoint's defaults, merged into every request sent to it (its `model` replaces the client's)."""
 
     def available(self, now: float) -> bool:
         return self.ejected_until <= now and (self.bucket is None or self.bucket.has_token(now))
@@ -86,24 +117,35 @@ class Catalog:
         self._box = box
         self.ledger = ledger
         self.keys: dict[str, KeyInfo] = {}
+        self.keys_by_id: dict[int, KeyInfo] = {}
         self.models: dict[str, ModelInfo] = {}
+        self.rates: dict[str, CreditRate] = {}
         self.pools: dict[str, list[Target]] = {}
         self._targets: dict[int, Target] = {}
+        self._endpoints: dict[str, Target] = {}
 
     async def reload(self) -> None:
         # The ledger's lock: a flush of fees never lands between reading the accounts and installing them.
         async with self.ledger.lock:
             view = await self._store.gateway_view()
             self.keys = _keys(view)
+            self.keys_by_id = {k.id: k for k in self.keys.values()}
             self.ledger.replace({row_id(k.id): account_of(k) for k in view.keys})
-            self.models = {m.name: _model(m) for m in view.models}
+            models = {m.name: _model(m) for m in view.models}
+            self.rates = {r.model: CreditRate(r.input_rate, r.output_rate) for r in view.rates}
             targets: dict[int, Target] = {}
             pools: dict[str, list[Target]] = {}
             for row in view.ready:
                 target = self._target(row.replica_id, row.model, row.endpoint, row.engine_key_sealed, row.rate_limit)
                 targets[row.replica_id] = target
                 pools.setdefault(row.model, []).append(target)
-            self._targets, self.pools = targets, pools
+            endpoints: dict[str, Target] = {}
+            for ep in view.endpoints:
+                endpoints[ep.id] = target = self._endpoint(ep)
+                pools.setdefault(ep.id, []).append(target)
+                if ep.id not in models:  # the endpoint serves a model of its own name
+                    models[ep.id] = ModelInfo(0, ep.id, ep.connector_type, False, 0, 0, int(ep.created_at.timestamp()))
+            self.models, self._targets, self._endpoints, self.pools = models, targets, endpoints, pools
 
     def _target(self, replica_id: int, model: str, endpoint: str, sealed: str | None, rate_limit: int | None) -> Target:
         headers = {"Content-Type": "application/json"}
@@ -123,13 +165,37 @@ class Catalog:
             bucket=TokenBucket(rate_limit) if rate_limit else None,
         )
 
-    def pick(self, model: str, exclude: frozenset[int] | set[int] = frozenset()) -> Target | None:
+    def _endpoint(self, ep: LlmEndpoint) -> Target:
+        """An endpoint's Target; kept across reloads while the endpoint is unchanged (its gate holds calls)."""
+        headers = {"Content-Type": "application/json"}
+        token = self._box.open(ep.token_sealed) if ep.token_sealed else ""
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        params: dict[str, Any] = json.loads(ep.params) if ep.params else {}
+        api_base = external_api_base(ep.uri)
+        old = self._endpoints.get(ep.id)
+        if old is not None and old.gate is not None:
+            same_gate = (old.gate.concurrency, old.gate.per_second) == (ep.max_concurrency, ep.max_calls_per_second)
+            if same_gate and (old.api_base, old.headers, old.params) == (api_base, headers, params or None):
+                return old
+        return Target(
+            replica_id=None,
+            model=ep.id,
+            api_base=api_base,
+            headers=headers,
+            bucket=None,
+            endpoint_id=ep.id,
+            gate=Gate(ep.max_concurrency, ep.max_calls_per_second),
+            params=params or None,
+        )
+
+    def pick(self, model: str, exclude: set[Target] | frozenset[Target] = frozenset()) -> Target | None:
         """Least in-flight of two random available replicas (power of two choices); takes its slot."""
         pool = self.pools.get(model)
         if not pool:
             return None
         now = time.monotonic()
-        candidates = [t for t in pool if t.replica_id not in exclude and t.available(now)]
+        candidates = [t for t in pool if t not in exclude and t.available(now)]
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -149,7 +215,7 @@ class Catalog:
     @staticmethod
     def eject(target: Target) -> None:
         target.ejected_until = time.monotonic() + EJECT_S
-        log.warning("gateway.replica_ejected", replica_id=target.replica_id, for_s=EJECT_S)
+        log.warning("gateway.replica_ejected", replica_id=target.replica_id, endpoint=target.endpoint_id, for_s=EJECT_S)
 
 
 def account_of(key: ApiKey) -> Account:
@@ -170,8 +236,15 @@ def _keys(view: GatewayView) -> dict[str, KeyInfo]:
         models = None
         if k.kind == CONNECTOR:
             models = frozenset(by_key.get(key_id, set()) | by_group.get(k.group_id or 0, set()))
-        keys[k.key_hash] = KeyInfo(key_id, k.user_id, k.enabled, k.allowed_rpm, k.kind, k.role, k.group_id, models)
+        keys[k.key_hash] = KeyInfo(
+            key_id, k.user_id, k.enabled, k.allowed_rpm, k.kind, k.role, k.group_id, models, networks(k.allowed_ips)
+        )
     return keys
+
+
+def networks(allowed_ips: str) -> tuple[Network, ...]:
+    """A key's stored allowlist ("10.0.0.1, 192.168.0.0/24") as networks; the services store only valid ones."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in allowed_ips.split(",") if part.strip())
 
 
 def _models_of(bindings: Sequence[tuple[int, int]]) -> dict[int, set[int]]:

@@ -28,3 +28,14 @@ def engine_urls(endpoint: str) -> EngineUrls:
     if not path.endswith("/v1"):
         path = f"{path}/v1"
     return EngineUrls(origin=origin, api_base=origin + path)
+
+
+def external_api_base(uri: str) -> str:
+    """An external endpoint's OpenAI root: its URI less a trailing `/chat/completions` or `/completions`.
+
+    Unlike a replica's, no `/v1` is added: an external API's root is whatever its owner publishes."""
+    base = uri.strip().rstrip("/")
+    for suffix in _SUFFIXES:
+        if base.endswith(suffix):
+            return base[: -len(suffix)].rstrip("/")
+    return base

@@ -4,6 +4,7 @@ served from memory.
 
     GatewayError
     ├── Unauthorized     no key, an unknown key, or a disabled one
+    │   └── IpRefused    a key used from outside its IP allowlist
     ├── RateLimited      the key's requests-per-minute are used up
     ├── PaymentRequired  a metered key has spent its month's quota and its balance
     ├── UnknownModel     no live model of that name
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import msgspec
 import structlog
 
 from orchestrator import money
@@ -39,6 +41,11 @@ class GatewayError(Exception):
 
 class Unauthorized(GatewayError):
     pass
+
+
+class IpRefused(Unauthorized):
+    def __init__(self) -> None:
+        super().__init__("Unauthorized IP address")
 
 
 class RateLimited(GatewayError):
@@ -82,6 +89,23 @@ class Usage:
     total_tokens: int = 0
 
 
+class UsageDoc(msgspec.Struct):
+    """What the gateway reads of an answer or a stream event: its usage, if any, and whether it has choices."""
+
+    usage: Usage | None = None  # msgspec decodes straight into the dataclass
+    choices: list[object] = []
+
+
+USAGE_DECODER = msgspec.json.Decoder(UsageDoc)
+
+
+def usage_of(payload: bytes) -> Usage | None:
+    try:
+        return USAGE_DECODER.decode(payload).usage
+    except msgspec.DecodeError:
+        return None
+
+
 @dataclass(slots=True)
 class Call:
     target: Target
@@ -119,8 +143,11 @@ class Gateway:
         self._admin_key = admin_key
         self._on_unreachable = on_unreachable
         self._limiter = RpmLimiter()
+        self.on_finished: Callable[[str], None] | None = None
+        """Told the model of every finished call (the priority queue admits its next waiter)."""
 
-    def authenticate(self, raw_key: str | None) -> KeyInfo:
+    def authenticate(self, raw_key: str | None, client: str | None) -> KeyInfo:
+        """The key's record, if it is a key, enabled, and used from an address its allowlist has (`client`)."""
         if not raw_key:
             raise Unauthorized("missing API key")
         key = self.catalog.keys.get(hash_api_key(self._secret, raw_key))
@@ -130,15 +157,17 @@ class Gateway:
             raise Unauthorized("invalid API key")
         if not key.enabled:
             raise Unauthorized("invalid API key")
+        if key.allowed_ips and not key.allows(client):
+            raise IpRefused
         return key
 
-    def admit(self, key: KeyInfo) -> None:
-        """The key's rate limit, then its spend: refused before anything is sent upstream."""
+    def admit(self, key: KeyInfo, *, spend: bool = True) -> None:
+        """The key's rate limit, then (`spend`) its quota and balance: refused before anything is sent upstream."""
         if key is SERVER_ADMIN:
             return
         if not self._limiter.allow(key.id, key.allowed_rpm):
             raise RateLimited(key.allowed_rpm)
-        if not self.catalog.ledger.may_spend(key.id, money.month_of()):
+        if spend and not self.catalog.ledger.may_spend(key.id, money.month_of()):
             raise PaymentRequired
 
     def resolve(self, key: KeyInfo, name: str) -> ModelInfo:
@@ -159,30 +188,49 @@ class Gateway:
         return models if key.models is None else [m for m in models if m.id in key.models]
 
     async def open(self, model: str, path: str, body: bytes) -> Call:
-        """Send `body` to `path` under a READY replica's API root; another replica on a failed connection."""
-        tried: set[int] = set()
+        """Send `body` to `path` under a READY replica's API root (or an endpoint's, once its gate lets the call
+        through); another replica on a failed connection."""
+        tried: set[Target] = set()
         for _ in range(MAX_ATTEMPTS):
             target = self.catalog.pick(model, tried)
             if target is None:
                 break
             started = time.perf_counter()
+            if target.gate is not None:
+                try:
+                    await target.gate.enter()
+                except BaseException:  # cancelled while waiting
+                    self.catalog.release(target)
+                    raise
             try:
-                response = await self._upstream.post(target.api_base + path, body, target.headers)
+                response = await self._upstream.post(target.api_base + path, _for(target, body), target.headers)
             except ConnectFailed as e:
-                self.catalog.release(target)
-                tried.add(target.replica_id)
-                log.warning("gateway.connect_failed", replica_id=target.replica_id, refused=e.refused, error=str(e))
+                self._release(target)
+                tried.add(target)
+                log.warning(
+                    "gateway.connect_failed",
+                    replica_id=target.replica_id,
+                    endpoint=target.endpoint_id,
+                    refused=e.refused,
+                    error=str(e),
+                )
                 if e.refused:
                     self.catalog.eject(target)
-                    self._on_unreachable(target.replica_id)
+                    if target.replica_id is not None:
+                        self._on_unreachable(target.replica_id)
                 continue
             except BaseException:  # cancelled while connecting: the slot must still be given back
-                self.catalog.release(target)
+                self._release(target)
                 raise
             return Call(target, response, started)
         if tried:
             raise UpstreamFailed(f"no replica of {model} could be reached")
         raise NoReplica(model)
+
+    def _release(self, target: Target) -> None:
+        self.catalog.release(target)
+        if target.gate is not None:
+            target.gate.leave()
 
     def finish(  # noqa: PLR0917  (one call site, in the order the call happened)
         self,
@@ -195,15 +243,24 @@ class Gateway:
         *,
         stream: bool,
         session: str | None,
+        credits: int | None = None,
     ) -> None:
-        """Give the replica's slot back, charge the key and queue the record. Called once per opened call."""
-        self.catalog.release(call.target)
+        """Give the replica's slot back, charge the key and queue the record. Called once per opened call.
+
+        `credits`: the call is paid in LlmEndpoint credits, this many units off the key's balance, instead of by
+        its tokens at the model's prices."""
+        self._release(call.target)
         call.response.release()
         u = outcome.usage or Usage()
-        fee = money.fee(u.prompt_tokens, u.completion_tokens, model.price_in, model.price_out)
+        on_balance = credits is not None
+        fee = (
+            credits
+            if credits is not None
+            else money.fee(u.prompt_tokens, u.completion_tokens, model.price_in, model.price_out)
+        )
         client = None if key is SERVER_ADMIN else key.id
         if client is not None:
-            self.catalog.ledger.charge(client, fee)
+            self.catalog.ledger.charge(client, fee, on_balance=on_balance)
         now = time.perf_counter()
         self._records.add(
             CallRecord(
@@ -225,5 +282,19 @@ class Gateway:
                 price_in=model.price_in,
                 price_out=model.price_out,
                 fee=fee,
+                on_balance=on_balance,
             )
         )
+        if self.on_finished is not None:
+            self.on_finished(model.name)
+
+
+def _for(target: Target, body: bytes) -> bytes:
+    """The body as the target gets it: an endpoint's params merged in as defaults, its `model` replacing ours."""
+    if not target.params:
+        return body
+    doc = msgspec.json.decode(body)
+    for name, value in target.params.items():
+        if name == "model" or name not in doc:
+            doc[name] = value
+    return msgspec.json.encode(doc)

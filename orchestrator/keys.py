@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import string
 
@@ -39,3 +40,20 @@ def key_hint(api_key: str) -> str:
 def same_secret(given: str, expected: str) -> bool:
     """Compare two secrets in time independent of where they differ."""
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+MAX_ALLOWED_IPS = 100
+
+
+def allowlist(entries: list[str]) -> list[str]:
+    """IP addresses or networks a key may be used from, normalised ("10.0.0.1" -> "10.0.0.1/32"); ValueError
+    names the first entry that is neither. Stored comma-joined; an empty list means anywhere."""
+    if len(entries) > MAX_ALLOWED_IPS:
+        raise ValueError(f"at most {MAX_ALLOWED_IPS} entries")
+    out = []
+    for entry in entries:
+        try:
+            out.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+        except ValueError as e:
+            raise ValueError(f"{entry!r} is not an IP address or network") from e
+    return out

@@ -1,7 +1,9 @@
-"""In-memory rate limits: a sliding-window requests-per-minute counter per API key, a token bucket per replica."""
+"""In-memory rate limits: a sliding-window requests-per-minute counter per API key, a token bucket per replica,
+and the gate of an external endpoint (at most so many calls at once, started so far apart)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,3 +60,35 @@ class TokenBucket:
 
     def take(self) -> None:
         self.tokens -= 1
+
+
+class Gate:
+    """An external endpoint's limits: at most `concurrency` calls at once (a semaphore), each started at least
+    1/`per_second` s after the previous one (a spacing, not a burst). 0 means no limit. Calls wait, in order."""
+
+    def __init__(self, concurrency: int, per_second: int) -> None:
+        self.concurrency = concurrency
+        self.per_second = per_second
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._spacing = 1.0 / per_second if per_second else 0.0
+        self._next_start = 0.0
+
+    async def enter(self) -> None:
+        """Wait for a slot and for the call's start time; the caller calls `leave` once done (not if cancelled)."""
+        if self._slots is not None:
+            await self._slots.acquire()
+        if not self._spacing:
+            return
+        try:
+            now = time.monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + self._spacing
+            if start > now:
+                await asyncio.sleep(start - now)
+        except BaseException:
+            self.leave()
+            raise
+
+    def leave(self) -> None:
+        if self._slots is not None:
+            self._slots.release()

@@ -45,6 +45,8 @@ class Charge:
     key_id: int
     month: int
     fee: int
+    on_balance: bool = False
+    """Credits: off the balance alone, whatever the key's quota."""
 
 
 class RecordStore:
@@ -165,16 +167,17 @@ async def _charge(conn: AsyncConnection, c: Charge) -> Account:
     month_fee = case((col(ApiKey.fee_month) == c.month, col(ApiKey.month_fee)), else_=0)
     room = case((col(ApiKey.month_quota) > month_fee, col(ApiKey.month_quota) - month_fee), else_=0)
     from_quota = case((col(ApiKey.kind) != CONNECTOR, fee), (room > fee, fee), else_=room)
+    values: dict[str, Any] = {"total_fee": col(ApiKey.total_fee) + fee, "updated_at": utcnow()}
+    if c.on_balance:
+        values["balance"] = col(ApiKey.balance) - fee
+    else:
+        values.update(
+            month_fee=month_fee + from_quota, balance=col(ApiKey.balance) - (fee - from_quota), fee_month=c.month
+        )
     stmt = (
         update(ApiKey)
         .where(col(ApiKey.id) == c.key_id)
-        .values(
-            month_fee=month_fee + from_quota,
-            balance=col(ApiKey.balance) - (fee - from_quota),
-            total_fee=col(ApiKey.total_fee) + fee,
-            fee_month=c.month,
-            updated_at=utcnow(),
-        )
+        .values(**values)
         .returning(
             col(ApiKey.month_quota), col(ApiKey.balance), col(ApiKey.month_fee), col(ApiKey.fee_month), col(ApiKey.kind)
         )

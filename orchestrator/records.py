@@ -35,7 +35,8 @@ class CallRecord:
     """Unix seconds."""
     duration: float
     first_byte: float | None
-    replica_id: int
+    replica_id: int | None
+    """None: an external llm_endpoint served the call."""
     status: int
     prompt_tokens: int
     completion_tokens: int
@@ -43,6 +44,8 @@ class CallRecord:
     price_in: int
     price_out: int
     fee: int
+    on_balance: bool = False
+    """The fee is LlmEndpoint credits, taken off the balance alone."""
 
 
 class CallRecords:
@@ -68,7 +71,7 @@ class CallRecords:
             rows, sessions, charges = _batch(calls)
             async with self._ledger.lock:
                 fresh = await self._store.write_calls(rows, sessions, charges)
-                self._ledger.settle(((c.key_id, c.fee) for c in charges), fresh)
+                self._ledger.settle(((c.key_id, c.fee, c.on_balance) for c in charges), fresh)
         except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
             self._calls[:0] = calls
             raise
@@ -78,7 +81,7 @@ class CallRecords:
 def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], list[Charge]]:
     rows: list[CallRow] = []
     sessions: dict[tuple[int, str], SessionSum] = {}
-    charges: dict[tuple[int, int], int] = {}
+    charges: dict[tuple[int, int, bool], int] = {}
     for call in calls:
         whole, last = prompt_texts(call.kind, call.request)
         completion = completion_text(call.answer)
@@ -109,7 +112,8 @@ def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], li
             continue
         if call.fee:
             month = month_of(call.created)
-            charges[(call.key_id, month)] = charges.get((call.key_id, month), 0) + call.fee
+            charge = (call.key_id, month, call.on_balance)
+            charges[charge] = charges.get(charge, 0) + call.fee
         if row.session_key is not None:
             totals = sessions.get((call.key_id, row.session_key))
             if totals is None:
@@ -119,7 +123,10 @@ def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], li
             totals.fee += call.fee
             if not call.stream and call.status == 200 and completion:  # the connector's client titles this way
                 totals.title = completion[:TITLE_CHARS]
-    ordered = [Charge(key_id, month, fee) for (key_id, month), fee in sorted(charges.items(), key=lambda i: i[0][1])]
+    ordered = [
+        Charge(key_id, month, fee, on_balance)
+        for (key_id, month, on_balance), fee in sorted(charges.items(), key=lambda i: i[0][1])
+    ]
     return rows, list(sessions.values()), ordered
 
 

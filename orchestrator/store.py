@@ -21,8 +21,10 @@ from orchestrator.lifecycle import DELETABLE, ReplicaStatus, check_move
 from orchestrator.listing import Page, found, paged
 from orchestrator.tables import (
     ApiKey,
+    CreditRate,
     GroupModel,
     KeyModel,
+    LlmEndpoint,
     LlmModel,
     Metric,
     Replica,
@@ -68,6 +70,8 @@ class GatewayView:
     """(key id, model id) bindings."""
     group_models: Sequence[tuple[int, int]]
     """(group id, model id) bindings."""
+    rates: Sequence[CreditRate]
+    endpoints: Sequence[LlmEndpoint]
 
 
 class Store:
@@ -358,6 +362,8 @@ class Store:
             keys = (await s.exec(select(ApiKey))).all()
             key_models = (await s.exec(select(col(KeyModel.key_id), col(KeyModel.model_id)))).all()
             group_models = (await s.exec(select(col(GroupModel.group_id), col(GroupModel.model_id)))).all()
+            rates = (await s.exec(select(CreditRate))).all()
+            endpoints = (await s.exec(select(LlmEndpoint).order_by(col(LlmEndpoint.id)))).all()
         return GatewayView(
             models=models,
             ready=[
@@ -366,6 +372,8 @@ class Store:
             keys=keys,
             key_models=key_models,
             group_models=group_models,
+            rates=rates,
+            endpoints=endpoints,
         )
 
     # -- table browser ----------------------------------------------------------------------

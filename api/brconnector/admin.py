@@ -45,6 +45,7 @@ class KeyController(Controller):
             month_quota=s.units("month_quota", data.month_quota),
             balance=s.units("balance", data.balance),
             allowed_rpm=data.allowed_rpm,
+            allowed_ips=",".join(data.allowed_ips),
         )
         return ok(s.key_out(key, api_key=plain))
 
@@ -55,6 +56,8 @@ class KeyController(Controller):
             changes["group_id"] = changes["group_id"] or None
         if "month_quota" in changes:
             changes["month_quota"] = s.units("month_quota", data.month_quota)
+        if "allowed_ips" in changes:
+            changes["allowed_ips"] = ",".join(changes["allowed_ips"])
         return ok(s.key_out(await deps.accounts.update(data.id, changes)))
 
     @post("/recharge", status_code=HTTP_200_OK)

@@ -23,11 +23,11 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
 )
 
-from api.gateway.routes import credentials
+from api.gateway.routes import client_address, credentials
 from orchestrator.catalog import KeyInfo
 from orchestrator.deps import Deps
 from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound
-from orchestrator.gateway import Unauthorized
+from orchestrator.gateway import IpRefused, Unauthorized
 from orchestrator.listing import Page
 
 log = structlog.get_logger(__name__)
@@ -62,7 +62,9 @@ def _authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
     if not token:
         raise NotAuthorizedException(NO_KEY)
     try:
-        key = deps.gateway.authenticate(token)
+        key = deps.gateway.authenticate(token, client_address(connection.scope))  # type: ignore[arg-type]
+    except IpRefused as e:
+        raise NotAuthorizedException(str(e)) from e
     except Unauthorized as e:
         raise NotAuthorizedException(BAD_KEY) from e
     connection.scope.setdefault("state", {})["caller"] = key

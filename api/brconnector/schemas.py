@@ -8,11 +8,12 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from orchestrator import money
 from orchestrator.account_store import Binding
 from orchestrator.errors import InvalidInput
+from orchestrator.keys import allowlist
 from orchestrator.tables import ApiKey, ChatSession, KeyGroup, LlmModel, Metric, Payment, row_id
 
 MAX_ID = 2**31 - 1
@@ -23,6 +24,8 @@ Name = Annotated[str, Field(min_length=1, max_length=255)]
 Rpm = Annotated[int, Field(ge=1, le=10**9)]
 Role = Literal["user", "admin"]
 Amount = Decimal | None
+AllowedIps = Annotated[list[str], AfterValidator(allowlist)]
+"""Addresses or networks a key may be used from; [] means anywhere."""
 
 
 class _Body(BaseModel):
@@ -37,6 +40,7 @@ class ApplyKeyIn(_Body):
     month_quota: Amount = None
     balance: Amount = None
     allowed_rpm: Rpm | None = None
+    allowed_ips: AllowedIps = []
 
 
 class UpdateKeyIn(_Body):
@@ -47,6 +51,7 @@ class UpdateKeyIn(_Body):
     email: str | None = Field(default=None, max_length=255)
     month_quota: Amount = None
     allowed_rpm: Rpm | None = None
+    allowed_ips: AllowedIps | None = None
 
 
 class KeyRefIn(_Body):
@@ -143,6 +148,7 @@ def key_out(key: ApiKey, *, group_name: str | None = None, api_key: str | None =
         "key_hint": key.key_hint,
         "enabled": key.enabled,
         "allowed_rpm": key.allowed_rpm,
+        "allowed_ips": key.allowed_ips.split(",") if key.allowed_ips else [],
         "created_at": key.created_at,
         "updated_at": key.updated_at,
     }

@@ -10,6 +10,7 @@ from api.gateway.bodies import BadBody
 from orchestrator.gateway import (
     Forbidden,
     GatewayError,
+    IpRefused,
     NoReplica,
     PaymentRequired,
     RateLimited,
@@ -36,6 +37,8 @@ _SEE_MODELS = "Call `/v1/models` to view available models for your key."
 
 def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per error kind)
     match e:
+        case IpRefused():
+            return _openai(401, str(e), "authentication_error")
         case Unauthorized():
             return _openai(401, "Invalid API key.", "authentication_error")
         case RateLimited():
@@ -63,6 +66,8 @@ def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per
 
 def toolkit_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per error kind)
     match e:
+        case IpRefused():
+            return ErrorAnswer(401, b'{"error":"Unauthorized IP address"}')
         case Unauthorized():
             return ErrorAnswer(401, b'{"error":"Invalid API key."}')
         case RateLimited():

@@ -14,27 +14,12 @@ import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
-from orchestrator.gateway import Call, Outcome, UpstreamFailed, Usage
+from orchestrator.gateway import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, usage_of
 
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
 WATCH_AFTER_S = 0.05
 """Requests still running after this get a disconnect watcher; a task for every short call costs ~10% of
 the gateway's throughput, and a call abandoned within 50 ms wastes little engine time."""
-
-
-class _WithUsage(msgspec.Struct):
-    usage: Usage | None = None  # msgspec decodes straight into the gateway's dataclass
-    choices: list[object] = []
-
-
-_USAGE_DECODER = msgspec.json.Decoder(_WithUsage)
-
-
-def usage_of(payload: bytes) -> Usage | None:
-    try:
-        return _USAGE_DECODER.decode(payload).usage
-    except msgspec.DecodeError:
-        return None
 
 
 async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Receive) -> int:
@@ -133,7 +118,7 @@ def _take_usage(events: bytes, keep: bool) -> tuple[bytes, Usage | None]:
     for event in events.split(b"\n\n"):
         if b'"usage":{' in event and event.startswith(b"data: {"):
             try:
-                parsed = _USAGE_DECODER.decode(event[6:])
+                parsed = USAGE_DECODER.decode(event[6:])
             except msgspec.DecodeError:  # not ours to judge: pass the event through untouched
                 parsed = None
             if parsed is not None and parsed.usage is not None:

@@ -51,6 +51,12 @@ def match(path: str) -> Route | None:
     return None
 
 
+def client_address(scope: HTTPScope) -> str | None:
+    """The address the request came from (as the server saw it: no proxy header is trusted)."""
+    client = scope.get("client")
+    return client[0] if client else None
+
+
 def credentials(scope: HTTPScope) -> tuple[str | None, str | None]:
     """(the API key, the Session-Id) from the request's headers, in one pass."""
     key = session = None
@@ -65,7 +71,7 @@ def credentials(scope: HTTPScope) -> tuple[str | None, str | None]:
     return key, session
 
 
-async def _body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -79,11 +85,12 @@ async def _body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _answer(send: Send, answer: ErrorAnswer) -> int:
-    headers = [(b"content-type", b"application/json"), *answer.headers]
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
-    return answer.status
+async def answer(send: Send, reply: ErrorAnswer) -> int:
+    """Send a whole JSON answer; returns its status."""
+    headers = [(b"content-type", b"application/json"), *reply.headers]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+    return reply.status
 
 
 class GatewayRoutes:
@@ -105,24 +112,24 @@ class GatewayRoutes:
         errors = toolkit_error if route.toolkit else openai_error
         method = scope["method"]
         if route.kind is None:
-            return await (self._models(scope, send) if method == "GET" else _answer(send, _not_allowed(route)))
+            return await (self._models(scope, send) if method == "GET" else answer(send, _not_allowed(route)))
         if method != "POST":
-            return await _answer(send, _not_allowed(route))
+            return await answer(send, _not_allowed(route))
         gw = self._gw
         kind = route.kind
         raw_key, session = credentials(scope)
         try:
-            key = gw.authenticate(raw_key)
+            key = gw.authenticate(raw_key, client_address(scope))
             gw.admit(key)
             if session is not None and len(session) > MAX_SESSION_ID:
                 raise BadBody(f"Session-Id must be at most {MAX_SESSION_ID} characters.")
-            raw = await _body(receive)
+            raw = await read_body(receive)
             parsed = parse(raw, kind, path_model=route.path_model, toolkit=route.toolkit)
             model = gw.resolve(key, parsed.model)
             body = parsed.body if model.name == parsed.model else with_model(parsed.body, model.name)
             call = await gw.open(model.name, "/chat/completions" if kind == "chat" else "/completions", body)
         except (GatewayError, BadBody) as e:
-            return await _answer(send, errors(e))
+            return await answer(send, errors(e))
         outcome = Outcome(500)
 
         async def relay() -> int:
@@ -136,21 +143,21 @@ class GatewayRoutes:
         try:
             outcome.status = await until_disconnected(relay, receive)
         except UpstreamFailed as e:  # broke off before anything was sent
-            outcome.status = await _answer(send, errors(e))
+            outcome.status = await answer(send, errors(e))
         finally:
             gw.finish(call, key, model, kind, raw, outcome, stream=parsed.stream, session=session)
         return outcome.status
 
     async def _models(self, scope: HTTPScope, send: Send) -> int:
         try:
-            key = self._gw.authenticate(credentials(scope)[0])
+            key = self._gw.authenticate(credentials(scope)[0], client_address(scope))
         except GatewayError as e:
-            return await _answer(send, openai_error(e))
+            return await answer(send, openai_error(e))
         data = [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": m.provider, "multiple": m.multiple}
             for m in self._gw.visible_models(key)
         ]
-        return await _answer(send, ErrorAnswer(200, msgspec.json.encode({"object": "list", "data": data})))
+        return await answer(send, ErrorAnswer(200, msgspec.json.encode({"object": "list", "data": data})))
 
 
 def _not_allowed(route: Route) -> ErrorAnswer:

@@ -33,7 +33,9 @@ class ApiKeyController(Controller):
 
     @post("/generate_api_key", status_code=HTTP_200_OK)
     async def generate(self, deps: NamedDependency[Deps], data: JSONBody[s.GenerateApiKeyIn]) -> s.IssuedKeyOut:
-        issued = await deps.api_keys.issue(data.user_id, allowed_rpm=data.allowed_rpm, name=data.name)
+        issued = await deps.api_keys.issue(
+            data.user_id, allowed_rpm=data.allowed_rpm, name=data.name, allowed_ips=",".join(data.allowed_ips)
+        )
         return s.IssuedKeyOut(api_key=issued.api_key, id=issued.id, enabled=issued.enabled)
 
     @post("/delete_api_key", status_code=HTTP_200_OK)

@@ -8,10 +8,11 @@ from datetime import datetime
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from infra.vm import Rule
+from orchestrator.keys import allowlist
 from orchestrator.services.replicas import ReplicaSpec, VmSpec
 
 FIELD_RULE = "field_rule"
@@ -42,6 +43,8 @@ class GenerateApiKeyIn(_In):
     user_id: Name
     allowed_rpm: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     name: Annotated[str, Field(max_length=255)] | None = None
+    allowed_ips: Annotated[list[str], AfterValidator(allowlist)] = []
+    """Addresses or networks the key may be used from (LlmEndpoint's IP whitelist); [] means anywhere."""
 
 
 class DeleteApiKeyIn(_In):

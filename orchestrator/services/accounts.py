@@ -57,6 +57,7 @@ class AccountService:
         month_quota: int,
         balance: int,
         allowed_rpm: int | None = None,
+        allowed_ips: str = "",
     ) -> tuple[ApiKey, str]:
         plain = new_connector_key()
         key = ApiKey(
@@ -72,6 +73,7 @@ class AccountService:
             month_quota=month_quota,
             balance=balance,
             fee_month=month_of(),
+            allowed_ips=allowed_ips,
         )
         key = await self._store.add_key(key)
         await self._on_change()

@@ -30,7 +30,9 @@ class ApiKeyService:
         self._secret = secret_key
         self._on_change = on_change
 
-    async def issue(self, user_id: str, *, allowed_rpm: int | None = None, name: str | None = None) -> IssuedKey:
+    async def issue(
+        self, user_id: str, *, allowed_rpm: int | None = None, name: str | None = None, allowed_ips: str = ""
+    ) -> IssuedKey:
         plain = new_api_key()
         row = ApiKey(
             user_id=user_id,
@@ -38,6 +40,7 @@ class ApiKeyService:
             key_hash=hash_api_key(self._secret, plain),
             key_hint=key_hint(plain),
             allowed_rpm=allowed_rpm if allowed_rpm is not None else DEFAULT_RPM,
+            allowed_ips=allowed_ips,
         )
         row = await self._store.create_api_key(row)
         await self._on_change()

@@ -1,0 +1,159 @@
+"""LlmEndpoint's `POST /api/v1/completions` as raw ASGI: `{"success": true, "response": "..."}`, or an NDJSON
+stream of `{"role": "assistant", "content": "..."}` lines read off the replica's SSE stream."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import msgspec
+from litestar.types import HTTPScope, Receive, Send
+
+from api.gateway.envelopes import ErrorAnswer, TooLarge
+from api.gateway.relay import until_disconnected
+from api.gateway.routes import answer, client_address, credentials, read_body
+from orchestrator.catalog import KeyInfo, ModelInfo
+from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
+from orchestrator.llmendpoint import Completions, LlmEndpointError, Valid, engine_error, parse
+from orchestrator.metrics import Metrics
+
+COMPLETIONS_PATH = "/api/v1/completions"
+NO_KEY = "Authorization header required"
+BAD_KEY = "Invalid API key"
+
+
+def failure(status: int, message: str, detail: str | None = None) -> ErrorAnswer:
+    body: dict[str, object] = {"success": False, "message": message}
+    if detail:
+        body["detail"] = detail
+    return ErrorAnswer(status, msgspec.json.encode(body))
+
+
+def authenticate(gateway: Gateway, scope: HTTPScope) -> KeyInfo:
+    """The key of an LlmEndpoint request (`Authorization: <key>` or `Bearer <key>`), with its exact refusals."""
+    raw_key, _ = credentials(scope)
+    if not raw_key:
+        raise LlmEndpointError(401, NO_KEY)
+    try:
+        return gateway.authenticate(raw_key, client_address(scope))
+    except IpRefused as e:
+        raise LlmEndpointError(401, str(e)) from e
+    except Unauthorized as e:
+        raise LlmEndpointError(401, BAD_KEY) from e
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _StreamChoice(msgspec.Struct):
+    delta: _Delta | None = None
+
+
+class _Event(msgspec.Struct):
+    choices: list[_StreamChoice] = []
+    usage: Usage | None = None
+
+
+_EVENT = msgspec.json.Decoder(_Event)
+_LINE = msgspec.json.Encoder()
+
+
+class CompletionRoute:
+    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+        self._gw = gateway
+        self._completions = Completions(gateway)
+        self._metrics = metrics
+
+    async def __call__(self, scope: HTTPScope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        self._metrics.inflight.inc()
+        status = 500
+        try:
+            status = await self._serve(scope, receive, send)
+        finally:
+            self._metrics.inflight.dec()
+            self._metrics.observe("llmendpoint", status, time.perf_counter() - started)
+
+    async def _serve(self, scope: HTTPScope, receive: Receive, send: Send) -> int:
+        if scope["method"] != "POST":
+            return await answer(send, failure(405, "Method Not Allowed"))
+        try:
+            key = authenticate(self._gw, scope)
+            req = parse(await read_body(receive))
+            if not req.stream:
+                text = await self._completions.complete(key, req)
+                return await answer(send, ErrorAnswer(200, msgspec.json.encode({"success": True, "response": text})))
+            model, price = self._completions.admit(key, req)
+            call = await self._completions.open(model, req)
+        except LlmEndpointError as e:
+            return await answer(send, failure(e.status, e.message, e.detail))
+        except TooLarge as e:
+            return await answer(send, failure(413, str(e)))
+        return await self._stream(call, key, model, req, price, send, receive)
+
+    async def _stream(  # noqa: PLR0917  (one call site)
+        self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, price: int, send: Send, receive: Receive
+    ) -> int:
+        outcome = Outcome(500)
+
+        async def relay() -> int:
+            nonlocal outcome
+            outcome = await _relay_ndjson(call, send)
+            return outcome.status
+
+        try:
+            outcome.status = await until_disconnected(relay, receive)
+        finally:
+            self._completions.finish(call, key, model, req, outcome, price=price)
+        return outcome.status
+
+
+async def _relay_ndjson(call: Call, send: Send) -> Outcome:
+    response = call.response
+    if response.status != 200:
+        try:
+            payload = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            payload = b""
+        e = engine_error(response.status, payload)
+        return Outcome(await answer(send, failure(e.status, e.message, e.detail)), None, payload)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")],
+        }
+    )
+    usage: Usage | None = None
+    pending = b""
+    status = 200
+    events: list[bytes] = []  # the replica's events, for the call's record
+    first_byte: float | None = None
+    try:
+        async for chunk in response.content.iter_any():
+            pending += chunk
+            if b"\n\n" not in pending:
+                continue
+            complete, _, pending = pending.rpartition(b"\n\n")
+            events.append(complete + b"\n\n")
+            lines = bytearray()
+            for event in complete.split(b"\n\n"):
+                if not event.startswith(b"data: {"):
+                    continue
+                try:
+                    parsed = _EVENT.decode(event[6:])
+                except msgspec.DecodeError:
+                    continue
+                usage = parsed.usage or usage
+                for choice in parsed.choices[:1]:
+                    if choice.delta is not None and choice.delta.content:
+                        lines += _LINE.encode({"role": "assistant", "content": choice.delta.content}) + b"\n"
+            if lines:
+                if first_byte is None:
+                    first_byte = time.perf_counter()
+                await send({"type": "http.response.body", "body": bytes(lines), "more_body": True})
+    except (aiohttp.ClientError, TimeoutError):
+        status = 502  # the replica broke off mid-stream: end ours cleanly
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return Outcome(status, usage, events, first_byte)

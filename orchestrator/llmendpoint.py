@@ -1,0 +1,243 @@
+"""LlmEndpoint's completions: its request, its credit price, and a call made through the gateway.
+
+A call costs (characters of the user's messages x the model's input rate + max_tokens x its output rate),
+known before the call, checked against the key's balance (402 when short) and taken off it when the call
+succeeds. The request becomes an OpenAI chat request for the replica: `num_context` as vLLM's
+`truncate_prompt_tokens` (the prompt keeps its last num_context tokens, as a context window does) and
+`output_format: "json"` as `response_format: {"type": "json_object"}`.
+
+    LlmEndpointError (status, message: LlmEndpoint's exact words)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import aiohttp
+import msgspec
+
+from orchestrator import money
+from orchestrator.catalog import SERVER_ADMIN, KeyInfo, ModelInfo
+from orchestrator.gateway import (
+    Call,
+    Forbidden,
+    Gateway,
+    NoReplica,
+    Outcome,
+    RateLimited,
+    UnknownModel,
+    UpstreamFailed,
+    usage_of,
+)
+
+REQUIRED = "messages, model, max_tokens, and temperature are required"
+INVALID = "Invalid request"
+NO_PRICING = "Model pricing not found"
+NO_CREDITS = "Insufficient credits"
+NO_HOSTS = "Max attempts reached - no available hosts"
+MAX_TOKENS = 1_000_000
+MAX_CONTEXT = 1_048_576
+
+
+class LlmEndpointError(Exception):
+    def __init__(self, status: int, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        """What exactly was wrong, beside LlmEndpoint's fixed message."""
+
+
+class Message(msgspec.Struct):
+    role: Literal["user", "assistant", "system"]
+    content: str
+
+
+class Request(msgspec.Struct, omit_defaults=True):
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | msgspec.UnsetType = msgspec.UNSET
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | msgspec.UnsetType = msgspec.UNSET
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.7
+    num_context: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)] = 2048
+    stream: bool = False
+    output_format: Literal["default", "json"] = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Valid:
+    """A request with every required field, as the engine and the task queue get it."""
+
+    messages: list[Message]
+    model: str
+    max_tokens: int
+    temperature: float
+    num_context: int
+    stream: bool
+    output_format: Literal["default", "json"]
+
+    def engine_body(self) -> bytes:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "truncate_prompt_tokens": self.num_context,
+            "stream": self.stream,
+        }
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        if self.output_format == "json":
+            body["response_format"] = {"type": "json_object"}
+        return msgspec.json.encode(body)
+
+    def stored(self) -> str:
+        """The request as the task queue keeps it (JSON)."""
+        return msgspec.json.encode(
+            Request(
+                self.messages,
+                self.model,
+                self.max_tokens,
+                self.temperature,
+                self.num_context,
+                False,
+                self.output_format,
+            )
+        ).decode()
+
+
+_DECODER = msgspec.json.Decoder(Request)
+
+
+def parse(raw: bytes, *, stream_allowed: bool = True) -> Valid:
+    try:
+        req = _DECODER.decode(raw)
+    except msgspec.ValidationError as e:
+        raise LlmEndpointError(400, INVALID, str(e)) from e
+    except msgspec.DecodeError as e:
+        raise LlmEndpointError(400, INVALID, f"the body is not JSON: {e}") from e
+    if (
+        isinstance(req.messages, msgspec.UnsetType)
+        or isinstance(req.model, msgspec.UnsetType)
+        or isinstance(req.max_tokens, msgspec.UnsetType)
+    ):
+        raise LlmEndpointError(400, REQUIRED)
+    stream = req.stream and stream_allowed
+    return Valid(req.messages, req.model, req.max_tokens, req.temperature, req.num_context, stream, req.output_format)
+
+
+def cost(req: Valid, rate_in: int, rate_out: int) -> int:
+    """What the call costs, in units: the user's characters at the input rate, max_tokens at the output rate."""
+    chars = sum(len(m.content) for m in req.messages if m.role == "user")
+    return chars * rate_in + req.max_tokens * rate_out
+
+
+class _Choice(msgspec.Struct):
+    message: _Text | None = None
+
+
+class _Text(msgspec.Struct):
+    content: str | None = None
+
+
+class _Answer(msgspec.Struct):
+    choices: list[_Choice] = []
+
+
+class _Error(msgspec.Struct):
+    message: str | None = None
+
+
+class _Failure(msgspec.Struct):
+    error: _Error | str | None = None
+    message: str | None = None
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+_FAILURE = msgspec.json.Decoder(_Failure)
+
+
+def answer_text(payload: bytes) -> str:
+    try:
+        choices = _ANSWER.decode(payload).choices
+    except msgspec.DecodeError as e:
+        raise LlmEndpointError(502, "The model's host answered something that is not a completion.") from e
+    message = choices[0].message if choices else None
+    return (message.content or "") if message is not None else ""
+
+
+def engine_error(status: int, payload: bytes) -> LlmEndpointError:
+    """An engine's refusal, passed on: its 4xx as a 400 with its message, anything else as a host failure."""
+    try:
+        failure = _FAILURE.decode(payload)
+        error = failure.error
+        text = error.message if isinstance(error, _Error) else error or failure.message
+    except msgspec.DecodeError:
+        text = None
+    if 400 <= status < 500:
+        return LlmEndpointError(400, text or INVALID)
+    return LlmEndpointError(502, "The model's host failed.", text)
+
+
+class Completions:
+    """LlmEndpoint calls through the gateway: admission, credits, the call, and its charge."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    def admit(self, key: KeyInfo, req: Valid) -> tuple[ModelInfo, int]:
+        """(the model, the call's cost in units), or the refusal; nothing is sent anywhere yet."""
+        gw = self._gw
+        rate = gw.catalog.rates.get(req.model)
+        if rate is None:
+            raise LlmEndpointError(400, NO_PRICING)
+        try:
+            gw.admit(key, spend=False)
+            model = gw.resolve(key, req.model)
+        except RateLimited as e:
+            raise LlmEndpointError(429, str(e)) from e
+        except Forbidden as e:
+            raise LlmEndpointError(403, str(e)) from e
+        except UnknownModel as e:
+            raise LlmEndpointError(400, NO_HOSTS, f"no model named {req.model} is served") from e
+        price = cost(req, rate.input, rate.output)
+        if key is not SERVER_ADMIN and gw.catalog.ledger.balance(key.id, money.month_of()) < price:
+            raise LlmEndpointError(402, NO_CREDITS)
+        return model, price
+
+    async def open(self, model: ModelInfo, req: Valid) -> Call:
+        try:
+            return await self._gw.open(model.name, "/chat/completions", req.engine_body())
+        except (NoReplica, UpstreamFailed) as e:
+            raise LlmEndpointError(400, NO_HOSTS, str(e)) from e
+
+    def finish(self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, outcome: Outcome, *, price: int) -> None:
+        """Account for the call: its credits are taken only when it succeeded."""
+        self._gw.finish(
+            call,
+            key,
+            model,
+            "chat",
+            req.engine_body(),
+            outcome,
+            stream=req.stream,
+            session=None,
+            credits=price if outcome.status == 200 else 0,
+        )
+
+    async def complete(self, key: KeyInfo, req: Valid) -> str:
+        """A whole (non-stream) completion's text; raises LlmEndpointError."""
+        model, price = self.admit(key, req)
+        call = await self.open(model, req)
+        outcome = Outcome(500)
+        try:
+            payload = await call.response.read()
+            outcome = Outcome(call.response.status, usage_of(payload), payload)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            outcome.status = 502
+            raise LlmEndpointError(400, NO_HOSTS, f"the host broke off its answer: {type(e).__name__}") from e
+        finally:
+            self.finish(call, key, model, req, outcome, price=price)
+        if outcome.status != 200:
+            raise engine_error(outcome.status, payload)
+        return answer_text(payload)
