@@ -19,6 +19,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from api.brconnector.bots import FeishuReceiver
 from api.brconnector.routes import connector_routers
 from api.gateway.routes import GatewayRoutes, match
+from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
+from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
 from orchestrator.bootstrap import Runtime
@@ -49,13 +51,17 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
 
 def create_app(runtime: Runtime) -> ASGIApp:
     """The gateway's paths go straight to their raw ASGI handlers; everything else to the Litestar app."""
-    gateway = GatewayRoutes(runtime.deps.gateway, runtime.deps.metrics)
+    gateway = GatewayRoutes(runtime.deps.gateway, runtime.deps.metrics, runtime.deps.queues)
+    llm_completions = CompletionRoute(runtime.deps.gateway, runtime.deps.metrics)
 
     async def front(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP:
             route = match(scope["path"])
             if route is not None:
                 await gateway(scope, receive, send, route)
+                return
+            if scope["path"] == COMPLETIONS_PATH:
+                await llm_completions(scope, receive, send)
                 return
         await admin(scope, receive, send)
 
@@ -77,7 +83,7 @@ def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:
             await runtime.stop()
 
     return Litestar(
-        route_handlers=[health, metrics, toolkit_router(), *connector_routers()],
+        route_handlers=[health, metrics, toolkit_router(), *connector_routers(), moonshot_router()],
         state=State({"deps": runtime.deps, "feishu_receiver": receiver}),
         lifespan=[lifespan],
         exception_handlers={HTTPException: _on_http, Exception: _on_unexpected},

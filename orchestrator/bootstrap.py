@@ -15,12 +15,14 @@ from orchestrator.catalog import Catalog
 from orchestrator.crypto import SecretBox
 from orchestrator.db import make_engine, make_sessions, upgrade
 from orchestrator.deps import Deps, Nudge
+from orchestrator.endpoint_store import EndpointStore
 from orchestrator.engine_plans import sandbox_plans, vllm_plans
 from orchestrator.feishu import FeishuClient
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor, HealthPolicy
 from orchestrator.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.metrics import Metrics
+from orchestrator.priority import PriorityQueues
 from orchestrator.record_store import RecordStore
 from orchestrator.records import CallRecords
 from orchestrator.scheduler import build_scheduler
@@ -28,6 +30,7 @@ from orchestrator.security import Network
 from orchestrator.services.accounts import AccountService
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.bots import BotService
+from orchestrator.services.llm_endpoints import LlmEndpointService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
@@ -82,6 +85,17 @@ def build_deps(settings: Settings) -> Deps:
         ),
         on_moved=on_moved,
     )
+    gateway = Gateway(
+        catalog,
+        upstream,
+        records,
+        secret_key=keys.secret_key,
+        admin_key=keys.admin_api_key,
+        on_unreachable=health.report_unreachable,
+    )
+    queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
+    gateway.on_finished = queues.wake
+    catalog.on_reload = queues.wake_all
     return Deps(
         settings=settings,
         keys=keys,
@@ -95,14 +109,8 @@ def build_deps(settings: Settings) -> Deps:
         records=records,
         record_store=record_store,
         health=health,
-        gateway=Gateway(
-            catalog,
-            upstream,
-            records,
-            secret_key=keys.secret_key,
-            admin_key=keys.admin_api_key,
-            on_unreachable=health.report_unreachable,
-        ),
+        gateway=gateway,
+        queues=queues,
         metrics=Metrics(),
         models=ModelService(store, nudge, on_change=catalog.reload),
         replicas=ReplicaService(store, nudge, box, on_change=catalog.reload),
@@ -111,6 +119,7 @@ def build_deps(settings: Settings) -> Deps:
         accounts=AccountService(AccountStore(sessions), keys.secret_key, on_change=catalog.reload),
         bots=BotService(BotStore(sessions), box, keys.secret_key),
         feishu=FeishuClient(settings.feishu_base_url),
+        llm_endpoints=LlmEndpointService(EndpointStore(sessions), box, on_change=catalog.reload),
     )
 
 

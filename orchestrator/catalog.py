@@ -12,7 +12,7 @@ import ipaddress
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,8 @@ class Catalog:
         self.pools: dict[str, list[Target]] = {}
         self._targets: dict[int, Target] = {}
         self._endpoints: dict[str, Target] = {}
+        self.on_reload: Callable[[], None] | None = None
+        """Told after every reload (the priority queue lets waiters onto new replicas)."""
 
     async def reload(self) -> None:
         # The ledger's lock: a flush of fees never lands between reading the accounts and installing them.
@@ -146,6 +148,8 @@ class Catalog:
                 if ep.id not in models:  # the endpoint serves a model of its own name
                     models[ep.id] = ModelInfo(0, ep.id, ep.connector_type, False, 0, 0, int(ep.created_at.timestamp()))
             self.models, self._targets, self._endpoints, self.pools = models, targets, endpoints, pools
+        if self.on_reload is not None:
+            self.on_reload()
 
     def _target(self, replica_id: int, model: str, endpoint: str, sealed: str | None, rate_limit: int | None) -> Target:
         headers = {"Content-Type": "application/json"}

@@ -14,11 +14,13 @@ from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor
 from orchestrator.managed import ManagedReplicas
 from orchestrator.metrics import Metrics
+from orchestrator.priority import PriorityQueues
 from orchestrator.record_store import RecordStore
 from orchestrator.records import CallRecords
 from orchestrator.services.accounts import AccountService
 from orchestrator.services.api_keys import ApiKeyService
 from orchestrator.services.bots import BotService
+from orchestrator.services.llm_endpoints import LlmEndpointService
 from orchestrator.services.llm_models import ModelService
 from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
@@ -70,6 +72,8 @@ class Deps:
     """The calls as written: sessions and threads."""
     health: HealthMonitor
     gateway: Gateway
+    queues: PriorityQueues
+    """`/queue/chat/completions`: requests waiting, per model, for room on a replica."""
     metrics: Metrics
     models: ModelService
     replicas: ReplicaService
@@ -80,3 +84,5 @@ class Deps:
     bots: BotService
     feishu: FeishuClient
     """The VM side of managed replicas, on the backend the settings chose."""
+    llm_endpoints: LlmEndpointService
+    """Moonshot's external endpoints, their tokens sealed."""

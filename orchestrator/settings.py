@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     usage_flush_interval_s: float = Field(default=1.0, gt=0)
     catalog_refresh_interval_s: float = Field(default=5.0, gt=0)
     """Safety net for changes made by another instance; this instance's own changes apply at once."""
+    queue_slots_per_replica: int = Field(default=8, ge=1, le=10_000)
+    """`/queue/chat/completions`: calls a replica takes at once before queued requests wait for room."""
+    queue_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """How long a queued request waits for room before its 408 (a request's own `timeout` may be shorter)."""
 
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body the admin API reads; more is a 413."""

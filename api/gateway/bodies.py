@@ -123,3 +123,38 @@ def with_model(body: bytes, model: str) -> bytes:
     doc = msgspec.json.decode(body)
     doc["model"] = model
     return msgspec.json.encode(doc)
+
+
+_Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+_Timeout = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class _QueueFields(msgspec.Struct):
+    priority: _Priority = 0
+    timeout: _Timeout | None = None
+
+
+_QUEUE_FIELDS = msgspec.json.Decoder(_QueueFields)
+
+
+@dataclass(slots=True, frozen=True)
+class Queued:
+    priority: int
+    """Lower goes first."""
+    timeout_s: float | None
+    body: bytes
+    """The body without the queue's own fields (an engine would refuse `priority` it does not schedule by)."""
+
+
+def queue_fields(body: bytes) -> Queued:
+    """`priority` and `timeout` of a `/queue/chat/completions` body (a body `parse` already accepted)."""
+    try:
+        fields = _QUEUE_FIELDS.decode(body)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        found = _AT.search(message)
+        raise BadBody(_AT.sub("", message), found.group(1) if found else None) from e
+    doc = msgspec.json.decode(body)
+    doc.pop("priority", None)
+    doc.pop("timeout", None)
+    return Queued(fields.priority, fields.timeout, msgspec.json.encode(doc))

@@ -18,6 +18,7 @@ from orchestrator.gateway import (
     UnknownModel,
     UpstreamFailed,
 )
+from orchestrator.priority import QueueTimeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,8 @@ def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per
             return _openai(400, e.message, "invalid_request_error", e.param)
         case TooLarge():
             return _openai(413, str(e), "invalid_request_error")
+        case QueueTimeout():
+            return _openai(408, str(e), "timeout_error", None, (b"retry-after", b"5"))
     raise TypeError(f"not a gateway error: {e!r}")
 
 

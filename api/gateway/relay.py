@@ -56,7 +56,7 @@ async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Recei
             watcher.cancel()
 
 
-async def relay_whole(call: Call, send: Send) -> Outcome:
+async def relay_whole(call: Call, send: Send, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Outcome:
     response = call.response
     try:
         payload = await response.read()
@@ -68,7 +68,7 @@ async def relay_whole(call: Call, send: Send) -> Outcome:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())],
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()), *extra],
         }
     )
     first_byte = time.perf_counter()
@@ -76,15 +76,17 @@ async def relay_whole(call: Call, send: Send) -> Outcome:
     return Outcome(status, usage_of(payload) if status == 200 else None, payload, first_byte)
 
 
-async def relay_stream(call: Call, send: Send, *, keep_usage_chunk: bool) -> Outcome:
+async def relay_stream(
+    call: Call, send: Send, *, keep_usage_chunk: bool, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> Outcome:
     response = call.response
     if response.status != 200:  # an error answers as one JSON document, not a stream
-        return await relay_whole(call, send)
+        return await relay_whole(call, send, extra=extra)
     await send(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *extra],
         }
     )
     usage: Usage | None = None

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
-from api.gateway.bodies import BadBody, Kind, parse, with_model
+from api.gateway.bodies import BadBody, Kind, Queued, parse, queue_fields, with_model
 from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
-from api.gateway.relay import relay_stream, relay_whole, until_disconnected
+from api.gateway.relay import CLIENT_CLOSED, relay_stream, relay_whole, until_disconnected
 from orchestrator.gateway import Gateway, GatewayError, Outcome, UpstreamFailed
 from orchestrator.metrics import Metrics
+from orchestrator.priority import PriorityQueues
 
 MAX_BODY = 4 * 1024 * 1024
 MAX_SESSION_ID = 128
@@ -23,12 +24,15 @@ class Route:
     kind: Kind | None  # None: the model list
     toolkit: bool = False
     path_model: str | None = None
+    queued: bool = False
+    """`/queue/chat/completions`: waits its turn in the model's priority queue."""
 
 
 _EXACT = {
     "/v1/chat/completions": Route("chat"),
     "/chat/completions": Route("chat"),
     "/api/v1/chat/completions": Route("chat", toolkit=True),
+    "/queue/chat/completions": Route("chat", queued=True),
     "/v1/completions": Route("completions"),
     "/completions": Route("completions"),
     "/v1/models": Route(None),
@@ -94,9 +98,10 @@ async def answer(send: Send, reply: ErrorAnswer) -> int:
 
 
 class GatewayRoutes:
-    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+    def __init__(self, gateway: Gateway, metrics: Metrics, queues: PriorityQueues) -> None:
         self._gw = gateway
         self._metrics = metrics
+        self._queues = queues
 
     async def __call__(self, scope: HTTPScope, receive: Receive, send: Send, route: Route) -> None:
         started = time.perf_counter()
@@ -127,7 +132,19 @@ class GatewayRoutes:
             parsed = parse(raw, kind, path_model=route.path_model, toolkit=route.toolkit)
             model = gw.resolve(key, parsed.model)
             body = parsed.body if model.name == parsed.model else with_model(parsed.body, model.name)
-            call = await gw.open(model.name, "/chat/completions" if kind == "chat" else "/completions", body)
+            path = "/chat/completions" if kind == "chat" else "/completions"
+            extra: tuple[tuple[bytes, bytes], ...] = ()
+            if route.queued:
+                queued = queue_fields(body)
+                extra = ((b"x-litellm-priority", str(queued.priority).encode()),)
+                if await self._turn(model.name, queued, receive) == CLIENT_CLOSED:
+                    return CLIENT_CLOSED
+                try:
+                    call = await gw.open(model.name, path, queued.body)
+                finally:
+                    self._queues.sent(model.name)
+            else:
+                call = await gw.open(model.name, path, body)
         except (GatewayError, BadBody) as e:
             return await answer(send, errors(e))
         outcome = Outcome(500)
@@ -135,9 +152,9 @@ class GatewayRoutes:
         async def relay() -> int:
             nonlocal outcome
             if parsed.stream:
-                outcome = await relay_stream(call, send, keep_usage_chunk=parsed.client_wants_usage)
+                outcome = await relay_stream(call, send, keep_usage_chunk=parsed.client_wants_usage, extra=extra)
             else:
-                outcome = await relay_whole(call, send)
+                outcome = await relay_whole(call, send, extra=extra)
             return outcome.status
 
         try:
@@ -147,6 +164,15 @@ class GatewayRoutes:
         finally:
             gw.finish(call, key, model, kind, raw, outcome, stream=parsed.stream, session=session)
         return outcome.status
+
+    async def _turn(self, model: str, queued: Queued, receive: Receive) -> int:
+        """Wait in the model's priority queue (CLIENT_CLOSED if the client leaves meanwhile)."""
+
+        async def wait() -> int:
+            await self._queues.wait_turn(model, queued.priority, queued.timeout_s)
+            return 0
+
+        return await until_disconnected(wait, receive)
 
     async def _models(self, scope: HTTPScope, send: Send) -> int:
         try:
