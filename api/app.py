@@ -19,6 +19,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from api.brconnector.bots import FeishuReceiver
 from api.brconnector.routes import connector_routers
 from api.gateway.routes import GatewayRoutes, match
+from api.litellm.token_counter import litellm_router
 from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
 from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
@@ -83,7 +84,7 @@ def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:
             await runtime.stop()
 
     return Litestar(
-        route_handlers=[health, metrics, toolkit_router(), *connector_routers(), moonshot_router()],
+        route_handlers=[health, metrics, toolkit_router(), *connector_routers(), litellm_router(), moonshot_router()],
         state=State({"deps": runtime.deps, "feishu_receiver": receiver}),
         lifespan=[lifespan],
         exception_handlers={HTTPException: _on_http, Exception: _on_unexpected},
