@@ -1,9 +1,14 @@
-"""vLLM-compatible engine simulator: OpenAI endpoints, /tokenize, /metrics and fault knobs, with no GPU."""
+"""vLLM-compatible engine simulator: OpenAI endpoints, /tokenize, /metrics, fault knobs and a request log, no GPU.
+
+Beside vLLM's API, for tests: GET/POST /sim/faults reads and sets the fault knobs; GET /sim/requests answers
+{"requests": [{"received": unix time, "finished": unix time or null while running, "path": "/v1/...",
+"body": the request's JSON (its text if it was not JSON)}, ... oldest first], "peak_running": the most
+completion requests in flight at once since start or the last clear}, and DELETE /sim/requests clears both.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import hmac
 import importlib
@@ -12,8 +17,7 @@ import itertools
 import os
 import secrets
 import time
-import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Final, TypeVar
 
@@ -21,19 +25,31 @@ import click
 import msgspec
 from aiohttp import web
 
+from orchestrator.engine_sim_log import RequestLog
+from orchestrator.engine_sim_metrics import Metrics
+from orchestrator.engine_sim_text import (
+    CHAT,
+    TEXT,
+    ChatRequest,
+    CompletionRequest,
+    Kind,
+    Sampling,
+    Texts,
+    TokenizeRequest,
+    chat_ids,
+    chat_tokens,
+    choices,
+    prompt_ids,
+    prompt_tokens,
+)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound=Sampling)
 
-_WORDS: Final = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog")
-_TEMPLATE_TOKENS: Final = 3  # chat template tokens around each message, and once more for the assistant turn
-_TEMPLATE_IDS: Final = (1, 2, 3)
-_VOCAB: Final = 32_000
 _POLL_S: Final = 0.05  # how often an idle (hung or stalled) handler checks whether its client went away
-_KV_CACHE_SEQUENCES: Final = 8  # notional KV cache size, in full-length sequences, behind kv_cache_usage_perc
 _MAX_BODY: Final = 64 * 1024 * 1024  # long prompts in benchmarks must not trip aiohttp's 1 MiB default
 _BACKLOG: Final = 4096
-_TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_E2E_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _JSON: Final = "application/json"
 _SSE_HEADERS: Final = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,43 +72,7 @@ class SimConfig:
     hang: bool = False  # completion requests never answer (until the client leaves)
     crash_after: int | None = None  # the request after this many completion requests exits the process
     stall_after_chunks: int | None = None  # streams go silent after this many events, connection kept open
-
-
-class _TextPart(msgspec.Struct):
-    text: str | None = None  # image and audio parts carry no text and count for nothing
-
-
-class _Message(msgspec.Struct):
-    content: str | list[_TextPart] | None = None
-
-
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool | None = None
-
-
-_Prompt = str | list[str | int | list[int]]
-
-
-class _Sampling(msgspec.Struct):
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stream: bool | None = None
-    stream_options: _StreamOptions | None = None
-
-
-class _ChatRequest(_Sampling, kw_only=True):
-    messages: list[_Message]
-
-
-class _CompletionRequest(_Sampling, kw_only=True):
-    prompt: _Prompt
-
-
-class _TokenizeRequest(msgspec.Struct):
-    model: str | None = None
-    prompt: _Prompt | None = None
-    messages: list[_Message] | None = None
+    request_log: int = 1000  # completion requests kept for GET /sim/requests (bodies as received)
 
 
 _Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -111,87 +91,6 @@ class _FaultPatch(msgspec.Struct, forbid_unknown_fields=True):
     hang: bool | msgspec.UnsetType = msgspec.UNSET
     stall_after_chunks: _Count | msgspec.UnsetType | None = msgspec.UNSET
     dead: bool | msgspec.UnsetType = msgspec.UNSET
-
-
-@dataclass(frozen=True)
-class _Kind:
-    """The pre-encoded JSON pieces of one endpoint's answers; a request only adds its id, numbers and text."""
-
-    id_prefix: bytes
-    object_: bytes
-    chunk_object: bytes
-    answer: tuple[bytes, bytes]  # around the JSON text of the non-stream choice
-    token: tuple[bytes, ...]  # stream choice per word of _WORDS, finish_reason null
-    last: tuple[bytes, ...]  # the same with finish_reason "length"
-    prelude: bytes  # choice of the chunk sent before the first token; empty for none
-
-
-def _word_choices(before: bytes, after: bytes) -> tuple[bytes, ...]:
-    return tuple(before + msgspec.json.encode(" " + word) + after for word in _WORDS)
-
-
-_CHAT: Final = _Kind(
-    id_prefix=b"chatcmpl-",
-    object_=b"chat.completion",
-    chunk_object=b"chat.completion.chunk",
-    answer=(b'{"index":0,"message":{"role":"assistant","content":', b'},"logprobs":null,"finish_reason":"length"}'),
-    token=_word_choices(b'{"index":0,"delta":{"content":', b'},"logprobs":null,"finish_reason":null}'),
-    last=_word_choices(b'{"index":0,"delta":{"content":', b'},"logprobs":null,"finish_reason":"length"}'),
-    prelude=b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}',
-)
-_TEXT: Final = _Kind(
-    id_prefix=b"cmpl-",
-    object_=b"text_completion",
-    chunk_object=b"text_completion",
-    answer=(b'{"index":0,"text":', b',"logprobs":null,"finish_reason":"length"}'),
-    token=_word_choices(b'{"index":0,"text":', b',"logprobs":null,"finish_reason":null}'),
-    last=_word_choices(b'{"index":0,"text":', b',"logprobs":null,"finish_reason":"length"}'),
-    prelude=b"",
-)
-
-
-def _content_words(content: str | list[_TextPart] | None) -> list[str]:
-    if isinstance(content, str):
-        return content.split()
-    if content is None:
-        return []
-    return [word for part in content if part.text for word in part.text.split()]
-
-
-def _chat_tokens(messages: list[_Message]) -> int:
-    return sum(len(_content_words(m.content)) + _TEMPLATE_TOKENS for m in messages) + _TEMPLATE_TOKENS
-
-
-def _prompt_tokens(prompt: _Prompt) -> int:
-    if isinstance(prompt, str):
-        return len(prompt.split())
-    return sum(
-        len(item.split()) if isinstance(item, str) else 1 if isinstance(item, int) else len(item) for item in prompt
-    )
-
-
-def _word_id(word: str) -> int:
-    return zlib.crc32(word.encode()) % _VOCAB
-
-
-def _chat_ids(messages: list[_Message]) -> list[int]:
-    ids: list[int] = []
-    for message in messages:
-        ids += _TEMPLATE_IDS
-        ids += (_word_id(word) for word in _content_words(message.content))
-    return ids + list(_TEMPLATE_IDS)
-
-
-def _prompt_ids(prompt: _Prompt) -> list[int]:
-    ids: list[int] = []
-    for item in [prompt] if isinstance(prompt, str) else prompt:
-        if isinstance(item, str):
-            ids += (_word_id(word) for word in item.split())
-        elif isinstance(item, int):
-            ids.append(item)
-        else:
-            ids += item
-    return ids
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
@@ -214,34 +113,6 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T | web.Response
         return _bad_request(str(exc))
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class _Histogram:
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le is inclusive
-        self.sum += value
-        self.count += 1
-
-    def render(self, name: str, help_: str, labels: str) -> list[str]:
-        lines = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-        cumulative = itertools.accumulate(self.counts[:-1])
-        lines += (f'{name}_bucket{{{labels},le="{b}"}} {n}' for b, n in zip(self.bounds, cumulative, strict=True))
-        lines += [
-            f'{name}_bucket{{{labels},le="+Inf"}} {self.count}',
-            f"{name}_sum{{{labels}}} {self.sum}",
-            f"{name}_count{{{labels}}} {self.count}",
-        ]
-        return lines
-
-
 class _Sim:
     """One simulated engine: its knobs, its counters and the request handlers."""
 
@@ -250,23 +121,17 @@ class _Sim:
         self.faults = _Faults(config.fail_rate, config.hang, config.stall_after_chunks)
         self.pace = 1.0 / config.tokens_per_s if config.tokens_per_s > 0 else 0.0
         self.model_json = msgspec.json.encode(config.model)
-        self.label = f'model_name="{_escape_label(config.model)}"'
         self.closing = False
         self.completion_requests = 0
         self.fail_credit = 0.0
-        self.running = 0
-        self.running_tokens = 0
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
-        self.success_total = 0
-        self.ttft = _Histogram(_TTFT_BUCKETS)
-        self.e2e = _Histogram(_E2E_BUCKETS)
+        self.metrics = Metrics(config.model, config.max_model_len)
         self.ids = itertools.count()
         self.id_base = secrets.token_hex(8).encode()
-        self.texts: dict[int, bytes] = {}
-        self.chat_decoder = msgspec.json.Decoder(_ChatRequest)
-        self.text_decoder = msgspec.json.Decoder(_CompletionRequest)
-        self.tokenize_decoder = msgspec.json.Decoder(_TokenizeRequest)
+        self.texts = Texts()
+        self.log = RequestLog(config.request_log)
+        self.chat_decoder = msgspec.json.Decoder(ChatRequest)
+        self.text_decoder = msgspec.json.Decoder(CompletionRequest)
+        self.tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
         self.patch_decoder = msgspec.json.Decoder(_FaultPatch)
         card = {
             "id": config.model,
@@ -303,6 +168,13 @@ class _Sim:
         self.fail_credit = 0.0  # a new fail_rate starts its own sequence
         return _json(msgspec.json.encode(self.faults))
 
+    async def get_requests(self, _request: web.Request) -> web.Response:
+        return _json(self.log.render())
+
+    async def clear_requests(self, _request: web.Request) -> web.Response:
+        self.log.clear()
+        return web.Response(status=204)
+
     async def tokenize(self, request: web.Request) -> web.Response:
         req = _decode(self.tokenize_decoder, await request.read())
         if isinstance(req, web.Response):
@@ -310,55 +182,41 @@ class _Sim:
         if req.model is not None and req.model != self.config.model:
             return self._unknown_model(req.model)
         if req.messages is not None:
-            ids = _chat_ids(req.messages)
+            ids = chat_ids(req.messages)
         elif req.prompt is not None:
-            ids = _prompt_ids(req.prompt)
+            ids = prompt_ids(req.prompt)
         else:
             return _bad_request("Either `prompt` or `messages` is required.")
         return _json(
             msgspec.json.encode({"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids})
         )
 
-    async def metrics(self, _request: web.Request) -> web.Response:
-        labels = self.label
-        kv_usage = min(1.0, self.running_tokens / (self.config.max_model_len * _KV_CACHE_SEQUENCES))
-        lines: list[str] = []
-        for kind, name, help_, value in (
-            ("gauge", "vllm:num_requests_running", "Requests in model execution batches.", self.running),
-            ("gauge", "vllm:num_requests_waiting", "Requests waiting to be processed.", 0),
-            ("gauge", "vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", kv_usage),
-            ("counter", "vllm:prompt_tokens_total", "Prefill tokens processed.", self.prompt_tokens_total),
-            ("counter", "vllm:generation_tokens_total", "Generation tokens processed.", self.generation_tokens_total),
-        ):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{labels}}} {float(value)}"]
-        name = "vllm:request_success_total"
-        lines += [
-            f"# HELP {name} Successfully processed requests.",
-            f"# TYPE {name} counter",
-            f'{name}{{finished_reason="length",{labels}}} {float(self.success_total)}',
-        ]
-        lines += self.ttft.render("vllm:time_to_first_token_seconds", "Time to first token.", labels)
-        lines += self.e2e.render("vllm:e2e_request_latency_seconds", "End to end request latency.", labels)
-        body = ("\n".join(lines) + "\n").encode()
-        return web.Response(body=body, headers={"Content-Type": _METRICS_TYPE})
+    async def get_metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": _METRICS_TYPE})
 
     # --- completions ---
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        if (refusal := self._admit()) is not None:
-            return refusal
-        req = _decode(self.chat_decoder, await request.read())
-        if isinstance(req, web.Response):
-            return req
-        return await self._run(request, _CHAT, req, _chat_tokens(req.messages))
+        return await self._complete(request, CHAT, self.chat_decoder, chat_tokens)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        if (refusal := self._admit()) is not None:
-            return refusal
-        req = _decode(self.text_decoder, await request.read())
-        if isinstance(req, web.Response):
-            return req
-        return await self._run(request, _TEXT, req, _prompt_tokens(req.prompt))
+        return await self._complete(request, TEXT, self.text_decoder, prompt_tokens)
+
+    async def _complete(
+        self, request: web.Request, kind: Kind, decoder: msgspec.json.Decoder[_R], count: Callable[[_R], int]
+    ) -> web.StreamResponse:
+        # Every completion request past the API key is logged, refused ones too: tests read what a gateway sent.
+        entry = self.log.start(request.path)
+        try:
+            entry.body = body = await request.read()
+            if (refusal := self._admit()) is not None:
+                return refusal
+            req = _decode(decoder, body)
+            if isinstance(req, web.Response):
+                return req
+            return await self._run(request, kind, req, count(req))
+        finally:  # also on cancellation, and after the whole stream was written
+            self.log.finish(entry)
 
     def _admit(self) -> web.Response | None:
         self.completion_requests += 1
@@ -382,12 +240,17 @@ class _Sim:
     def _unknown_model(self, model: str) -> web.Response:
         return _error(404, "NotFoundError", f"The model `{model}` does not exist.")
 
-    def _check(self, req: _Sampling, prompt: int, completion: int) -> web.Response | None:
+    def _check(self, req: Sampling, prompt: int, completion: int) -> web.Response | None:
         if req.model is not None and req.model != self.config.model:
             return self._unknown_model(req.model)
+        limit = self.config.max_model_len
+        if (truncate := req.truncate_prompt_tokens) is not None and truncate > limit:
+            return _bad_request(
+                f"truncate_prompt_tokens value ({truncate}) is greater than max_model_len ({limit}). "
+                "Please, select a smaller truncation size."
+            )
         if completion < 1:
             return _bad_request(f"max_tokens must be at least 1, got {completion}.")
-        limit = self.config.max_model_len
         if prompt + completion > limit:
             return _bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -397,28 +260,30 @@ class _Sim:
             return _error(500, "InternalServerError", "Simulated failure.")
         return None
 
-    async def _run(self, request: web.Request, kind: _Kind, req: _Sampling, prompt: int) -> web.StreamResponse:
+    async def _run(self, request: web.Request, kind: Kind, req: Sampling, prompt: int) -> web.StreamResponse:
         completion = req.max_completion_tokens
         if completion is None:
             completion = self.config.max_tokens if req.max_tokens is None else req.max_tokens
+        if req.truncate_prompt_tokens is not None:  # vLLM keeps the prompt's last k tokens
+            prompt = min(prompt, req.truncate_prompt_tokens)
         if (refusal := self._check(req, prompt, completion)) is not None:
             return refusal
         start = time.perf_counter()
-        # Prompt tokens count once admitted (prefilled, for vLLM); generation tokens only for finished requests.
-        self.running += 1
-        self.running_tokens += prompt + completion
-        self.prompt_tokens_total += prompt
+        self.metrics.admitted(prompt, completion)
         try:
             if self.faults.hang:
                 await self._idle(request)
                 return _error(503, "ServiceUnavailableError", "The engine is shutting down.")
+            json_object = req.json_object
             if req.stream:
                 usage = req.stream_options is not None and bool(req.stream_options.include_usage)
-                return await self._stream(request, kind, prompt=prompt, completion=completion, usage=usage, start=start)
-            return await self._answer(kind, prompt, completion, start)
+                events = self._events(kind, prompt, completion, usage=usage, json_object=json_object)
+                first = 1 if kind.prelude else 0  # index of the first token's event
+                return await self._stream(request, events, first=first, completion=completion, start=start)
+            text = self.texts.get(completion, json_object)
+            return await self._answer(kind, prompt, completion, text=text, start=start)
         finally:  # also on cancellation, when the runner cancels handlers of dropped clients
-            self.running -= 1
-            self.running_tokens -= prompt + completion
+            self.metrics.left(prompt, completion)
 
     async def _idle(self, request: web.Request) -> None:
         # aiohttp does not cancel a handler whose client left (handler_cancellation is off by default),
@@ -427,14 +292,7 @@ class _Sim:
         while not self.closing and (transport := request.transport) is not None and not transport.is_closing():  # noqa: ASYNC110
             await asyncio.sleep(_POLL_S)
 
-    def _text(self, completion: int) -> bytes:
-        text = self.texts.get(completion)
-        if text is None:
-            words = "".join(" " + _WORDS[i % len(_WORDS)] for i in range(completion))
-            text = self.texts[completion] = msgspec.json.encode(words)
-        return text
-
-    def _head(self, kind: _Kind, object_: bytes) -> bytes:
+    def _head(self, kind: Kind, object_: bytes) -> bytes:
         rid = b"%s%s%x" % (kind.id_prefix, self.id_base, next(self.ids))
         created = b"%d" % int(time.time())
         return b'{"id":"%s","object":"%s","created":%s,"model":%s,"choices":[' % (
@@ -444,13 +302,7 @@ class _Sim:
             self.model_json,
         )
 
-    def _succeeded(self, completion: int, ttft: float, start: float) -> None:
-        self.generation_tokens_total += completion
-        self.success_total += 1
-        self.ttft.observe(ttft)
-        self.e2e.observe(time.perf_counter() - start)
-
-    async def _answer(self, kind: _Kind, prompt: int, completion: int, start: float) -> web.Response:
+    async def _answer(self, kind: Kind, prompt: int, completion: int, *, text: bytes, start: float) -> web.Response:
         delay = self.config.ttft_s + (completion - 1) * self.pace
         if delay > 0:
             await asyncio.sleep(delay)
@@ -459,19 +311,17 @@ class _Sim:
             completion,
             prompt + completion,
         )
-        answer = kind.answer[0] + self._text(completion) + kind.answer[1]
+        answer = kind.answer[0] + text + kind.answer[1]
         body = self._head(kind, kind.object_) + answer + b'],"usage":' + usage + b"}"
         elapsed = time.perf_counter() - start
-        self._succeeded(completion, elapsed, start)
+        self.metrics.succeeded(completion, elapsed, start)
         return _json(body)
 
-    def _events(self, kind: _Kind, prompt: int, completion: int, usage: bool) -> list[bytes]:
+    def _events(self, kind: Kind, prompt: int, completion: int, *, usage: bool, json_object: bool) -> list[bytes]:
         head = b"data: " + self._head(kind, kind.chunk_object)
         tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
         events = [head + kind.prelude + tail] if kind.prelude else []
-        words = len(_WORDS)
-        events += (head + kind.token[i % words] + tail for i in range(completion - 1))
-        events.append(head + kind.last[(completion - 1) % words] + tail)
+        events += [head + choice + tail for choice in choices(kind, completion, json_object)]
         if usage:
             numbers = (prompt, completion, prompt + completion)
             events.append(
@@ -481,16 +331,15 @@ class _Sim:
         return events
 
     async def _stream(
-        self, request: web.Request, kind: _Kind, *, prompt: int, completion: int, usage: bool, start: float
+        self, request: web.Request, events: list[bytes], *, first: int, completion: int, start: float
     ) -> web.StreamResponse:
-        events = self._events(kind, prompt, completion, usage)
+        """Sends the events; events[first] is the first token's."""
         stall = self.faults.stall_after_chunks
         stalled = stall is not None and stall < len(events)
         if stall is not None:
             events = events[:stall]
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
-        first = 1 if kind.prelude else 0  # index of the first token's event
         try:
             rest, first_token_at = await self._send(response, events, first, first + completion)
             if stalled:
@@ -500,7 +349,7 @@ class _Sim:
             await response.write_eof(rest)
         except ConnectionError:  # the client left: generation stops here
             return response
-        self._succeeded(completion, first_token_at - start, start)
+        self.metrics.succeeded(completion, first_token_at - start, start)
         return response
 
     async def _send(
@@ -545,10 +394,12 @@ def build_app(config: SimConfig) -> web.Application:
     router.add_get("/health", sim.health)
     router.add_get("/ping", sim.ping)
     router.add_post("/ping", sim.ping)
-    router.add_get("/metrics", sim.metrics)
+    router.add_get("/metrics", sim.get_metrics)
     router.add_post("/tokenize", sim.tokenize)
     router.add_get("/sim/faults", sim.get_faults)
     router.add_post("/sim/faults", sim.set_faults)
+    router.add_get("/sim/requests", sim.get_requests)
+    router.add_delete("/sim/requests", sim.clear_requests)
     router.add_get("/v1/models", _guarded(sim.models, config.api_key))
     router.add_post("/v1/chat/completions", _guarded(sim.chat, config.api_key))
     router.add_post("/v1/completions", _guarded(sim.completions, config.api_key))
@@ -595,6 +446,13 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--hang", is_flag=True, help="Completion requests never answer.")
 @click.option("--crash-after", type=click.IntRange(min=0), default=None, help="Exit(1) on the next request.")
 @click.option("--stall-after-chunks", type=click.IntRange(min=0), default=None, help="Streams go silent.")
+@click.option(
+    "--request-log",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Requests kept for /sim/requests.",
+)
 def engine_sim_command(
     *,
     model: str,
@@ -610,6 +468,7 @@ def engine_sim_command(
     hang: bool,
     crash_after: int | None,
     stall_after_chunks: int | None,
+    request_log: int,
 ) -> None:
     config = SimConfig(
         model=model,
@@ -625,6 +484,7 @@ def engine_sim_command(
         hang=hang,
         crash_after=crash_after,
         stall_after_chunks=stall_after_chunks,
+        request_log=request_log,
     )
     click.echo(f"engine-sim: loading {model!r} for {startup_delay}s, then serving on {host}:{port}", err=True)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -441,6 +441,7 @@ def test_command_line_options() -> None:
         "--hang",
         "--crash-after",
         "--stall-after-chunks",
+        "--request-log",
     ):
         assert option in result.output
     assert CliRunner().invoke(engine_sim_command, []).exit_code == 2  # --model is required
