@@ -11,16 +11,18 @@ import structlog
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.enums import ScopeType
-from litestar.exceptions import HTTPException
+from litestar.exceptions import ClientException, HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.brconnector.bots import FeishuReceiver
+from api.brconnector.envelope import failure
 from api.brconnector.routes import connector_routers
 from api.gateway.routes import GatewayRoutes, match
 from api.litellm.token_counter import litellm_router
 from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
+from api.llmendpoint.tasks import qcompletions_router
 from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
@@ -41,8 +43,38 @@ async def metrics(state: State) -> bytes:
     return deps.metrics.render(await deps.store.count_replicas_by_status())
 
 
-def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+# The connector's paths: a path no route matches (404) or a method none takes (405) is refused before any router's
+# handlers, so here, in the connector's envelope.
+_CONNECTOR_PREFIXES = ("/admin/", "/user/", "/bot/")
+
+
+def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    if request.url.path.startswith(_CONNECTOR_PREFIXES):
+        return failure(str(exc.detail), exc.status_code)
     return Response({"error": str(exc.detail)}, status_code=exc.status_code)
+
+
+_MSGSPEC_TOO_DEEP = "while deserializing"  # msgspec's words when a document is nested past its recursion limit
+
+
+def _on_undecodable(request: Request[Any, Any, Any], exc: UnicodeDecodeError | RecursionError) -> Response[Any]:
+    """A JSON body with bytes that are not UTF-8 in a string, or nested deeper than msgspec recurses: msgspec raises
+    UnicodeDecodeError or RecursionError there, which Litestar lets through (it turns only msgspec's DecodeError
+    into its 400 "JSON is malformed"). Answered as that 400, by the route's own handler for it, so each surface
+    keeps its envelope. A RecursionError from anywhere else is a bug, and stays a 500."""
+    if isinstance(exc, UnicodeDecodeError):
+        bad_request = ClientException(f"JSON is malformed: not UTF-8 ({exc.reason})")
+    elif _MSGSPEC_TOO_DEEP in str(exc):
+        bad_request = ClientException("JSON is malformed: nested too deeply")
+    else:
+        return _on_unexpected(request, exc)
+    route_handler = request.scope.get("route_handler")
+    handlers = route_handler.resolve_exception_handlers() if route_handler is not None else {}
+    handler = handlers.get(bad_request.status_code) or next(
+        (handlers[cls] for cls in type(bad_request).__mro__ if cls in handlers), _on_http
+    )
+    response: Response[Any] = handler(request, bad_request)
+    return response
 
 
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -84,10 +116,23 @@ def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:
             await runtime.stop()
 
     return Litestar(
-        route_handlers=[health, metrics, toolkit_router(), *connector_routers(), litellm_router(), moonshot_router()],
+        route_handlers=[
+            health,
+            metrics,
+            toolkit_router(),
+            *connector_routers(),
+            litellm_router(),
+            moonshot_router(),
+            qcompletions_router(),
+        ],
         state=State({"deps": runtime.deps, "feishu_receiver": receiver}),
         lifespan=[lifespan],
-        exception_handlers={HTTPException: _on_http, Exception: _on_unexpected},
+        exception_handlers={
+            HTTPException: _on_http,
+            UnicodeDecodeError: _on_undecodable,
+            RecursionError: _on_undecodable,
+            Exception: _on_unexpected,
+        },
         request_max_body_size=runtime.deps.settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="GPU replica orchestrator", version="0.1.0", path="/schema"),
         logging_config=None,

@@ -37,6 +37,8 @@ from orchestrator.settings import Settings
 from orchestrator.ssh_access import AccessPolicy, EngineAccess, PlanMaker
 from orchestrator.state_dir import ServerKeys, ensure_server_keys
 from orchestrator.store import Store
+from orchestrator.task_store import TaskStore
+from orchestrator.tasks import TaskPolicy, TaskRunner
 from orchestrator.upstream import Upstream
 from orchestrator.vm_backend import VmBackend
 
@@ -120,6 +122,16 @@ def build_deps(settings: Settings) -> Deps:
         bots=BotService(BotStore(sessions), box, keys.secret_key),
         feishu=FeishuClient(settings.feishu_base_url),
         llm_endpoints=LlmEndpointService(EndpointStore(sessions), box, on_change=catalog.reload),
+        tasks=TaskRunner(
+            TaskStore(sessions),
+            gateway,
+            TaskPolicy(
+                workers=settings.task_workers,
+                max_attempts=settings.task_max_attempts,
+                retry_after_s=settings.task_retry_after_s,
+                host_wait_s=settings.task_host_wait_s,
+            ),
+        ),
     )
 
 
@@ -184,6 +196,8 @@ class Runtime:
                 consequence="sandbox security rules are recorded but NOT enforced: every port is open to anyone",
             )
         if self.deps.settings.scheduler:
+            # Only where the jobs run: an API-only instance must not take back tasks a worker is running.
+            await self.deps.tasks.recover()
             self._scheduler = build_scheduler(self.deps)
             self._scheduler.start()
 
@@ -193,6 +207,7 @@ class Runtime:
             self.deps.probe_nudge.connect(None)
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        await self.deps.tasks.close()  # calls cancelled, uncharged; their tasks run again at the next start
         await self.deps.managed.close()  # VM work resumes from the stored status at the next start
         try:
             await self.deps.records.flush()  # nothing recorded (nor any fee) is lost on a clean stop

@@ -26,6 +26,7 @@ from orchestrator.services.replicas import ReplicaService
 from orchestrator.settings import Settings
 from orchestrator.state_dir import ServerKeys
 from orchestrator.store import Store
+from orchestrator.tasks import TaskRunner
 from orchestrator.upstream import Upstream
 
 
@@ -86,3 +87,5 @@ class Deps:
     """The VM side of managed replicas, on the backend the settings chose."""
     llm_endpoints: LlmEndpointService
     """Moonshot's external endpoints, their tokens sealed."""
+    tasks: TaskRunner
+    """LlmEndpoint's durable queue of completions (`/api/v1/qcompletions`) and its runner."""

@@ -16,6 +16,7 @@ from orchestrator.sweeps import orphan_sweep, rules_drift
 
 RECONCILE = "reconcile"
 PROBE = "probe"
+TASKS = "tasks"
 
 
 def _job_context(name: str) -> None:
@@ -59,6 +60,12 @@ async def orphan_sweep_job(deps: Deps) -> None:
     await orphan_sweep(deps.managed)
 
 
+async def tasks_job(deps: Deps) -> None:
+    """Claims due queued completions; from its first run on, submissions and finished tasks claim at once too."""
+    _job_context(TASKS)
+    await deps.tasks.run()
+
+
 async def catalog_refresh_job(deps: Deps) -> None:
     _job_context("catalog_refresh")
     await deps.catalog.reload()
@@ -81,6 +88,7 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
         (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
         (rules_drift_job, "rules_drift", settings.rules_drift_interval_s),
         (orphan_sweep_job, "orphan_sweep", settings.orphan_sweep_interval_s),
+        (tasks_job, TASKS, settings.task_interval_s),
     )
     for job, job_id, seconds in jobs:
         scheduler.add_job(job, "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)

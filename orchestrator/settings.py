@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     """How long a queued request waits for room before its 408 (a request's own `timeout` may be shorter)."""
 
+    task_workers: int = Field(default=4, ge=1, le=1000)
+    """`/api/v1/qcompletions`: queued completions this process runs at once."""
+    task_interval_s: float = Field(default=1.0, gt=0)
+    """How often the task job claims due tasks (submissions and finished tasks claim at once anyway)."""
+    task_max_attempts: int = Field(default=3, ge=1)
+    """Claims a queued completion may have: crashes and host failures count; past it the task fails."""
+    task_retry_after_s: float = Field(default=5.0, gt=0)
+    """How long a queued completion put back by a failed attempt waits before it is tried again."""
+    task_host_wait_s: float = Field(default=300.0, ge=0)
+    """How long after its submission a queued completion may wait for a host (or its key's rate limit)."""
+
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest request body the admin API reads; more is a 413."""
 

@@ -143,7 +143,7 @@ class FeishuReceiver:
 def _event(bot: FeishuBot, headers: dict[str, str], raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise FeishuError("the event is not JSON") from e
     if not isinstance(doc, dict):
         raise FeishuError("the event is not a JSON object")

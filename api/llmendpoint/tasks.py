@@ -1,0 +1,123 @@
+"""LlmEndpoint's durable queue: `POST /api/v1/qcompletions` queues a completion (admitted at once, as the sync route
+admits it) and `GET /api/v1/qcompletions/{task_id}` tells the key that queued it how it went.
+
+A task's answer is `{"success": true, "status", "result", "created_at", "completed_at"}`: `result` is the engine's
+text once `completed` (null before), times are ISO-8601 UTC (`completed_at` null until the task is done), and a
+`failed` task also carries `"error"`: LlmEndpoint's message for why (its `result` stays null). Refusals are
+LlmEndpoint's `{"success": false, "message"}`, with the same keys and words as `/api/v1/completions`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath
+from litestar.status_codes import HTTP_200_OK
+
+from api.deps import DEPS
+from api.llmendpoint.completions import authenticate, failure
+from orchestrator.catalog import KeyInfo
+from orchestrator.deps import Deps
+from orchestrator.llmendpoint import LlmEndpointError
+from orchestrator.tables import CompletionTask
+
+QUEUED = "Request queued successfully"
+
+
+class QueuedOut(msgspec.Struct):
+    success: bool
+    task_id: str
+    message: str
+
+
+class TaskOut(msgspec.Struct, omit_defaults=True):
+    success: bool
+    status: str
+    """queued | processing | completed | failed"""
+    result: str | None
+    """The engine's text, once completed."""
+    created_at: datetime
+    completed_at: datetime | None
+    error: str | None = None
+    """Why a failed task failed (absent otherwise)."""
+
+
+class FailureOut(msgspec.Struct, omit_defaults=True):
+    success: bool
+    message: str
+    detail: str | None = None
+
+
+def _refusals(**statuses: str) -> dict[int, ResponseSpec]:
+    return {int(code[1:]): ResponseSpec(FailureOut, description=text) for code, text in statuses.items()}
+
+
+_AUTH = {"s401": "No key, not a valid key, or not from an address the key allows"}
+
+
+def _key(request: Request[Any, Any, Any], deps: Deps) -> KeyInfo:
+    return authenticate(deps.gateway, request.scope)
+
+
+@post(
+    "/",
+    status_code=HTTP_200_OK,
+    responses=_refusals(
+        s400="Not a valid request, no pricing for the model, or no host",
+        s402="Insufficient credits",
+        s403="The admin key, or a model the key may not call",
+        s429="The key's rate limit",
+        **_AUTH,
+    ),
+)
+async def submit(request: Request[Any, Any, Any], deps: NamedDependency[Deps]) -> QueuedOut:
+    """Queue a completion (the body of `/api/v1/completions`; `stream` is ignored)."""
+    key = _key(request, deps)  # before the body is read: no key, no work
+    task_id = await deps.tasks.submit(key, await request.body())
+    return QueuedOut(success=True, task_id=task_id, message=QUEUED)
+
+
+@get("/{task_id:str}", responses=_refusals(s403="Another key's task", s404="Task not found", **_AUTH))
+async def look_up(request: Request[Any, Any, Any], deps: NamedDependency[Deps], task_id: FromPath[str]) -> TaskOut:
+    return _out(await deps.tasks.task_of(_key(request, deps), task_id))
+
+
+def _out(task: CompletionTask) -> TaskOut:
+    return TaskOut(
+        success=True,
+        status=task.status,
+        result=task.result,
+        created_at=task.created_at,
+        completed_at=task.completed_at,
+        error=task.error,
+    )
+
+
+def _answer(status: int, message: str, detail: str | None = None) -> Response[bytes]:
+    answer = failure(status, message, detail)
+    return Response(answer.body, status_code=answer.status, media_type="application/json")
+
+
+def _on_refusal(_: Request[Any, Any, Any], exc: LlmEndpointError) -> Response[bytes]:
+    return _answer(exc.status, exc.message, exc.detail)
+
+
+def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own refusals past routing (a body over the limit: 413) in the same envelope."""
+    return _answer(exc.status_code, str(exc.detail))
+
+
+def qcompletions_router() -> Router:
+    """No admin guard: every call is authenticated by its client key, as LlmEndpoint's completions are."""
+    return Router(
+        path="/api/v1/qcompletions",
+        route_handlers=[submit, look_up],
+        dependencies=DEPS,
+        tags=["llmendpoint"],
+        exception_handlers={LlmEndpointError: _on_refusal, HTTPException: _on_http},
+    )
