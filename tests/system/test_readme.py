@@ -26,7 +26,7 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     assert len(blocks) >= 3
     state = tmp_path / "state"
     with serving(state) as (base, _):
-        env = orch_env(state) | {"ORCH_URL": base, "ENGINE_PORT": str(free_port())}
+        env = orch_env(state) | {"ORCH_URL": base, "ENGINE_PORT": str(free_port()), "LLM_PORT": str(free_port())}
         script = "set -euo pipefail\n" + "\n".join(blocks)
         # Its own process group: whatever the blocks start (the engine simulator) dies with it, even on failure.
         proc = subprocess.Popen(
@@ -53,3 +53,18 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     assert '"object":"chat.completion"' in out
     assert '{"object":"list","data":[{"id":"llama-3.1-8b"' in out
     assert '"tables":[' in out
+    # LlmEndpoint: a whole answer, an NDJSON stream, a queued task completed.
+    assert '{"success":true,"response":"' in out
+    assert '{"role":"assistant","content":"' in out
+    assert '"status":"completed"' in out
+    # LiteLLM's extras and Moonshot's endpoints.
+    assert (
+        '{"total_tokens":8,"request_model":"gpt-4o","model_used":"gpt-4o","tokenizer_type":"openai_tokenizer"}' in out
+    )
+    assert "x-litellm-priority: 1" in out
+    assert '"hf-llama2-13b-gptq"' in out
+    assert '{"message":"Endpoint added successfully"}' in out
+    assert '"token":"********"' in out
+    assert "engine-secret" not in out  # no answer shows a token
+    assert "my-engine says: " in out
+    assert '{"message":"Endpoint deleted successfully"}' in out
