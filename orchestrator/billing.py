@@ -52,13 +52,18 @@ class Ledger:
         if account is None or not account.metered:
             return True
         month_fee, balance = account.after(self._pending.get(key_id, 0), month)  # the hot path: no Account is built
-        return month_fee < account.month_quota or balance > 0
+        return month_fee < account.month_quota or balance - self._debits.get(key_id, 0) > 0
 
     def charge(self, key_id: int, fee: int, *, on_balance: bool = False) -> None:
-        """A call's fee (or, `on_balance`, its credits), on the hot path: counted at once, written by the next flush."""
+        """A call's fee (or, `on_balance`, its credits: reserved before the call, negative to give them back), on the
+        hot path: counted at once, written by the next flush."""
         if fee:
             pending = self._debits if on_balance else self._pending
-            pending[key_id] = pending.get(key_id, 0) + fee
+            left = pending.get(key_id, 0) + fee
+            if left:
+                pending[key_id] = left
+            else:  # a reservation given back
+                del pending[key_id]
 
     def balance(self, key_id: int, month: int) -> int:
         """What is left on the key's balance as of now (what its credits are), or 0 for an unknown key."""

@@ -96,7 +96,7 @@ def build_deps(settings: Settings) -> Deps:
         on_unreachable=health.report_unreachable,
     )
     queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
-    gateway.on_finished = queues.wake
+    gateway.on_released = queues.wake
     catalog.on_reload = queues.wake_all
     return Deps(
         settings=settings,

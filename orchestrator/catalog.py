@@ -53,6 +53,8 @@ class KeyInfo:
             ip = ipaddress.ip_address(address or "")
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # a dual-stack listener's IPv4 peer
+            ip = ip.ipv4_mapped
         return any(ip in net for net in self.allowed_ips)
 
     @property
@@ -178,10 +180,12 @@ class Catalog:
         params: dict[str, Any] = json.loads(ep.params) if ep.params else {}
         api_base = external_api_base(ep.uri)
         old = self._endpoints.get(ep.id)
-        if old is not None and old.gate is not None:
-            same_gate = (old.gate.concurrency, old.gate.per_second) == (ep.max_concurrency, ep.max_calls_per_second)
-            if same_gate and (old.api_base, old.headers, old.params) == (api_base, headers, params or None):
+        limits = (ep.max_concurrency, ep.max_calls_per_second)
+        gate = None
+        if old is not None and old.gate is not None and (old.gate.concurrency, old.gate.per_second) == limits:
+            if (old.api_base, old.headers, old.params) == (api_base, headers, params or None):
                 return old
+            gate = old.gate  # the calls in flight hold its slots: the limits stay whole across the change
         return Target(
             replica_id=None,
             model=ep.id,
@@ -189,7 +193,7 @@ class Catalog:
             headers=headers,
             bucket=None,
             endpoint_id=ep.id,
-            gate=Gate(ep.max_concurrency, ep.max_calls_per_second),
+            gate=gate or Gate(ep.max_concurrency, ep.max_calls_per_second),
             params=params or None,
         )
 

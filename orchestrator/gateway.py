@@ -10,7 +10,8 @@ served from memory.
     ├── UnknownModel     no live model of that name
     ├── Forbidden        the key is not bound to the model (directly or through its group)
     ├── NoReplica        the model has no READY replica with room
-    └── UpstreamFailed   every replica tried refused the connection
+    ├── UpstreamFailed   every replica tried refused the connection
+    └── QueueTimeout     (orchestrator.priority) waited too long in the model's priority queue
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ class Gateway:
         self._admin_key = admin_key
         self._on_unreachable = on_unreachable
         self._limiter = RpmLimiter()
-        self.on_finished: Callable[[str], None] | None = None
-        """Told the model of every finished call (the priority queue admits its next waiter)."""
+        self.on_released: Callable[[str], None] | None = None
+        """Told the model of every call that gave its replica's slot back (the priority queue lets the next one in)."""
 
     def authenticate(self, raw_key: str | None, client: str | None) -> KeyInfo:
         """The key's record, if it is a key, enabled, and used from an address its allowlist has (`client`)."""
@@ -170,11 +171,12 @@ class Gateway:
         if spend and not self.catalog.ledger.may_spend(key.id, money.month_of()):
             raise PaymentRequired
 
-    def resolve(self, key: KeyInfo, name: str) -> ModelInfo:
-        """The model a call goes to. A connector key falls back to a model named "default", as the connector does."""
+    def resolve(self, key: KeyInfo, name: str, *, fallback: bool = True) -> ModelInfo:
+        """The model a call goes to. A connector key falls back to a model named "default", as the connector does
+        (on its own surfaces: `fallback`)."""
         models = self.catalog.models
         model = models.get(name)
-        if model is None and key.connector:
+        if model is None and key.connector and fallback:
             model = models.get("default")
         if model is None:
             raise UnknownModel(name, connector=key.connector)
@@ -187,12 +189,16 @@ class Gateway:
         models = sorted(self.catalog.models.values(), key=lambda m: m.name)
         return models if key.models is None else [m for m in models if m.id in key.models]
 
-    async def open(self, model: str, path: str, body: bytes) -> Call:
+    async def open(self, model: str, path: str, body: bytes, *, on_picked: Callable[[], None] | None = None) -> Call:
         """Send `body` to `path` under a READY replica's API root (or an endpoint's, once its gate lets the call
-        through); another replica on a failed connection."""
+        through); another replica on a failed connection. `on_picked` is called once, when the first replica is
+        picked (it then counts the call in flight) or when none is."""
         tried: set[Target] = set()
         for _ in range(MAX_ATTEMPTS):
             target = self.catalog.pick(model, tried)
+            if on_picked is not None:
+                on_picked()
+                on_picked = None
             if target is None:
                 break
             started = time.perf_counter()
@@ -231,6 +237,8 @@ class Gateway:
         self.catalog.release(target)
         if target.gate is not None:
             target.gate.leave()
+        if self.on_released is not None:
+            self.on_released(target.model)
 
     def finish(  # noqa: PLR0917  (one call site, in the order the call happened)
         self,
@@ -247,8 +255,8 @@ class Gateway:
     ) -> None:
         """Give the replica's slot back, charge the key and queue the record. Called once per opened call.
 
-        `credits`: the call is paid in LlmEndpoint credits, this many units off the key's balance, instead of by
-        its tokens at the model's prices."""
+        `credits`: the call is paid in LlmEndpoint credits, this many units off the key's balance (already
+        reserved in the ledger by the caller), instead of by its tokens at the model's prices."""
         self._release(call.target)
         call.response.release()
         u = outcome.usage or Usage()
@@ -259,8 +267,8 @@ class Gateway:
             else money.fee(u.prompt_tokens, u.completion_tokens, model.price_in, model.price_out)
         )
         client = None if key is SERVER_ADMIN else key.id
-        if client is not None:
-            self.catalog.ledger.charge(client, fee, on_balance=on_balance)
+        if client is not None and not on_balance:  # credits were reserved by the caller before the call
+            self.catalog.ledger.charge(client, fee)
         now = time.perf_counter()
         self._records.add(
             CallRecord(
@@ -285,8 +293,6 @@ class Gateway:
                 on_balance=on_balance,
             )
         )
-        if self.on_finished is not None:
-            self.on_finished(model.name)
 
 
 def _for(target: Target, body: bytes) -> bytes:

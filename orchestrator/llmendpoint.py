@@ -2,7 +2,7 @@
 
 A call costs (characters of the user's messages x the model's input rate + max_tokens x its output rate),
 known before the call, checked against the key's balance (402 when short) and taken off it when the call
-succeeds. The request becomes an OpenAI chat request for the replica: `num_context` as vLLM's
+succeeds. The request becomes an OpenAI chat request for the replica: `num_context`, when given, as vLLM's
 `truncate_prompt_tokens` (the prompt keeps its last num_context tokens, as a context window does) and
 `output_format: "json"` as `response_format: {"type": "json_object"}`.
 
@@ -59,7 +59,7 @@ class Request(msgspec.Struct, omit_defaults=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | msgspec.UnsetType = msgspec.UNSET
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)] | msgspec.UnsetType = msgspec.UNSET
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.7
-    num_context: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)] = 2048
+    num_context: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONTEXT)] | None = None
     stream: bool = False
     output_format: Literal["default", "json"] = "default"
 
@@ -72,7 +72,8 @@ class Valid:
     model: str
     max_tokens: int
     temperature: float
-    num_context: int
+    num_context: int | None
+    """None: the engine's own context length (LlmEndpoint's 2048 would be refused by an engine with less)."""
     stream: bool
     output_format: Literal["default", "json"]
 
@@ -82,9 +83,10 @@ class Valid:
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
-            "truncate_prompt_tokens": self.num_context,
             "stream": self.stream,
         }
+        if self.num_context is not None:
+            body["truncate_prompt_tokens"] = self.num_context
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.output_format == "json":
@@ -114,8 +116,8 @@ def parse(raw: bytes, *, stream_allowed: bool = True) -> Valid:
         req = _DECODER.decode(raw)
     except msgspec.ValidationError as e:
         raise LlmEndpointError(400, INVALID, str(e)) from e
-    except msgspec.DecodeError as e:
-        raise LlmEndpointError(400, INVALID, f"the body is not JSON: {e}") from e
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # msgspec: bad UTF-8, nested too deep
+        raise LlmEndpointError(400, INVALID, f"the body is not JSON: {type(e).__name__}") from e
     if (
         isinstance(req.messages, msgspec.UnsetType)
         or isinstance(req.model, msgspec.UnsetType)
@@ -185,15 +187,18 @@ class Completions:
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
 
-    def admit(self, key: KeyInfo, req: Valid) -> tuple[ModelInfo, int]:
-        """(the model, the call's cost in units), or the refusal; nothing is sent anywhere yet."""
+    def admit(self, key: KeyInfo, req: Valid, *, reserve: bool = True) -> tuple[ModelInfo, int]:
+        """(the model, the call's cost in units), or the refusal; nothing is sent anywhere yet.
+
+        `reserve`: the cost is taken off the key's balance now (in memory), so that concurrent calls cannot spend
+        the same credits; `finish` keeps it when the call delivered, `open` and `finish` give it back otherwise."""
         gw = self._gw
         rate = gw.catalog.rates.get(req.model)
         if rate is None:
             raise LlmEndpointError(400, NO_PRICING)
         try:
             gw.admit(key, spend=False)
-            model = gw.resolve(key, req.model)
+            model = gw.resolve(key, req.model, fallback=False)
         except RateLimited as e:
             raise LlmEndpointError(429, str(e)) from e
         except Forbidden as e:
@@ -201,18 +206,35 @@ class Completions:
         except UnknownModel as e:
             raise LlmEndpointError(400, NO_HOSTS, f"no model named {req.model} is served") from e
         price = cost(req, rate.input, rate.output)
-        if key is not SERVER_ADMIN and gw.catalog.ledger.balance(key.id, money.month_of()) < price:
-            raise LlmEndpointError(402, NO_CREDITS)
+        if key is not SERVER_ADMIN:
+            ledger = gw.catalog.ledger
+            if ledger.balance(key.id, money.month_of()) < price:
+                raise LlmEndpointError(402, NO_CREDITS)
+            if reserve:
+                ledger.charge(key.id, price, on_balance=True)
         return model, price
 
-    async def open(self, model: ModelInfo, req: Valid) -> Call:
+    def _refund(self, key: KeyInfo, price: int) -> None:
+        if key is not SERVER_ADMIN:
+            self._gw.catalog.ledger.charge(key.id, -price, on_balance=True)
+
+    async def open(self, key: KeyInfo, model: ModelInfo, req: Valid, price: int) -> Call:
+        """The call to a replica, once admitted (and reserved); the reservation is given back if none answers."""
         try:
             return await self._gw.open(model.name, "/chat/completions", req.engine_body())
         except (NoReplica, UpstreamFailed) as e:
+            self._refund(key, price)
             raise LlmEndpointError(400, NO_HOSTS, str(e)) from e
+        except BaseException:
+            self._refund(key, price)
+            raise
 
     def finish(self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, outcome: Outcome, *, price: int) -> None:
-        """Account for the call: its credits are taken only when it succeeded."""
+        """Account for the call: its credits are kept when it delivered (a whole answer, or any of a stream, even one
+        the client then left), and given back otherwise."""
+        delivered = outcome.status == 200 or outcome.first_byte is not None
+        if not delivered:
+            self._refund(key, price)
         self._gw.finish(
             call,
             key,
@@ -222,13 +244,13 @@ class Completions:
             outcome,
             stream=req.stream,
             session=None,
-            credits=price if outcome.status == 200 else 0,
+            credits=price if delivered else 0,
         )
 
     async def complete(self, key: KeyInfo, req: Valid) -> str:
         """A whole (non-stream) completion's text; raises LlmEndpointError."""
         model, price = self.admit(key, req)
-        call = await self.open(model, req)
+        call = await self.open(key, model, req, price)
         outcome = Outcome(500)
         try:
             payload = await call.response.read()

@@ -57,8 +57,3 @@ def month_of(at: float | None = None) -> int:
 
 CREDIT = UNIT // 10**6
 """LlmEndpoint's credit: 10^-4 cent (its costs are in cents, divided by 0.0001)."""
-
-
-def credits(amount: int) -> int:
-    """Units -> whole credits, rounded up (what a call costs is never rounded in the caller's favour)."""
-    return -(-amount // CREDIT)

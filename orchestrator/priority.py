@@ -2,8 +2,10 @@
 `priority` first, then first come) and a replica of the model has room, or until their timeout.
 
 A replica has room while it runs fewer than `slots` calls (an llm_endpoint: fewer than its max_concurrency, when it
-has one). Every finished call and every catalog reload lets the next waiters through. Waiting happens on futures,
-never by polling.
+has one). A request let through is `admitted` until the gateway picks its replica (then it counts in that replica's
+in-flight calls instead). Waiters are woken by every finished call, every admission that ends, every arrival, and
+every catalog reload (at least every ORCH_CATALOG_REFRESH_INTERVAL_S, which is when a replica back from an ejection
+or a refilled rate bucket is noticed); they wait on futures.
 """
 
 from __future__ import annotations
@@ -30,18 +32,26 @@ class _Waiter:
     turn: asyncio.Future[None] = field(compare=False)
 
 
+@dataclass(slots=True)
+class _Line:
+    heap: list[_Waiter] = field(default_factory=list)
+    live: int = 0
+    """Waiters in `heap` still waiting (the others timed out or left, and are dropped when they surface)."""
+
+
 class PriorityQueues:
     def __init__(self, catalog: Catalog, *, slots: int, timeout_s: float) -> None:
         self._catalog = catalog
         self._slots = slots
         self._timeout_s = timeout_s
-        self._lines: dict[str, list[_Waiter]] = {}
+        self._lines: dict[str, _Line] = {}
         self._admitted: dict[str, int] = {}
         """Let through, and not yet counted in a replica's in-flight calls."""
         self._seq = itertools.count()
 
     def waiting(self, model: str) -> int:
-        return sum(1 for w in self._lines.get(model, ()) if not w.turn.done())
+        line = self._lines.get(model)
+        return line.live if line is not None else 0
 
     def _capacity(self, target: Target) -> int:
         if target.gate is not None and target.gate.concurrency:
@@ -56,48 +66,56 @@ class PriorityQueues:
         return free - self._admitted.get(model, 0)
 
     async def wait_turn(self, model: str, priority: int, timeout_s: float | None = None) -> None:
-        """Return once the request may be sent; the caller calls `sent(model)` right after opening its call.
+        """Return once the request may be sent; the caller then calls `sent(model)` exactly once, as soon as its
+        replica is picked (or the call fails before that).
 
         `timeout_s` shortens the queue's own timeout, never lengthens it."""
-        timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         if not self._catalog.pools.get(model):
             raise NoReplica(model)
-        if not self.waiting(model) and self._room(model) > 0:
-            self._admitted[model] = self._admitted.get(model, 0) + 1
-            return
+        timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        line = self._lines.setdefault(model, _Line())
         waiter = _Waiter(priority, next(self._seq), asyncio.get_running_loop().create_future())
-        heapq.heappush(self._lines.setdefault(model, []), waiter)
+        heapq.heappush(line.heap, waiter)
+        line.live += 1
+        self.wake(model)  # room now, and nobody ahead: let through at once
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.turn), timeout_s)
-        except TimeoutError:
-            waiter.turn.cancel()
-            raise QueueTimeout(model, timeout_s) from None
-        except asyncio.CancelledError:  # the client went away; if it was let through meanwhile, pass its turn on
+            async with asyncio.timeout(timeout_s):
+                await waiter.turn
+        except (TimeoutError, asyncio.CancelledError) as e:
             if waiter.turn.done() and not waiter.turn.cancelled():
-                self.sent(model)
+                if isinstance(e, TimeoutError):  # let through in the same instant: take the turn after all
+                    return
+                self.sent(model)  # let through, then abandoned: pass the turn on
             else:
                 waiter.turn.cancel()
+                line.live -= 1
+            if isinstance(e, TimeoutError):
+                raise QueueTimeout(model, timeout_s) from None
             raise
 
     def sent(self, model: str) -> None:
-        """A request let through has opened its call (or given up): it now counts as in flight, or not at all."""
+        """A request let through has its replica (it now counts in flight there), or gave up."""
         self._admitted[model] -= 1
         self.wake(model)
 
     def wake(self, model: str) -> None:
         """Let the first waiters through while the model has room."""
         line = self._lines.get(model)
-        if not line:
+        if line is None:
             return
-        room = self._room(model)
-        while line and room > 0:
-            waiter = heapq.heappop(line)
+        room = self._room(model) if line.live else 0
+        while line.heap and room > 0:
+            waiter = heapq.heappop(line.heap)
             if waiter.turn.done():  # timed out or abandoned
                 continue
             waiter.turn.set_result(None)
+            line.live -= 1
             self._admitted[model] = self._admitted.get(model, 0) + 1
             room -= 1
-        if not line:
+        if len(line.heap) > 2 * line.live + 16:  # mostly abandoned entries: drop them
+            line.heap = [w for w in line.heap if not w.turn.done()]
+            heapq.heapify(line.heap)
+        if not line.heap:
             del self._lines[model]
 
     def wake_all(self) -> None:

@@ -13,6 +13,7 @@ import msgspec
 from orchestrator.billing import Ledger
 from orchestrator.money import month_of
 from orchestrator.record_store import CallRow, Charge, RecordStore, SessionSum
+from orchestrator.tables import storable
 
 MAX_BUFFERED = 100_000  # beyond this the database is down for long; keep the newest rather than grow forever
 TITLE_CHARS = 30
@@ -83,8 +84,8 @@ def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], li
     sessions: dict[tuple[int, str], SessionSum] = {}
     charges: dict[tuple[int, int, bool], int] = {}
     for call in calls:
-        whole, last = prompt_texts(call.kind, call.request)
-        completion = completion_text(call.answer)
+        whole, last = map(storable, prompt_texts(call.kind, call.request))
+        completion = storable(completion_text(call.answer))
         row = CallRow(
             session_key=call.session if call.key_id is not None else None,
             values={

@@ -386,7 +386,8 @@ class Store:
         table = SQLModel.metadata.tables.get(name)
         if table is None:
             raise NotFound("Detail not found")
-        query = core_select(table).order_by(table.c.id.desc()).limit(BROWSE_LIMIT)
+        newest_first = [c.desc() for c in table.primary_key.columns]  # `id` for most; `model` for credit_rate
+        query = core_select(table).order_by(*newest_first).limit(BROWSE_LIMIT)
         async with self._sessions() as s:
             conn = await s.connection()
             return [_redact(table, row) for row in (await conn.execute(query)).mappings()]

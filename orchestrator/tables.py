@@ -24,6 +24,11 @@ def row_id(value: int | None) -> int:
     return value
 
 
+def storable(text: str | None) -> str | None:
+    """Text as both databases can keep it: PostgreSQL refuses NUL characters in text, so they become U+FFFD."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
 def utcnow() -> datetime:
     """Aware UTC; SQLModel's column type stores it as UTC on both databases and returns it aware."""
     return datetime.now(UTC)

@@ -15,7 +15,7 @@ from sqlalchemy import ColumnElement, Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from orchestrator.tables import CompletionTask, utcnow
+from orchestrator.tables import CompletionTask, storable, utcnow
 
 
 class TaskStatus(StrEnum):
@@ -80,10 +80,10 @@ class TaskStore:
         return sorted(tasks, key=lambda task: task.created_at)
 
     async def complete(self, task: CompletionTask, result: str) -> bool:
-        return await self._settle(task, status=TaskStatus.COMPLETED, result=result, completed_at=utcnow())
+        return await self._settle(task, status=TaskStatus.COMPLETED, result=storable(result), completed_at=utcnow())
 
     async def fail(self, task: CompletionTask, error: str) -> bool:
-        return await self._settle(task, status=TaskStatus.FAILED, error=error, completed_at=utcnow())
+        return await self._settle(task, status=TaskStatus.FAILED, error=storable(error), completed_at=utcnow())
 
     async def retry_later(self, task: CompletionTask, *, counted: bool) -> bool:
         """Back to the queue, due again `retry_after_s` after this attempt started; an attempt that is not

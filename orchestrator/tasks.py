@@ -87,7 +87,7 @@ class TaskRunner:
         if key is SERVER_ADMIN:
             raise LlmEndpointError(403, UNAUTHORIZED, "the admin key owns no tasks: queue with a client key")
         req = parse(raw, stream_allowed=False)
-        self._completions.admit(key, req)
+        self._completions.admit(key, req, reserve=False)  # the refusals now; credits are reserved when it runs
         task = CompletionTask(id=str(uuid.uuid4()), key_id=key.id, model=req.model, request=req.stored())
         await self.store.add(task)
         log.info("task.queued", task_id=task.id, model=task.model)
@@ -96,6 +96,10 @@ class TaskRunner:
 
     async def task_of(self, key: KeyInfo, task_id: str) -> CompletionTask:
         """The task, if `key` made it (the server's admin key sees every task)."""
+        try:
+            uuid.UUID(task_id)  # what is not a task id is not looked up (a NUL would be a PostgreSQL error)
+        except ValueError:
+            raise LlmEndpointError(404, NOT_FOUND) from None
         task = await self.store.task(task_id)
         if task is None:
             raise LlmEndpointError(404, NOT_FOUND)

@@ -85,6 +85,10 @@ def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> P
         raise BadBody(_AT.sub("", message), found.group(1) if found else None) from e
     except msgspec.DecodeError as e:
         raise BadBody(f"Invalid JSON body: {e}") from e
+    except UnicodeDecodeError as e:  # msgspec raises it for a string that is not UTF-8
+        raise BadBody(f"Invalid JSON body: not UTF-8 ({e.reason})") from e
+    except RecursionError as e:
+        raise BadBody("Invalid JSON body: nested too deeply") from e
     if isinstance(req, _Chat):
         _check_chat(req, toolkit)
     elif req.prompt is None:

@@ -97,6 +97,20 @@ async def answer(send: Send, reply: ErrorAnswer) -> int:
     return reply.status
 
 
+class Admission:
+    """A queued request let through: ends (once) when the gateway picks its replica, or when it gives up."""
+
+    __slots__ = ("_model", "_open", "_queues")
+
+    def __init__(self, queues: PriorityQueues, model: str) -> None:
+        self._queues, self._model, self._open = queues, model, True
+
+    def end(self) -> None:
+        if self._open:
+            self._open = False
+            self._queues.sent(self._model)
+
+
 class GatewayRoutes:
     def __init__(self, gateway: Gateway, metrics: Metrics, queues: PriorityQueues) -> None:
         self._gw = gateway
@@ -139,10 +153,11 @@ class GatewayRoutes:
                 extra = ((b"x-litellm-priority", str(queued.priority).encode()),)
                 if await self._turn(model.name, queued, receive) == CLIENT_CLOSED:
                     return CLIENT_CLOSED
+                admission = Admission(self._queues, model.name)
                 try:
-                    call = await gw.open(model.name, path, queued.body)
+                    call = await gw.open(model.name, path, queued.body, on_picked=admission.end)
                 finally:
-                    self._queues.sent(model.name)
+                    admission.end()
             else:
                 call = await gw.open(model.name, path, body)
         except (GatewayError, BadBody) as e:

@@ -81,7 +81,9 @@ def _caller(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
     """The calling key as the gateway authenticates it: the same headers, the same IP allowlists."""
     deps: Deps = connection.app.state.deps
     scope: HTTPScope = connection.scope  # type: ignore[assignment]
-    return deps.gateway.authenticate(credentials(scope)[0], client_address(scope))
+    key = deps.gateway.authenticate(credentials(scope)[0], client_address(scope))
+    deps.gateway.admit(key, spend=False)  # a count may ask a replica: it counts against the key's rate limit
+    return key
 
 
 def client_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

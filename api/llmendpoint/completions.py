@@ -85,7 +85,7 @@ class CompletionRoute:
                 text = await self._completions.complete(key, req)
                 return await answer(send, ErrorAnswer(200, msgspec.json.encode({"success": True, "response": text})))
             model, price = self._completions.admit(key, req)
-            call = await self._completions.open(model, req)
+            call = await self._completions.open(key, model, req, price)
         except LlmEndpointError as e:
             return await answer(send, failure(e.status, e.message, e.detail))
         except TooLarge as e:

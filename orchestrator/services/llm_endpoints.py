@@ -151,6 +151,8 @@ def _check(spec: EndpointSpec) -> None:
         raise InvalidInput("connector_type", f"connector_type must be one of: {', '.join(CONNECTOR_TYPES)}")
     if not _is_http_url(spec.uri):
         raise InvalidInput("uri", "uri must be an http:// or https:// URL with a host")
+    if urlsplit(spec.uri).username is not None:  # it would be listed in clear: a secret belongs in `token`
+        raise InvalidInput("uri", "uri must not hold credentials (user:password@): put the secret in token")
     if len(spec.token) > MAX_TOKEN:
         raise InvalidInput("token", f"token must be at most {MAX_TOKEN} characters")
     if not _TOKEN.fullmatch(spec.token):

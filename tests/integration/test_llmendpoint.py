@@ -3,6 +3,7 @@ rate table taken off the key's balance, whole answers and NDJSON streams, and wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -133,11 +134,12 @@ async def test_num_context_and_output_format_reach_the_engine(
     assert sent["response_format"] == {"type": "json_object"}
     assert sent["temperature"] == 0.2
     assert sent["max_tokens"] == 5
-    # The defaults when absent: 0.7 and a 2048-token context, plain text.
+    # The defaults when absent: 0.7, the engine's own context (no truncation asked), plain text.
     await anon_client.post(PATH, json=BODY, headers={"Authorization": key})
     sent = (await requests_seen(engine))[-1]["body"]
     assert isinstance(sent, dict)
-    assert (sent["temperature"], sent["truncate_prompt_tokens"]) == (0.7, 2048)
+    assert sent["temperature"] == 0.7
+    assert "truncate_prompt_tokens" not in sent
     assert "response_format" not in sent
 
 
@@ -217,6 +219,18 @@ async def test_a_balance_short_of_the_cost_is_a_402_and_nothing_is_called(
     assert r.status_code == 402
 
 
+async def test_concurrent_calls_cannot_spend_the_same_credits(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, engine: Engine
+) -> None:
+    await make_ready(client, deps, MODEL, engine.chat_url)
+    key_id, key = await funded_key(client, str(Decimal(3800 * CREDIT) / UNIT))  # enough for one call
+    answers = await asyncio.gather(
+        *(anon_client.post(PATH, json=BODY, headers={"Authorization": key}) for _ in range(5))
+    )
+    assert sorted(r.status_code for r in answers) == [200, 402, 402, 402, 402]
+    assert await balance_units(deps, key_id) == 0
+
+
 async def test_no_host_is_llmendpoints_max_attempts(
     client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps
 ) -> None:
@@ -240,3 +254,20 @@ async def test_a_failed_call_costs_nothing(
     r = await anon_client.post(PATH, json=BODY, headers={"Authorization": key})
     assert (r.status_code, r.json()["message"]) == (502, "The model's host failed.")
     assert await balance_units(deps, key_id) == UNIT
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"model": "\xff", "messages": [], "max_tokens": 1}', b'{"model": "\\udcff"}', b"[" * 100_000 + b"]" * 100_000],
+    ids=["not-utf8", "lone-surrogate", "nested-too-deep"],
+)
+async def test_undecodable_bodies_are_400s_on_the_raw_routes(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, raw: bytes
+) -> None:
+    _, key = await funded_key(client, "0")
+    r = await anon_client.post(PATH, content=raw, headers={"Authorization": key})
+    assert (r.status_code, r.json()["message"]) == (400, "Invalid request")
+    for path in ("/v1/chat/completions", "/queue/chat/completions"):
+        r = await anon_client.post(path, content=raw, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"

@@ -159,7 +159,8 @@ async def test_a_queued_task_completes_with_the_engines_text_and_is_charged_once
     assert "error" not in done
     assert before - await balance_units(deps, key_id) == COST
     sent = (await chats_seen(engine))[-1]["body"]
-    assert (sent["max_tokens"], sent["stream"], sent["truncate_prompt_tokens"]) == (5, False, 2048)
+    assert (sent["max_tokens"], sent["stream"]) == (5, False)
+    assert "truncate_prompt_tokens" not in sent  # no num_context asked: the engine's own context
 
 
 async def test_once_the_job_has_run_a_submission_is_worked_at_once(
