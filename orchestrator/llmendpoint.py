@@ -6,12 +6,13 @@ succeeds. The request becomes an OpenAI chat request for the replica: `num_conte
 `truncate_prompt_tokens` (the prompt keeps its last num_context tokens, as a context window does) and
 `output_format: "json"` as `response_format: {"type": "json_object"}`.
 
-    LlmEndpointError (status, message: LlmEndpoint's exact words)
+    LlmEndpointError (a Refusal, and LlmEndpoint's exact words)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Annotated, Any, Literal
 
 import aiohttp
@@ -40,11 +41,26 @@ MAX_TOKENS = 1_000_000
 MAX_CONTEXT = 1_048_576
 
 
+class Refusal(Enum):
+    """Why a call was refused; the api gives each its status."""
+
+    UNAUTHENTICATED = "unauthenticated"
+    INVALID = "invalid"
+    NO_HOST = "no_host"
+    ENGINE_REFUSED = "engine_refused"
+    NO_CREDITS = "no_credits"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    RATE_LIMITED = "rate_limited"
+    HOST_FAILED = "host_failed"
+
+
 class LlmEndpointError(Exception):
-    def __init__(self, status: int, message: str, detail: str | None = None) -> None:
+    def __init__(self, refusal: Refusal, message: str, detail: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.refusal = refusal
         self.message = message
+        """LlmEndpoint's exact words, where it has some."""
         self.detail = detail
         """What exactly was wrong, beside LlmEndpoint's fixed message."""
 
@@ -115,15 +131,15 @@ def parse(raw: bytes, *, stream_allowed: bool = True) -> Valid:
     try:
         req = _DECODER.decode(raw)
     except msgspec.ValidationError as e:
-        raise LlmEndpointError(400, INVALID, str(e)) from e
+        raise LlmEndpointError(Refusal.INVALID, INVALID, str(e)) from e
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:  # msgspec: bad UTF-8, nested too deep
-        raise LlmEndpointError(400, INVALID, f"the body is not JSON: {type(e).__name__}") from e
+        raise LlmEndpointError(Refusal.INVALID, INVALID, f"the body is not JSON: {type(e).__name__}") from e
     if (
         isinstance(req.messages, msgspec.UnsetType)
         or isinstance(req.model, msgspec.UnsetType)
         or isinstance(req.max_tokens, msgspec.UnsetType)
     ):
-        raise LlmEndpointError(400, REQUIRED)
+        raise LlmEndpointError(Refusal.INVALID, REQUIRED)
     stream = req.stream and stream_allowed
     return Valid(req.messages, req.model, req.max_tokens, req.temperature, req.num_context, stream, req.output_format)
 
@@ -163,13 +179,15 @@ def answer_text(payload: bytes) -> str:
     try:
         choices = _ANSWER.decode(payload).choices
     except msgspec.DecodeError as e:
-        raise LlmEndpointError(502, "The model's host answered something that is not a completion.") from e
+        raise LlmEndpointError(
+            Refusal.HOST_FAILED, "The model's host answered something that is not a completion."
+        ) from e
     message = choices[0].message if choices else None
     return (message.content or "") if message is not None else ""
 
 
 def engine_error(status: int, payload: bytes) -> LlmEndpointError:
-    """An engine's refusal, passed on: its 4xx as a 400 with its message, anything else as a host failure."""
+    """An engine's answer other than 200: its 4xx as a refusal with its message, anything else as a host failure."""
     try:
         failure = _FAILURE.decode(payload)
         error = failure.error
@@ -177,8 +195,8 @@ def engine_error(status: int, payload: bytes) -> LlmEndpointError:
     except msgspec.DecodeError:
         text = None
     if 400 <= status < 500:
-        return LlmEndpointError(400, text or INVALID)
-    return LlmEndpointError(502, "The model's host failed.", text)
+        return LlmEndpointError(Refusal.ENGINE_REFUSED, text or INVALID)
+    return LlmEndpointError(Refusal.HOST_FAILED, "The model's host failed.", text)
 
 
 class Completions:
@@ -195,21 +213,21 @@ class Completions:
         gw = self._gw
         rate = gw.catalog.rates.get(req.model)
         if rate is None:
-            raise LlmEndpointError(400, NO_PRICING)
+            raise LlmEndpointError(Refusal.INVALID, NO_PRICING)
         try:
             gw.admit(key, spend=False)
             model = gw.resolve(key, req.model, fallback=False)
         except RateLimited as e:
-            raise LlmEndpointError(429, str(e)) from e
+            raise LlmEndpointError(Refusal.RATE_LIMITED, str(e)) from e
         except Forbidden as e:
-            raise LlmEndpointError(403, str(e)) from e
+            raise LlmEndpointError(Refusal.FORBIDDEN, str(e)) from e
         except UnknownModel as e:
-            raise LlmEndpointError(400, NO_HOSTS, f"no model named {req.model} is served") from e
+            raise LlmEndpointError(Refusal.NO_HOST, NO_HOSTS, f"no model named {req.model} is served") from e
         price = cost(req, rate.input, rate.output)
         if key is not SERVER_ADMIN:
             ledger = gw.catalog.ledger
             if ledger.balance(key.id, money.month_of()) < price:
-                raise LlmEndpointError(402, NO_CREDITS)
+                raise LlmEndpointError(Refusal.NO_CREDITS, NO_CREDITS)
             if reserve:
                 ledger.charge(key.id, price, on_balance=True)
         return model, price
@@ -224,7 +242,7 @@ class Completions:
             return await self._gw.open(model.name, "/chat/completions", req.engine_body())
         except (NoReplica, UpstreamFailed) as e:
             self._refund(key, price)
-            raise LlmEndpointError(400, NO_HOSTS, str(e)) from e
+            raise LlmEndpointError(Refusal.NO_HOST, NO_HOSTS, str(e)) from e
         except BaseException:
             self._refund(key, price)
             raise
@@ -257,7 +275,9 @@ class Completions:
             outcome = Outcome(call.response.status, usage_of(payload), payload)
         except (aiohttp.ClientError, TimeoutError) as e:
             outcome.status = 502
-            raise LlmEndpointError(400, NO_HOSTS, f"the host broke off its answer: {type(e).__name__}") from e
+            raise LlmEndpointError(
+                Refusal.NO_HOST, NO_HOSTS, f"the host broke off its answer: {type(e).__name__}"
+            ) from e
         finally:
             self.finish(call, key, model, req, outcome, price=price)
         if outcome.status != 200:

@@ -10,10 +10,10 @@ the job (`serve --no-scheduler`) only queues.
 What an attempt's outcome does:
 
     the engine's text                  -> completed
-    no host now (400 NO_HOSTS), 429    -> queued again, due `retry_after_s` later, the attempt not counted;
+    no host now, the key's rate limit  -> queued again, due `retry_after_s` later, the attempt not counted;
                                           failed with LlmEndpoint's message once the task is `host_wait_s` old
     the host failed (5xx)              -> queued again (counted); failed with its message at `max_attempts`
-    any other LlmEndpointError         -> failed with its message (400 the engine refused, 402, 403, ...)
+    any other refusal                  -> failed with its message (the engine refused, no credits, forbidden, ...)
     the key gone or disabled           -> failed "Invalid API key"
     an unexpected exception            -> logged; queued again (counted); failed at `max_attempts`
 
@@ -38,7 +38,7 @@ import structlog
 
 from orchestrator.catalog import SERVER_ADMIN, KeyInfo
 from orchestrator.gateway import Gateway
-from orchestrator.llmendpoint import NO_HOSTS, Completions, LlmEndpointError, Valid, parse
+from orchestrator.llmendpoint import Completions, LlmEndpointError, Refusal, Valid, parse
 from orchestrator.tables import CompletionTask, utcnow
 from orchestrator.task_store import TaskStore, gave_up
 
@@ -85,7 +85,9 @@ class TaskRunner:
         """Validate and admit the request as the sync route would (raises LlmEndpointError), queue it, and
         return its task id."""
         if key is SERVER_ADMIN:
-            raise LlmEndpointError(403, UNAUTHORIZED, "the admin key owns no tasks: queue with a client key")
+            raise LlmEndpointError(
+                Refusal.FORBIDDEN, UNAUTHORIZED, "the admin key owns no tasks: queue with a client key"
+            )
         req = parse(raw, stream_allowed=False)
         self._completions.admit(key, req, reserve=False)  # the refusals now; credits are reserved when it runs
         task = CompletionTask(id=str(uuid.uuid4()), key_id=key.id, model=req.model, request=req.stored())
@@ -99,12 +101,12 @@ class TaskRunner:
         try:
             uuid.UUID(task_id)  # what is not a task id is not looked up (a NUL would be a PostgreSQL error)
         except ValueError:
-            raise LlmEndpointError(404, NOT_FOUND) from None
+            raise LlmEndpointError(Refusal.NOT_FOUND, NOT_FOUND) from None
         task = await self.store.task(task_id)
         if task is None:
-            raise LlmEndpointError(404, NOT_FOUND)
+            raise LlmEndpointError(Refusal.NOT_FOUND, NOT_FOUND)
         if key is not SERVER_ADMIN and task.key_id != key.id:
-            raise LlmEndpointError(403, UNAUTHORIZED)
+            raise LlmEndpointError(Refusal.FORBIDDEN, UNAUTHORIZED)
         return task
 
     # -- the runner ---------------------------------------------------------------------------
@@ -213,6 +215,9 @@ class TaskRunner:
             await self._fail(task, gave_up(self.policy.max_attempts))
             return None
         key = self._gw.catalog.keys_by_id.get(task.key_id)
+        if key is None:  # the row exists (the task would be gone with it): made since this instance last loaded keys
+            await self._gw.catalog.reload()
+            key = self._gw.catalog.keys_by_id.get(task.key_id)
         if key is None or not key.enabled:
             await self._fail(task, BAD_KEY)
             return None
@@ -223,12 +228,12 @@ class TaskRunner:
             return None
 
     async def _after_error(self, task: CompletionTask, e: LlmEndpointError) -> None:
-        if e.status == 429 or e.message == NO_HOSTS:
+        if e.refusal in (Refusal.RATE_LIMITED, Refusal.NO_HOST):
             if task.created_at <= utcnow() - timedelta(seconds=self.policy.host_wait_s):
                 await self._fail(task, e.message)
             elif await self.store.retry_later(task, counted=False):
                 log.info("task.waiting", reason=e.message, detail=e.detail)
-        elif e.status >= 500:
+        elif e.refusal is Refusal.HOST_FAILED:
             await self._retry_or_fail(task, e.message, e.detail)
         else:
             await self._fail(task, e.message, e.detail)

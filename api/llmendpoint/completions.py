@@ -14,12 +14,25 @@ from api.gateway.relay import until_disconnected
 from api.gateway.routes import answer, client_address, credentials, read_body
 from orchestrator.catalog import KeyInfo, ModelInfo
 from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
-from orchestrator.llmendpoint import Completions, LlmEndpointError, Valid, engine_error, parse
+from orchestrator.llmendpoint import Completions, LlmEndpointError, Refusal, Valid, engine_error, parse
 from orchestrator.metrics import Metrics
 
 COMPLETIONS_PATH = "/api/v1/completions"
 NO_KEY = "Authorization header required"
 BAD_KEY = "Invalid API key"
+
+
+STATUS = {
+    Refusal.UNAUTHENTICATED: 401,
+    Refusal.INVALID: 400,
+    Refusal.NO_HOST: 400,  # LlmEndpoint's "Max attempts reached - no available hosts" is a 400
+    Refusal.ENGINE_REFUSED: 400,
+    Refusal.NO_CREDITS: 402,
+    Refusal.FORBIDDEN: 403,
+    Refusal.NOT_FOUND: 404,
+    Refusal.RATE_LIMITED: 429,
+    Refusal.HOST_FAILED: 502,
+}
 
 
 def failure(status: int, message: str, detail: str | None = None) -> ErrorAnswer:
@@ -29,17 +42,21 @@ def failure(status: int, message: str, detail: str | None = None) -> ErrorAnswer
     return ErrorAnswer(status, msgspec.json.encode(body))
 
 
+def refused(e: LlmEndpointError) -> ErrorAnswer:
+    return failure(STATUS[e.refusal], e.message, e.detail)
+
+
 def authenticate(gateway: Gateway, scope: HTTPScope) -> KeyInfo:
     """The key of an LlmEndpoint request (`Authorization: <key>` or `Bearer <key>`), with its exact refusals."""
     raw_key, _ = credentials(scope)
     if not raw_key:
-        raise LlmEndpointError(401, NO_KEY)
+        raise LlmEndpointError(Refusal.UNAUTHENTICATED, NO_KEY)
     try:
         return gateway.authenticate(raw_key, client_address(scope))
     except IpRefused as e:
-        raise LlmEndpointError(401, str(e)) from e
+        raise LlmEndpointError(Refusal.UNAUTHENTICATED, str(e)) from e
     except Unauthorized as e:
-        raise LlmEndpointError(401, BAD_KEY) from e
+        raise LlmEndpointError(Refusal.UNAUTHENTICATED, BAD_KEY) from e
 
 
 class _Delta(msgspec.Struct):
@@ -87,7 +104,7 @@ class CompletionRoute:
             model, price = self._completions.admit(key, req)
             call = await self._completions.open(key, model, req, price)
         except LlmEndpointError as e:
-            return await answer(send, failure(e.status, e.message, e.detail))
+            return await answer(send, refused(e))
         except TooLarge as e:
             return await answer(send, failure(413, str(e)))
         return await self._stream(call, key, model, req, price, send, receive)
@@ -117,7 +134,7 @@ async def _relay_ndjson(call: Call, send: Send) -> Outcome:
         except (aiohttp.ClientError, TimeoutError):
             payload = b""
         e = engine_error(response.status, payload)
-        return Outcome(await answer(send, failure(e.status, e.message, e.detail)), None, payload)
+        return Outcome(await answer(send, refused(e)), None, payload)
     await send(
         {
             "type": "http.response.start",
