@@ -36,8 +36,8 @@ class LlmEndpointController(Controller):
         return list(CONNECTOR_TYPES)
 
     @get("/llm_endpoints")
-    async def endpoints(self, deps: NamedDependency[Deps]) -> list[s.EndpointOut]:
-        return [_out(e) for e in await deps.llm_endpoints.endpoints()]
+    async def endpoints(self, deps: NamedDependency[Deps]) -> list[EndpointView]:
+        return await deps.llm_endpoints.endpoints()  # tokens already masked
 
     @post(
         "/llm_endpoints",
@@ -59,19 +59,6 @@ class LlmEndpointController(Controller):
         except NotFound as e:
             return Response(s.DetailOut(detail=f"Failed to delete endpoint: {e}"), status_code=HTTP_404_NOT_FOUND)
         return Response(s.MessageOut(message="Endpoint deleted successfully"))
-
-
-def _out(e: EndpointView) -> s.EndpointOut:
-    return s.EndpointOut(
-        id=e.id,
-        connector_type=e.connector_type,
-        name=e.name,
-        uri=e.uri,
-        token=e.token,
-        max_calls_per_second=e.max_calls_per_second,
-        max_concurrency=e.max_concurrency,
-        params=e.params,
-    )
 
 
 def _errors(messages: Sequence[str], status: int) -> Response[Any]:

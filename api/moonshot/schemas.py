@@ -46,18 +46,6 @@ class EndpointIn(BaseModel):
         )
 
 
-class EndpointOut(BaseModel):
-    id: str
-    connector_type: str
-    name: str
-    uri: str
-    token: str
-    """"********" when a token is set, "" when none."""
-    max_calls_per_second: int
-    max_concurrency: int
-    params: dict[str, Any]
-
-
 class MessageOut(BaseModel):
     message: str
 
