@@ -22,7 +22,7 @@ Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
 Offset = Annotated[int, QueryParameter(ge=0, le=s.MAX_ID)]
 OptId = Annotated[int | None, QueryParameter(ge=0, le=s.MAX_ID)]
 PathId = Annotated[int, PathParameter(ge=1, le=s.MAX_ID)]
-Text = Annotated[str | None, QueryParameter(max_length=255)]
+Text = Annotated[str | None, QueryParameter(max_length=255, pattern=s.NO_NUL)]
 
 
 def _ref(data: s.KeyRefIn) -> KeyRef:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from orchestrator import money
 from orchestrator.account_store import Binding
@@ -28,8 +29,20 @@ AllowedIps = Annotated[list[str], AfterValidator(allowlist)]
 """Addresses or networks a key may be used from; [] means anywhere."""
 
 
+NO_NUL = r"^[^\x00]*$"
+"""A text query parameter without NUL: PostgreSQL's text cannot hold one, so it is refused at the edge."""
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    # PostgreSQL's text cannot hold NUL: refused at the edge, on every string field.
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: object) -> object:
+        if isinstance(v, str) and "\x00" in v:
+            raise PydanticCustomError("no_nul", "must not contain NUL characters")
+        return v
 
 
 class ApplyKeyIn(_Body):

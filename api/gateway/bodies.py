@@ -104,7 +104,7 @@ def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> P
         changes["stream_options"] = {"include_usage": True}  # the gateway needs the usage of every call
     body = raw
     if changes:
-        doc = msgspec.json.decode(raw)
+        doc = _document(raw)
         doc.update(changes)
         body = msgspec.json.encode(doc)
     # The toolkit forces usage on its streams; OpenAI-style clients get the usage chunk only if they asked.
@@ -122,9 +122,18 @@ def _check_chat(req: _Chat, toolkit: bool) -> None:
         raise BadBody("top_logprobs can only be set if logprobs is True", "top_logprobs")
 
 
+def _document(body: bytes) -> dict[str, Any]:
+    """The whole body as a dict, to change it: its unknown fields are read now, which the typed decode skipped."""
+    try:
+        doc: dict[str, Any] = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadBody(f"Invalid JSON body: {type(e).__name__}") from e
+    return doc
+
+
 def with_model(body: bytes, model: str) -> bytes:
     """The body with another model named (a connector key's unknown model falls back to "default")."""
-    doc = msgspec.json.decode(body)
+    doc = _document(body)
     doc["model"] = model
     return msgspec.json.encode(doc)
 
@@ -158,7 +167,7 @@ def queue_fields(body: bytes) -> Queued:
         message = str(e)
         found = _AT.search(message)
         raise BadBody(_AT.sub("", message), found.group(1) if found else None) from e
-    doc = msgspec.json.decode(body)
+    doc = _document(body)
     doc.pop("priority", None)
     doc.pop("timeout", None)
     return Queued(fields.priority, fields.timeout, msgspec.json.encode(doc))

@@ -14,7 +14,7 @@ from api.toolkit import schemas as s
 from api.toolkit.auth import admin_only
 from api.toolkit.errors import HANDLERS
 from orchestrator.deps import Deps
-from orchestrator.errors import Conflict
+from orchestrator.errors import Conflict, NotFound
 from orchestrator.lifecycle import ReplicaStatus, vm_status
 from orchestrator.store import KeyRemoval, ReplicaDetail
 from orchestrator.tables import Replica, row_id
@@ -71,6 +71,8 @@ class ModelController(Controller):
 
     @get("/{model_name:str}")
     async def get_model(self, deps: NamedDependency[Deps], model_name: FromPath[str]) -> s.ModelOut:
+        if "\x00" in model_name:  # no name holds one (they are refused), and PostgreSQL cannot compare one
+            raise NotFound("Model not found")
         model = await deps.models.get(model_name)
         return s.ModelOut(id=row_id(model.id), name=model.name)
 

@@ -32,11 +32,21 @@ def invalid(message: str) -> PydanticCustomError:
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # PostgreSQL's text cannot hold NUL: refused at the edge, on every string field.
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: object) -> object:
+        if isinstance(v, str) and "\x00" in v:
+            raise invalid("Must not contain NUL characters.")
+        return v
+
 
 MAX_ID = 2**31 - 1  # row ids are 32-bit integers on PostgreSQL
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+RateLimit = Annotated[int, Field(ge=1, le=MAX_ID)]
+"""Requests per second; bounded by the 32-bit column it is stored in."""
 
 
 class GenerateApiKeyIn(_In):
@@ -142,7 +152,7 @@ def _is_http_url(value: str) -> bool:
 
 class ReplicaIn(_In):
     endpoint: Annotated[str, Field(max_length=2048)] | None = None
-    rate_limit: Annotated[int, Field(ge=1)] | None = None
+    rate_limit: RateLimit | None = None
     create_vm: bool = False
     vm_creation_details: VmCreationIn | None = None
     engine_api_key: Annotated[str, Field(min_length=1, max_length=512)] | None = None
@@ -177,7 +187,7 @@ class ReplicaIn(_In):
 
 
 class ReplicaUpdateIn(_In):
-    rate_limit: Annotated[int, Field(ge=1)]
+    rate_limit: RateLimit
 
 
 # -- responses ----------------------------------------------------------------------------------
