@@ -5,20 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import Table, delete
+from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from orchestrator.tables import LlmEndpoint, utcnow
+from orchestrator.tables import LlmEndpoint, table_of, utcnow
 
 _KEPT_ON_OVERWRITE = frozenset({"id", "created_at"})
-
-
-def _table() -> Table:
-    table: Table = LlmEndpoint.__table__  # type: ignore[attr-defined]
-    return table
 
 
 class EndpointStore:
@@ -42,14 +37,14 @@ class EndpointStore:
         async with self._sessions() as s:
             conn = await s.connection()
             insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-            stmt = insert(_table()).values(**values)
+            stmt = insert(table_of(LlmEndpoint)).values(**values)
             overwrite = {name: stmt.excluded[name] for name in values if name not in _KEPT_ON_OVERWRITE}
             await conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=overwrite))
             await s.commit()
 
     async def delete(self, endpoint_id: str) -> bool:
         """Whether a row with this id existed (and is now gone)."""
-        table = _table()
+        table = table_of(LlmEndpoint)
         async with self._sessions() as s:
             result = await (await s.connection()).execute(delete(table).where(table.c.id == endpoint_id))
             await s.commit()

@@ -39,3 +39,16 @@ def external_api_base(uri: str) -> str:
         if base.endswith(suffix):
             return base[: -len(suffix)].rstrip("/")
     return base
+
+
+def is_http_url(url: str) -> bool:
+    """An absolute http(s) URL with a host and a valid port, printable and without whitespace: one that can be
+    called (a replica's endpoint, an llm_endpoint's URI)."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)

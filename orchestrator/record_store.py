@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Table, case, func, literal, update
+from sqlalchemy import BigInteger, case, func, literal, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel import col, select
@@ -15,7 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from orchestrator.billing import CONNECTOR, Account
 from orchestrator.errors import NotFound
 from orchestrator.listing import Page, found, paged
-from orchestrator.tables import ApiKey, ChatSession, Metric, row_id, utcnow
+from orchestrator.tables import ApiKey, ChatSession, Metric, row_id, table_of, utcnow
 
 
 @dataclass(slots=True)
@@ -74,7 +74,7 @@ class RecordStore:
                 if key_id is None or key_id in live:
                     row.values["session_id"] = session_ids.get((key_id, row.session_key))
                     values.append(row.values)
-            table: Table = Metric.__table__  # type: ignore[attr-defined]
+            table = table_of(Metric)
             if values:
                 await conn.execute(table.insert(), values)
             fresh = {c.key_id: await _charge(conn, c) for c in charges if c.key_id in live}
@@ -134,7 +134,7 @@ async def _live_keys(s: AsyncSession, key_ids: set[int], dialect: str) -> set[in
 
 
 async def _add_to_session(conn: AsyncConnection, t: SessionSum, now: Any, dialect: str) -> int:
-    table: Table = ChatSession.__table__  # type: ignore[attr-defined]
+    table = table_of(ChatSession)
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(table).values(
         key_id=t.key_id,

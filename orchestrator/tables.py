@@ -6,7 +6,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 # Column info flag read by the table browser: the value is replaced by a placeholder.
@@ -22,6 +34,12 @@ def row_id(value: int | None) -> int:
     """The id of a row read back from the database, which always has one (None only before an insert)."""
     assert value is not None
     return value
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """A table model's Core table, for statements SQLModel does not build (bulk inserts, upserts)."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
 
 
 def storable(text: str | None) -> str | None:

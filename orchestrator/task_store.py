@@ -11,11 +11,11 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from orchestrator.tables import CompletionTask, storable, utcnow
+from orchestrator.tables import CompletionTask, storable, table_of, utcnow
 
 
 class TaskStatus(StrEnum):
@@ -29,11 +29,6 @@ class TaskStatus(StrEnum):
     """Done: `result` is the engine's text, `completed_at` set. Final."""
     FAILED = "failed"
     """Done: `error` says why, `completed_at` set. Final."""
-
-
-def _table() -> Table:
-    table: Table = CompletionTask.__table__  # type: ignore[attr-defined]
-    return table
 
 
 class TaskStore:
@@ -56,7 +51,7 @@ class TaskStore:
         instances claiming at the same moment take different tasks, and the CTE runs once (a `LIMIT` subquery in
         `WHERE id IN (...)` may run more than once there, and claim more than `limit`); SQLite, which ignores the
         lock clause, takes its write lock for the whole statement."""
-        t = _table()
+        t = table_of(CompletionTask)
         now = utcnow()
         due = or_(t.c.started_at.is_(None), t.c.started_at <= now - timedelta(seconds=retry_after_s))
         picked = (
@@ -97,7 +92,7 @@ class TaskStore:
 
     async def _settle(self, task: CompletionTask, **values: Any) -> bool:
         """Whether the write landed (False: the task is no longer this attempt's)."""
-        t = _table()
+        t = table_of(CompletionTask)
         mine: ColumnElement[bool] = and_(
             t.c.id == task.id, t.c.status == TaskStatus.PROCESSING, t.c.attempts == task.attempts
         )
@@ -109,7 +104,7 @@ class TaskStore:
     async def requeue_interrupted(self, max_attempts: int) -> tuple[int, int]:
         """At start: every `processing` task was interrupted by a crash. (put back, given up): a task that has
         had `max_attempts` claims fails instead, so a task that crashes the server cannot crash-loop it."""
-        t = _table()
+        t = table_of(CompletionTask)
         processing = t.c.status == TaskStatus.PROCESSING
         async with self._sessions() as s:
             conn = await s.connection()
@@ -124,7 +119,7 @@ class TaskStore:
 
     async def counts(self) -> dict[str, int]:
         """How many tasks are in each status (what an operator, or a test, looks at)."""
-        t = _table()
+        t = table_of(CompletionTask)
         async with self._sessions() as s:
             conn = await s.connection()
             rows = (await conn.execute(select(t.c.status, func.count()).group_by(t.c.status))).all()

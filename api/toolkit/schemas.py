@@ -6,12 +6,12 @@ import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from infra.vm import Rule
+from orchestrator.endpoints import is_http_url
 from orchestrator.keys import allowlist
 from orchestrator.services.replicas import ReplicaSpec, VmSpec
 
@@ -139,17 +139,6 @@ class VmCreationIn(_In):
         return v
 
 
-def _is_http_url(value: str) -> bool:
-    if not re.match(r"^https?://[^\s/?#]+[^\s]*$", value):
-        return False
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
-    except ValueError:
-        return False
-    return bool(parts.hostname)
-
-
 class ReplicaIn(_In):
     endpoint: Annotated[str, Field(max_length=2048)] | None = None
     rate_limit: RateLimit | None = None
@@ -163,7 +152,7 @@ class ReplicaIn(_In):
         if not self.create_vm:
             if not self.endpoint:
                 raise field_error("endpoint", "LLM EndPoint URL must not be empty.")
-            if not _is_http_url(self.endpoint):
+            if not is_http_url(self.endpoint):
                 raise field_error("endpoint", "Not a valid URL (http:// or https://).")
         elif self.vm_creation_details is None:
             raise PydanticCustomError(FIELD_RULE, "VM creation details must be provided when create_vm is True.")

@@ -15,6 +15,7 @@ import structlog
 
 from orchestrator.crypto import SecretBox
 from orchestrator.endpoint_store import EndpointStore
+from orchestrator.endpoints import is_http_url
 from orchestrator.errors import InvalidInput, NotFound
 from orchestrator.tables import LlmEndpoint
 
@@ -149,7 +150,7 @@ def _checked_id(name: str) -> str:
 def _check(spec: EndpointSpec) -> None:
     if spec.connector_type not in CONNECTOR_TYPES:
         raise InvalidInput("connector_type", f"connector_type must be one of: {', '.join(CONNECTOR_TYPES)}")
-    if not _is_http_url(spec.uri):
+    if len(spec.uri) > MAX_URI or not is_http_url(spec.uri):
         raise InvalidInput("uri", "uri must be an http:// or https:// URL with a host")
     if urlsplit(spec.uri).username is not None:  # it would be listed in clear: a secret belongs in `token`
         raise InvalidInput("uri", "uri must not hold credentials (user:password@): put the secret in token")
@@ -162,17 +163,6 @@ def _check(spec: EndpointSpec) -> None:
         value = getattr(spec, field)
         if not 0 <= value <= MAX_RATE:  # the schema says so too; the column is a 32-bit integer
             raise InvalidInput(field, f"{field} must be between 0 (unlimited) and {MAX_RATE}")
-
-
-def _is_http_url(uri: str) -> bool:
-    if len(uri) > MAX_URI or not uri.isprintable() or any(c.isspace() for c in uri):
-        return False
-    try:
-        parts = urlsplit(uri)
-        parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 def _params_json(params: dict[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import httpx
 import openai
 
@@ -34,6 +36,23 @@ async def issue_key(client: httpx.AsyncClient, user: str = "alice", rpm: int | N
         body["allowed_rpm"] = rpm
     r = (await client.post("/api/v1/generate_api_key", json=body)).json()
     return int(r["id"]), str(r["api_key"])
+
+
+async def funded_key(client: httpx.AsyncClient, usd: str = "1", user: str = "llm", **extra: object) -> tuple[int, str]:
+    """A client key (with `extra` fields, e.g. allowed_ips) whose balance is recharged with `usd` dollars."""
+    r = await client.post("/api/v1/generate_api_key", json={"user_id": user, **extra})
+    assert r.status_code == 200, r.text
+    key_id, key = int(r.json()["id"]), str(r.json()["api_key"])
+    if Decimal(usd):
+        r = await client.post("/admin/api-key/recharge", json={"id": key_id, "balance": usd})
+        assert r.json()["success"], r.text
+    return key_id, key
+
+
+async def balance_units(deps: Deps, key_id: int) -> int:
+    """The key's balance once every call so far is written."""
+    await deps.records.flush()
+    return (await deps.accounts.key(key_id)).balance
 
 
 def openai_client(transport: httpx.ASGITransport, api_key: str) -> openai.AsyncOpenAI:

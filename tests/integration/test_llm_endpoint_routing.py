@@ -39,12 +39,6 @@ async def add_endpoint(client: httpx.AsyncClient, engine: Engine, **fields: obje
     assert r.json() == {"message": "Endpoint added successfully"}, r.text
 
 
-async def engine_log(engine: Engine) -> dict[str, object]:
-    async with httpx.AsyncClient() as c:
-        log: dict[str, object] = (await c.get(f"{engine.url}/sim/requests")).json()
-    return log
-
-
 async def test_an_endpoint_is_a_model_the_gateway_routes_to(
     client: httpx.AsyncClient, anon_client: httpx.AsyncClient, engine: Engine
 ) -> None:
@@ -57,7 +51,7 @@ async def test_an_endpoint_is_a_model_the_gateway_routes_to(
     r = await anon_client.post("/v1/chat/completions", json=body, headers=headers)
     assert r.status_code == 200, r.text  # the engine took the endpoint's token: the client's key never reaches it
     assert r.json()["usage"]["completion_tokens"] == 3
-    sent = (await engine_log(engine))["requests"][-1]["body"]  # type: ignore[index]
+    sent = (await engine.log())["requests"][-1]["body"]  # type: ignore[index]
     assert sent["model"] == UPSTREAM_MODEL  # the endpoint's params name the model at the external API
     assert sent["temperature"] == 0.3  # a default merged in
     assert sent["max_tokens"] == 3  # the request's own value wins over the default
@@ -84,7 +78,7 @@ async def test_max_concurrency_holds_calls_at_the_endpoint(
         )
     )
     assert [r.status_code for r in answers] == [200] * 6  # calls wait at the endpoint, none is refused
-    log = await engine_log(engine)
+    log = await engine.log()
     assert len(log["requests"]) == 6  # type: ignore[arg-type]
     assert log["peak_running"] == 2  # never more than two at once, and the two slots were used
 
@@ -102,7 +96,7 @@ async def test_max_calls_per_second_spaces_the_calls(
         )
     )
     assert [r.status_code for r in answers] == [200] * 6
-    log = await engine_log(engine)
+    log = await engine.log()
     received = sorted(r["received"] for r in log["requests"])  # type: ignore[attr-defined]
     # Six calls at most 20 per second: the last started at least 5 x 50 ms after the first (less transit jitter).
     assert received[-1] - received[0] >= 5 * 0.05 - 0.03

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.deps import Deps
 from orchestrator.money import CREDIT, UNIT
-from tests.integration.gateway_helpers import make_ready
+from tests.integration.gateway_helpers import balance_units, funded_key, make_ready
 from tests.support.engines import Engine, engine_in_process
 
 MODEL = "llama3.1"  # in the seeded rate table: 0.01 cents per input character, 0.02 per output token
@@ -32,29 +32,6 @@ def credits_for(chars: int, max_tokens: int, rate_in_cents: str, rate_out_cents:
 async def engine() -> AsyncIterator[Engine]:
     async with engine_in_process(MODEL, max_tokens=8, max_model_len=4096) as e:
         yield e
-
-
-async def funded_key(client: httpx.AsyncClient, usd: str, **extra: object) -> tuple[int, str]:
-    r = await client.post("/api/v1/generate_api_key", json={"user_id": "llm", **extra})
-    assert r.status_code == 200, r.text
-    key_id, key = int(r.json()["id"]), str(r.json()["api_key"])
-    if Decimal(usd):
-        r = await client.post("/admin/api-key/recharge", json={"id": key_id, "balance": usd})
-        assert r.json()["success"], r.text
-    return key_id, key
-
-
-async def balance_units(deps: Deps, key_id: int) -> int:
-    await deps.records.flush()
-    key = await deps.accounts.key(key_id)
-    return key.balance
-
-
-async def requests_seen(engine: Engine) -> list[dict[str, object]]:
-    """The chat requests the engine received (the health probe's are completions)."""
-    async with httpx.AsyncClient() as c:
-        seen: list[dict[str, object]] = (await c.get(f"{engine.url}/sim/requests")).json()["requests"]
-    return [r for r in seen if r["path"] == "/v1/chat/completions"]
 
 
 async def test_a_whole_answer_costs_the_seeds_credits_off_the_balance(
@@ -128,7 +105,7 @@ async def test_num_context_and_output_format_reach_the_engine(
     r = await anon_client.post(PATH, json=body, headers={"Authorization": key})
     assert r.status_code == 200, r.text
     assert isinstance(json.loads(r.json()["response"]), dict)  # JSON output was asked for and given
-    sent = (await requests_seen(engine))[-1]["body"]
+    sent = (await engine.chats())[-1]["body"]
     assert isinstance(sent, dict)
     assert sent["truncate_prompt_tokens"] == 4
     assert sent["response_format"] == {"type": "json_object"}
@@ -136,7 +113,7 @@ async def test_num_context_and_output_format_reach_the_engine(
     assert sent["max_tokens"] == 5
     # The defaults when absent: 0.7, the engine's own context (no truncation asked), plain text.
     await anon_client.post(PATH, json=BODY, headers={"Authorization": key})
-    sent = (await requests_seen(engine))[-1]["body"]
+    sent = (await engine.chats())[-1]["body"]
     assert isinstance(sent, dict)
     assert sent["temperature"] == 0.7
     assert "truncate_prompt_tokens" not in sent
@@ -211,7 +188,7 @@ async def test_a_balance_short_of_the_cost_is_a_402_and_nothing_is_called(
     _, short = await funded_key(client, str(cost_usd - Decimal("0.000001")))
     r = await anon_client.post(PATH, json=BODY, headers={"Authorization": short})
     assert (r.status_code, r.json()) == (402, {"success": False, "message": "Insufficient credits"})
-    assert await requests_seen(engine) == []
+    assert await engine.chats() == []
     _, exact = await funded_key(client, str(cost_usd))
     assert (await anon_client.post(PATH, json=BODY, headers={"Authorization": exact})).status_code == 200
     # Spent down to zero: the next call is refused before anything is flushed.

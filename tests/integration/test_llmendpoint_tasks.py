@@ -25,7 +25,7 @@ from orchestrator.scheduler import tasks_job
 from orchestrator.settings import Settings
 from orchestrator.tables import CompletionTask, utcnow
 from tests.conftest import ADMIN_KEY, instance_settings
-from tests.integration.gateway_helpers import make_ready
+from tests.integration.gateway_helpers import balance_units, funded_key, make_ready
 from tests.support.engines import Engine, engine_in_process
 
 MODEL = "llama3.1"  # in the seeded rate table: 0.01 cents per input character, 0.02 per output token
@@ -48,21 +48,6 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 async def engine() -> AsyncIterator[Engine]:
     async with engine_in_process(MODEL, max_tokens=8) as e:
         yield e
-
-
-async def funded_key(client: httpx.AsyncClient, usd: str = "1", user: str = "llm") -> tuple[int, str]:
-    r = await client.post("/api/v1/generate_api_key", json={"user_id": user})
-    assert r.status_code == 200, r.text
-    key_id, key = int(r.json()["id"]), str(r.json()["api_key"])
-    if Decimal(usd):
-        r = await client.post("/admin/api-key/recharge", json={"id": key_id, "balance": usd})
-        assert r.json()["success"], r.text
-    return key_id, key
-
-
-async def balance_units(deps: Deps, key_id: int) -> int:
-    await deps.records.flush()
-    return (await deps.accounts.key(key_id)).balance
 
 
 async def submit(anon_client: httpx.AsyncClient, key: str, body: object = BODY) -> str:
@@ -106,21 +91,6 @@ async def until_status(
     return seen
 
 
-async def engine_log(engine: Engine) -> dict[str, Any]:
-    async with httpx.AsyncClient() as c:
-        log: dict[str, Any] = (await c.get(f"{engine.url}/sim/requests")).json()
-    return log
-
-
-async def clear_engine_log(engine: Engine) -> None:
-    async with httpx.AsyncClient() as c:
-        (await c.delete(f"{engine.url}/sim/requests")).raise_for_status()
-
-
-async def chats_seen(engine: Engine) -> list[dict[str, Any]]:
-    return [r for r in (await engine_log(engine))["requests"] if r["path"] == "/v1/chat/completions"]
-
-
 def stored() -> str:
     """BODY as the queue stores it."""
     return parse(msgspec.json.encode(BODY)).stored()
@@ -158,7 +128,7 @@ async def test_a_queued_task_completes_with_the_engines_text_and_is_charged_once
     assert iso(done["created_at"]) <= iso(done["completed_at"]) <= utcnow()
     assert "error" not in done
     assert before - await balance_units(deps, key_id) == COST
-    sent = (await chats_seen(engine))[-1]["body"]
+    sent = (await engine.chats())[-1]["body"]
     assert (sent["max_tokens"], sent["stream"]) == (5, False)
     assert "truncate_prompt_tokens" not in sent  # no num_context asked: the engine's own context
 
@@ -256,7 +226,7 @@ async def test_no_more_tasks_run_at_once_than_there_are_workers(
 ) -> None:
     async with engine_in_process(MODEL, max_tokens=8, ttft_s=0.15) as slow:
         await make_ready(client, deps, MODEL, slow.chat_url)
-        await clear_engine_log(slow)
+        await slow.clear_log()
         _, key = await funded_key(client)
         ids = [await submit(anon_client, key) for _ in range(5)]
         peak = 0
@@ -272,7 +242,7 @@ async def test_no_more_tasks_run_at_once_than_there_are_workers(
         await tasks_job(deps)  # one tick; finished tasks pull the next ones themselves
         await poll(all_done)
         assert peak == WORKERS
-        assert (await engine_log(slow))["peak_running"] == WORKERS
+        assert (await slow.log())["peak_running"] == WORKERS
         # Oldest first: tasks started in the order they were queued.
         rows = [await deps.tasks.store.task(i) for i in ids]
         started = [row.started_at for row in rows if row is not None and row.started_at is not None]
@@ -284,7 +254,7 @@ async def test_a_failing_host_is_retried_then_the_task_fails_uncharged(
     client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, engine: Engine
 ) -> None:
     await make_ready(client, deps, MODEL, engine.chat_url)
-    await clear_engine_log(engine)
+    await engine.clear_log()
     key_id, key = await funded_key(client)
     await engine.set_faults(fail_rate=1.0)
     task_id = await submit(anon_client, key)
@@ -295,7 +265,7 @@ async def test_a_failing_host_is_retried_then_the_task_fails_uncharged(
     row = await deps.tasks.store.task(task_id)
     assert row is not None
     assert row.attempts == 3
-    assert len(await chats_seen(engine)) == 3
+    assert len(await engine.chats()) == 3
     assert await balance_units(deps, key_id) == UNIT
 
 
@@ -346,7 +316,7 @@ async def test_a_clean_stop_puts_the_running_task_back_uncharged(
     await until_status(anon_client, key, task_id, {"processing"})
 
     async def engine_has_it() -> bool:
-        return len(await chats_seen(engine)) == 1
+        return len(await engine.chats()) == 1
 
     await poll(engine_has_it)
     await deps.tasks.close()
@@ -360,7 +330,7 @@ async def test_a_restart_takes_back_interrupted_tasks_and_gives_up_on_a_poison_o
     client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, engine: Engine, settings: Settings
 ) -> None:
     await make_ready(client, deps, MODEL, engine.chat_url)
-    await clear_engine_log(engine)
+    await engine.clear_log()
     key_id, key = await funded_key(client)
     # What a SIGKILLed server leaves: tasks `processing`; one of them has crashed it on each of its 3 claims.
     interrupted, poison = str(uuid.uuid4()), str(uuid.uuid4())
@@ -388,7 +358,7 @@ async def test_a_restart_takes_back_interrupted_tasks_and_gives_up_on_a_poison_o
     given_up = await task_of(anon_client, key, poison)
     assert (given_up["status"], given_up["error"], given_up["result"]) == ("failed", "gave up after 3 attempts", None)
     assert given_up["completed_at"] is not None
-    assert len(await chats_seen(engine)) == 1  # the poison task never reached the engine again
+    assert len(await engine.chats()) == 1  # the poison task never reached the engine again
     row = await deps.tasks.store.task(interrupted)
     assert row is not None
     assert row.attempts == 2

@@ -46,9 +46,7 @@ async def until(condition: object, what: str, deadline_s: float = 10.0) -> None:
 
 async def sent_tags(engine: Engine) -> list[str]:
     """The user messages of the chat calls the engine received, in order of arrival."""
-    async with httpx.AsyncClient() as c:
-        seen = (await c.get(f"{engine.url}/sim/requests")).json()["requests"]
-    return [r["body"]["messages"][0]["content"] for r in seen if r["path"] == "/v1/chat/completions"]
+    return [r["body"]["messages"][0]["content"] for r in await engine.chats()]
 
 
 @pytest.fixture
@@ -76,8 +74,7 @@ async def test_under_contention_the_lowest_priority_goes_first(
     assert [r.headers["x-litellm-priority"] for r in answers] == ["5", "1", "3", "1", "0"]
     # One at a time, lowest priority first, first come first among equals.
     assert (await sent_tags(engine))[1:] == ["p0-4", "p1-1", "p1-3", "p3-2", "p5-0"]
-    async with httpx.AsyncClient() as c:
-        sent = (await c.get(f"{engine.url}/sim/requests")).json()["requests"][-1]["body"]
+    sent = (await engine.chats())[-1]["body"]
     assert "priority" not in sent  # the queue's own field is not the engine's
 
 

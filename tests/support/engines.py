@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -29,6 +30,20 @@ class Engine:
     async def set_faults(self, **faults: object) -> None:
         async with httpx.AsyncClient() as c:
             (await c.post(f"{self.url}/sim/faults", json=faults)).raise_for_status()
+
+    async def log(self) -> dict[str, Any]:
+        """The simulator's request log: `{"requests": [{received, finished, path, body}], "peak_running"}`."""
+        async with httpx.AsyncClient() as c:
+            log: dict[str, Any] = (await c.get(f"{self.url}/sim/requests")).json()
+        return log
+
+    async def chats(self) -> list[dict[str, Any]]:
+        """The chat requests the engine received, oldest first (the health probe's are completions)."""
+        return [r for r in (await self.log())["requests"] if r["path"] == "/v1/chat/completions"]
+
+    async def clear_log(self) -> None:
+        async with httpx.AsyncClient() as c:
+            (await c.delete(f"{self.url}/sim/requests")).raise_for_status()
 
 
 @asynccontextmanager
