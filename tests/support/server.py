@@ -8,13 +8,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 ORCHESTRATOR = [sys.executable, "-m", "api.cli"]
+
+
+T = TypeVar("T")
+
+
+def poll(get: Callable[[], T], until: Callable[[T], bool], timeout_s: float = 30.0) -> T:
+    """`get()` again until `until` holds of its answer, which is returned; past the deadline, fail with the last one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = get()
+        if until(answer):
+            return answer
+        assert time.monotonic() < deadline, f"gave up waiting; last: {answer}"
+        time.sleep(0.05)
 
 
 def _free_port() -> int:

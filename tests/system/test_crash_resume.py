@@ -7,8 +7,7 @@ import ipaddress
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from infra.sandbox import SandboxBackend, SandboxConfig
 from tests.integration.toolkit_helpers import vm_details
 from tests.support.sandbox import listening_on, next_subnet
-from tests.support.server import serving
+from tests.support.server import poll, serving
 
 ADMIN = "sk-crash-test-admin-key-0123456789"
 BLOCK_TABLE = "orch_test_block_ssh"
@@ -54,15 +53,10 @@ def block_ssh(address: str) -> None:
     )
 
 
-def poll(base: str, path: str, until: Any, timeout_s: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
+def replica(base: str, replica_id: int) -> Callable[[], dict[str, Any]]:
+    """The replica's detail, as the admin reads it."""
     headers = {"Authorization": f"Bearer {ADMIN}"}
-    while True:
-        body: dict[str, Any] = httpx.get(f"{base}{path}", headers=headers, timeout=5).json()
-        if until(body):
-            return body
-        assert time.monotonic() < deadline, f"gave up waiting; last: {body.get('status')} {body.get('events')}"
-        time.sleep(0.05)
+    return lambda: httpx.get(f"{base}/api/v1/replicas/{replica_id}", headers=headers, timeout=5).json()
 
 
 def test_killed_in_the_middle_of_provisioning_resumes_without_a_second_vm(
@@ -81,14 +75,14 @@ def test_killed_in_the_middle_of_provisioning_resumes_without_a_second_vm(
         )
         assert r.status_code == 201, r.text
         replica_id = r.json()["replica_id"]
-        poll(base, f"/api/v1/replicas/{replica_id}", lambda b: b["status"] == "BOOTSTRAPPING")
+        poll(replica(base, replica_id), lambda b: b["status"] == "BOOTSTRAPPING")
     # SIGKILLed while connecting over SSH. The VM outlives the server, as a cloud VM would.
     sshd_pid = (sandbox.work_dir(replica_id).parent / "sshd.pid").read_text()
     assert listening_on(address) == [f"{address}:2222"]
 
     _nft(f"delete table inet {BLOCK_TABLE}\n")
     with serving(tmp_path / "state", env=env) as (base, _):
-        detail = poll(base, f"/api/v1/replicas/{replica_id}", lambda b: b["status"] in {"READY", "TERMINATED"})
+        detail = poll(replica(base, replica_id), lambda b: b["status"] in {"READY", "TERMINATED"})
         assert detail["status"] == "READY", detail["events"]
         walk = [e["to_status"] for e in detail["events"] if e["from_status"] != e["to_status"]]
         assert walk == ["PENDING", "PROVISIONING", "BOOTSTRAPPING", "STARTING", "SECURING", "READY"]
@@ -97,6 +91,6 @@ def test_killed_in_the_middle_of_provisioning_resumes_without_a_second_vm(
         assert sorted(listening_on(address)) == [f"{address}:2222", f"{address}:8000"]
 
         assert httpx.delete(f"{base}/api/v1/replicas/{replica_id}", headers=headers).status_code == 204
-        poll(base, f"/api/v1/replicas/{replica_id}", lambda b: b["status"] == "TERMINATED")
+        poll(replica(base, replica_id), lambda b: b["status"] == "TERMINATED")
     assert listening_on(address) == []
     assert sandbox.owned() == frozenset()

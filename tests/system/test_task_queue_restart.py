@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import httpx
 
 from orchestrator.llmendpoint import parse
 from tests.support.engines import engine_process
-from tests.support.server import serving
+from tests.support.server import poll, serving
 
 ADMIN = "sk-task-queue-admin-key-0123456789"
 MODEL = "llama3.1"  # priced in the seeded rate table
@@ -23,16 +22,6 @@ MODEL = "llama3.1"  # priced in the seeded rate table
 BODY = {"messages": [{"role": "user", "content": "Tell me a story."}], "model": MODEL, "max_tokens": 12}
 ENV = {"ORCH_ADMIN_API_KEY": ADMIN, "ORCH_PROBE_STARTING_INTERVAL_S": "0.2"}
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
-
-
-def poll(get: Callable[[], dict[str, Any]], until: Callable[[dict[str, Any]], bool], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        body = get()
-        if until(body):
-            return body
-        assert time.monotonic() < deadline, f"gave up waiting; last: {body}"
-        time.sleep(0.05)
 
 
 def ready_model_and_funded_key(base: str, chat_url: str) -> str:
