@@ -9,6 +9,9 @@ from cryptography.fernet import Fernet, InvalidToken
 
 _CONTEXT = b"orchestrator/secrets-at-rest/v1"
 
+MASK = "********"
+"""What a read shows for a stored secret; sent back unchanged on a save, it keeps the stored one."""
+
 
 class SecretBox:
     def __init__(self, secret_key: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgspec
+from litestar import Response
 
 from api.gateway.bodies import BadBody
 from orchestrator.gateway import (
@@ -26,6 +27,11 @@ class ErrorAnswer:
     status: int
     body: bytes
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def response(self) -> Response[bytes]:
+        """The same answer from a Litestar route."""
+        headers = {name.decode(): value.decode() for name, value in self.headers}
+        return Response(self.body, status_code=self.status, media_type="application/json", headers=headers)
 
 
 def _openai(status: int, message: str, kind: str, param: str | None = None, *extra: tuple[bytes, bytes]) -> ErrorAnswer:

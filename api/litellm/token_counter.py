@@ -18,7 +18,7 @@ from litestar.types import HTTPScope
 
 from api.deps import DEPS
 from api.gateway.bodies import BadBody
-from api.gateway.envelopes import ErrorAnswer, openai_error
+from api.gateway.envelopes import openai_error
 from api.gateway.routes import client_address, credentials
 from orchestrator.catalog import KeyInfo
 from orchestrator.deps import Deps
@@ -131,13 +131,8 @@ def _message(index: int, m: ChatMessage) -> Message:
     return Message(m.role, tuple(texts), images, m.name)
 
 
-def _answer(answer: ErrorAnswer) -> Response[bytes]:
-    headers = {name.decode(): value.decode() for name, value in answer.headers}
-    return Response(answer.body, status_code=answer.status, media_type="application/json", headers=headers)
-
-
 def _on_error(_: Request[Any, Any, Any], exc: GatewayError | BadBody) -> Response[bytes]:
-    return _answer(openai_error(exc))
+    return openai_error(exc).response()
 
 
 def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[bytes]:
@@ -149,8 +144,8 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
                 key = None
                 if message == "'data'":  # an empty or `null` body: Litestar reports the missing kwarg's KeyError
                     message = "A JSON object body is required."
-            return _answer(openai_error(BadBody(message, str(key) if key else None)))
-    return _answer(openai_error(BadBody(str(exc.detail))))
+            return openai_error(BadBody(message, str(key) if key else None)).response()
+    return openai_error(BadBody(str(exc.detail))).response()
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

@@ -20,7 +20,6 @@ from litestar.params import FromPath
 from litestar.status_codes import HTTP_200_OK
 
 from api.deps import DEPS
-from api.gateway.envelopes import ErrorAnswer
 from api.llmendpoint.completions import authenticate, failure, refused
 from orchestrator.catalog import KeyInfo
 from orchestrator.deps import Deps
@@ -99,17 +98,13 @@ def _out(task: CompletionTask) -> TaskOut:
     )
 
 
-def _response(answer: ErrorAnswer) -> Response[bytes]:
-    return Response(answer.body, status_code=answer.status, media_type="application/json")
-
-
 def _on_refusal(_: Request[Any, Any, Any], exc: LlmEndpointError) -> Response[bytes]:
-    return _response(refused(exc))
+    return refused(exc).response()
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Litestar's own refusals past routing (a body over the limit: 413) in the same envelope."""
-    return _response(failure(exc.status_code, str(exc.detail)))
+    return failure(exc.status_code, str(exc.detail)).response()
 
 
 def qcompletions_router() -> Router:

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from orchestrator.bot_store import BotStore
-from orchestrator.crypto import SecretBox
+from orchestrator.crypto import MASK, SecretBox
 from orchestrator.errors import InvalidInput
 from orchestrator.keys import hash_api_key
 from orchestrator.listing import Page
@@ -20,7 +20,6 @@ from orchestrator.tables import BotConnector, row_id
 log = structlog.get_logger(__name__)
 
 FEISHU = "feishu"
-MASK = "********"
 _PUBLIC = ("appId", "modelId")
 _SECRET = ("appSecret", "apiKey", "encryptKey")
 _REQUIRED = ("appId", "appSecret", "apiKey")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from orchestrator.crypto import SecretBox
+from orchestrator.crypto import MASK, SecretBox
 from orchestrator.endpoint_store import EndpointStore
 from orchestrator.endpoints import is_http_url
 from orchestrator.errors import InvalidInput, NotFound
@@ -32,8 +32,7 @@ CONNECTOR_TYPES = (
     "openai-compatible",
 )
 """Moonshot's connectors, then ours. Every one is called the same way: an OpenAI-compatible API at the URI."""
-MASK = "********"
-"""What a read shows for a token that is set; sent back unchanged on an overwrite, it keeps the stored token."""
+
 RESERVED_PARAMS = frozenset({"messages", "prompt", "stream"})
 """Keys of the request itself: an endpoint's default params never override them. (`model` may be set: it names the
 model at the external API, which replaces the endpoint's id the client called it by.)"""
