@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 import aiohttp
@@ -80,7 +81,7 @@ class Request(msgspec.Struct, omit_defaults=True):
     output_format: Literal["default", "json"] = "default"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Valid:
     """A request with every required field, as the engine and the task queue get it."""
 
@@ -93,7 +94,9 @@ class Valid:
     stream: bool
     output_format: Literal["default", "json"]
 
+    @cached_property
     def engine_body(self) -> bytes:
+        """The OpenAI chat request the replica gets (encoded once: sent, then recorded)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
@@ -239,7 +242,7 @@ class Completions:
     async def open(self, key: KeyInfo, model: ModelInfo, req: Valid, price: int) -> Call:
         """The call to a replica, once admitted (and reserved); the reservation is given back if none answers."""
         try:
-            return await self._gw.open(model.name, "/chat/completions", req.engine_body())
+            return await self._gw.open(model.name, "/chat/completions", req.engine_body)
         except (NoReplica, UpstreamFailed) as e:
             self._refund(key, price)
             raise LlmEndpointError(Refusal.NO_HOST, NO_HOSTS, str(e)) from e
@@ -258,7 +261,7 @@ class Completions:
             key,
             model,
             "chat",
-            req.engine_body(),
+            req.engine_body,
             outcome,
             stream=req.stream,
             session=None,

@@ -47,7 +47,7 @@ def test_a_task_processing_when_the_server_is_killed_completes_after_the_restart
     state = tmp_path / "state"
     with engine_process(MODEL, "--tokens-per-s", "4") as (engine, _):
         # What the engine answers this request (it is deterministic): asked directly, not through the queue.
-        engine_body = parse(json.dumps(BODY).encode(), stream_allowed=False).engine_body()
+        engine_body = parse(json.dumps(BODY).encode(), stream_allowed=False).engine_body
         expected = httpx.post(engine.chat_url, content=engine_body, timeout=30).json()["choices"][0]["message"]
         with serving(state, env=ENV, stop_signal=signal.SIGKILL) as (base, _):
             key = ready_model_and_funded_key(base, engine.chat_url)
