@@ -8,6 +8,11 @@ balance left is refused ("Please recharge."). Unmetered keys (the toolkit's) are
 
 LlmEndpoint's credits are a second kind of charge: taken from the balance alone, whatever the key's kind, and
 checked against it before the call (`balance`).
+
+Reservations: a metered key's call holds its worst case (`reserve`: its prompt and its max_tokens at the model's
+prices) from admission until it ends, when the hold is given back and the real fee charged. A call is admitted
+only if its worst case fits in what is left after every other pending fee and hold, so concurrent calls can never
+take a key below zero together. Everything here runs on the event loop, so a check and its hold are one step.
 """
 
 from __future__ import annotations
@@ -46,13 +51,44 @@ class Ledger:
         self._pending: dict[int, int] = {}
         self._debits: dict[int, int] = {}
         """Credits spent and not yet written: off the balance alone."""
+        self._holds: dict[int, int] = {}
+        """The worst cases of metered calls in flight."""
+
+    def _spent(self, key_id: int) -> int:
+        return self._pending.get(key_id, 0) + self._holds.get(key_id, 0)
 
     def may_spend(self, key_id: int, month: int) -> bool:
         account = self._accounts.get(key_id)
         if account is None or not account.metered:
             return True
-        month_fee, balance = account.after(self._pending.get(key_id, 0), month)  # the hot path: no Account is built
+        month_fee, balance = account.after(self._spent(key_id), month)  # the hot path: no Account is built
         return month_fee < account.month_quota or balance - self._debits.get(key_id, 0) > 0
+
+    def metered(self, key_id: int) -> bool:
+        account = self._accounts.get(key_id)
+        return account is not None and account.metered
+
+    def reserve(self, key_id: int, worst: int, month: int) -> int | None:
+        """Hold `worst` for a call of a metered key: the amount held (0 for a key that is not metered, which is
+        never refused), or None when it does not fit in what the key has left."""
+        account = self._accounts.get(key_id)
+        if account is None or not account.metered:
+            return 0
+        month_fee, balance = account.after(self._spent(key_id), month)
+        left = max(account.month_quota - month_fee, 0) + balance - self._debits.get(key_id, 0)
+        if worst > left:
+            return None
+        if worst:
+            self._holds[key_id] = self._holds.get(key_id, 0) + worst
+        return worst
+
+    def unreserve(self, key_id: int, held: int) -> None:
+        if held:
+            left = self._holds.get(key_id, 0) - held
+            if left:
+                self._holds[key_id] = left
+            else:
+                del self._holds[key_id]
 
     def charge(self, key_id: int, fee: int, *, on_balance: bool = False) -> None:
         """A call's fee (or, `on_balance`, its credits: reserved before the call, negative to give them back), on the
@@ -70,7 +106,7 @@ class Ledger:
         account = self._accounts.get(key_id)
         if account is None:
             return 0
-        return account.after(self._pending.get(key_id, 0), month)[1] - self._debits.get(key_id, 0)
+        return account.after(self._spent(key_id), month)[1] - self._debits.get(key_id, 0)
 
     def account(self, key_id: int, month: int) -> Account | None:
         """The account with what is pending applied: what the key has as of now."""

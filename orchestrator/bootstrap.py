@@ -20,11 +20,12 @@ from orchestrator.engine_plans import sandbox_plans, vllm_plans
 from orchestrator.feishu import FeishuClient
 from orchestrator.gateway import Gateway
 from orchestrator.health import HealthMonitor, HealthPolicy
+from orchestrator.journal import Journal
 from orchestrator.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.metrics import Metrics
 from orchestrator.priority import PriorityQueues
 from orchestrator.record_store import RecordStore
-from orchestrator.records import CallRecords
+from orchestrator.records import CallRecord, CallRecords
 from orchestrator.scheduler import build_scheduler
 from orchestrator.security import Network
 from orchestrator.services.accounts import AccountService
@@ -56,7 +57,7 @@ def build_deps(settings: Settings) -> Deps:
     catalog = Catalog(store, box, ledger)
     upstream = Upstream()
     record_store = RecordStore(sessions)
-    records = CallRecords(record_store, ledger)
+    records = CallRecords(record_store, ledger, Journal(settings.state_dir / "journal", CallRecord))
     policy = HealthPolicy(
         starting_interval_s=settings.probe_starting_interval_s,
         ready_interval_s=settings.probe_ready_interval_s,
@@ -94,6 +95,7 @@ def build_deps(settings: Settings) -> Deps:
         secret_key=keys.secret_key,
         admin_key=keys.admin_api_key,
         on_unreachable=health.report_unreachable,
+        hold_tokens=settings.hold_tokens,
     )
     queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
     gateway.on_released = queues.wake
@@ -181,6 +183,8 @@ class Runtime:
 
     async def start(self) -> None:
         await upgrade(self.deps.engine)
+        # Calls a crashed process answered but never wrote, before any account is read.
+        await self.deps.records.replay()
         await self.deps.catalog.reload()
         log.info(
             "orchestrator.started",
@@ -212,7 +216,8 @@ class Runtime:
         try:
             await self.deps.records.flush()  # nothing recorded (nor any fee) is lost on a clean stop
         except Exception:
-            log.exception("records.final_flush_failed")
+            log.exception("records.final_flush_failed")  # they stay in the journal, replayed at the next start
+        self.deps.records.close()
         await self.deps.upstream.close()
         await self.deps.feishu.aclose()
         await self.deps.engine.dispose()

@@ -16,7 +16,9 @@ served from memory.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +30,8 @@ from orchestrator import money
 from orchestrator.catalog import SERVER_ADMIN, Catalog, KeyInfo, ModelInfo, Target
 from orchestrator.keys import hash_api_key, same_secret
 from orchestrator.limits import RpmLimiter
-from orchestrator.records import CallRecord, CallRecords, Kind
+from orchestrator.records import CallRecord, CallRecords, Kind, prompt_texts, relayed_tokens
+from orchestrator.token_count import encoding
 from orchestrator.upstream import ConnectFailed, Upstream
 
 log = structlog.get_logger(__name__)
@@ -116,7 +119,7 @@ class Call:
 
 @dataclass(slots=True)
 class Outcome:
-    """How a relayed call ended."""
+    """How a relayed call ended (filled in as the relay goes, so a relay cut short leaves what it relayed)."""
 
     status: int
     usage: Usage | None = None
@@ -124,6 +127,15 @@ class Outcome:
     """What the client got: the whole body, or the stream's events."""
     first_byte: float | None = None
     """perf_counter() when the first byte of the answer went to the client."""
+
+
+@dataclass(slots=True, frozen=True)
+class Hold:
+    """A call admitted under its key's spend: its worst case held until it ends (`Gateway.hold`)."""
+
+    key_id: int | None
+    """None: the server's admin key."""
+    amount: int
 
 
 class Gateway:
@@ -136,6 +148,7 @@ class Gateway:
         secret_key: str,
         admin_key: str,
         on_unreachable: Callable[[int], None],
+        hold_tokens: int = 4096,
     ) -> None:
         self.catalog = catalog
         self._upstream = upstream
@@ -143,7 +156,12 @@ class Gateway:
         self._secret = secret_key
         self._admin_key = admin_key
         self._on_unreachable = on_unreachable
+        self.hold_tokens = hold_tokens
+        """The completion tokens held for a call that names no max_tokens (the engine's context bounds it; the
+        request is not changed, since a max_tokens the model's context cannot take would be refused)."""
         self._limiter = RpmLimiter()
+        self._calls_of: Counter[int] = Counter()
+        """Calls in flight per key (admitted and not yet accounted for)."""
         self.on_released: Callable[[str], None] | None = None
         """Told the model of every call that gave its replica's slot back (the priority queue lets the next one in)."""
 
@@ -170,6 +188,36 @@ class Gateway:
             raise RateLimited(key.allowed_rpm)
         if spend and not self.catalog.ledger.may_spend(key.id, money.month_of()):
             raise PaymentRequired
+
+    def hold(self, key: KeyInfo, model: ModelInfo, *, prompt_bound: int, max_tokens: int | None) -> Hold:
+        """Admit a call under the key's spend: its worst case (`prompt_bound` prompt tokens and `max_tokens`, or
+        `hold_tokens` when it names none, at the model's prices) is held until `finish` (or `let_go` for a call that
+        never opened), or PaymentRequired when it does not fit. Every call holds, so that the key's calls in flight
+        are known (`busy`)."""
+        if key is SERVER_ADMIN:
+            return Hold(None, 0)
+        completion = self.hold_tokens if max_tokens is None else max_tokens
+        worst = money.fee(prompt_bound, completion, model.price_in, model.price_out)
+        held = self.catalog.ledger.reserve(key.id, worst, money.month_of())
+        if held is None:
+            raise PaymentRequired
+        self._calls_of[key.id] += 1
+        return Hold(key.id, held)
+
+    def let_go(self, hold: Hold) -> None:
+        """End a hold (the call ended, or never opened)."""
+        if hold.key_id is None:
+            return
+        self.catalog.ledger.unreserve(hold.key_id, hold.amount)
+        left = self._calls_of[hold.key_id] - 1
+        if left > 0:
+            self._calls_of[hold.key_id] = left
+        else:
+            del self._calls_of[hold.key_id]
+
+    def busy(self, key_id: int) -> bool:
+        """Whether a call of the key is in flight here (its record not yet made)."""
+        return key_id in self._calls_of
 
     def resolve(self, key: KeyInfo, name: str, *, fallback: bool = True) -> ModelInfo:
         """The model a call goes to. A connector key falls back to a model named "default", as the connector does
@@ -251,14 +299,19 @@ class Gateway:
         *,
         stream: bool,
         session: str | None,
+        hold: Hold | None = None,
         credits: int | None = None,
-    ) -> None:
-        """Give the replica's slot back, charge the key and queue the record. Called once per opened call.
+    ) -> asyncio.Future[None] | None:
+        """Give the replica's slot back, end the call's hold, charge the key and record the call. Called once per
+        opened call; the future (None without a journal) is done once the call's record is on disk: await it before
+        the answer completes.
 
         `credits`: the call is paid in LlmEndpoint credits, this many units off the key's balance (already
         reserved in the ledger by the caller), instead of by its tokens at the model's prices."""
         self._release(call.target)
         call.response.release()
+        if hold is not None:
+            self.let_go(hold)
         u = outcome.usage or Usage()
         on_balance = credits is not None
         fee = (
@@ -270,7 +323,7 @@ class Gateway:
         if client is not None and not on_balance:  # credits were reserved by the caller before the call
             self.catalog.ledger.charge(client, fee)
         now = time.perf_counter()
-        self._records.add(
+        return self._records.add(
             CallRecord(
                 key_id=client,
                 model=model.name,
@@ -293,6 +346,20 @@ class Gateway:
                 on_balance=on_balance,
             )
         )
+
+
+async def relayed_usage(kind: Kind, request: bytes, answer: list[bytes]) -> Usage:
+    """The usage of a stream that ended without the engine's usage chunk (the client left, or the engine broke off):
+    a token per relayed event with text, and the prompt counted by cl100k_base off the event loop. So a client
+    that hangs up just before the usage chunk still pays for what it got."""
+    completion = relayed_tokens(answer)
+    prompt = await asyncio.to_thread(_prompt_tokens, kind, request)
+    return Usage(prompt, completion, prompt + completion)
+
+
+def _prompt_tokens(kind: Kind, request: bytes) -> int:
+    whole, _ = prompt_texts(kind, request)
+    return len(encoding().encode_ordinary(whole)) if whole else 0
 
 
 def _for(target: Target, body: bytes) -> bytes:

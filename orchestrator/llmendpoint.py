@@ -11,6 +11,7 @@ succeeds. The request becomes an OpenAI chat request for the replica: `num_conte
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
@@ -250,13 +251,15 @@ class Completions:
             self._refund(key, price)
             raise
 
-    def finish(self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, outcome: Outcome, *, price: int) -> None:
+    def finish(
+        self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, outcome: Outcome, *, price: int
+    ) -> asyncio.Future[None] | None:
         """Account for the call: its credits are kept when it delivered (a whole answer, or any of a stream, even one
-        the client then left), and given back otherwise."""
+        the client then left), and given back otherwise. The future is done once the call's record is on disk."""
         delivered = outcome.status == 200 or outcome.first_byte is not None
         if not delivered:
             self._refund(key, price)
-        self._gw.finish(
+        return self._gw.finish(
             call,
             key,
             model,
@@ -282,7 +285,9 @@ class Completions:
                 Refusal.NO_HOST, NO_HOSTS, f"the host broke off its answer: {type(e).__name__}"
             ) from e
         finally:
-            self.finish(call, key, model, req, outcome, price=price)
+            durable = self.finish(call, key, model, req, outcome, price=price)
+        if durable is not None:
+            await durable  # the answer goes out only once the call is on disk
         if outcome.status != 200:
             raise engine_error(outcome.status, payload)
         return answer_text(payload)

@@ -3,10 +3,11 @@ transaction, and the sessions and threads read back, for an admin or for the key
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, case, func, literal, update
+from sqlalchemy import BigInteger, case, delete, func, literal, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 from sqlmodel import col, select
@@ -15,7 +16,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from orchestrator.billing import CONNECTOR, Account
 from orchestrator.errors import NotFound
 from orchestrator.listing import Page, found, paged
-from orchestrator.tables import ApiKey, ChatSession, Metric, row_id, table_of, utcnow
+from orchestrator.tables import ApiKey, ChatSession, JournalSegment, Metric, row_id, table_of, utcnow
 
 
 @dataclass(slots=True)
@@ -54,11 +55,20 @@ class RecordStore:
         self._sessions = sessions
 
     async def write_calls(
-        self, rows: list[CallRow], sessions: list[SessionSum], charges: list[Charge]
+        self,
+        rows: list[CallRow],
+        sessions: list[SessionSum],
+        charges: list[Charge],
+        *,
+        segments: Sequence[str] = (),
+        forget: Sequence[str] = (),
     ) -> dict[int, Account]:
-        """Insert the calls, add them to their sessions, charge their keys; returns the charged accounts.
+        """Insert the calls, add them to their sessions, charge their keys, and mark the journal `segments` they came
+        from as written (and drop the marks of segments deleted since: `forget`), all at once; returns the charged
+        accounts.
 
-        Calls of a key deleted meanwhile are dropped with it (its records are deleted with it anyway).
+        Calls of a key deleted meanwhile are dropped with it (its records are deleted with it anyway; its id is
+        never given to another key).
         """
         async with self._sessions() as s:
             conn = await s.connection()
@@ -78,8 +88,18 @@ class RecordStore:
             if values:
                 await conn.execute(table.insert(), values)
             fresh = {c.key_id: await _charge(conn, c) for c in charges if c.key_id in live}
+            marks = table_of(JournalSegment)
+            if forget:
+                await conn.execute(delete(marks).where(marks.c.name.in_(list(forget))))
+            if segments:
+                await conn.execute(marks.insert(), [{"name": name, "written_at": now} for name in segments])
             await s.commit()
         return fresh
+
+    async def written(self, segment: str) -> bool:
+        """Whether a journal segment's calls are in the database already."""
+        async with self._sessions() as s:
+            return await s.get(JournalSegment, segment) is not None
 
     async def sessions(self, *, key_id: int | None, q: str | None, limit: int, offset: int) -> Page[ChatSession]:
         query = select(ChatSession).order_by(col(ChatSession.id).desc())

@@ -1,21 +1,26 @@
-"""Records of gateway calls: kept in memory on the hot path as the raw bytes of the call, and written in
-batches by a job, which is where the texts are read out of those bytes, the sessions are summed and the
-fees are charged to their keys, all in one transaction.
+"""Records of gateway calls: kept in memory on the hot path as the raw bytes of the call (and appended to the
+call journal, which has them on disk before the call's answer completes), and written in batches by a job, which
+is where the texts are read out of those bytes, the sessions are summed and the fees are charged to their keys,
+all in one transaction with the journal segments the batch came from (see `orchestrator.journal`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
+import structlog
 
 from orchestrator.billing import Ledger
+from orchestrator.journal import Journal
 from orchestrator.money import month_of
 from orchestrator.record_store import CallRow, Charge, RecordStore, SessionSum
 from orchestrator.tables import storable
 
-MAX_BUFFERED = 100_000  # beyond this the database is down for long; keep the newest rather than grow forever
+log = structlog.get_logger(__name__)
+
 TITLE_CHARS = 30
 
 Kind = Literal["chat", "completions"]
@@ -50,33 +55,84 @@ class CallRecord:
 
 
 class CallRecords:
-    def __init__(self, store: RecordStore, ledger: Ledger) -> None:
+    def __init__(self, store: RecordStore, ledger: Ledger, journal: Journal | None = None) -> None:
         self._store = store
         self._ledger = ledger
+        self._journal = journal
+        """None: nothing is journaled (a call made since the last flush is lost on a crash)."""
         self._calls: list[CallRecord] = []
+        self._forget: list[str] = []
+        """Segments deleted after their batch was written: their marks go with the next batch."""
+        self._flushing = asyncio.Lock()
 
-    def add(self, call: CallRecord) -> None:
+    def add(self, call: CallRecord) -> asyncio.Future[None] | None:
+        """Buffer a call; with a journal, the future is done once the call is on disk (await it before the answer
+        completes). The buffer is not bounded: while the database is down, calls wait here and in the journal."""
         self._calls.append(call)
-        if len(self._calls) > MAX_BUFFERED:
-            del self._calls[: len(self._calls) - MAX_BUFFERED]
+        return None if self._journal is None else self._journal.append(call)
 
     def __len__(self) -> int:
         return len(self._calls)
 
+    def close(self) -> None:
+        """Stop journaling (at a clean stop, after the last flush: what it could not write stays on disk)."""
+        if self._journal is not None:
+            self._journal.close()
+
+    def unwritten(self, key_id: int) -> bool:
+        """Whether a call of the key is waiting to be written."""
+        return any(c.key_id == key_id for c in self._calls)
+
     async def flush(self) -> int:
         """Write what is buffered; on failure the calls stay for the next flush and their fees stay pending."""
-        if not self._calls:
+        async with self._flushing:  # the job, a key's deletion and the stop may ask at once
+            if not self._calls:
+                return 0
+            calls, self._calls = self._calls, []
+            try:
+                segments = []
+                if self._journal is not None:
+                    await self._journal.seal()  # synchronous part first: later calls go to the next segment
+                    segments = self._journal.sealed()
+                await self._write(calls, segments)
+            except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
+                self._calls[:0] = calls
+                raise
+            if self._journal is not None:
+                self._journal.discard(segments)
+            self._forget = segments
+            return len(calls)
+
+    async def replay(self) -> int:
+        """Write the calls journaled by processes that are gone (a crash): each segment once. Run at start."""
+        if self._journal is None:
             return 0
-        calls, self._calls = self._calls, []
-        try:
-            rows, sessions, charges = _batch(calls)
-            async with self._ledger.lock:
-                fresh = await self._store.write_calls(rows, sessions, charges)
-                self._ledger.settle(((c.key_id, c.fee, c.on_balance) for c in charges), fresh)
-        except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
-            self._calls[:0] = calls
-            raise
-        return len(calls)
+        replayed = 0
+        async with self._flushing:
+            for name in self._journal.orphans():
+                try:
+                    if await self._store.written(name):
+                        calls = []
+                    else:
+                        calls = self._journal.read(name)
+                        await self._write(calls, [name], settle=False)
+                except Exception:  # the next start tries again
+                    log.exception("journal.replay_failed", segment=name)
+                    self._journal.release(name)
+                    continue
+                self._journal.discard([name])
+                self._forget.append(name)
+                replayed += len(calls)
+                log.info("journal.replayed", segment=name, calls=len(calls))
+        return replayed
+
+    async def _write(self, calls: list[CallRecord], segments: list[str], *, settle: bool = True) -> None:
+        rows, sessions, charges = _batch(calls)
+        async with self._ledger.lock:
+            fresh = await self._store.write_calls(rows, sessions, charges, segments=segments, forget=self._forget)
+            self._forget = []
+            # A replayed call's fee was never pending here: only the accounts it left are news.
+            self._ledger.settle(((c.key_id, c.fee, c.on_balance) for c in charges) if settle else (), fresh)
 
 
 def _batch(calls: list[CallRecord]) -> tuple[list[CallRow], list[SessionSum], list[Charge]]:
@@ -200,6 +256,21 @@ def completion_text(answer: bytes | list[bytes]) -> str | None:
                 if part:
                     parts.append(part)
     return "".join(parts) if parts else None
+
+
+def relayed_tokens(answer: list[bytes]) -> int:
+    """The completion tokens of a stream's relayed events, when the engine's usage never came: one per event
+    carrying text (vLLM streams a token per event)."""
+    tokens = 0
+    for chunk in answer:
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                try:
+                    choices = _ANSWER.decode(event[6:]).choices
+                except msgspec.DecodeError:
+                    continue
+                tokens += sum(1 for c in choices if (c.delta.content if c.delta is not None else c.text))
+    return tokens
 
 
 def _choice_text(document: bytes, field: Literal["message", "delta"]) -> str | None:

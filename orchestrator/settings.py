@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     probe_timeout_s: float = Field(default=5.0, gt=0)
 
     usage_flush_interval_s: float = Field(default=1.0, gt=0)
+    hold_tokens: int = Field(default=4096, ge=0, le=10_000_000)
+    """Completion tokens held against a metered key's spend for a call that names no `max_tokens`."""
     catalog_refresh_interval_s: float = Field(default=5.0, gt=0)
     """Safety net for changes made by another instance; this instance's own changes apply at once."""
     queue_slots_per_replica: int = Field(default=8, ge=1, le=10_000)

@@ -25,6 +25,12 @@ from sqlmodel import Field, SQLModel
 SECRET: dict[str, Any] = {"info": {"secret": True}}
 
 
+NEVER_REUSED: dict[str, Any] = {"sqlite_autoincrement": True}
+"""Table options of every table with an integer id: SQLite's AUTOINCREMENT, so that the id of a deleted row is
+never given to a new one (without it SQLite reuses the highest id, and a deleted key's late records, threads or
+charges would land on the next key made). PostgreSQL's sequences never go back anyway."""
+
+
 def money() -> Any:
     """A sum of money or a price, as an integer count of `orchestrator.money.UNIT` (exact on both databases)."""
     return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
@@ -63,6 +69,7 @@ class LlmModel(SQLModel, table=True):
             sqlite_where=text("deleted_at IS NULL"),
             postgresql_where=text("deleted_at IS NULL"),
         ),
+        NEVER_REUSED,
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -83,7 +90,7 @@ class LlmModel(SQLModel, table=True):
 
 class Replica(SQLModel, table=True):
     __tablename__ = "replicas"
-    __table_args__ = (Index("ix_replicas_status", "status"),)
+    __table_args__ = (Index("ix_replicas_status", "status"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     model_id: int = Field(sa_column=Column(Integer, ForeignKey("llm_models.id"), nullable=False, index=True))
@@ -125,6 +132,7 @@ class Replica(SQLModel, table=True):
 
 class ReplicaEvent(SQLModel, table=True):
     __tablename__ = "replica_events"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), nullable=False, index=True))
@@ -137,6 +145,7 @@ class ReplicaEvent(SQLModel, table=True):
 
 class ReplicaSecurityRule(SQLModel, table=True):
     __tablename__ = "replica_security_rules"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), nullable=False, index=True))
@@ -154,6 +163,7 @@ class ApiKey(SQLModel, table=True):
     """One key table for every API surface; only the keyed hash of a key is stored."""
 
     __tablename__ = "api_key"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(sa_column=Column(String(255), nullable=False, index=True))
@@ -184,6 +194,7 @@ class ApiKey(SQLModel, table=True):
 
 class KeyGroup(SQLModel, table=True):
     __tablename__ = "key_group"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
@@ -196,7 +207,7 @@ class KeyModel(SQLModel, table=True):
     """A model an API key may call."""
 
     __tablename__ = "key_model"
-    __table_args__ = (UniqueConstraint("key_id", "model_id"),)
+    __table_args__ = (UniqueConstraint("key_id", "model_id"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False))
@@ -210,7 +221,7 @@ class GroupModel(SQLModel, table=True):
     """A model every key of a group may call."""
 
     __tablename__ = "group_model"
-    __table_args__ = (UniqueConstraint("group_id", "model_id"),)
+    __table_args__ = (UniqueConstraint("group_id", "model_id"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     group_id: int = Field(sa_column=Column(Integer, ForeignKey("key_group.id", ondelete="CASCADE"), nullable=False))
@@ -224,6 +235,7 @@ class Payment(SQLModel, table=True):
     """A recharge of a key's balance."""
 
     __tablename__ = "payment"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     key_id: int = Field(
@@ -237,7 +249,7 @@ class ChatSession(SQLModel, table=True):
     """The calls a client grouped under one `Session-Id` header (scoped to its key)."""
 
     __tablename__ = "chat_session"
-    __table_args__ = (UniqueConstraint("key_id", "key"),)
+    __table_args__ = (UniqueConstraint("key_id", "key"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False))
@@ -255,6 +267,7 @@ class BotConnector(SQLModel, table=True):
     """A chat bot (Feishu) that answers as one of our API keys."""
 
     __tablename__ = "bot_connector"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
@@ -271,7 +284,7 @@ class BotEvent(SQLModel, table=True):
     """An event a bot has taken: a platform that delivers it again is answered once."""
 
     __tablename__ = "bot_event"
-    __table_args__ = (UniqueConstraint("bot_id", "event_id"),)
+    __table_args__ = (UniqueConstraint("bot_id", "event_id"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     bot_id: int = Field(sa_column=Column(Integer, ForeignKey("bot_connector.id", ondelete="CASCADE"), nullable=False))
@@ -286,6 +299,7 @@ class Metric(SQLModel, table=True):
     """
 
     __tablename__ = "metric"
+    __table_args__ = NEVER_REUSED
 
     id: int | None = Field(default=None, primary_key=True)
     api_key_id: int | None = Field(default=None, sa_column=Column(Integer, ForeignKey("api_key.id"), index=True))
@@ -366,3 +380,13 @@ class LlmEndpoint(SQLModel, table=True):
     """A JSON object of defaults merged into every request sent to the endpoint."""
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class JournalSegment(SQLModel, table=True):
+    """A segment of a server process's call journal whose calls are in `metric` (marked in the same transaction
+    that wrote them), so that a journal replayed after a crash writes each call exactly once."""
+
+    __tablename__ = "journal_segment"
+
+    name: str = Field(sa_column=Column(String(128), primary_key=True))
+    written_at: datetime = Field(default_factory=utcnow)

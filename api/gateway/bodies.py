@@ -51,6 +51,7 @@ class _Common(msgspec.Struct):
 
 
 class _Chat(_Common):
+    max_completion_tokens: _Positive | None = None
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
@@ -59,6 +60,9 @@ class _Chat(_Common):
 class _Completion(_Common):
     prompt: str | list[Any] | None = None
 
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+"""What OpenAI's (and vLLM's) legacy completions generate when `max_tokens` is not given."""
 
 _CHAT = msgspec.json.Decoder(_Chat)
 _COMPLETION = msgspec.json.Decoder(_Completion)
@@ -74,6 +78,8 @@ class Parsed:
     client_wants_usage: bool
     body: bytes
     """What to send upstream."""
+    max_tokens: int | None
+    """The most tokens the answer may have (`max_completion_tokens` or `max_tokens`, times `n`); None: not said."""
 
 
 def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> Parsed:
@@ -107,8 +113,11 @@ def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> P
         doc = _document(raw)
         doc.update(changes)
         body = msgspec.json.encode(doc)
+    limit = (req.max_completion_tokens if isinstance(req, _Chat) else None) or req.max_tokens
+    if limit is None and isinstance(req, _Completion):
+        limit = COMPLETION_DEFAULT_MAX_TOKENS
     # The toolkit forces usage on its streams; OpenAI-style clients get the usage chunk only if they asked.
-    return Parsed(model, req.stream, wants_usage or toolkit, body)
+    return Parsed(model, req.stream, wants_usage or toolkit, body, None if limit is None else limit * (req.n or 1))
 
 
 def _check_chat(req: _Chat, toolkit: bool) -> None:
@@ -131,10 +140,11 @@ def _document(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def with_model(body: bytes, model: str) -> bytes:
-    """The body with another model named (a connector key's unknown model falls back to "default")."""
+def with_fields(body: bytes, **fields: Any) -> bytes:
+    """The body with fields set: another model named (a connector key's unknown model falls back to "default"),
+    or a metered call's `max_tokens` bounded."""
     doc = _document(body)
-    doc["model"] = model
+    doc.update(fields)
     return msgspec.json.encode(doc)
 
 

@@ -56,14 +56,26 @@ async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Recei
             watcher.cancel()
 
 
-async def relay_whole(call: Call, send: Send, *, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Outcome:
+Commit = Callable[[], Awaitable[None]]
+"""Accounts for the call (fee and record) and returns once that is durable: called before the answer's last byte."""
+DONE_EVENT = b"data: [DONE]"
+
+
+async def relay_whole(
+    call: Call, send: Send, outcome: Outcome, commit: Commit, *, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> int:
+    """Read the replica's whole answer, account for it, then send it; returns the status."""
     response = call.response
     try:
         payload = await response.read()
     except (aiohttp.ClientError, TimeoutError) as e:  # nothing was sent yet: the caller answers 502
         raise UpstreamFailed(f"the replica broke off its answer: {type(e).__name__}") from e
-    status = response.status
+    status = outcome.status = response.status
+    outcome.usage = usage_of(payload) if status == 200 else None
+    outcome.answer = payload
     content_type = response.headers.get("Content-Type", "application/json").encode()
+    outcome.first_byte = time.perf_counter()
+    await commit()
     await send(
         {
             "type": "http.response.start",
@@ -71,17 +83,24 @@ async def relay_whole(call: Call, send: Send, *, extra: tuple[tuple[bytes, bytes
             "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()), *extra],
         }
     )
-    first_byte = time.perf_counter()
     await send({"type": "http.response.body", "body": payload, "more_body": False})
-    return Outcome(status, usage_of(payload) if status == 200 else None, payload, first_byte)
+    return status
 
 
 async def relay_stream(
-    call: Call, send: Send, *, keep_usage_chunk: bool, extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> Outcome:
+    call: Call,
+    send: Send,
+    outcome: Outcome,
+    commit: Commit,
+    *,
+    keep_usage_chunk: bool,
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> int:
+    """Relay the replica's events as they come, filling `outcome` on the way (so a relay cut short by the client
+    leaves what it relayed); the `[DONE]` event and the end of the stream wait for `commit`."""
     response = call.response
     if response.status != 200:  # an error answers as one JSON document, not a stream
-        return await relay_whole(call, send, extra=extra)
+        return await relay_whole(call, send, outcome, commit, extra=extra)
     await send(
         {
             "type": "http.response.start",
@@ -89,11 +108,10 @@ async def relay_stream(
             "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *extra],
         }
     )
-    usage: Usage | None = None
-    pending = b""
-    status = 200
+    outcome.status = 200
+    pending = tail = b""
     sent: list[bytes] = []  # kept for the call's record, which reads the completion's text off the hot path
-    first_byte: float | None = None
+    outcome.answer = sent
     try:
         async for chunk in response.content.iter_any():
             pending += chunk
@@ -102,16 +120,20 @@ async def relay_stream(
             complete, _, pending = pending.rpartition(b"\n\n")
             out = complete + b"\n\n"
             if b'"usage":{' in complete:  # only the final chunk carries usage; find it without parsing the rest
-                out, usage = _take_usage(complete, keep_usage_chunk)
+                out, outcome.usage = _take_usage(complete, keep_usage_chunk)
+            if DONE_EVENT in out:  # the stream's end is held back until the call is accounted for
+                at = out.index(DONE_EVENT)
+                out, tail = out[:at], out[at:]
             if out:
-                if first_byte is None:
-                    first_byte = time.perf_counter()
+                if outcome.first_byte is None:
+                    outcome.first_byte = time.perf_counter()
                 sent.append(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except (aiohttp.ClientError, TimeoutError):
-        status, pending = 502, b""  # the replica broke off mid-stream: end ours cleanly, without [DONE]
-    await send({"type": "http.response.body", "body": pending, "more_body": False})
-    return Outcome(status, usage, sent, first_byte)
+        outcome.status, pending, tail = 502, b"", b""  # the replica broke off mid-stream: end ours cleanly
+    await commit()
+    await send({"type": "http.response.body", "body": tail + pending, "more_body": False})
+    return outcome.status
 
 
 def _take_usage(events: bytes, keep: bool) -> tuple[bytes, Usage | None]:

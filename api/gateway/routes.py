@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
-from api.gateway.bodies import BadBody, Kind, Queued, parse, queue_fields, with_model
+from api.gateway.bodies import BadBody, Kind, Parsed, Queued, parse, queue_fields, with_fields
 from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
 from api.gateway.relay import CLIENT_CLOSED, relay_stream, relay_whole, until_disconnected
-from orchestrator.gateway import Gateway, GatewayError, Outcome, UpstreamFailed
+from orchestrator.catalog import KeyInfo, ModelInfo
+from orchestrator.gateway import Call, Gateway, GatewayError, Hold, Outcome, UpstreamFailed, relayed_usage
 from orchestrator.metrics import Metrics
 from orchestrator.priority import PriorityQueues
 
@@ -53,6 +55,10 @@ def match(path: str) -> Route | None:
                 if rest.endswith(tail) and len(rest) > len(tail):
                     return Route(kind, path_model=rest[: -len(tail)])
     return None
+
+
+def path_of(kind: Kind) -> str:
+    return "/chat/completions" if kind == "chat" else "/completions"
 
 
 def client_address(scope: HTTPScope) -> str | None:
@@ -111,6 +117,23 @@ class Admission:
             self._queues.sent(self._model)
 
 
+@dataclass(slots=True, frozen=True)
+class Admitted:
+    """A call let through admission, holding its worst case against its key's spend."""
+
+    key: KeyInfo
+    model: ModelInfo
+    kind: Kind
+    raw: bytes
+    """The body as the client sent it (recorded)."""
+    parsed: Parsed
+    body: bytes
+    """The body as the replica gets it."""
+    queued: Queued | None
+    session: str | None
+    hold: Hold
+
+
 class GatewayRoutes:
     def __init__(self, gateway: Gateway, metrics: Metrics, queues: PriorityQueues) -> None:
         self._gw = gateway
@@ -134,50 +157,94 @@ class GatewayRoutes:
             return await (self._models(scope, send) if method == "GET" else answer(send, _not_allowed(route)))
         if method != "POST":
             return await answer(send, _not_allowed(route))
-        gw = self._gw
-        kind = route.kind
-        raw_key, session = credentials(scope)
         try:
-            key = gw.authenticate(raw_key, client_address(scope))
-            gw.admit(key)
-            if session is not None and len(session) > MAX_SESSION_ID:
-                raise BadBody(f"Session-Id must be at most {MAX_SESSION_ID} characters.")
-            raw = await read_body(receive)
-            parsed = parse(raw, kind, path_model=route.path_model, toolkit=route.toolkit)
-            model = gw.resolve(key, parsed.model)
-            body = parsed.body if model.name == parsed.model else with_model(parsed.body, model.name)
-            path = "/chat/completions" if kind == "chat" else "/completions"
-            extra: tuple[tuple[bytes, bytes], ...] = ()
-            if route.queued:
-                queued = queue_fields(body)
-                extra = ((b"x-litellm-priority", str(queued.priority).encode()),)
-                if await self._turn(model.name, queued, receive) == CLIENT_CLOSED:
-                    return CLIENT_CLOSED
-                admission = Admission(self._queues, model.name)
-                try:
-                    call = await gw.open(model.name, path, queued.body, on_picked=admission.end)
-                finally:
-                    admission.end()
-            else:
-                call = await gw.open(model.name, path, body)
+            admitted = await self._admit(scope, receive, route, route.kind)
         except (GatewayError, BadBody) as e:
             return await answer(send, errors(e))
+        try:
+            call = await self._open(admitted, receive)
+        except GatewayError as e:
+            self._gw.let_go(admitted.hold)
+            return await answer(send, errors(e))
+        except BaseException:
+            self._gw.let_go(admitted.hold)
+            raise
+        if call is None:
+            self._gw.let_go(admitted.hold)
+            return CLIENT_CLOSED
+        return await self._relay(admitted, call, send, receive, errors)
+
+    async def _admit(self, scope: HTTPScope, receive: Receive, route: Route, kind: Kind) -> Admitted:
+        """Key, limits, body, model and spend: everything checked before a replica is asked."""
+        gw = self._gw
+        raw_key, session = credentials(scope)
+        key = gw.authenticate(raw_key, client_address(scope))
+        gw.admit(key)
+        if session is not None and len(session) > MAX_SESSION_ID:
+            raise BadBody(f"Session-Id must be at most {MAX_SESSION_ID} characters.")
+        raw = await read_body(receive)
+        parsed = parse(raw, kind, path_model=route.path_model, toolkit=route.toolkit)
+        model = gw.resolve(key, parsed.model)
+        body = parsed.body if model.name == parsed.model else with_fields(parsed.body, model=model.name)
+        queued = queue_fields(body) if route.queued else None
+        if queued is not None:
+            body = queued.body
+        # The body's bytes bound its prompt tokens (a token is at least a byte, and the JSON around the texts
+        # outweighs a chat template's tokens).
+        hold = gw.hold(key, model, prompt_bound=len(body), max_tokens=parsed.max_tokens)
+        return Admitted(key, model, kind, raw, parsed, body, queued, session, hold)
+
+    async def _open(self, a: Admitted, receive: Receive) -> Call | None:
+        """The call to a replica (after its turn in the priority queue, if queued); None if the client left."""
+        if a.queued is None:
+            return await self._gw.open(a.model.name, path_of(a.kind), a.body)
+        if await self._turn(a.model.name, a.queued, receive) == CLIENT_CLOSED:
+            return None
+        admission = Admission(self._queues, a.model.name)
+        try:
+            return await self._gw.open(a.model.name, path_of(a.kind), a.body, on_picked=admission.end)
+        finally:
+            admission.end()
+
+    async def _relay(
+        self, a: Admitted, call: Call, send: Send, receive: Receive, errors: Callable[[Exception], ErrorAnswer]
+    ) -> int:
+        """Relay the answer; the call is accounted for (fee, record on disk) before its last byte, or when it ends
+        otherwise (the client left, the replica broke off)."""
+        gw = self._gw
         outcome = Outcome(500)
+        committed = False
+
+        async def commit() -> None:
+            nonlocal committed
+            if committed:
+                return
+            committed = True
+            try:
+                if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
+                    outcome.usage = await relayed_usage(a.kind, a.raw, outcome.answer)
+            finally:  # even cancelled, the call gives its slot back and is charged
+                durable = gw.finish(
+                    call, a.key, a.model, a.kind, a.raw, outcome, stream=a.parsed.stream, session=a.session, hold=a.hold
+                )
+            if durable is not None:
+                await durable
+
+        extra = () if a.queued is None else ((b"x-litellm-priority", str(a.queued.priority).encode()),)
 
         async def relay() -> int:
-            nonlocal outcome
-            if parsed.stream:
-                outcome = await relay_stream(call, send, keep_usage_chunk=parsed.client_wants_usage, extra=extra)
-            else:
-                outcome = await relay_whole(call, send, extra=extra)
-            return outcome.status
+            if a.parsed.stream:
+                return await relay_stream(
+                    call, send, outcome, commit, keep_usage_chunk=a.parsed.client_wants_usage, extra=extra
+                )
+            return await relay_whole(call, send, outcome, commit, extra=extra)
 
         try:
             outcome.status = await until_disconnected(relay, receive)
         except UpstreamFailed as e:  # broke off before anything was sent
             outcome.status = await answer(send, errors(e))
         finally:
-            gw.finish(call, key, model, kind, raw, outcome, stream=parsed.stream, session=session)
+            await commit()
         return outcome.status
 
     async def _turn(self, model: str, queued: Queued, receive: Receive) -> int:

@@ -10,10 +10,10 @@ import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
 from api.gateway.envelopes import ErrorAnswer, TooLarge
-from api.gateway.relay import until_disconnected
+from api.gateway.relay import Commit, until_disconnected
 from api.gateway.routes import answer, client_address, credentials, read_body
 from orchestrator.catalog import KeyInfo, ModelInfo
-from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
+from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage, relayed_usage
 from orchestrator.llmendpoint import Completions, LlmEndpointError, Refusal, Valid, engine_error, parse
 from orchestrator.metrics import Metrics
 
@@ -113,28 +113,40 @@ class CompletionRoute:
         self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, price: int, send: Send, receive: Receive
     ) -> int:
         outcome = Outcome(500)
+        committed = False
 
-        async def relay() -> int:
-            nonlocal outcome
-            outcome = await _relay_ndjson(call, send)
-            return outcome.status
+        async def commit() -> None:
+            """The call's credits and record, once; returns when the record is on disk (before the stream ends)."""
+            nonlocal committed
+            if committed:
+                return
+            committed = True
+            try:
+                if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
+                    outcome.usage = await relayed_usage("chat", req.engine_body, outcome.answer)
+            finally:
+                durable = self._completions.finish(call, key, model, req, outcome, price=price)
+            if durable is not None:
+                await durable
 
         try:
-            outcome.status = await until_disconnected(relay, receive)
+            outcome.status = await until_disconnected(lambda: _relay_ndjson(call, send, outcome, commit), receive)
         finally:
-            self._completions.finish(call, key, model, req, outcome, price=price)
+            await commit()
         return outcome.status
 
 
-async def _relay_ndjson(call: Call, send: Send) -> Outcome:
+async def _relay_ndjson(call: Call, send: Send, outcome: Outcome, commit: Commit) -> int:
+    """The replica's SSE events as NDJSON lines, filling `outcome` on the way; the end waits for `commit`."""
     response = call.response
     if response.status != 200:
         try:
             payload = await response.read()
         except (aiohttp.ClientError, TimeoutError):
             payload = b""
-        e = engine_error(response.status, payload)
-        return Outcome(await answer(send, refused(e)), None, payload)
+        outcome.status, outcome.answer = response.status, payload
+        await commit()
+        return await answer(send, refused(engine_error(response.status, payload)))
     await send(
         {
             "type": "http.response.start",
@@ -142,11 +154,10 @@ async def _relay_ndjson(call: Call, send: Send) -> Outcome:
             "headers": [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")],
         }
     )
-    usage: Usage | None = None
     pending = b""
-    status = 200
+    outcome.status = 200
     events: list[bytes] = []  # the replica's events, for the call's record
-    first_byte: float | None = None
+    outcome.answer = events
     try:
         async for chunk in response.content.iter_any():
             pending += chunk
@@ -162,15 +173,16 @@ async def _relay_ndjson(call: Call, send: Send) -> Outcome:
                     parsed = _EVENT.decode(event[6:])
                 except msgspec.DecodeError:
                     continue
-                usage = parsed.usage or usage
+                outcome.usage = parsed.usage or outcome.usage
                 for choice in parsed.choices[:1]:
                     if choice.delta is not None and choice.delta.content:
                         lines += _LINE.encode({"role": "assistant", "content": choice.delta.content}) + b"\n"
             if lines:
-                if first_byte is None:
-                    first_byte = time.perf_counter()
+                if outcome.first_byte is None:
+                    outcome.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": bytes(lines), "more_body": True})
     except (aiohttp.ClientError, TimeoutError):
-        status = 502  # the replica broke off mid-stream: end ours cleanly
+        outcome.status = 502  # the replica broke off mid-stream: end ours cleanly
+    await commit()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-    return Outcome(status, usage, events, first_byte)
+    return outcome.status
