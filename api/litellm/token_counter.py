@@ -77,18 +77,24 @@ _ERRORS = {
 }
 
 
-def _caller(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
-    """The calling key as the gateway authenticates it: the same headers, the same IP allowlists."""
-    deps: Deps = connection.app.state.deps
-    scope: HTTPScope = connection.scope  # type: ignore[assignment]
-    key = deps.gateway.authenticate(credentials(scope)[0], client_address(scope))
-    deps.gateway.admit(key, spend=False)  # a count may ask a replica: it counts against the key's rate limit
-    return key
+_CALLER = "token_counter_caller"
+"""Where the guard leaves the admitted key for the handler (the request's scope state)."""
 
 
 def client_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Runs before the body is read: a call without a valid key is a 401 whatever its body."""
-    _caller(connection)
+    """Runs before the body is read: a call without a valid key is a 401 whatever its body. The key is admitted
+    here, once per call: a count may ask a replica, so it takes one unit of the key's rate limit."""
+    deps: Deps = connection.app.state.deps
+    scope: HTTPScope = connection.scope  # type: ignore[assignment]
+    key = deps.gateway.authenticate(credentials(scope)[0], client_address(scope))
+    deps.gateway.admit(key, spend=False)
+    connection.scope.setdefault("state", {})[_CALLER] = key
+
+
+def _caller(request: Request[Any, Any, Any]) -> KeyInfo:
+    """The key the guard authenticated and admitted."""
+    key: KeyInfo = request.scope["state"][_CALLER]
+    return key
 
 
 @post(

@@ -240,3 +240,15 @@ async def test_the_route_is_in_the_schema_with_its_envelope(anon_client: httpx.A
     responses = schema["paths"][URL]["post"]["responses"]
     assert {"200", "400", "401", "413"} <= set(responses)
     assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("OpenAIError")
+
+
+async def test_a_count_takes_one_unit_of_the_rate_limit(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient
+) -> None:
+    _, key = await issue_key(client, "counted", rpm=3)
+    for _ in range(3):
+        r = await count(anon_client, key, {"model": "gpt-4", "messages": HELLO})
+        assert r.status_code == 200, r.text
+    r = await count(anon_client, key, {"model": "gpt-4", "messages": HELLO})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "429"
