@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -23,6 +24,7 @@ from orchestrator.health import HealthMonitor, HealthPolicy
 from orchestrator.journal import Journal
 from orchestrator.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.metrics import Metrics
+from orchestrator.outbound import OutboundPolicy
 from orchestrator.priority import PriorityQueues
 from orchestrator.record_store import RecordStore
 from orchestrator.records import CallRecord, CallRecords
@@ -56,6 +58,7 @@ def build_deps(settings: Settings) -> Deps:
     ledger = Ledger()
     catalog = Catalog(store, box, ledger)
     upstream = Upstream()
+    outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
     record_store = RecordStore(sessions)
     records = CallRecords(record_store, ledger, Journal(settings.state_dir / "journal", CallRecord))
     policy = HealthPolicy(
@@ -97,6 +100,11 @@ def build_deps(settings: Settings) -> Deps:
         on_unreachable=health.report_unreachable,
         hold_tokens=settings.hold_tokens,
     )
+
+    async def in_use(key_id: int) -> bool:
+        await records.flush()
+        return gateway.busy(key_id) or records.unwritten(key_id)
+
     queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
     gateway.on_released = queues.wake
     catalog.on_reload = queues.wake_all
@@ -117,13 +125,15 @@ def build_deps(settings: Settings) -> Deps:
         queues=queues,
         metrics=Metrics(),
         models=ModelService(store, nudge, on_change=catalog.reload),
-        replicas=ReplicaService(store, nudge, box, on_change=catalog.reload),
-        api_keys=ApiKeyService(store, keys.secret_key, on_change=catalog.reload),
+        replicas=ReplicaService(
+            store, nudge, box, on_change=catalog.reload, network=network, ssh_port=backend.ssh_port, outbound=outbound
+        ),
+        api_keys=ApiKeyService(store, keys.secret_key, on_change=catalog.reload, in_use=in_use),
         managed=managed,
         accounts=AccountService(AccountStore(sessions), keys.secret_key, on_change=catalog.reload),
         bots=BotService(BotStore(sessions), box, keys.secret_key),
         feishu=FeishuClient(settings.feishu_base_url),
-        llm_endpoints=LlmEndpointService(EndpointStore(sessions), box, on_change=catalog.reload),
+        llm_endpoints=LlmEndpointService(EndpointStore(sessions), box, on_change=catalog.reload, outbound=outbound),
         tasks=TaskRunner(
             TaskStore(sessions),
             gateway,
@@ -149,12 +159,15 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Netw
             )
         )
         # On loopback every connection comes from 127.0.0.1 unless bound: SSH binds 127.0.0.2 so the
-        # rules can tell the orchestrator from the gateway.
+        # rules can tell the orchestrator from the gateway, and SECURING binds 127.0.0.3 to connect as a stranger.
         network = Network(
             orchestrator_cidr=settings.orchestrator_cidr or "127.0.0.2/32",
             gateway_cidr=settings.gateway_cidr or "127.0.0.1/32",
             ssh_source_address=settings.ssh_source_address or "127.0.0.2",
+            foreign_source_address=settings.foreign_source_address or "127.0.0.3",
         )
+        if ipaddress.ip_address(network.foreign_source_address or "") in ipaddress.ip_network(settings.sandbox_subnet):
+            raise ValueError("ORCH_FOREIGN_SOURCE_ADDRESS must be outside ORCH_SANDBOX_SUBNET (a VM is no stranger)")
         return sandbox, network, sandbox_plans(sandbox.work_dir)
     from infra.hyperstack import HyperstackBackend, HyperstackConfig  # noqa: PLC0415 (Pulumi loads only when used)
 
@@ -170,7 +183,12 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Netw
             passphrase=keys.secret_key,
         )
     )
-    network = Network(settings.orchestrator_cidr, settings.gateway_cidr, settings.ssh_source_address)
+    network = Network(
+        settings.orchestrator_cidr,
+        settings.gateway_cidr,
+        settings.ssh_source_address,
+        settings.foreign_source_address,  # a cloud VM seen from here: no stranger's address unless one is given
+    )
     return hyperstack, network, vllm_plans()
 
 

@@ -324,15 +324,16 @@ class Store:
             await s.commit()
         return key
 
-    async def remove_api_key(self, user_id: str, key_id: int) -> KeyRemoval:
-        """Delete a key, or disable it when usage rows refer to it (they stay attributable)."""
+    async def remove_api_key(self, user_id: str, key_id: int, *, in_use: bool = False) -> KeyRemoval:
+        """Delete a key, or disable it when usage rows refer to it (they stay attributable) or when it has calls
+        not yet written (`in_use`)."""
         async with self._sessions() as s:
             key = (await s.exec(select(ApiKey).where(col(ApiKey.id) == key_id, col(ApiKey.user_id) == user_id))).first()
             if key is None:
                 raise NotFound("API key not found for the given user_id and api_key_id")
             if not key.enabled:
                 raise Conflict("API key already disabled")
-            used = (await s.exec(select(exists().where(col(Metric.api_key_id) == key_id)))).one()
+            used = in_use or (await s.exec(select(exists().where(col(Metric.api_key_id) == key_id)))).one()
             if used:
                 key.enabled = False
                 outcome = KeyRemoval.DISABLED

@@ -25,10 +25,18 @@ class IssuedKey:
 
 
 class ApiKeyService:
-    def __init__(self, store: Store, secret_key: str, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        secret_key: str,
+        on_change: Callable[[], Awaitable[None]],
+        in_use: Callable[[int], Awaitable[bool]] | None = None,
+    ) -> None:
         self._store = store
         self._secret = secret_key
         self._on_change = on_change
+        self._in_use = in_use
+        """Whether a key has calls not yet written (it writes what it can first)."""
 
     async def issue(
         self, user_id: str, *, allowed_rpm: int | None = None, name: str | None = None, allowed_ips: str = ""
@@ -49,7 +57,10 @@ class ApiKeyService:
         return IssuedKey(row.id, plain, row.enabled, row.allowed_rpm)
 
     async def remove(self, user_id: str, key_id: int) -> KeyRemoval:
-        outcome = await self._store.remove_api_key(user_id, key_id)
+        # A call answered a moment ago may not be written yet: the key is then only disabled, as a used key is,
+        # so its usage stays its own.
+        in_use = self._in_use is not None and await self._in_use(key_id)
+        outcome = await self._store.remove_api_key(user_id, key_id, in_use=in_use)
         await self._on_change()  # a disabled key is refused from the next request on
         log.info("api_key.removed", api_key_id=key_id, user_id=user_id, outcome=outcome.value)
         return outcome

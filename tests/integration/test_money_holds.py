@@ -1,0 +1,89 @@
+"""Money and tenancy under a hostile client: a key deleted right after a call keeps its call (disabled, never
+deleted), a new key never inherits a deleted key's id, and 100 concurrent calls never take a quota below zero."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from orchestrator.deps import Deps
+from orchestrator.money import UNIT
+from tests.integration.gateway_helpers import issue_key, make_ready
+from tests.integration.test_connector_billing import (
+    CHAT,
+    MODEL,
+    PRICE_IN,
+    PRICE_OUT,
+    connector_key,
+    engine,
+    priced_model,
+)
+from tests.support.engines import Engine
+
+__all__ = ["engine"]  # the fixture, shared with the billing tests
+
+SECRET_PROMPT = {"model": MODEL, "messages": [{"role": "user", "content": "my password is hunter2"}], "max_tokens": 4}
+
+
+async def test_a_key_deleted_right_after_a_call_is_disabled_and_its_call_stays_its_own(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, engine: Engine
+) -> None:
+    await make_ready(client, deps, MODEL, engine.chat_url)
+    old_id, old = await issue_key(client, "victim")
+    answer = await anon_client.post(
+        "/v1/chat/completions", json=SECRET_PROMPT, headers={"Authorization": f"Bearer {old}"}
+    )
+    assert answer.status_code == 200, answer.text
+    # At once, before the records job wrote the call: the toolkit's rule (a key with usage is disabled) holds.
+    r = await client.post("/api/v1/delete_api_key", json={"user_id": "victim", "api_key_id": old_id})
+    assert r.status_code == 200, r.text
+    assert "disabled" in r.json()["message"].lower(), r.text
+    new_id, new = await issue_key(client, "next")
+    assert new_id > old_id
+    await deps.records.flush()
+    mine = (await anon_client.get("/user/thread/list", headers={"Authorization": f"Bearer {new}"})).json()["data"]
+    assert mine["total"] == 0, mine
+    theirs = (await client.get(f"/admin/thread/list?key_id={old_id}")).json()["data"]
+    assert [t["prompt"] for t in theirs["items"]] == ["my password is hunter2"]
+
+
+async def test_ids_of_deleted_rows_are_never_given_again(client: httpx.AsyncClient, deps: Deps) -> None:
+    first_id, _ = await issue_key(client, "a")
+    last_id, _ = await issue_key(client, "b")
+    r = await client.post("/api/v1/delete_api_key", json={"user_id": "b", "api_key_id": last_id})
+    assert "deleted" in r.json()["message"].lower(), r.text  # never used: really deleted
+    again_id, _ = await issue_key(client, "c")
+    assert again_id > last_id > first_id
+    r = await client.post("/api/v1/models", json={"name": "gone"})
+    model_id = r.json()["id"]
+    await client.delete(f"/api/v1/models/{model_id}")
+    assert (await client.post("/api/v1/models", json={"name": "next"})).json()["id"] > model_id
+
+
+async def test_a_hundred_concurrent_calls_never_take_a_quota_below_zero(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, engine: Engine
+) -> None:
+    model_id = await priced_model(client, deps, engine)
+    body = len(httpx.Request("POST", "/", json=CHAT).content)
+    worst = body * PRICE_IN * UNIT // 10**6 + CHAT["max_tokens"] * PRICE_OUT * UNIT // 10**6  # type: ignore[operator]
+    quota = 17 * worst + worst // 2  # room for 17 worst cases
+    key_id, key = await connector_key(client, model_id, month_quota=quota / UNIT, balance=0)
+    headers = {"Authorization": f"Bearer {key}"}
+    answers = await asyncio.gather(
+        *(anon_client.post("/v1/chat/completions", json=CHAT, headers=headers) for _ in range(100))
+    )
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 402}, statuses
+    assert statuses.count(200) >= 17
+    await deps.records.flush()
+    row = await deps.accounts.key(key_id)
+    assert row.month_fee <= quota
+    assert row.balance == 0
+    fees = [
+        a.json()["usage"]["prompt_tokens"] * PRICE_IN * UNIT // 10**6
+        + a.json()["usage"]["completion_tokens"] * PRICE_OUT * UNIT // 10**6
+        for a in answers
+        if a.status_code == 200
+    ]
+    assert row.total_fee == sum(fees)  # every answered call charged, exactly once
