@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -34,5 +36,40 @@ async def test_downgrade_to_base_and_back(database_url: str) -> None:
         await upgrade(engine)
         async with engine.connect() as conn:
             assert await conn.run_sync(_diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_ids_become_never_reused_on_sqlite_with_every_row_kept(tmp_path: Path) -> None:
+    """0006 copies each SQLite table into one with AUTOINCREMENT: rows and the children a cascade would delete
+    stay, and the highest id, once deleted, is not given again."""
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0005"))
+            await conn.exec_driver_sql(
+                "INSERT INTO api_key (id, user_id, key_hash, key_hint, enabled, allowed_rpm, created_at, kind, role,"
+                " month_quota, balance, month_fee, fee_month, total_fee, updated_at, allowed_ips) VALUES"
+                " (1, 'a', 'h1', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01', ''),"
+                " (2, 'b', 'h2', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01', '')"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO llm_models (id, name, created_at, provider, multiple, config, price_in, price_out)"
+                " VALUES (1, 'm', '2026-01-01', 'vllm', 0, '{}', 0, 0)"
+            )
+            await conn.exec_driver_sql(  # ON DELETE CASCADE from api_key
+                "INSERT INTO key_model (key_id, model_id, created_at) VALUES (2, 1, '2026-01-01')"
+            )
+        await upgrade(engine)
+        async with engine.begin() as conn:
+            assert (await conn.exec_driver_sql("SELECT key_id FROM key_model")).all() == [(2,)]
+            await conn.exec_driver_sql("DELETE FROM key_model")
+            await conn.exec_driver_sql("DELETE FROM api_key WHERE id = 2")
+            await conn.exec_driver_sql(
+                "INSERT INTO api_key (user_id, key_hash, key_hint, enabled, allowed_rpm, created_at, kind, role,"
+                " month_quota, balance, month_fee, fee_month, total_fee, updated_at, allowed_ips) VALUES"
+                " ('c', 'h3', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01', '')"
+            )
+            assert (await conn.exec_driver_sql("SELECT id FROM api_key ORDER BY id")).all() == [(1,), (3,)]
     finally:
         await engine.dispose()
