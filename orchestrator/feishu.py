@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import time
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ REFRESH_EARLY_S = 300.0
 """A cached tenant token is replaced this long before Feishu says it expires."""
 TOKEN_INVALID_CODES = frozenset({99991663, 99991668})
 """Feishu's codes for an invalid or expired access token: worth one retry with a fresh token."""
+EVENT_WINDOW_S = 300.0
+"""How far a signed event's timestamp may be from this server's clock, either way (Feishu's own clock may differ
+by a little; an event older than this is a replay)."""
 
 
 class FeishuError(Exception):
@@ -49,6 +53,43 @@ def decrypt_event(encrypt_key: str, encrypted: str) -> dict[str, Any]:
 def signature(timestamp: str, nonce: str, encrypt_key: str, body: bytes) -> str:
     """The `X-Lark-Signature` Feishu sends with an event: sha256 hex of timestamp, nonce, key and the raw body."""
     return hashlib.sha256((timestamp + nonce + encrypt_key).encode() + body).hexdigest()
+
+
+@dataclass(frozen=True)
+class Signed:
+    """An event's `X-Lark-Request-Timestamp`, `X-Lark-Request-Nonce` and `X-Lark-Signature` headers."""
+
+    timestamp: str
+    nonce: str
+    signature: str
+
+
+def check_signed(encrypt_key: str, body: bytes, signed: Signed, *, now: float) -> None:
+    """The signature is this very body's under the key, and was made within EVENT_WINDOW_S of `now` (Unix
+    seconds): a signed event captured once cannot be sent again later."""
+    expected = signature(signed.timestamp, signed.nonce, encrypt_key, body)
+    if not hmac.compare_digest(signed.signature.encode(), expected.encode()):
+        raise FeishuError("the event's signature does not match")
+    try:
+        sent_at = int(signed.timestamp)
+    except ValueError:
+        raise FeishuError("the event's timestamp is not a number of seconds") from None
+    if abs(now - sent_at) > EVENT_WINDOW_S:
+        raise FeishuError(f"the event's timestamp is more than {EVENT_WINDOW_S:.0f} s from now")
+
+
+def open_unsigned(encrypt_key: str, encrypted: str) -> dict[str, Any]:
+    """An event that came without a signature to an app with an encrypt key. Feishu signs every event of such an
+    app but one: the URL verification it sends when the request URL is set (its own SDK answers that challenge
+    before looking for a signature). So only that is taken, and every other outcome, a body that does not even
+    decrypt included, gets the same refusal: nothing tells a forger how far a made-up body got."""
+    try:
+        event = decrypt_event(encrypt_key, encrypted)
+    except FeishuError:
+        event = {}
+    if event.get("type") != "url_verification":
+        raise FeishuError("the event is not signed (X-Lark-Signature)")
+    return event
 
 
 @dataclass(frozen=True)

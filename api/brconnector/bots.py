@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from api.brconnector import schemas as s
 from api.brconnector.admin import Limit, Offset, PathId, Text
 from api.brconnector.envelope import failure, ok, page
 from orchestrator.deps import Deps
-from orchestrator.feishu import FeishuError, decrypt_event, signature
+from orchestrator.feishu import FeishuError, Signed, check_signed, decrypt_event, open_unsigned
 from orchestrator.keys import same_secret
 from orchestrator.services.bots import BotView, FeishuBot
 
@@ -155,12 +156,10 @@ def _event(bot: FeishuBot, headers: dict[str, str], raw: bytes) -> dict[str, Any
     if not isinstance(doc.get("encrypt"), str):
         raise FeishuError("the bot has an encryptKey: events must be encrypted")
     sent = headers.get("x-lark-signature")
-    if sent is not None:
-        expected = signature(
-            headers.get("x-lark-request-timestamp", ""), headers.get("x-lark-request-nonce", ""), bot.encrypt_key, raw
-        )
-        if not same_secret(sent, expected):
-            raise FeishuError("the event's signature does not match")
+    if sent is None:
+        return open_unsigned(bot.encrypt_key, doc["encrypt"])  # a URL verification, or refused
+    timestamp, nonce = headers.get("x-lark-request-timestamp", ""), headers.get("x-lark-request-nonce", "")
+    check_signed(bot.encrypt_key, raw, Signed(timestamp, nonce, sent), now=time.time())
     return decrypt_event(bot.encrypt_key, doc["encrypt"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ HOOK = f"/bot/feishu/{BOT}/webhook/event"
 NOT_ADMIN = "Unauthorized: you are not an admin role."
 FORBIDDEN = "Error: You do not have permission to access the ["
 ANSWER_DEADLINE_S = 10.0
+UNSIGNED = "the event is not signed (X-Lark-Signature)"
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -151,6 +153,17 @@ async def _engine_completion(engine: Engine, text: str) -> str:
         r = await c.post(engine.chat_url, json=body)
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["message"]["content"])
+
+
+def _signed(raw: bytes, *, at: float | None = None, nonce: str = "nonce-1") -> dict[str, str]:
+    """The headers Feishu sends with `raw` for a bot with ENCRYPT_KEY, signed at `at` (default: now)."""
+    timestamp = str(int(time.time() if at is None else at))
+    return {
+        "Content-Type": "application/json",
+        "X-Lark-Request-Timestamp": timestamp,
+        "X-Lark-Request-Nonce": nonce,
+        "X-Lark-Signature": signature(timestamp, nonce, ENCRYPT_KEY, raw),
+    }
 
 
 def _failure(r: httpx.Response, status: int, message: str) -> None:
@@ -469,29 +482,25 @@ async def test_encrypted_bot_takes_only_encrypted_signed_events(
 
     _failure(await anon_client.post(HOOK, json=challenge), 400, "the bot has an encryptKey: events must be encrypted")
     wrong = {"encrypt": encrypt_event("another-key", challenge)}
-    _failure(await anon_client.post(HOOK, json=wrong), 400, "cannot decrypt the event")
+    _failure(await anon_client.post(HOOK, json=wrong), 400, UNSIGNED)
 
+    # Feishu's URL verification comes unsigned, as its own SDK expects.
     r = await anon_client.post(HOOK, json={"encrypt": encrypt_event(ENCRYPT_KEY, challenge)})
     assert (r.status_code, r.json()) == (200, {"challenge": "abc"})
 
     raw = json.dumps({"encrypt": encrypt_event(ENCRYPT_KEY, challenge)}).encode()
-    signed = {
-        "Content-Type": "application/json",
-        "X-Lark-Request-Timestamp": "1700000000",
-        "X-Lark-Request-Nonce": "nonce-1",
-        "X-Lark-Signature": signature("1700000000", "nonce-1", ENCRYPT_KEY, raw),
-    }
+    signed = _signed(raw)
     r = await anon_client.post(HOOK, content=raw, headers=signed)
     assert (r.status_code, r.json()) == (200, {"challenge": "abc"})
-    forged = {**signed, "X-Lark-Signature": signature("1700000000", "nonce-1", "another-key", raw)}
+    now = signed["X-Lark-Request-Timestamp"]
+    forged = {**signed, "X-Lark-Signature": signature(now, "nonce-1", "another-key", raw)}
     _failure(await anon_client.post(HOOK, content=raw, headers=forged), 400, "the event's signature does not match")
     replayed = {**signed, "X-Lark-Request-Nonce": "nonce-2"}
     _failure(await anon_client.post(HOOK, content=raw, headers=replayed), 400, "the event's signature does not match")
 
     # A message event, encrypted and signed, is answered like a plain one.
     raw = json.dumps({"encrypt": encrypt_event(ENCRYPT_KEY, _message("ev1", "om_1"))}).encode()
-    signed["X-Lark-Signature"] = signature("1700000000", "nonce-1", ENCRYPT_KEY, raw)
-    r = await anon_client.post(HOOK, content=raw, headers=signed)
+    r = await anon_client.post(HOOK, content=raw, headers=_signed(raw))
     assert (r.status_code, r.json()) == (200, {})
     [reply] = await feishu.wait_for_replies(1)
     assert (reply.message_id, reply.text) == ("om_1", await _engine_completion(engine, "hello"))
@@ -519,3 +528,62 @@ async def test_unbound_model_relays_the_gateways_refusal(
     assert reply.message_id == "om_1"
     assert reply.text.startswith(FORBIDDEN), reply.text
     assert f"[{MODEL}]" in reply.text
+
+
+async def test_an_unsigned_event_to_a_bot_with_an_encrypt_key_is_refused(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, engine: Engine, feishu: FakeFeishu, bot_key: BotKey
+) -> None:
+    """Only someone holding the key can sign; encrypting alone proves nothing about the sender's headers."""
+    await _save_bot(client, _config(bot_key.api_key, encryptKey=ENCRYPT_KEY))
+    raw = json.dumps({"encrypt": encrypt_event(ENCRYPT_KEY, _message("ev1", "om_1"))}).encode()
+    headers = {"Content-Type": "application/json"}
+    _failure(await anon_client.post(HOOK, content=raw, headers=headers), 400, UNSIGNED)
+    garbage = json.dumps({"encrypt": encrypt_event("another-key", _message("ev2", "om_2"))}).encode()
+    _failure(await anon_client.post(HOOK, content=garbage, headers=headers), 400, UNSIGNED)  # the same answer
+
+    await _answers_done()
+    assert feishu.replies == []
+    assert await engine.chats() == []  # nothing was asked of the model either
+    r = await anon_client.post(HOOK, content=raw, headers=_signed(raw))  # the same event, signed: taken
+    assert (r.status_code, r.json()) == (200, {})
+    [reply] = await feishu.wait_for_replies(1)
+    assert reply.message_id == "om_1"
+
+
+@pytest.mark.parametrize("offset_s", [-301, 301, -86_400])
+async def test_a_signed_event_out_of_the_time_window_is_refused(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, engine: Engine, bot_key: BotKey, offset_s: int
+) -> None:
+    await _save_bot(client, _config(bot_key.api_key, encryptKey=ENCRYPT_KEY))
+    raw = json.dumps({"encrypt": encrypt_event(ENCRYPT_KEY, _message("ev1", "om_1"))}).encode()
+    r = await anon_client.post(HOOK, content=raw, headers=_signed(raw, at=time.time() + offset_s))
+    _failure(r, 400, "the event's timestamp is more than 300 s from now")
+    await _answers_done()
+    assert await engine.chats() == []
+
+
+async def test_a_signed_event_within_the_window_is_taken_once(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, feishu: FakeFeishu, bot_key: BotKey
+) -> None:
+    """A little clock skew either way is fine; a replay inside the window is the same event id, answered once."""
+    await _save_bot(client, _config(bot_key.api_key, encryptKey=ENCRYPT_KEY))
+    raw = json.dumps({"encrypt": encrypt_event(ENCRYPT_KEY, _message("ev1", "om_1"))}).encode()
+    for at in (time.time() - 240, time.time() + 240):
+        r = await anon_client.post(HOOK, content=raw, headers=_signed(raw, at=at))
+        assert (r.status_code, r.json()) == (200, {}), r.text
+    await _answers_done()
+    assert [reply.message_id for reply in await feishu.wait_for_replies(1)] == ["om_1"]
+
+
+async def test_a_signed_event_with_a_timestamp_that_is_not_a_number_is_refused(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, bot_key: BotKey
+) -> None:
+    await _save_bot(client, _config(bot_key.api_key, encryptKey=ENCRYPT_KEY))
+    raw = json.dumps({"encrypt": encrypt_event(ENCRYPT_KEY, _message("ev1", "om_1"))}).encode()
+    headers = {**_signed(raw), "X-Lark-Request-Timestamp": "soon"}
+    headers["X-Lark-Signature"] = signature("soon", "nonce-1", ENCRYPT_KEY, raw)
+    _failure(
+        await anon_client.post(HOOK, content=raw, headers=headers),
+        400,
+        "the event's timestamp is not a number of seconds",
+    )

@@ -9,7 +9,16 @@ from collections.abc import AsyncIterator
 import pytest
 import structlog
 
-from orchestrator.feishu import FeishuClient, FeishuError, decrypt_event, signature
+from orchestrator.feishu import (
+    EVENT_WINDOW_S,
+    FeishuClient,
+    FeishuError,
+    Signed,
+    check_signed,
+    decrypt_event,
+    open_unsigned,
+    signature,
+)
 from tests.support.fake_feishu import FakeFeishu, encrypt_event, fake_feishu
 
 APP_ID, APP_SECRET = "cli_test_app", "app-secret-0123456789"
@@ -168,3 +177,39 @@ async def test_an_unreachable_server_raises() -> None:
             await client.reply_text(APP_ID, APP_SECRET, "om_1", "hello")
     finally:
         await client.aclose()
+
+
+def _signed(body: bytes, at: float, key: str = "enc-key") -> Signed:
+    timestamp = str(int(at))
+    return Signed(timestamp, "n0nce", signature(timestamp, "n0nce", key, body))
+
+
+@pytest.mark.parametrize("offset_s", [0, -EVENT_WINDOW_S, EVENT_WINDOW_S, -12.5])
+def test_a_signed_event_within_the_window_passes(offset_s: float) -> None:
+    now = 1_800_000_000.0
+    check_signed("enc-key", b"{}", _signed(b"{}", now + offset_s), now=now)
+
+
+@pytest.mark.parametrize(
+    ("signed", "message"),
+    [
+        (_signed(b"{}", 1_800_000_000 - EVENT_WINDOW_S - 1), "the event's timestamp is more than 300 s from now"),
+        (_signed(b"{}", 1_800_000_000 + EVENT_WINDOW_S + 1), "the event's timestamp is more than 300 s from now"),
+        (_signed(b"{}", 1_800_000_000, key="other-key"), "the event's signature does not match"),
+        (_signed(b"{ }", 1_800_000_000), "the event's signature does not match"),
+        (Signed("1800000000", "n0nce", ""), "the event's signature does not match"),
+        (Signed("1e9", "n0nce", signature("1e9", "n0nce", "enc-key", b"{}")), "not a number of seconds"),
+    ],
+    ids=["old", "future", "other-key", "other-body", "empty", "not-a-number"],
+)
+def test_a_bad_or_stale_signature_is_refused(signed: Signed, message: str) -> None:
+    with pytest.raises(FeishuError, match=message):
+        check_signed("enc-key", b"{}", signed, now=1_800_000_000)
+
+
+def test_unsigned_only_the_url_verification_is_opened() -> None:
+    assert open_unsigned("k3y", encrypt_event("k3y", EVENT)) == EVENT
+    message = {"schema": "2.0", "header": {"event_type": "im.message.receive_v1"}}
+    for encrypted in (encrypt_event("k3y", message), encrypt_event("other", EVENT), "not base64!", ""):
+        with pytest.raises(FeishuError, match=r"^the event is not signed \(X-Lark-Signature\)$"):
+            open_unsigned("k3y", encrypted)
