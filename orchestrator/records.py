@@ -64,12 +64,19 @@ class CallRecords:
         self._forget: list[str] = []
         """Segments deleted after their batch was written: their marks go with the next batch."""
         self._flushing = asyncio.Lock()
+        self._unsealed = False
+        """Calls were journaled since the last seal (a flush retried while the database is down seals nothing new)."""
+        self._sealing: asyncio.Future[str] | None = None
+        """The last seal: awaited by every flush (shielded, so a flush cancelled meanwhile leaves it to the next)."""
 
     def add(self, call: CallRecord) -> asyncio.Future[None] | None:
         """Buffer a call; with a journal, the future is done once the call is on disk (await it before the answer
         completes). The buffer is not bounded: while the database is down, calls wait here and in the journal."""
         self._calls.append(call)
-        return None if self._journal is None else self._journal.append(call)
+        if self._journal is None:
+            return None
+        self._unsealed = True
+        return self._journal.append(call)
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -92,7 +99,11 @@ class CallRecords:
             try:
                 segments = []
                 if self._journal is not None:
-                    await self._journal.seal()  # synchronous part first: later calls go to the next segment
+                    if self._unsealed:  # synchronously: calls journaled after this go to the next segment
+                        self._unsealed = False
+                        self._sealing = self._journal.seal()
+                    if self._sealing is not None:
+                        await asyncio.shield(self._sealing)
                     segments = self._journal.sealed()
                 await self._write(calls, segments)
             except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
