@@ -107,8 +107,9 @@ def on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
 def on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     if isinstance(exc, NotFound):
         return _json({"error": str(exc)}, HTTP_404_NOT_FOUND)
-    if isinstance(exc, InvalidInput):
-        return _json({"errors": {exc.field: [exc.message]}}, HTTP_400_BAD_REQUEST)
+    if isinstance(exc, InvalidInput):  # a dotted field nests as a body error on that field would
+        error = {"loc": tuple(exc.field.split(".")), "type": "domain", "msg": exc.message}
+        return _json({"errors": marshmallow_errors([error])}, HTTP_400_BAD_REQUEST)
     if isinstance(exc, Conflict):
         return _json({"error": str(exc)}, HTTP_409_CONFLICT)
     # InvalidTransition is a bug, never the caller's fault.

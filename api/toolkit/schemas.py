@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from datetime import datetime
 from typing import Annotated, Literal, Self
@@ -13,6 +12,7 @@ from pydantic_core import PydanticCustomError
 from infra.vm import Rule
 from orchestrator.endpoints import is_http_url
 from orchestrator.keys import allowlist
+from orchestrator.security import prefix_network
 from orchestrator.services.replicas import ReplicaSpec, VmSpec
 
 FIELD_RULE = "field_rule"
@@ -44,7 +44,7 @@ class _In(BaseModel):
 MAX_ID = 2**31 - 1  # row ids are 32-bit integers on PostgreSQL
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
-Port = Annotated[int, Field(ge=0, le=65535)]
+Port = Annotated[int, Field(ge=1, le=65535)]
 RateLimit = Annotated[int, Field(ge=1, le=MAX_ID)]
 """Requests per second; bounded by the 32-bit column it is stored in."""
 
@@ -86,11 +86,10 @@ class SecurityRuleIn(_In):
         if self.port_range_min > self.port_range_max:
             raise field_error("port_range_min", "port_range_min must be less than or equal to port_range_max.")
         try:
-            net = ipaddress.ip_network(self.remote_ip_prefix, strict=False)
-        except ValueError:
-            raise field_error("remote_ip_prefix", "Not a valid IP network (CIDR).") from None
-        if f"IPv{net.version}" != self.ethertype:
-            raise field_error("remote_ip_prefix", f"An {self.ethertype} rule needs an {self.ethertype} prefix.")
+            net = prefix_network(self.remote_ip_prefix, self.ethertype)
+        except ValueError as e:
+            raise field_error("remote_ip_prefix", str(e)) from None
+        self.remote_ip_prefix = str(net)  # one spelling for nft, the cloud and drift checks (10.0.0.1/8 -> 10.0.0.0/8)
         return self
 
     def spec(self) -> Rule:
@@ -106,27 +105,13 @@ class VmCreationIn(_In):
     image_name: Name
     flavor_name: Name
     key_name: Name
-    port: Annotated[int, Field(ge=1, le=65535)]
+    port: Port
     run_command: Annotated[str, Field(min_length=1, max_length=4096)]
     assign_floating_ip: bool = True
     security_rules: Annotated[list[SecurityRuleIn], Field(max_length=64)] = []
 
-    @model_validator(mode="after")
-    def _managed_ports_not_public(self) -> Self:
-        # The orchestrator opens SSH to itself and the engine port to the gateway; an admin may add a named
-        # network (the toolkit's "proxy IP" rule) but never the whole internet.
-        managed = {22: "SSH (port 22)", self.port: f"the engine port ({self.port})"}
-        for rule in self.security_rules:
-            if rule.direction != "ingress" or ipaddress.ip_network(rule.remote_ip_prefix, strict=False).prefixlen:
-                continue
-            for port, what in managed.items():
-                if rule.port_range_min <= port <= rule.port_range_max:
-                    raise field_error(
-                        "security_rules",
-                        f"{what} may not be opened to {rule.remote_ip_prefix}: the orchestrator opens it to "
-                        "whom needs it (SSH to itself while bootstrapping, the engine port to the gateway).",
-                    )
-        return self
+    # What the rules may open of SSH and the engine port depends on the backend and the network settings: the
+    # replica service judges that (`orchestrator.security.rule_problems`).
 
     @field_validator("name")
     @classmethod

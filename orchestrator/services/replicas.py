@@ -11,7 +11,7 @@ from infra.vm import Rule
 from orchestrator.crypto import SecretBox
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.lifecycle import REASON_DELETED
-from orchestrator.security import Phase, rows_of
+from orchestrator.security import Network, Phase, rows_of, rule_problems
 from orchestrator.store import ReplicaDetail, Store
 from orchestrator.tables import Replica, ReplicaSecurityRule
 
@@ -52,8 +52,15 @@ class ReplicaService:
         nudge: Callable[[], None],
         box: SecretBox,
         on_change: Callable[[], Awaitable[None]],
+        *,
+        network: Network,
+        ssh_port: int,
     ) -> None:
         self._store = store
+        # What a managed replica's own rules are judged against: who may reach SSH (on the backend's port) and
+        # the engine port; known here, from the backend, not in the static schema.
+        self._network = network
+        self._ssh_port = ssh_port
         self._nudge = nudge
         self._box = box
         self._on_change = on_change
@@ -71,6 +78,12 @@ class ReplicaService:
                 raise InvalidInput("endpoint", "LLM EndPoint URL must not be empty.")
             if await self._store.endpoint_in_use(model_id, spec.endpoint):
                 raise Conflict("Endpoint already exists")
+        elif spec.vm.port == self._ssh_port:  # the serving rules would open SSH to the gateway
+            raise InvalidInput("vm_creation_details.port", f"Port {spec.vm.port} is SSH's on this backend.")
+        elif problems := rule_problems(
+            spec.vm.security_rules, self._network, engine_port=spec.vm.port, ssh_port=self._ssh_port
+        ):
+            raise InvalidInput("vm_creation_details.security_rules", " ".join(problems))
         replica, rules = _rows(model_id, spec)
         if spec.engine_api_key:
             replica.engine_key_sealed = self._box.seal(spec.engine_api_key)

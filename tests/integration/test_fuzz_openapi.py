@@ -558,7 +558,7 @@ async def seed(client: httpx.AsyncClient) -> Seeded:
         "key_name": "k",
         "port": 8000,
         "run_command": "vllm serve m",
-        "security_rules": [{"remote_ip_prefix": "203.0.113.7/32", "port_range_min": 8000, "port_range_max": 8000}],
+        "security_rules": [{"remote_ip_prefix": "203.0.113.7/32", "port_range_min": 9400, "port_range_max": 9400}],
     }
     examples: dict[str, list[Any]] = {
         "GenerateApiKeyIn": [{"user_id": "u", "allowed_rpm": 60, "name": "n", "allowed_ips": ["10.0.0.0/8"]}],

@@ -140,7 +140,7 @@ async def test_replica_rows_and_rules_are_browsable(client: Client) -> None:
     model_id = await create_model(client)
     await create_replica(client, model_id, create_vm=True, vm_creation_details=vm_details())
     [rule] = (await client.get("/api/v1/tables/replica_security_rules")).json()["data"]
-    assert rule["port_range_min"] == 8000
+    assert rule["port_range_min"] == 9400
     [event] = (await client.get("/api/v1/tables/replica_events")).json()["data"]
     assert event["to_status"] == "PENDING"
 

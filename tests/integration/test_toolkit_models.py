@@ -96,7 +96,7 @@ async def test_managed_replica_keeps_vm_details_and_rules(client: Client) -> Non
     detail = (await client.get(f"/api/v1/replicas/{replica_id}")).json()
     assert detail["port"] == 8000
     assert [(r["remote_ip_prefix"], r["port_range_min"], r["origin"]) for r in detail["security_rules"]] == [
-        ("203.0.113.7/32", 8000, "user")
+        ("203.0.113.7/32", 9400, "user")
     ]
 
 

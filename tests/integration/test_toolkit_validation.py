@@ -88,7 +88,7 @@ async def _post_replica(client: Client, body: Any) -> tuple[int, Any]:
                 "vm_creation_details": {
                     "security_rules": {
                         "0": {
-                            "port_range_min": ["Input should be greater than or equal to 0"],
+                            "port_range_min": ["Input should be greater than or equal to 1"],
                             "port_range_max": ["Input should be less than or equal to 65535"],
                         }
                     }
@@ -132,17 +132,51 @@ async def _post_replica(client: Client, body: Any) -> tuple[int, Any]:
             {
                 "create_vm": True,
                 "vm_creation_details": vm_details(
-                    security_rules=[{"remote_ip_prefix": "0.0.0.0/0", "port_range_min": 20, "port_range_max": 30}]
+                    security_rules=[
+                        {
+                            "ethertype": "IPv6",
+                            "remote_ip_prefix": "fe80::1%eth0/128",
+                            "port_range_min": 9400,
+                            "port_range_max": 9400,
+                        }
+                    ]
+                ),
+            },
+            {
+                "vm_creation_details": {
+                    "security_rules": {
+                        "0": {
+                            "remote_ip_prefix": [
+                                "An IPv6 scope id (%...) names a local interface; a rule's prefix cannot carry one."
+                            ]
+                        }
+                    }
+                }
+            },
+        ),
+        (
+            # The sandbox's SSH port (ORCH_SANDBOX_SSH_PORT), opened to everyone in two halves.
+            {
+                "create_vm": True,
+                "vm_creation_details": vm_details(
+                    security_rules=[
+                        {"remote_ip_prefix": "0.0.0.0/1", "port_range_min": 2200, "port_range_max": 2300},
+                        {"remote_ip_prefix": "128.0.0.0/1", "port_range_min": 2222, "port_range_max": 2222},
+                    ]
                 ),
             },
             {
                 "vm_creation_details": {
                     "security_rules": [
-                        "SSH (port 22) may not be opened to 0.0.0.0/0: the orchestrator opens it to whom needs it "
-                        "(SSH to itself while bootstrapping, the engine port to the gateway)."
+                        "SSH (port 2222) would be open to 0.0.0.0/0 by security_rules[0], security_rules[1]; "
+                        "only the orchestrator (127.0.0.2/32) may reach it."
                     ]
                 }
             },
+        ),
+        (
+            {"create_vm": True, "vm_creation_details": vm_details(port=2222)},
+            {"vm_creation_details": {"port": ["Port 2222 is SSH's on this backend."]}},
         ),
         ([], {"_schema": ["Invalid input type."]}),
         ("endpoint", {"_schema": ["Invalid input type."]}),

@@ -23,9 +23,9 @@ def vm_details(**overrides: Any) -> dict[str, Any]:
                 "direction": "ingress",
                 "protocol": "tcp",
                 "ethertype": "IPv4",
-                "remote_ip_prefix": "203.0.113.7/32",
-                "port_range_min": 8000,
-                "port_range_max": 8000,
+                "remote_ip_prefix": "203.0.113.7/32",  # a metrics scraper: the engine port is the gateway's alone
+                "port_range_min": 9400,
+                "port_range_max": 9400,
             },
         ],
     }

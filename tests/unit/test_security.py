@@ -1,0 +1,140 @@
+"""Admin security rules judged by what they open of SSH and the engine port, alone and together."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from infra.vm import Rule
+from orchestrator.security import Network, allows, prefix_network, rule_problems
+
+ORCHESTRATOR, GATEWAY = "127.0.0.2/32", "127.0.0.1/32"
+LOCAL = Network(ORCHESTRATOR, GATEWAY, "127.0.0.2")
+SANDBOX_SSH, HYPERSTACK_SSH, ENGINE = 2222, 22, 8000
+
+
+def tcp(prefix: str, low: int, high: int | None = None, ethertype: str = "IPv4") -> Rule:
+    return Rule("ingress", "tcp", ethertype, prefix, low, low if high is None else high)  # type: ignore[arg-type]
+
+
+def problems(*rules: Rule, ssh_port: int = SANDBOX_SSH, net: Network = LOCAL) -> list[str]:
+    return rule_problems(rules, net, engine_port=ENGINE, ssh_port=ssh_port)
+
+
+def test_two_halves_of_the_internet_are_the_internet() -> None:
+    assert problems(tcp("0.0.0.0/1", SANDBOX_SSH), tcp("128.0.0.0/1", SANDBOX_SSH)) == [
+        "SSH (port 2222) would be open to 0.0.0.0/0 by security_rules[0], security_rules[1]; "
+        "only the orchestrator (127.0.0.2/32) may reach it."
+    ]
+
+
+def test_one_half_alone_is_refused_too() -> None:
+    [problem] = problems(tcp("128.0.0.0/1", ENGINE))
+    assert problem.startswith("The engine port (8000) would be open to 128.0.0.0/1 by security_rules[0]")
+
+
+def test_the_ssh_port_is_the_backends() -> None:
+    # The sandbox's sshd listens on 2222: that is the port to guard there, and 22 is just another port.
+    assert problems(tcp("0.0.0.0/0", SANDBOX_SSH))
+    assert problems(tcp("0.0.0.0/0", HYPERSTACK_SSH)) == []
+    assert problems(tcp("0.0.0.0/0", HYPERSTACK_SSH), ssh_port=HYPERSTACK_SSH)
+
+
+def test_a_range_covering_both_ports_is_refused_for_each() -> None:
+    [ssh, engine] = problems(tcp("10.0.0.0/8", 1, 65535))
+    assert ssh.startswith("SSH (port 2222) would be open to 10.0.0.0/8")
+    assert engine.startswith("The engine port (8000) would be open to 10.0.0.0/8")
+    assert problems(tcp("10.0.0.0/8", 2223, 7999)) == []  # between the two: neither
+
+
+@pytest.mark.parametrize(
+    ("prefix", "low", "high"),
+    [("0.0.0.0/0", 2000, 2222), ("0.0.0.0/0", 2222, 3000), ("127.0.0.0/8", 2222, 2222), ("127.0.0.2/31", 1, 9000)],
+)
+def test_any_rule_reaching_past_the_orchestrator_is_refused(prefix: str, low: int, high: int) -> None:
+    assert problems(tcp(prefix, low, high))
+
+
+def test_ipv6_halves_are_refused_and_summed_apart_from_ipv4() -> None:
+    [problem] = problems(tcp("::/1", ENGINE, ethertype="IPv6"), tcp("8000::/1", ENGINE, ethertype="IPv6"))
+    assert problem.startswith("The engine port (8000) would be open to ::/0 by")
+    [both] = problems(tcp("0.0.0.0/0", ENGINE), tcp("::/0", ENGINE, ethertype="IPv6"))
+    assert "open to 0.0.0.0/0, ::/0 by security_rules[0], security_rules[1]" in both
+
+
+def test_rules_inside_whom_the_port_belongs_to_pass() -> None:
+    assert problems(tcp(ORCHESTRATOR, SANDBOX_SSH), tcp(GATEWAY, ENGINE), tcp("203.0.113.7/32", 9400)) == []
+    office = Network("198.51.100.0/24", "203.0.113.0/24")
+    assert problems(tcp("198.51.100.128/25", 22), tcp("203.0.113.7/32", ENGINE), ssh_port=22, net=office) == []
+    assert problems(tcp("203.0.113.7/32", 22), ssh_port=22, net=office)  # the gateway is not the orchestrator
+
+
+def test_what_does_not_open_tcp_ingress_is_not_judged() -> None:
+    udp = Rule("ingress", "udp", "IPv4", "0.0.0.0/0", 1, 65535)
+    egress = Rule("egress", "tcp", "IPv4", "0.0.0.0/0", 1, 65535)
+    assert problems(udp, egress) == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            tcp("fe80::1%eth0/128", 9400, ethertype="IPv6"),
+            "An IPv6 scope id (%...) names a local interface; a rule's prefix cannot carry one.",
+        ),
+        (tcp("fe80::1%1", 9400, ethertype="IPv6"), "An IPv6 scope id"),
+        (tcp("10.0.0.0/8", 9400, ethertype="IPv6"), "An IPv6 rule needs an IPv6 prefix."),
+        (tcp("::/0", 9400), "An IPv4 rule needs an IPv4 prefix."),
+        (tcp("10.0.0.0/33", 9400), "Not a valid IP network (CIDR)."),
+        (tcp("10.0.0.0/8", 0, 10), "The port range must be within 1..65535, min <= max."),
+        (tcp("10.0.0.0/8", 10, 9), "The port range must be within 1..65535, min <= max."),
+        (tcp("10.0.0.0/8", 1, 65536), "The port range must be within 1..65535, min <= max."),
+    ],
+)
+def test_values_no_firewall_would_take_are_refused(rule: Rule, message: str) -> None:
+    [problem] = problems(tcp(GATEWAY, ENGINE), rule)
+    assert problem.startswith(f"security_rules[1]: {message}")
+
+
+def test_a_prefix_is_read_as_clouds_read_it() -> None:
+    assert str(prefix_network("10.0.0.1/8", "IPv4")) == "10.0.0.0/8"
+    with pytest.raises(ValueError, match="scope id"):
+        prefix_network("fe80::1%eth0", "IPv6")
+
+
+def test_the_foreign_source_is_outside_both_cidrs() -> None:
+    assert Network(ORCHESTRATOR, GATEWAY, foreign_source_address="127.0.0.3").foreign_source_address == "127.0.0.3"
+    with pytest.raises(ValueError, match=re.escape("inside the gateway's CIDR 127.0.0.0/8")):
+        Network(ORCHESTRATOR, "127.0.0.0/8", foreign_source_address="127.0.0.3")
+    with pytest.raises(ValueError, match="inside the orchestrator's CIDR"):
+        Network("127.0.0.0/30", GATEWAY, foreign_source_address="127.0.0.3")
+
+
+# Networks around the two sources that may be let in, and anywhere; ports at and beside the managed ones.
+_networks = st.builds(
+    lambda address, length: ipaddress.ip_network(f"{address}/{length}", strict=False),
+    st.sampled_from(["127.0.0.1", "127.0.0.2", "127.0.0.3"]) | st.ip_addresses(v=4).map(str),
+    st.integers(0, 32) | st.integers(29, 32),
+)
+_rules = st.builds(
+    lambda net, low, span: tcp(str(net), low, min(65535, low + span)),
+    _networks,
+    st.sampled_from([1, 22, 2221, 2222, 2223, 7999, 8000, 8001]),
+    st.sampled_from([0, 1, 300, 6000, 65535]),
+)
+
+
+@given(st.lists(_rules, max_size=6), st.data())
+def test_accepted_rules_together_never_let_a_stranger_reach_either_port(rules: list[Rule], data: st.DataObject) -> None:
+    if problems(*rules):
+        return
+    # Strangers where the rules point: each rule's edges, and anywhere.
+    edges = [str(a) for r in rules for n in [ipaddress.ip_network(r.remote_ip_prefix)] for a in (n[0], n[-1])]
+    strangers = [*edges, data.draw(st.ip_addresses(v=4).map(str))]
+    for port, cidr in ((SANDBOX_SSH, ORCHESTRATOR), (ENGINE, GATEWAY)):
+        for stranger in strangers:
+            assert not allows(rules, stranger, port) or ipaddress.ip_address(stranger) in ipaddress.ip_network(cidr)
