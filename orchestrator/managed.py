@@ -197,16 +197,10 @@ class ManagedReplicas:
             await self.in_thread(self.backend.apply_rules, self.request(replica, ()), rules)
         except BackendError as e:
             return await self._fail(replica, "securing_failed", str(e))
-        problem = await self.access.verify_serving(replica, rules)
-        if problem is not None:
-            return await self._fail(replica, "securing_failed", problem)
-        return await self.store.move(
-            row_id(replica.id),
-            S.SECURING,
-            S.READY,
-            "secured",
-            "engine port open to the gateway only, SSH closed; verified from both paths",
-        )
+        verdict = await self.access.verify_serving(replica, rules)
+        if verdict.problem is not None:
+            return await self._fail(replica, "securing_failed", verdict.problem)
+        return await self.store.move(row_id(replica.id), S.SECURING, S.READY, "secured", verdict.secured)
 
     async def _unhealthy(self, replica: Replica, model: str) -> bool:
         rid = row_id(replica.id)

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     port is opened to. Default on `local`: 127.0.0.1/32; required on `hyperstack`."""
     ssh_source_address: str | None = None
     """Local address the orchestrator's SSH client binds to; default on `local`: 127.0.0.2."""
+    foreign_source_address: str | None = None
+    """Local address outside both CIDRs (and the sandbox subnet) that SECURING connects from, as a stranger would,
+    to prove SSH and the engine port refuse it. Default on `local`: 127.0.0.3; none on `hyperstack` (then the
+    replica's event says it was not probed from outside)."""
 
     boot_deadline_s: float = Field(default=600.0, gt=0)
     """How long a new VM may take to accept SSH with its pinned host key."""

@@ -28,6 +28,16 @@ Record = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """What the check of a just-secured replica found."""
+
+    problem: str | None
+    """What let in whom it should not have, or what could not reach; None when all held."""
+    secured: str = ""
+    """What holds and from where it was verified, for the replica's event (saying what was not probed)."""
+
+
+@dataclass(frozen=True)
 class AccessPolicy:
     restart_deadline_s: float = 60.0
     verify_deadline_s: float = 15.0
@@ -77,17 +87,34 @@ class EngineAccess:
         with connect(self.target(replica), deadline_s=self.policy.restart_deadline_s) as session:
             return _describe(restart_engine(session, self._plan(replica, model)))
 
-    async def verify_serving(self, replica: Replica, rules: Sequence[Rule]) -> str | None:
-        """None when the gateway reaches the engine and SSH is as closed as `rules` say; else what is wrong."""
+    async def verify_serving(self, replica: Replica, rules: Sequence[Rule]) -> Verdict:
+        """Whether the gateway reaches the engine, SSH is as closed to the orchestrator as `rules` say, and
+        neither port lets a stranger in (probed from the foreign source, where this machine has one)."""
         problem = await self._gateway_reaches(replica)
         if problem is not None:
-            return problem
-        ssh_port = replica.ssh_port or 22
-        if not allows(rules, source_of(self._net.orchestrator_cidr), ssh_port) and await self._port_open(
-            replica.vm_address or "", ssh_port
-        ):
-            return f"SSH (port {ssh_port}) still accepts connections from the orchestrator after securing"
-        return None
+            return Verdict(problem)
+        host, ssh_port, engine_port = replica.vm_address or "", replica.ssh_port or 22, replica.port or 0
+        ssh_kept = allows(rules, source_of(self._net.orchestrator_cidr), ssh_port)  # an admin rule may keep it
+        if not ssh_kept and await self._port_open(host, ssh_port, self._net.ssh_source_address):
+            return Verdict(f"SSH (port {ssh_port}) still accepts connections from the orchestrator after securing")
+        state = "engine port open to the gateway only, " + (
+            "SSH open to the orchestrator only" if ssh_kept else "SSH closed"
+        )
+        stranger = self._net.foreign_source_address
+        if stranger is None:
+            return Verdict(
+                None,
+                f"{state}; verified from the gateway and the orchestrator, not probed from outside: "
+                "no foreign source address on this backend",
+            )
+        ports = {ssh_port: f"SSH (port {ssh_port})", engine_port: f"the engine port ({engine_port})"}
+        opened = await asyncio.gather(*(self._port_open(host, port, stranger) for port in ports))
+        let_in = [what for what, is_open in zip(ports.values(), opened, strict=True) if is_open]
+        if let_in:
+            return Verdict(
+                f"{' and '.join(let_in)} accepted a connection from {stranger}, a foreign source, after securing"
+            )
+        return Verdict(None, f"{state}; verified from the gateway, the orchestrator and a foreign source ({stranger})")
 
     async def _gateway_reaches(self, replica: Replica) -> str | None:
         # The gateway's own session: same pool, same source address as the traffic it will carry.
@@ -106,8 +133,8 @@ class EngineAccess:
             await asyncio.sleep(0.2)
         return f"the gateway cannot reach the engine at {url}: {error}"
 
-    async def _port_open(self, host: str, port: int) -> bool:
-        local = (self._net.ssh_source_address, 0) if self._net.ssh_source_address else None
+    async def _port_open(self, host: str, port: int, source: str | None) -> bool:
+        local = (source, 0) if source else None
         try:
             async with asyncio.timeout(self.policy.closed_timeout_s):
                 _, writer = await asyncio.open_connection(host, port, local_addr=local)

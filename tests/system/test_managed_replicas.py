@@ -18,7 +18,7 @@ from infra.vm import BackendError, Rule, VmHandle, VmRequest
 from orchestrator.deps import Deps
 from orchestrator.lifecycle import ReplicaStatus
 from orchestrator.reconcile import reconcile
-from orchestrator.security import Phase, phase_rules
+from orchestrator.security import Phase, phase_rules, rows_of
 from orchestrator.sweeps import orphan_sweep, rules_drift
 from orchestrator.tables import Replica
 from provisioning.keys import generate_keypair
@@ -30,6 +30,8 @@ from tests.support.vm import vm_request
 S = ReplicaStatus
 MODEL = "sim-llama"
 GATEWAY, ORCHESTRATOR = "127.0.0.1", "127.0.0.2"
+STRANGER = "127.0.0.3"
+"""Where SECURING probes from on the sandbox (`ORCH_FOREIGN_SOURCE_ADDRESS`'s default there)."""
 WALK = ["PENDING", "PROVISIONING", "BOOTSTRAPPING", "STARTING", "SECURING", "READY"]
 
 
@@ -100,8 +102,13 @@ async def test_a_managed_replica_walks_to_ready_serves_and_leaves_nothing(
     assert (listed["vm_status"], listed["endpoint"]) == ("SUCCESS", f"http://{address}:{port}")
     detail = (await client.get(f"/api/v1/replicas/{replica_id}")).json()
     assert {e["reason"] for e in detail["events"]} >= {"bootstrap_start", "secured"}
+    [secured] = [e["message"] for e in detail["events"] if e["reason"] == "secured"]
+    assert secured == (
+        "engine port open to the gateway only, SSH closed; "
+        f"verified from the gateway, the orchestrator and a foreign source ({STRANGER})"
+    )
     assert {(r["origin"], r["port_range_min"], r["remote_ip_prefix"]) for r in detail["security_rules"]} == {
-        ("user", 8000, "203.0.113.7/32"),
+        ("user", 9400, "203.0.113.7/32"),
         ("serving", 8000, f"{GATEWAY}/32"),
     }
 
@@ -255,4 +262,67 @@ async def test_an_unhealthy_engine_is_restarted_then_given_up(
     kill_engine()
     ended = await drive_to(deps, replica_id, S.TERMINATED)
     assert ended.termination_reason == "unrecoverable"
+    assert sandbox.owned() == frozenset()
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [{"remote_ip_prefix": "0.0.0.0/0", "port_range_min": 2222, "port_range_max": 2222}],
+        [
+            {"remote_ip_prefix": "0.0.0.0/1", "port_range_min": 2222, "port_range_max": 2222},
+            {"remote_ip_prefix": "128.0.0.0/1", "port_range_min": 1, "port_range_max": 65535},
+        ],
+    ],
+    ids=["everyone", "two-halves"],
+)
+async def test_rules_opening_ssh_to_everyone_are_refused_and_nothing_is_made(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend, rules: list[dict[str, object]]
+) -> None:
+    model_id = await create_model(client, MODEL)
+    body = {"create_vm": True, "vm_creation_details": vm_details(security_rules=rules)}
+    r = await client.post(f"/api/v1/models/{model_id}/replicas", json=body)
+    assert r.status_code == 400
+    [message] = r.json()["errors"]["vm_creation_details"]["security_rules"]
+    assert message.startswith("SSH (port 2222) would be open to 0.0.0.0/0 by security_rules[0]")
+    assert (await client.get(f"/api/v1/models/{model_id}/replicas")).json() == []
+    await step_jobs(deps)
+    assert sandbox.owned() == frozenset()
+
+
+class _LeavesEnginePortOpen(SandboxBackend):
+    """A cloud that ignored the serving rules it was given: the engine port stays open to everyone."""
+
+    def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
+        port = request.engine_port
+        super().apply_rules(request, [*rules, Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", port, port)])
+
+
+async def test_securing_fails_a_replica_whose_engine_port_a_stranger_reaches(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    deps.managed.backend = _LeavesEnginePortOpen(sandbox.config)
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.TERMINATED)
+    assert (replica.termination_reason, replica.error_message) == (
+        "securing_failed",
+        f"the engine port (8000) accepted a connection from {STRANGER}, a foreign source, after securing",
+    )
+    assert "READY" not in await moves(deps, replica_id)
+    assert sandbox.owned() == frozenset()
+
+
+async def test_securing_fails_a_replica_whose_stored_rules_open_ssh_to_everyone(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    # As a replica created before rules were judged holds it (the API refuses it now).
+    legacy = Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 2222, 2222)
+    await deps.store.set_phase_rules(replica_id, rows_of(replica_id, Phase.USER, [legacy]))
+    replica = await drive_to(deps, replica_id, S.TERMINATED)
+    assert (replica.termination_reason, replica.error_message) == (
+        "securing_failed",
+        f"SSH (port 2222) accepted a connection from {STRANGER}, a foreign source, after securing",
+    )
+    assert "READY" not in await moves(deps, replica_id)
     assert sandbox.owned() == frozenset()
