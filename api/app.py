@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -13,7 +14,7 @@ from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.exceptions import ClientException, HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.brconnector.bots import FeishuReceiver
@@ -27,7 +28,9 @@ from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
 from orchestrator.bootstrap import Runtime
+from orchestrator.db import root_cause, unreachable
 from orchestrator.deps import Deps
+from orchestrator.errors import Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -68,18 +71,44 @@ def _on_undecodable(request: Request[Any, Any, Any], exc: UnicodeDecodeError | R
         bad_request = ClientException("JSON is malformed: nested too deeply")
     else:
         return _on_unexpected(request, exc)
-    route_handler = request.scope.get("route_handler")
-    handlers = route_handler.resolve_exception_handlers() if route_handler is not None else {}
-    handler = handlers.get(bad_request.status_code) or next(
-        (handlers[cls] for cls in type(bad_request).__mro__ if cls in handlers), _on_http
-    )
-    response: Response[Any] = handler(request, bad_request)
+    response: Response[Any] = _surface_handler(request, bad_request, _on_http)(request, bad_request)
     return response
 
 
+def _surface_handler(request: Request[Any, Any, Any], exc: Exception, default: Any) -> Any:
+    """The handler the request's route has for `exc` (by status code, then by class, as Litestar looks them up),
+    so that an error found here is answered in that surface's envelope; `default` when only the catch-all
+    (`Exception`) would take it."""
+    route_handler = request.scope.get("route_handler")
+    handlers = route_handler.resolve_exception_handlers() if route_handler is not None else {}
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and status in handlers:
+        return handlers[status]
+    classes = itertools.takewhile(lambda cls: cls is not Exception, type(exc).__mro__)  # the catch-all is ours
+    return next((handlers[cls] for cls in classes if cls in handlers), default)
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if unreachable(exc):
+        return _on_unreachable(request, exc)
     log.error("request.failed", path=request.url.path, exc_info=exc)
     return Response({"error": "Internal server error"}, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+def _on_unreachable(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The database is down or restarting (the gateway, served from memory, goes on): a 503 with Retry-After in
+    the route's envelope and one warning line, not a 500 with a traceback."""
+    cause = root_cause(exc)  # not SQLAlchemy's own text: it carries the statement's parameters
+    log.warning("database.unreachable", path=request.url.path, error=type(cause).__name__, detail=str(cause)[:200])
+    unavailable = Unavailable("The database cannot be reached right now; try again shortly.")
+    response: Response[Any] = _surface_handler(request, unavailable, _on_unavailable)(request, unavailable)
+    return response
+
+
+def _on_unavailable(_: Request[Any, Any, Any], exc: Unavailable) -> Response[Any]:
+    """Routes whose surface has no envelope of its own for it (`/metrics`)."""
+    headers = {"Retry-After": str(exc.retry_after_s)}
+    return Response({"error": str(exc)}, status_code=HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
 
 
 def create_app(runtime: Runtime) -> ASGIApp:

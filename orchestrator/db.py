@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -36,6 +38,61 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+_DRIVERS = ("sqlalchemy.", "asyncpg.", "aiosqlite.")
+_POSTGRES_DOWN = (
+    asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08, and a connection closed mid-query
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up ("cannot connect now")
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, out of memory or disk
+)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached now (stopped, restarting, refusing connections, no pooled
+    connection free in time) rather than a bug or a row that breaks a rule: a caller may retry it later.
+
+    The drivers say so in many shapes: SQLAlchemy's wrappers (a connection invalidated, OperationalError and
+    InterfaceError, its pool's TimeoutError), asyncpg's own errors, or a bare OSError from a connect call
+    (ConnectionRefusedError on a port, FileNotFoundError on a Unix socket, gaierror, a timeout). A bare OSError
+    only counts when a driver raised it, not when the code that called the database did."""
+    return any(_says_unreachable(e) for e in _causes(exc))
+
+
+def _says_unreachable(e: BaseException) -> bool:
+    if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
+        return True
+    if isinstance(e, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+        return True
+    if isinstance(e, _POSTGRES_DOWN):
+        return True
+    return isinstance(e, OSError) and _raised_by_a_driver(e)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception `exc` wraps: what to log (SQLAlchemy's own text carries the statement and its
+    parameters)."""
+    *_, last = _causes(exc)
+    return last
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps, outermost first (explicit causes, then implicit contexts)."""
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and not any(e is s for s in seen):
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _raised_by_a_driver(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_DRIVERS):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -21,12 +21,13 @@ from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
 )
 
 from api.gateway.routes import client_address, credentials
 from orchestrator.catalog import KeyInfo
 from orchestrator.deps import Deps
-from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound
+from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
 from orchestrator.gateway import IpRefused, Unauthorized
 from orchestrator.listing import Page
 
@@ -114,8 +115,15 @@ def on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     return failure("Internal server error", HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+def on_unavailable(_: Request[Any, Any, Any], exc: Unavailable) -> Response[Any]:
+    response = failure(str(exc), HTTP_503_SERVICE_UNAVAILABLE)
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
 HANDLERS: Mapping[Any, Any] = {
     ValidationException: on_validation,
     HTTPException: on_http,
     DomainError: on_domain,
+    Unavailable: on_unavailable,
 }

@@ -17,12 +17,13 @@ from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
-from litestar.status_codes import HTTP_200_OK
+from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from api.deps import DEPS
 from api.llmendpoint.completions import authenticate, failure, refused
 from orchestrator.catalog import KeyInfo
 from orchestrator.deps import Deps
+from orchestrator.errors import Unavailable
 from orchestrator.llmendpoint import LlmEndpointError
 from orchestrator.tables import CompletionTask
 
@@ -107,6 +108,12 @@ def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     return failure(exc.status_code, str(exc.detail)).response()
 
 
+def _on_unavailable(_: Request[Any, Any, Any], exc: Unavailable) -> Response[bytes]:
+    response = failure(HTTP_503_SERVICE_UNAVAILABLE, str(exc)).response()
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
 def qcompletions_router() -> Router:
     """No admin guard: every call is authenticated by its client key, as LlmEndpoint's completions are."""
     return Router(
@@ -114,5 +121,5 @@ def qcompletions_router() -> Router:
         route_handlers=[submit, look_up],
         dependencies=DEPS,
         tags=["llmendpoint"],
-        exception_handlers={LlmEndpointError: _on_refusal, HTTPException: _on_http},
+        exception_handlers={LlmEndpointError: _on_refusal, HTTPException: _on_http, Unavailable: _on_unavailable},
     )

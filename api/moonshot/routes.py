@@ -16,13 +16,14 @@ from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
     HTTP_404_NOT_FOUND,
     HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_503_SERVICE_UNAVAILABLE,
 )
 
 from api.deps import DEPS
 from api.moonshot import schemas as s
 from api.toolkit.auth import admin_only
 from orchestrator.deps import Deps
-from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.errors import InvalidInput, NotFound, Unavailable
 from orchestrator.services.llm_endpoints import CONNECTOR_TYPES, EndpointView
 
 NOT_AN_OBJECT = "body must be a JSON object"
@@ -99,6 +100,12 @@ def on_invalid(_: Request[Any, Any, Any], exc: InvalidInput) -> Response[Any]:
     return _errors([exc.message], HTTP_422_UNPROCESSABLE_ENTITY)
 
 
+def on_unavailable(_: Request[Any, Any, Any], exc: Unavailable) -> Response[Any]:
+    response = _errors([str(exc)], HTTP_503_SERVICE_UNAVAILABLE)
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
 def moonshot_router() -> Router:
     """Admin only; a 401 answers in the app's own shape."""
     return Router(
@@ -111,5 +118,6 @@ def moonshot_router() -> Router:
             HTTP_400_BAD_REQUEST: on_bad_request,
             UnicodeDecodeError: on_undecodable,
             InvalidInput: on_invalid,
+            Unavailable: on_unavailable,
         },
     )

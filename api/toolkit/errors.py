@@ -18,10 +18,11 @@ from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
 )
 
 from api.toolkit.schemas import FIELD_RULE
-from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound
+from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -117,8 +118,14 @@ def on_domain(_: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
     return _json({"error": "Internal server error"}, HTTP_500_INTERNAL_SERVER_ERROR)
 
 
+def on_unavailable(_: Request[Any, Any, Any], exc: Unavailable) -> Response[Any]:
+    headers = {"Retry-After": str(exc.retry_after_s)}
+    return Response({"error": str(exc)}, status_code=HTTP_503_SERVICE_UNAVAILABLE, headers=headers)
+
+
 HANDLERS: Mapping[Any, Any] = {
     ValidationException: on_validation,
     HTTPException: on_http,
     DomainError: on_domain,
+    Unavailable: on_unavailable,
 }

@@ -45,6 +45,11 @@ class PostgresServer:
     def start(cls) -> PostgresServer:
         if url := os.environ.get("ORCH_TEST_POSTGRES_URL"):
             return cls(url)
+        return cls.private()
+
+    @classmethod
+    def private(cls) -> PostgresServer:
+        """A cluster of this process's own, on a Unix socket: one a test may stop and start (`pause`, `resume`)."""
         bindir = _bindir()
         base = Path(tempfile.mkdtemp(prefix="orch-pg-"))  # short: socket paths are limited to ~107 bytes
         run_as: list[str] = []
@@ -58,24 +63,31 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
-        options = f"-k {base} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        subprocess.run(
-            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o", options, "start"],
-            check=True,
-            capture_output=True,
-        )
         server = cls(f"postgresql+asyncpg://orch@/postgres?host={base}", data, run_as)
         server._bindir = bindir
+        server.resume()
         return server
+
+    def resume(self) -> None:
+        """Start the (private) server on its data directory, and wait until it takes connections."""
+        assert self._datadir is not None, "an existing server (ORCH_TEST_POSTGRES_URL) is not ours to start"
+        base = self._datadir.parent
+        options = f"-k {base} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        self._pg_ctl("-l", str(base / "log"), "-w", "-o", options, "start")
+
+    def pause(self) -> None:
+        """Stop the (private) server at once, keeping its data: an outage, or the first half of a restart."""
+        assert self._datadir is not None, "an existing server (ORCH_TEST_POSTGRES_URL) is not ours to stop"
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> None:
+        command = [*(self._run_as or []), str(self._bindir / "pg_ctl"), "-D", str(self._datadir), *args]
+        subprocess.run(command, check=check, capture_output=True)
 
     def stop(self) -> None:
         if self._datadir is None:
             return
-        subprocess.run(
-            [*(self._run_as or []), str(self._bindir / "pg_ctl"), "-D", str(self._datadir), "-m", "immediate", "stop"],
-            check=False,
-            capture_output=True,
-        )
+        self._pg_ctl("-m", "immediate", "stop", check=False)
         shutil.rmtree(self._datadir.parent, ignore_errors=True)
 
     def url_for(self, database: str) -> str:
