@@ -60,7 +60,9 @@ def build_deps(settings: Settings) -> Deps:
     upstream = Upstream()
     outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
     record_store = RecordStore(sessions)
-    records = CallRecords(record_store, ledger, Journal(settings.state_dir / "journal", CallRecord))
+    records = CallRecords(
+        record_store, ledger, Journal(settings.state_dir / "journal", CallRecord, fsync=settings.journal_fsync)
+    )
     policy = HealthPolicy(
         starting_interval_s=settings.probe_starting_interval_s,
         ready_interval_s=settings.probe_ready_interval_s,

@@ -70,8 +70,11 @@ class _State:
 class Journal:
     """Appends records of type `record_type` (a msgspec-encodable dataclass or Struct) durably."""
 
-    def __init__(self, directory: Path, record_type: type[Any]) -> None:
+    def __init__(self, directory: Path, record_type: type[Any], *, fsync: bool = True) -> None:
         self.directory = directory
+        self._fsync = fsync
+        """False: records are written (a killed process loses none) but not forced to the disk (a power loss or a
+        kernel crash may)."""
         self._type = record_type
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._encoder = msgspec.msgpack.Encoder()
@@ -213,7 +216,8 @@ class Journal:
         try:
             segment = self._current()
             os.write(segment.fd, b"".join(frames))
-            os.fdatasync(segment.fd)
+            if self._fsync:
+                os.fdatasync(segment.fd)
         except OSError:
             log.exception("journal.write_failed", records=len(frames))
         self._resolve(waiting, None)
