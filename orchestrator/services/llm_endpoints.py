@@ -17,6 +17,7 @@ from orchestrator.crypto import MASK, SecretBox
 from orchestrator.endpoint_store import EndpointStore
 from orchestrator.endpoints import is_http_url
 from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.outbound import OutboundPolicy
 from orchestrator.tables import LlmEndpoint
 
 log = structlog.get_logger(__name__)
@@ -82,8 +83,16 @@ def endpoint_id(name: str) -> str:
 
 
 class LlmEndpointService:
-    def __init__(self, store: EndpointStore, box: SecretBox, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        store: EndpointStore,
+        box: SecretBox,
+        on_change: Callable[[], Awaitable[None]],
+        *,
+        outbound: OutboundPolicy,
+    ) -> None:
         self._store = store
+        self._outbound = outbound
         self._box = box
         self._on_change = on_change
 
@@ -94,6 +103,7 @@ class LlmEndpointService:
         """Add the endpoint, or overwrite the one whose name has the same slug; returns its id."""
         new_id = _checked_id(spec.name)
         _check(spec)
+        await self._outbound.check("uri", spec.uri)
         params = _params_json(spec.params)
         kept = spec.token == MASK
         if kept:

@@ -11,6 +11,7 @@ from infra.vm import Rule
 from orchestrator.crypto import SecretBox
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.lifecycle import REASON_DELETED
+from orchestrator.outbound import OutboundPolicy
 from orchestrator.security import Network, Phase, rows_of, rule_problems
 from orchestrator.store import ReplicaDetail, Store
 from orchestrator.tables import Replica, ReplicaSecurityRule
@@ -55,8 +56,10 @@ class ReplicaService:
         *,
         network: Network,
         ssh_port: int,
+        outbound: OutboundPolicy,
     ) -> None:
         self._store = store
+        self._outbound = outbound
         # What a managed replica's own rules are judged against: who may reach SSH (on the backend's port) and
         # the engine port; known here, from the backend, not in the static schema.
         self._network = network
@@ -76,6 +79,7 @@ class ReplicaService:
         if spec.vm is None:
             if not spec.endpoint:
                 raise InvalidInput("endpoint", "LLM EndPoint URL must not be empty.")
+            await self._outbound.check("endpoint", spec.endpoint)
             if await self._store.endpoint_in_use(model_id, spec.endpoint):
                 raise Conflict("Endpoint already exists")
         elif spec.vm.port == self._ssh_port:  # the serving rules would open SSH to the gateway

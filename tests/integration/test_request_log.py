@@ -44,7 +44,7 @@ async def test_no_secret_in_any_log_event(client: Client) -> None:
     with structlog.testing.capture_logs() as logs:
         issued = (await client.post("/api/v1/generate_api_key", json={"user_id": "alice"})).json()
         model_id = await create_model(client)
-        await client.post(f"/api/v1/models/{model_id}/replicas", json={"endpoint": "http://x:1/v1"})
+        await client.post(f"/api/v1/models/{model_id}/replicas", json={"endpoint": "http://127.0.0.1:1/v1"})
         await client.get("/api/v1/models", headers={"Authorization": f"Bearer {issued['api_key']}"})
         await client.post("/api/v1/delete_api_key", json={"user_id": "alice", "api_key_id": issued["id"]})
     text = repr(logs)

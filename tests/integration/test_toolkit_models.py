@@ -119,7 +119,7 @@ async def test_endpoint_is_free_again_once_its_replica_is_deleted(client: Client
 
 
 async def test_replica_for_unknown_model_is_404(client: Client) -> None:
-    r = await client.post("/api/v1/models/999/replicas", json={"endpoint": "http://x:1/v1"})
+    r = await client.post("/api/v1/models/999/replicas", json={"endpoint": "http://127.0.0.1:1/v1"})
     assert (r.status_code, r.json()) == (404, {"error": "Model not found"})
     r = await client.get("/api/v1/models/999/replicas")
     assert (r.status_code, r.json()) == (404, {"error": "Model not found"})
@@ -127,7 +127,7 @@ async def test_replica_for_unknown_model_is_404(client: Client) -> None:
 
 async def test_update_replica_rate_limit(client: Client) -> None:
     model_id = await create_model(client)
-    replica_id = await create_replica(client, model_id, endpoint="http://x:1/v1")
+    replica_id = await create_replica(client, model_id, endpoint="http://127.0.0.1:1/v1")
     r = await client.put(f"/api/v1/models/replicas/{replica_id}", json={"rate_limit": 42})
     assert (r.status_code, r.content) == (204, b"")
     [replica] = (await client.get(f"/api/v1/models/{model_id}/replicas")).json()
@@ -139,7 +139,7 @@ async def test_update_replica_rate_limit(client: Client) -> None:
 
 async def test_delete_replica_drains_then_terminates_and_keeps_the_timeline(client: Client, deps: Deps) -> None:
     model_id = await create_model(client)
-    replica_id = await create_replica(client, model_id, endpoint="http://x:1/v1")
+    replica_id = await create_replica(client, model_id, endpoint="http://127.0.0.1:1/v1")
     await reconcile(deps.store)
 
     r = await client.delete(f"/api/v1/replicas/{replica_id}")
@@ -164,7 +164,7 @@ async def test_delete_replica_drains_then_terminates_and_keeps_the_timeline(clie
 
 async def test_delete_model_takes_its_replicas_and_rules_down(client: Client, deps: Deps) -> None:
     model_id = await create_model(client)
-    external = await create_replica(client, model_id, endpoint="http://x:1/v1")
+    external = await create_replica(client, model_id, endpoint="http://127.0.0.1:1/v1")
     managed = await create_replica(client, model_id, create_vm=True, vm_creation_details=vm_details())
 
     r = await client.delete(f"/api/v1/models/{model_id}")
@@ -186,13 +186,13 @@ async def test_delete_model_takes_its_replicas_and_rules_down(client: Client, de
 
 async def test_replica_detail(client: Client, deps: Deps) -> None:
     model_id = await create_model(client)
-    replica_id = await create_replica(client, model_id, endpoint="http://x:1/v1")
+    replica_id = await create_replica(client, model_id, endpoint="http://127.0.0.1:1/v1")
     await reconcile(deps.store)
     r = await client.get(f"/api/v1/replicas/{replica_id}")
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "STARTING"
     assert body["model_name"] == "llama"
-    assert body["endpoint"] == "http://x:1/v1"
+    assert body["endpoint"] == "http://127.0.0.1:1/v1"
     assert body["events"][-1]["reason"] == "registered"
     assert (await client.get("/api/v1/replicas/999")).json() == {"error": "Replica not found"}
