@@ -24,6 +24,7 @@ from api.gateway.routes import GatewayRoutes, match
 from api.litellm.token_counter import litellm_router
 from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
 from api.llmendpoint.tasks import qcompletions_router
+from api.loop_guard import loop_guard
 from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
@@ -131,7 +132,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
     self_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, front)), base_url="http://gateway")
     receiver = FeishuReceiver(runtime.deps, self_client)
     admin = create_admin_app(runtime, receiver)
-    return request_log(front)
+    return request_log(loop_guard(front, runtime.deps.upstream.hops))
 
 
 def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:

@@ -19,6 +19,7 @@ from orchestrator.gateway import (
     UnknownModel,
     UpstreamFailed,
 )
+from orchestrator.hops import LoopDetected
 from orchestrator.priority import QueueTimeout
 
 
@@ -42,7 +43,7 @@ def _openai(status: int, message: str, kind: str, param: str | None = None, *ext
 _SEE_MODELS = "Call `/v1/models` to view available models for your key."
 
 
-def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per error kind)
+def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911, PLR0912  (one answer per error kind)
     match e:
         case IpRefused():
             return _openai(401, str(e), "authentication_error")
@@ -70,6 +71,8 @@ def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per
             return _openai(413, str(e), "invalid_request_error")
         case QueueTimeout():
             return _openai(408, str(e), "timeout_error", None, (b"retry-after", b"5"))
+        case LoopDetected():
+            return _openai(508, str(e), "loop_detected")
     raise TypeError(f"not a gateway error: {e!r}")
 
 
