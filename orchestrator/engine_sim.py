@@ -1,6 +1,7 @@
 """vLLM-compatible engine simulator: OpenAI endpoints, /tokenize, /metrics, fault knobs and a request log, no GPU.
 
-Beside vLLM's API, for tests: GET/POST /sim/faults reads and sets the fault knobs; GET /sim/requests answers
+Beside vLLM's API, for tests: GET/POST /sim/faults reads and sets the fault knobs (and the pace, `tokens_per_s`,
+so that an engine started by someone else can be made slow); GET /sim/requests answers
 {"requests": [{"received": unix time, "finished": unix time or null while running, "path": "/v1/...",
 "body": the request's JSON (its text if it was not JSON)}, ... oldest first], "peak_running": the most
 completion requests in flight at once since start or the last clear}, and DELETE /sim/requests clears both.
@@ -76,6 +77,7 @@ class SimConfig:
 
 
 _Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_Pace = Annotated[float, msgspec.Meta(ge=0.0)]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -84,6 +86,7 @@ class _Faults(msgspec.Struct):
     hang: bool = False
     stall_after_chunks: _Count | None = None
     dead: bool = False
+    tokens_per_s: _Pace = 0.0
 
 
 class _FaultPatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -91,6 +94,7 @@ class _FaultPatch(msgspec.Struct, forbid_unknown_fields=True):
     hang: bool | msgspec.UnsetType = msgspec.UNSET
     stall_after_chunks: _Count | msgspec.UnsetType | None = msgspec.UNSET
     dead: bool | msgspec.UnsetType = msgspec.UNSET
+    tokens_per_s: _Pace | msgspec.UnsetType = msgspec.UNSET
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
@@ -118,8 +122,9 @@ class _Sim:
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.faults = _Faults(config.fail_rate, config.hang, config.stall_after_chunks)
-        self.pace = 1.0 / config.tokens_per_s if config.tokens_per_s > 0 else 0.0
+        self.faults = _Faults(
+            config.fail_rate, config.hang, config.stall_after_chunks, tokens_per_s=config.tokens_per_s
+        )
         self.model_json = msgspec.json.encode(config.model)
         self.closing = False
         self.completion_requests = 0
@@ -154,6 +159,11 @@ class _Sim:
 
     async def models(self, _request: web.Request) -> web.Response:
         return _json(self.models_body)
+
+    @property
+    def pace(self) -> float:
+        """Seconds between two tokens; 0: unpaced."""
+        return 1.0 / self.faults.tokens_per_s if self.faults.tokens_per_s > 0 else 0.0
 
     async def get_faults(self, _request: web.Request) -> web.Response:
         return _json(msgspec.json.encode(self.faults))

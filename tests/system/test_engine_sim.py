@@ -33,7 +33,7 @@ MESSAGES: list[dict[str, Any]] = [
     },
 ]
 CHAT_PROMPT_TOKENS = 15
-DEFAULT_FAULTS = {"fail_rate": 0.0, "hang": False, "stall_after_chunks": None, "dead": False}
+DEFAULT_FAULTS = {"fail_rate": 0.0, "hang": False, "stall_after_chunks": None, "dead": False, "tokens_per_s": 0.0}
 
 
 @asynccontextmanager
@@ -315,7 +315,13 @@ async def test_dead_toggles_health_and_completions(base: str, http: aiohttp.Clie
 
 
 async def test_fault_patches_are_validated(base: str, http: aiohttp.ClientSession) -> None:
-    for patch in ({"fail_rate": 2}, {"stall_after_chunks": -1}, {"deadly": True}, {"hang": "yes"}):
+    for patch in (
+        {"fail_rate": 2},
+        {"stall_after_chunks": -1},
+        {"deadly": True},
+        {"hang": "yes"},
+        {"tokens_per_s": -1},
+    ):
         status, _ = await post(http, f"{base}/sim/faults", patch)
         assert status == 400, patch
     async with http.get(f"{base}/sim/faults") as r:
@@ -394,6 +400,20 @@ async def test_pacing_and_ttft(http: aiohttp.ClientSession) -> None:
         metrics = await scrape(http, base)
         assert metrics["vllm:time_to_first_token_seconds_count"] == 2
         assert metrics["vllm:time_to_first_token_seconds_sum"] >= 0.39
+
+
+async def test_the_pace_set_at_run_time_slows_streams(base: str, http: aiohttp.ClientSession) -> None:
+    """An engine started by someone else (a managed replica's) can be made slow for a test."""
+    assert await set_faults(http, base, tokens_per_s=100) == {**DEFAULT_FAULTS, "tokens_per_s": 100}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 11, "stream": True}
+    started = time.monotonic()
+    async with http.post(f"{base}/v1/chat/completions", json=body) as r:
+        assert len(await read_stream(r)) == 12
+    assert time.monotonic() - started >= 0.09  # 10 gaps of 10 ms
+    await set_faults(http, base, tokens_per_s=0)
+    started = time.monotonic()
+    assert (await chat(http, base, max_tokens=101))[0] == 200
+    assert time.monotonic() - started < 0.5  # unpaced again (paced, it would take a second)
 
 
 async def test_metrics_count_tokens_requests_and_latencies(base: str, http: aiohttp.ClientSession) -> None:
