@@ -110,6 +110,7 @@ def build_deps(settings: Settings) -> Deps:
     queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
     gateway.on_released = queues.wake
     catalog.on_reload = queues.wake_all
+    catalog.on_drained = nudge  # a draining replica's last call ended: the reconcile job moves it on now
     return Deps(
         settings=settings,
         keys=keys,

@@ -28,6 +28,9 @@ from orchestrator.tables import ApiKey, LlmEndpoint, LlmModel, row_id
 log = structlog.get_logger(__name__)
 
 EJECT_S = 5.0  # how long a replica that refused a connection stays out of the pool before a retry
+LEFT_KEPT_S = 600.0
+"""How long a replica that left the pool with calls in flight is remembered once they ended: its drain reads how many
+there were within a second; this only bounds what an instance that runs no drain keeps."""
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -113,6 +116,26 @@ class Target:
         return self.ejected_until <= now and (self.bucket is None or self.bucket.has_token(now))
 
 
+@dataclass(slots=True, frozen=True)
+class Calls:
+    """The gateway's calls on one replica, as its drain reads them (`Catalog.calls_on`)."""
+
+    routed: bool
+    """Still in a pool: new calls may be sent to it (this catalog has not reloaded since it left READY)."""
+    in_flight: int
+    waited_for: int
+    """In flight when it left the pool."""
+
+
+@dataclass(slots=True, frozen=True)
+class _Left:
+    target: Target
+    """The Target its calls still hold (and release)."""
+    calls: int
+    at: float
+    """`time.monotonic()` when it left."""
+
+
 class Catalog:
     def __init__(self, store: Store, box: SecretBox, ledger: Ledger) -> None:
         self._store = store
@@ -127,6 +150,10 @@ class Catalog:
         self._endpoints: dict[str, Target] = {}
         self.on_reload: Callable[[], None] | None = None
         """Told after every reload (the priority queue lets waiters onto new replicas)."""
+        self._left: dict[int, _Left] = {}
+        """Replicas that left the pool (draining, unhealthy) with calls in flight, by id."""
+        self.on_drained: Callable[[], None] | None = None
+        """Told when the last call on a replica that left the pool ends (the reconcile job moves it on)."""
 
     async def reload(self) -> None:
         # The ledger's lock: a flush of fees never lands between reading the accounts and installing them.
@@ -149,9 +176,21 @@ class Catalog:
                 pools.setdefault(ep.id, []).append(target)
                 if ep.id not in models:  # the endpoint serves a model of its own name
                     models[ep.id] = ModelInfo(0, ep.id, ep.connector_type, False, 0, 0, int(ep.created_at.timestamp()))
+            self._note_left(targets)
             self.models, self._targets, self._endpoints, self.pools = models, targets, endpoints, pools
         if self.on_reload is not None:
             self.on_reload()
+
+    def _note_left(self, staying: dict[int, Target]) -> None:
+        """Remember the replicas leaving the pool with calls in flight; forget those back in it (their Target is
+        taken up again) and those whose calls ended long ago."""
+        now = time.monotonic()
+        for rid, old in self._targets.items():
+            if rid not in staying and old.inflight > 0:
+                self._left[rid] = _Left(old, old.inflight, now)
+        for rid, left in list(self._left.items()):
+            if rid in staying or (left.target.inflight <= 0 and now - left.at > LEFT_KEPT_S):
+                del self._left[rid]
 
     def _target(self, replica_id: int, model: str, endpoint: str, sealed: str | None, rate_limit: int | None) -> Target:
         headers = {"Content-Type": "application/json"}
@@ -159,6 +198,8 @@ class Catalog:
             headers["Authorization"] = f"Bearer {self._box.open(sealed)}"
         api_base = engine_urls(endpoint).api_base
         old = self._targets.get(replica_id)
+        if old is None and replica_id in self._left:  # back (UNHEALTHY -> READY) while calls from before still run
+            old = self._left[replica_id].target
         if old is not None and (old.api_base, old.headers, old.model) == (api_base, headers, model):
             if (old.bucket.rate if old.bucket else None) != rate_limit:
                 old.bucket = TokenBucket(rate_limit) if rate_limit else None
@@ -216,9 +257,26 @@ class Catalog:
         chosen.inflight += 1
         return chosen
 
-    @staticmethod
-    def release(target: Target) -> None:
+    def release(self, target: Target) -> None:
         target.inflight -= 1
+        if target.inflight == 0 and self._left and self.on_drained is not None and target.replica_id is not None:
+            left = self._left.get(target.replica_id)
+            if left is not None and left.target is target:
+                self.on_drained()
+
+    def calls_on(self, replica_id: int) -> Calls:
+        """A replica's calls: routed to it still, or in flight since it left the pool."""
+        target = self._targets.get(replica_id)
+        if target is not None:
+            return Calls(routed=True, in_flight=target.inflight, waited_for=0)
+        left = self._left.get(replica_id)
+        if left is None:
+            return Calls(routed=False, in_flight=0, waited_for=0)
+        return Calls(routed=False, in_flight=max(0, left.target.inflight), waited_for=left.calls)
+
+    def forget(self, replica_id: int) -> None:
+        """The replica's drain is over: what it left with need not be kept."""
+        self._left.pop(replica_id, None)
 
     @staticmethod
     def eject(target: Target) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from orchestrator.drain import Drain
 from orchestrator.lifecycle import ReplicaStatus
 from orchestrator.managed import MANAGED_STEPS, ManagedReplicas
 from orchestrator.store import Store
@@ -31,7 +32,7 @@ async def _pending(store: Store, replica: Replica) -> bool:
 
 
 async def _draining(store: Store, replica: Replica) -> bool:
-    # No router holds requests for it yet, so nothing is in flight.
+    # Without a Drain (no gateway in this process to wait for), nothing here is in flight.
     return await store.move(row_id(replica.id), S.DRAINING, S.TERMINATING, "drained")
 
 
@@ -48,27 +49,28 @@ STEPS: dict[ReplicaStatus, Step] = {
 }
 
 
-async def reconcile(store: Store, managed: ManagedReplicas | None = None) -> bool:
+async def reconcile(store: Store, managed: ManagedReplicas | None = None, drain: Drain | None = None) -> bool:
     """Passes over every replica some step applies to, until one moves nothing (or MAX_PASSES).
-    Managed replicas' VM work is launched as tasks (`managed.settle()` waits for them).
-    Returns whether any replica moved here."""
+    Managed replicas' VM work is launched as tasks (`managed.settle()` waits for them); DRAINING replicas wait
+    for the gateway's calls on them (`drain`). Returns whether any replica moved here."""
+    steps = STEPS if drain is None else {**STEPS, S.DRAINING: drain.step}
     moved = False
     for _ in range(MAX_PASSES):
-        if not await _one_pass(store, managed):
+        if not await _one_pass(store, managed, steps):
             break
         moved = True
     return moved
 
 
-async def _one_pass(store: Store, managed: ManagedReplicas | None) -> bool:
+async def _one_pass(store: Store, managed: ManagedReplicas | None, steps: dict[ReplicaStatus, Step]) -> bool:
     moved = False
-    statuses = set(STEPS) | (MANAGED_STEPS if managed else set())
+    statuses = set(steps) | (MANAGED_STEPS if managed else set())
     for replica in await store.replicas_in(sorted(statuses)):
         status = S(replica.status)
         if managed is not None and replica.create_vm and status in MANAGED_STEPS:
             managed.launch(replica)  # slow work (cloud calls, SSH) never holds up the pass
             continue
-        step = STEPS.get(status)
+        step = steps.get(status)
         if step is None:
             continue
         try:

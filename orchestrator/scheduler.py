@@ -11,6 +11,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from orchestrator.deps import Deps
+from orchestrator.drain import Drain
 from orchestrator.reconcile import reconcile
 from orchestrator.sweeps import orphan_sweep, rules_drift
 
@@ -28,9 +29,10 @@ def _job_context(name: str) -> None:
 async def reconcile_job(deps: Deps) -> None:
     _job_context(RECONCILE)
     deps.nudge.take()
-    moved = await reconcile(deps.store, deps.managed)
+    drain = Drain(deps.catalog, deps.settings.drain_timeout_s)
+    moved = await reconcile(deps.store, deps.managed, drain)
     while deps.nudge.take():  # nudged while running
-        moved |= await reconcile(deps.store, deps.managed)
+        moved |= await reconcile(deps.store, deps.managed, drain)
     if moved:
         deps.probe_nudge()  # a replica that reached STARTING is probed at once, not at the next tick
 

@@ -74,11 +74,6 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Shared limits and counters when several instances run; in memory otherwise."""
 
-    outbound_allow_cidrs: str = ""
-    """Comma-separated CIDRs that replica endpoints and llm_endpoint URIs may point into although they are
-    link-local, unspecified, multicast or reserved (e.g. `169.254.10.0/24`). Never this server, its database or
-    its Redis: no setting opens those."""
-
     hyperstack_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("HYPERSTACK_API_KEY", "ORCH_HYPERSTACK_API_KEY")
     )
@@ -97,6 +92,8 @@ class Settings(BaseSettings):
     """Run the jobs in this process (the embedded default); `serve --no-scheduler` turns it off."""
 
     reconcile_interval_s: float = Field(default=1.0, gt=0)
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    """How long a DRAINING replica waits for the gateway's calls on it to end before it is torn down anyway."""
 
     probe_starting_interval_s: float = Field(default=2.0, ge=0)
     """How often a STARTING or UNHEALTHY replica is probed for readiness."""

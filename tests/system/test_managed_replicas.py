@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import httpx
 import pytest
@@ -16,6 +16,7 @@ from infra import nft
 from infra.sandbox import SandboxBackend
 from infra.vm import BackendError, Rule, VmHandle, VmRequest
 from orchestrator.deps import Deps
+from orchestrator.drain import Drain
 from orchestrator.lifecycle import ReplicaStatus
 from orchestrator.reconcile import reconcile
 from orchestrator.security import Phase, phase_rules, rows_of
@@ -24,6 +25,7 @@ from orchestrator.tables import Replica
 from provisioning.keys import generate_keypair
 from tests.integration.gateway_helpers import issue_key, openai_client
 from tests.integration.toolkit_helpers import create_model, vm_details
+from tests.support.engines import Engine
 from tests.support.sandbox import FOREIGN, connects, listening_on, sockets_on
 from tests.support.vm import vm_request
 
@@ -325,4 +327,98 @@ async def test_securing_fails_a_replica_whose_stored_rules_open_ssh_to_everyone(
         f"SSH (port 2222) accepted a connection from {STRANGER}, a foreign source, after securing",
     )
     assert "READY" not in await moves(deps, replica_id)
+    assert sandbox.owned() == frozenset()
+
+
+# -- draining ----------------------------------------------------------------------------------------
+
+
+async def drain_to_the_end(
+    deps: Deps, replica_id: int, timeout_s: float, *, while_draining: Callable[[], Awaitable[None]]
+) -> Replica:
+    """The reconcile job's passes (with its Drain) until the replica is TERMINATED; `while_draining()` is checked
+    on each pass that leaves it DRAINING."""
+    drain = Drain(deps.catalog, timeout_s)
+    async with asyncio.timeout(timeout_s + 20):
+        while True:
+            await reconcile(deps.store, deps.managed, drain)
+            await deps.managed.settle()
+            replica = await deps.store.replica(replica_id)
+            assert replica is not None
+            if replica.status == S.TERMINATED:
+                return replica
+            if replica.status == S.DRAINING:
+                await while_draining()
+            await asyncio.sleep(0.02)  # the calls run in this loop: let them go on between passes
+
+
+async def _running(engine: Engine) -> int:
+    return len([c for c in await engine.chats() if c["finished"] is None])
+
+
+async def _until_running(engine: Engine, n: int) -> None:
+    async with asyncio.timeout(10):
+        while await _running(engine) < n:  # noqa: ASYNC110 (the engine's log, read over HTTP)
+            await asyncio.sleep(0.01)
+
+
+async def test_deleting_a_managed_replica_lets_its_streams_finish_before_the_vm_goes(
+    deps: Deps, client: httpx.AsyncClient, anon_client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.READY)
+    engine = Engine(f"http://{replica.vm_address}:{replica.port}", MODEL)
+    await engine.set_faults(tokens_per_s=20)  # 16 tokens: a stream of about 0.8 s
+    _, key = await issue_key(client)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "stream": True}
+    streams = [
+        asyncio.create_task(
+            anon_client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        )
+        for _ in range(3)
+    ]
+    await _until_running(engine, 3)
+    assert (await client.delete(f"/api/v1/replicas/{replica_id}")).status_code == 204
+
+    async def vm_still_up() -> None:
+        assert sandbox.owned() == frozenset({replica_id})
+
+    gone = await drain_to_the_end(deps, replica_id, 60.0, while_draining=vm_still_up)
+    assert all(s.done() for s in streams)
+    for answer in [s.result() for s in streams]:
+        assert answer.status_code == 200
+        assert answer.text.rstrip().endswith("data: [DONE]"), answer.text[-300:]  # whole: the VM outlived it
+    [drained] = [e for e in (await deps.replicas.detail(replica_id)).events if e.from_status == S.DRAINING]
+    assert drained.reason == "drained"
+    assert (drained.message or "").startswith("drained: 3 in-flight calls finished in "), drained.message
+    assert gone.termination_reason == "deleted"
+    assert sandbox.owned() == frozenset()
+
+
+async def test_the_drain_timeout_cuts_a_hung_call_by_destroying_the_vm(
+    deps: Deps, client: httpx.AsyncClient, anon_client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    replica_id = await create_managed(client)
+    replica = await drive_to(deps, replica_id, S.READY)
+    engine = Engine(f"http://{replica.vm_address}:{replica.port}", MODEL)
+    await engine.set_faults(hang=True)
+    _, key = await issue_key(client)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    call = asyncio.create_task(
+        anon_client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    )
+    await _until_running(engine, 1)
+    deleted = time.monotonic()
+    assert (await client.delete(f"/api/v1/replicas/{replica_id}")).status_code == 204
+
+    async def still_waiting() -> None:
+        assert not call.done()
+        assert await _running(engine) == 1  # the VM and its engine are still there, the call too
+
+    await drain_to_the_end(deps, replica_id, 1.0, while_draining=still_waiting)
+    assert time.monotonic() - deleted >= 1.0
+    answer = await asyncio.wait_for(call, 10)
+    assert answer.status_code == 502, answer.text  # the engine went with its VM
+    [timed_out] = [e for e in (await deps.replicas.detail(replica_id)).events if e.from_status == S.DRAINING]
+    assert (timed_out.reason, timed_out.message) == ("drain_timeout", "drain timeout after 1 s: 1 in-flight call cut")
     assert sandbox.owned() == frozenset()
