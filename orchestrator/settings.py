@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Shared limits and counters when several instances run; in memory otherwise."""
 
+    outbound_allow_cidrs: str = ""
+    """Comma-separated CIDRs that replica endpoints and llm_endpoint URIs may point into although they are
+    link-local, unspecified, multicast or reserved (e.g. `169.254.10.0/24`). Never this server, its database or
+    its Redis: no setting opens those."""
+
     hyperstack_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("HYPERSTACK_API_KEY", "ORCH_HYPERSTACK_API_KEY")
     )
