@@ -14,7 +14,8 @@ import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
-from orchestrator.gateway import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, usage_of
+from orchestrator.gateway import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, relayed_usage, usage_of
+from orchestrator.records import Kind
 
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
 WATCH_AFTER_S = 0.05
@@ -58,6 +59,36 @@ async def until_disconnected(relay: Callable[[], Awaitable[int]], receive: Recei
 
 Commit = Callable[[], Awaitable[None]]
 """Accounts for the call (fee and record) and returns once that is durable: called before the answer's last byte."""
+
+
+class Settlement:
+    """A relayed call's `Commit`: accounts for it once, however its relay ends (before the last byte, or after the
+    client left or the replica broke off), and waits until its record is on disk.
+
+    `finish` charges the call from `outcome` and returns the journal's future; when the engine's usage never came,
+    the usage is first counted from what was relayed."""
+
+    __slots__ = ("_done", "_finish", "_kind", "_request", "outcome")
+
+    def __init__(self, kind: Kind, request: bytes, finish: Callable[[Outcome], asyncio.Future[None] | None]) -> None:
+        self.outcome = Outcome(500)
+        self._kind, self._request, self._finish = kind, request, finish
+        self._done = False
+
+    async def __call__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        outcome = self.outcome
+        try:
+            if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
+                outcome.usage = await relayed_usage(self._kind, self._request, outcome.answer)
+        finally:  # even cancelled, the call gives its slot back and is charged
+            durable = self._finish(outcome)
+        if durable is not None:
+            await durable
+
+
 DONE_EVENT = b"data: [DONE]"
 
 

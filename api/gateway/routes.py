@@ -11,9 +11,9 @@ from litestar.types import HTTPScope, Receive, Send
 
 from api.gateway.bodies import BadBody, Kind, Parsed, Queued, parse, queue_fields, with_fields
 from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
-from api.gateway.relay import CLIENT_CLOSED, relay_stream, relay_whole, until_disconnected
+from api.gateway.relay import CLIENT_CLOSED, Settlement, relay_stream, relay_whole, until_disconnected
 from orchestrator.catalog import KeyInfo, ModelInfo
-from orchestrator.gateway import Call, Gateway, GatewayError, Hold, Outcome, UpstreamFailed, relayed_usage
+from orchestrator.gateway import Call, Gateway, GatewayError, Hold, UpstreamFailed
 from orchestrator.metrics import Metrics
 from orchestrator.priority import PriorityQueues
 
@@ -211,25 +211,14 @@ class GatewayRoutes:
     ) -> int:
         """Relay the answer; the call is accounted for (fee, record on disk) before its last byte, or when it ends
         otherwise (the client left, the replica broke off)."""
-        gw = self._gw
-        outcome = Outcome(500)
-        committed = False
-
-        async def commit() -> None:
-            nonlocal committed
-            if committed:
-                return
-            committed = True
-            try:
-                if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
-                    outcome.usage = await relayed_usage(a.kind, a.raw, outcome.answer)
-            finally:  # even cancelled, the call gives its slot back and is charged
-                durable = gw.finish(
-                    call, a.key, a.model, a.kind, a.raw, outcome, stream=a.parsed.stream, session=a.session, hold=a.hold
-                )
-            if durable is not None:
-                await durable
-
+        commit = Settlement(
+            a.kind,
+            a.raw,
+            lambda outcome: self._gw.finish(
+                call, a.key, a.model, a.kind, a.raw, outcome, stream=a.parsed.stream, session=a.session, hold=a.hold
+            ),
+        )
+        outcome = commit.outcome
         extra = () if a.queued is None else ((b"x-litellm-priority", str(a.queued.priority).encode()),)
 
         async def relay() -> int:

@@ -10,10 +10,10 @@ import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
 from api.gateway.envelopes import ErrorAnswer, TooLarge
-from api.gateway.relay import Commit, until_disconnected
+from api.gateway.relay import Commit, Settlement, until_disconnected
 from api.gateway.routes import answer, client_address, credentials, read_body
 from orchestrator.catalog import KeyInfo, ModelInfo
-from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage, relayed_usage
+from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
 from orchestrator.llmendpoint import Completions, LlmEndpointError, Refusal, Valid, engine_error, parse
 from orchestrator.metrics import Metrics
 
@@ -112,23 +112,12 @@ class CompletionRoute:
     async def _stream(  # noqa: PLR0917  (one call site)
         self, call: Call, key: KeyInfo, model: ModelInfo, req: Valid, price: int, send: Send, receive: Receive
     ) -> int:
-        outcome = Outcome(500)
-        committed = False
-
-        async def commit() -> None:
-            """The call's credits and record, once; returns when the record is on disk (before the stream ends)."""
-            nonlocal committed
-            if committed:
-                return
-            committed = True
-            try:
-                if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
-                    outcome.usage = await relayed_usage("chat", req.engine_body, outcome.answer)
-            finally:
-                durable = self._completions.finish(call, key, model, req, outcome, price=price)
-            if durable is not None:
-                await durable
-
+        commit = Settlement(
+            "chat",
+            req.engine_body,
+            lambda outcome: self._completions.finish(call, key, model, req, outcome, price=price),
+        )
+        outcome = commit.outcome
         try:
             outcome.status = await until_disconnected(lambda: _relay_ndjson(call, send, outcome, commit), receive)
         finally:
