@@ -76,7 +76,7 @@ class Ledger:
             return 0
         month_fee, balance = account.after(self._spent(key_id), month)
         left = max(account.month_quota - month_fee, 0) + balance - self._debits.get(key_id, 0)
-        if worst > left:
+        if worst and worst > left:  # a call that costs nothing fits even an overdrawn key
             return None
         if worst:
             self._holds[key_id] = self._holds.get(key_id, 0) + worst

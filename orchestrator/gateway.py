@@ -110,11 +110,22 @@ def usage_of(payload: bytes) -> Usage | None:
         return None
 
 
+@dataclass(slots=True, frozen=True)
+class Hold:
+    """A call admitted under its key's spend: its worst case held until it ends (`Gateway.hold`)."""
+
+    key_id: int | None
+    """None: the server's admin key."""
+    amount: int
+
+
 @dataclass(slots=True)
 class Call:
     target: Target
     response: aiohttp.ClientResponse
     started: float
+    hold: Hold | None = None
+    """Its key's hold, ended by `finish`."""
 
 
 @dataclass(slots=True)
@@ -127,15 +138,6 @@ class Outcome:
     """What the client got: the whole body, or the stream's events."""
     first_byte: float | None = None
     """perf_counter() when the first byte of the answer went to the client."""
-
-
-@dataclass(slots=True, frozen=True)
-class Hold:
-    """A call admitted under its key's spend: its worst case held until it ends (`Gateway.hold`)."""
-
-    key_id: int | None
-    """None: the server's admin key."""
-    amount: int
 
 
 class Gateway:
@@ -191,9 +193,9 @@ class Gateway:
 
     def hold(self, key: KeyInfo, model: ModelInfo, *, prompt_bound: int, max_tokens: int | None) -> Hold:
         """Admit a call under the key's spend: its worst case (`prompt_bound` prompt tokens and `max_tokens`, or
-        `hold_tokens` when it names none, at the model's prices) is held until `finish` (or `let_go` for a call that
-        never opened), or PaymentRequired when it does not fit. Every call holds, so that the key's calls in flight
-        are known (`busy`)."""
+        `hold_tokens` when it names none, at the model's prices) is held until the call's `finish` (given to `open`;
+        `let_go` for a call never opened), or PaymentRequired when it does not fit. Every call holds, so that the
+        key's calls in flight are known (`busy`)."""
         if key is SERVER_ADMIN:
             return Hold(None, 0)
         completion = self.hold_tokens if max_tokens is None else max_tokens
@@ -237,10 +239,29 @@ class Gateway:
         models = sorted(self.catalog.models.values(), key=lambda m: m.name)
         return models if key.models is None else [m for m in models if m.id in key.models]
 
-    async def open(self, model: str, path: str, body: bytes, *, on_picked: Callable[[], None] | None = None) -> Call:
+    async def open(
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        *,
+        hold: Hold | None = None,
+        on_picked: Callable[[], None] | None = None,
+    ) -> Call:
         """Send `body` to `path` under a READY replica's API root (or an endpoint's, once its gate lets the call
-        through); another replica on a failed connection. `on_picked` is called once, when the first replica is
-        picked (it then counts the call in flight) or when none is."""
+        through); another replica on a failed connection. The call carries `hold` (its key's, from `hold`) to
+        `finish`; a call that does not open lets go of it here. `on_picked` is called once, when the first replica
+        is picked (it then counts the call in flight) or when none is."""
+        try:
+            call = await self._open(model, path, body, on_picked)
+        except BaseException:
+            if hold is not None:
+                self.let_go(hold)
+            raise
+        call.hold = hold
+        return call
+
+    async def _open(self, model: str, path: str, body: bytes, on_picked: Callable[[], None] | None) -> Call:
         tried: set[Target] = set()
         for _ in range(MAX_ATTEMPTS):
             target = self.catalog.pick(model, tried)
@@ -299,7 +320,6 @@ class Gateway:
         *,
         stream: bool,
         session: str | None,
-        hold: Hold | None = None,
         credits: int | None = None,
     ) -> asyncio.Future[None] | None:
         """Give the replica's slot back, end the call's hold, charge the key and record the call. Called once per
@@ -310,8 +330,8 @@ class Gateway:
         reserved in the ledger by the caller), instead of by its tokens at the model's prices."""
         self._release(call.target)
         call.response.release()
-        if hold is not None:
-            self.let_go(hold)
+        if call.hold is not None:
+            self.let_go(call.hold)
         u = outcome.usage or Usage()
         on_balance = credits is not None
         fee = (

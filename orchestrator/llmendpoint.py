@@ -242,8 +242,10 @@ class Completions:
 
     async def open(self, key: KeyInfo, model: ModelInfo, req: Valid, price: int) -> Call:
         """The call to a replica, once admitted (and reserved); the reservation is given back if none answers."""
+        # A hold of nothing: its credits are reserved apart, but the key's call is then known to be in flight.
+        hold = self._gw.hold(key, model, prompt_bound=0, max_tokens=0)
         try:
-            return await self._gw.open(model.name, "/chat/completions", req.engine_body)
+            return await self._gw.open(model.name, "/chat/completions", req.engine_body, hold=hold)
         except (NoReplica, UpstreamFailed) as e:
             self._refund(key, price)
             raise LlmEndpointError(Refusal.NO_HOST, NO_HOSTS, str(e)) from e

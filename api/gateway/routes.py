@@ -163,12 +163,8 @@ class GatewayRoutes:
             return await answer(send, errors(e))
         try:
             call = await self._open(admitted, receive)
-        except GatewayError as e:
-            self._gw.let_go(admitted.hold)
+        except GatewayError as e:  # the hold ended with the call that did not open
             return await answer(send, errors(e))
-        except BaseException:
-            self._gw.let_go(admitted.hold)
-            raise
         if call is None:
             self._gw.let_go(admitted.hold)
             return CLIENT_CLOSED
@@ -197,12 +193,17 @@ class GatewayRoutes:
     async def _open(self, a: Admitted, receive: Receive) -> Call | None:
         """The call to a replica (after its turn in the priority queue, if queued); None if the client left."""
         if a.queued is None:
-            return await self._gw.open(a.model.name, path_of(a.kind), a.body)
-        if await self._turn(a.model.name, a.queued, receive) == CLIENT_CLOSED:
+            return await self._gw.open(a.model.name, path_of(a.kind), a.body, hold=a.hold)
+        try:
+            turn = await self._turn(a.model.name, a.queued, receive)
+        except BaseException:  # timed out in the queue, or cancelled: no call will carry the hold
+            self._gw.let_go(a.hold)
+            raise
+        if turn == CLIENT_CLOSED:
             return None
         admission = Admission(self._queues, a.model.name)
         try:
-            return await self._gw.open(a.model.name, path_of(a.kind), a.body, on_picked=admission.end)
+            return await self._gw.open(a.model.name, path_of(a.kind), a.body, hold=a.hold, on_picked=admission.end)
         finally:
             admission.end()
 
@@ -215,7 +216,7 @@ class GatewayRoutes:
             a.kind,
             a.raw,
             lambda outcome: self._gw.finish(
-                call, a.key, a.model, a.kind, a.raw, outcome, stream=a.parsed.stream, session=a.session, hold=a.hold
+                call, a.key, a.model, a.kind, a.raw, outcome, stream=a.parsed.stream, session=a.session
             ),
         )
         outcome = commit.outcome

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from orchestrator.deps import Deps
 from orchestrator.money import UNIT
-from tests.integration.gateway_helpers import issue_key, make_ready
+from tests.integration.gateway_helpers import funded_key, issue_key, make_ready
 from tests.integration.test_connector_billing import (
     CHAT,
     MODEL,
@@ -19,7 +20,7 @@ from tests.integration.test_connector_billing import (
     engine,
     priced_model,
 )
-from tests.support.engines import Engine
+from tests.support.engines import Engine, engine_in_process
 
 __all__ = ["engine"]  # the fixture, shared with the billing tests
 
@@ -87,3 +88,24 @@ async def test_a_hundred_concurrent_calls_never_take_a_quota_below_zero(
         if a.status_code == 200
     ]
     assert row.total_fee == sum(fees)  # every answered call charged, exactly once
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v1/completions"])
+async def test_a_key_deleted_while_its_call_is_in_flight_is_disabled(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, path: str
+) -> None:
+    async with engine_in_process("llama3.1", tokens_per_s=20) as slow:  # priced in LlmEndpoint's credit table
+        await make_ready(client, deps, "llama3.1", slow.chat_url)
+        key_id, key = await funded_key(client, user="inflight")
+        await slow.clear_log()
+        body = {"model": "llama3.1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+        call = asyncio.create_task(anon_client.post(path, json=body, headers={"Authorization": f"Bearer {key}"}))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await slow.chats():  # the call reached the engine: it is in flight, nothing written yet
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        r = await client.post("/api/v1/delete_api_key", json={"user_id": "inflight", "api_key_id": key_id})
+        assert "disabled" in r.json()["message"].lower(), r.text
+        assert (await call).status_code == 200
+        await deps.records.flush()
+        assert (await client.get(f"/admin/thread/list?key_id={key_id}")).json()["data"]["total"] == 1
