@@ -32,7 +32,7 @@ from orchestrator.keys import hash_api_key, same_secret
 from orchestrator.limits import RpmLimiter
 from orchestrator.records import CallRecord, CallRecords, Kind, prompt_texts, relayed_tokens
 from orchestrator.token_count import encoding
-from orchestrator.upstream import ConnectFailed, Upstream
+from orchestrator.upstream import ConnectFailed, Redirected, Upstream
 
 log = structlog.get_logger(__name__)
 
@@ -263,6 +263,7 @@ class Gateway:
 
     async def _open(self, model: str, path: str, body: bytes, on_picked: Callable[[], None] | None) -> Call:
         tried: set[Target] = set()
+        failure = f"no replica of {model} could be reached"  # what the client is told: never an address of ours
         for _ in range(MAX_ATTEMPTS):
             target = self.catalog.pick(model, tried)
             if on_picked is not None:
@@ -289,6 +290,8 @@ class Gateway:
                     refused=e.refused,
                     error=str(e),
                 )
+                if isinstance(e, Redirected):
+                    failure = f"a replica of {model} answered with a redirect, which is never followed"
                 if e.refused:
                     self.catalog.eject(target)
                     if target.replica_id is not None:
@@ -299,7 +302,7 @@ class Gateway:
                 raise
             return Call(target, response, started)
         if tried:
-            raise UpstreamFailed(f"no replica of {model} could be reached")
+            raise UpstreamFailed(failure)
         raise NoReplica(model)
 
     def _release(self, target: Target) -> None:

@@ -107,6 +107,7 @@ async def test_a_redirecting_replica_is_a_502_never_the_other_body(
         r = await anon_client.post("/v1/chat/completions", json=CHAT, headers=auth)
         assert r.status_code == 502, r.text
         assert r.json()["error"]["type"] == "upstream_unreachable"  # the OpenAI envelope, as for a dead replica
+        assert "redirect" in r.json()["error"]["message"]
         assert SECRET not in r.text
         r = await anon_client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=auth)
         assert r.status_code == 502, r.text
