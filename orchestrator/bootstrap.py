@@ -20,6 +20,7 @@ from orchestrator.endpoint_store import EndpointStore
 from orchestrator.engine_plans import sandbox_plans, vllm_plans
 from orchestrator.feishu import FeishuClient
 from orchestrator.gateway import Gateway
+from orchestrator.guarded_resolver import GuardedResolver
 from orchestrator.health import HealthMonitor, HealthPolicy
 from orchestrator.journal import Journal
 from orchestrator.managed import ManagedPolicy, ManagedReplicas
@@ -57,8 +58,8 @@ def build_deps(settings: Settings) -> Deps:
     box = SecretBox(keys.secret_key)
     ledger = Ledger()
     catalog = Catalog(store, box, ledger)
-    upstream = Upstream()
     outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
+    upstream = Upstream(resolver=GuardedResolver(outbound.allowed))  # names judged again at every connect
     record_store = RecordStore(sessions)
     records = CallRecords(
         record_store, ledger, Journal(settings.state_dir / "journal", CallRecord, fsync=settings.journal_fsync)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.abc import AbstractResolver
 
 from orchestrator.hops import HEADER, Hops
 
@@ -43,18 +44,27 @@ class RedirectNotFollowed(aiohttp.ClientResponseError):
 
 class Upstream:
     def __init__(
-        self, *, connect_timeout_s: float = 5.0, read_timeout_s: float = 600.0, hops: Hops | None = None
+        self,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 600.0,
+        hops: Hops | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self.hops = hops or Hops()
+        self._resolver = resolver
+        """How names are resolved (None: aiohttp's default); the server's refuses forbidden addresses."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # Created lazily: it must belong to the event loop that serves requests.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(
+                    limit=0, ttl_dns_cache=300, keepalive_timeout=30, resolver=self._resolver
+                ),
                 timeout=self._timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent",),
