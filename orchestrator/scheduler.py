@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import structlog
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from orchestrator.db import root_cause, unreachable
 from orchestrator.deps import Deps
 from orchestrator.drain import Drain
 from orchestrator.reconcile import reconcile
 from orchestrator.sweeps import orphan_sweep, rules_drift
 
+log = structlog.get_logger(__name__)
+
+Job = Callable[[Deps], Awaitable[None]]
 RECONCILE = "reconcile"
 PROBE = "probe"
 TASKS = "tasks"
@@ -73,6 +77,29 @@ async def catalog_refresh_job(deps: Deps) -> None:
     await deps.catalog.reload()
 
 
+class Quiet:
+    """A job's run while the database cannot be reached: one warning when the outage starts and one line when it
+    ends, instead of a traceback at every tick. Anything else still raises (APScheduler logs it)."""
+
+    def __init__(self, job: Job, name: str) -> None:
+        self._job, self._name = job, name
+        self._down = False
+
+    async def __call__(self, deps: Deps) -> None:
+        try:
+            await self._job(deps)
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            if not self._down:
+                self._down = True
+                log.warning("database.unreachable", job=self._name, error=str(root_cause(e)))
+            return
+        if self._down:
+            self._down = False
+            log.info("database.reachable_again", job=self._name)
+
+
 def build_scheduler(deps: Deps) -> AsyncIOScheduler:
     """Register every job; `deps.nudge` is connected so admin actions run the reconciler at once."""
     scheduler = AsyncIOScheduler(
@@ -93,7 +120,7 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
         (tasks_job, TASKS, settings.task_interval_s),
     )
     for job, job_id, seconds in jobs:
-        scheduler.add_job(job, "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)
+        scheduler.add_job(Quiet(job, job_id), "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)
 
     def waker(job_id: str) -> Callable[[], None]:
         def wake() -> None:

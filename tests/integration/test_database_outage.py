@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.db import make_engine, unreachable
 from orchestrator.deps import Deps
+from orchestrator.scheduler import Quiet, probe_job, records_flush_job
 from orchestrator.settings import Settings
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import issue_key, make_ready
@@ -157,3 +158,31 @@ async def _run(engine: AsyncEngine, *statements: str) -> None:
     async with engine.begin() as conn:
         for statement in statements:
             await conn.execute(text(statement))
+
+
+async def test_jobs_warn_once_per_outage_and_calls_answered_meanwhile_are_written_after(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, own_postgres: PostgresServer, engine: Engine
+) -> None:
+    await make_ready(client, deps, MODEL, engine.chat_url)
+    key_id, key = await issue_key(client, "outage")
+    flush, probe = Quiet(records_flush_job, "records_flush"), Quiet(probe_job, "probe")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    own_postgres.pause()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):  # the gateway answers from memory; every call waits in the journal
+                r = await anon_client.post(
+                    "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}
+                )
+                assert r.status_code == 200, r.text
+                await flush(deps)
+                await probe(deps)
+        warned = sorted(entry["job"] for entry in logs if entry["event"] == "database.unreachable")
+        assert warned == ["probe", "records_flush"]  # once each, not at every tick
+    finally:
+        own_postgres.resume()
+    with structlog.testing.capture_logs() as logs:
+        await flush(deps)
+    assert [entry["job"] for entry in logs if entry["event"] == "database.reachable_again"] == ["records_flush"]
+    threads = (await client.get(f"/admin/thread/list?key_id={key_id}")).json()["data"]
+    assert threads["total"] == 3
