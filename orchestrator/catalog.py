@@ -13,8 +13,8 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import structlog
 
@@ -93,6 +93,10 @@ class CreditRate:
     output: int
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class Target:
     """A READY replica, or an external llm_endpoint, as the router sees it."""
@@ -111,6 +115,8 @@ class Target:
     """An endpoint's max_concurrency and max_calls_per_second: calls wait at it."""
     params: dict[str, Any] | None = None
     """An endpoint's defaults, merged into every request sent to it (its `model` replaces the client's)."""
+    answers: set[Closable] = field(default_factory=set)
+    """The upstream answers of its calls in flight: closed to cut them (a drain that timed out)."""
 
     def available(self, now: float) -> bool:
         return self.ejected_until <= now and (self.bucket is None or self.bucket.has_token(now))
@@ -273,6 +279,18 @@ class Catalog:
         if left is None:
             return Calls(routed=False, in_flight=0, waited_for=0)
         return Calls(routed=False, in_flight=max(0, left.target.inflight), waited_for=left.calls)
+
+    def cut(self, replica_id: int) -> int:
+        """Close the upstream answers of the calls still on a replica (its drain timed out): each call ends at once,
+        as a replica that broke off does. Returns how many were cut."""
+        left = self._left.get(replica_id)
+        target = left.target if left is not None else self._targets.get(replica_id)
+        if target is None:
+            return 0
+        answers, target.answers = target.answers, set()
+        for answer in answers:
+            answer.close()
+        return len(answers)
 
     def forget(self, replica_id: int) -> None:
         """The replica's drain is over: what it left with need not be kept."""

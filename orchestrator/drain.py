@@ -42,10 +42,8 @@ class Drain:
                 message = "drained: no calls in flight"
         elif waited >= self._timeout_s:
             reason = "drain_timeout"
-            message = f"drain timeout after {self._timeout_s:g} s: {_calls(calls.in_flight)} " + (
-                # A managed replica's VM is destroyed next, which ends them; an external engine is not ours to stop.
-                "cut" if replica.create_vm else "no longer waited for (still running on the engine)"
-            )
+            # The gateway closes its connections of the calls left: each ends at once, as a broken-off replica's.
+            message = f"drain timeout after {self._timeout_s:g} s: {_calls(self._catalog.cut(rid))} cut"
         else:
             return False
         moved = await store.move(rid, S.DRAINING, S.TERMINATING, reason, message)

@@ -272,38 +272,59 @@ class Gateway:
             if target is None:
                 break
             started = time.perf_counter()
-            if target.gate is not None:
-                try:
-                    await target.gate.enter()
-                except BaseException:  # cancelled while waiting
-                    self.catalog.release(target)
-                    raise
             try:
-                response = await self._upstream.post(target.api_base + path, _for(target, body), target.headers)
+                response = await self._send(target, model, path, body)
             except ConnectFailed as e:
-                self._release(target)
                 tried.add(target)
-                log.warning(
-                    "gateway.connect_failed",
-                    replica_id=target.replica_id,
-                    endpoint=target.endpoint_id,
-                    refused=e.refused,
-                    error=str(e),
-                )
-                if isinstance(e, Redirected):
-                    failure = f"a replica of {model} answered with a redirect, which is never followed"
-                if e.refused:
-                    self.catalog.eject(target)
-                    if target.replica_id is not None:
-                        self._on_unreachable(target.replica_id)
+                failure = self._failed(target, model, e) or failure
                 continue
-            except BaseException:  # cancelled while connecting: the slot must still be given back
-                self._release(target)
-                raise
             return Call(target, response, started)
         if tried:
             raise UpstreamFailed(failure)
         raise NoReplica(model)
+
+    async def _send(self, target: Target, model: str, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """The call to one target (once its gate lets it through); its slot is given back if it does not open."""
+        if target.gate is not None:
+            try:
+                await target.gate.enter()
+            except BaseException:  # cancelled while waiting
+                self.catalog.release(target)
+                raise
+        pending = _Pending()
+        target.answers.add(pending)
+        try:
+            response = await self._upstream.post(target.api_base + path, _for(target, body), target.headers)
+        except asyncio.CancelledError:
+            self._release(target)
+            if not pending.cut:
+                raise
+            pending.uncancel()
+            raise UpstreamFailed(f"the replica of {model} was taken out of service before it answered") from None
+        except BaseException:  # refused, broken, or cancelled while connecting
+            self._release(target)
+            raise
+        finally:
+            target.answers.discard(pending)
+        target.answers.add(response)
+        return response
+
+    def _failed(self, target: Target, model: str, e: ConnectFailed) -> str | None:
+        """Note a target that could not be reached; what to tell the client instead of "could not be reached"."""
+        log.warning(
+            "gateway.connect_failed",
+            replica_id=target.replica_id,
+            endpoint=target.endpoint_id,
+            refused=e.refused,
+            error=str(e),
+        )
+        if e.refused:
+            self.catalog.eject(target)
+            if target.replica_id is not None:
+                self._on_unreachable(target.replica_id)
+        if isinstance(e, Redirected):
+            return f"a replica of {model} answered with a redirect, which is never followed"
+        return None
 
     def _release(self, target: Target) -> None:
         self.catalog.release(target)
@@ -331,6 +352,7 @@ class Gateway:
 
         `credits`: the call is paid in LlmEndpoint credits, this many units off the key's balance (already
         reserved in the ledger by the caller), instead of by its tokens at the model's prices."""
+        call.target.answers.discard(call.response)
         self._release(call.target)
         call.response.release()
         if call.hold is not None:
@@ -383,6 +405,26 @@ async def relayed_usage(kind: Kind, request: bytes, answer: list[bytes]) -> Usag
 def _prompt_tokens(kind: Kind, request: bytes) -> int:
     whole, _ = prompt_texts(kind, request)
     return len(encoding().encode_ordinary(whole)) if whole else 0
+
+
+class _Pending:
+    """A call waiting for its replica's answer to begin: cutting it (a drain that timed out) cancels the wait, which
+    `Gateway.open` turns into an upstream failure."""
+
+    __slots__ = ("_task", "cut")
+
+    def __init__(self) -> None:
+        self._task = asyncio.current_task()
+        self.cut = False
+
+    def close(self) -> None:
+        if self._task is not None:
+            self.cut = True
+            self._task.cancel()
+
+    def uncancel(self) -> None:
+        if self._task is not None:
+            self._task.uncancel()
 
 
 def _for(target: Target, body: bytes) -> bytes:

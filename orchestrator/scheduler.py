@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -77,27 +78,29 @@ async def catalog_refresh_job(deps: Deps) -> None:
     await deps.catalog.reload()
 
 
-class Quiet:
-    """A job's run while the database cannot be reached: one warning when the outage starts and one line when it
-    ends, instead of a traceback at every tick. Anything else still raises (APScheduler logs it)."""
+def quiet(job: Job, name: str) -> Job:
+    """`job`, quiet while the database cannot be reached: one warning when the outage starts and one line when it
+    ends, instead of a traceback at every tick. Anything else still raises (APScheduler logs it). A plain coroutine
+    function, as APScheduler must see (a callable object would be run in a thread and never awaited)."""
+    down = False
 
-    def __init__(self, job: Job, name: str) -> None:
-        self._job, self._name = job, name
-        self._down = False
-
-    async def __call__(self, deps: Deps) -> None:
+    @functools.wraps(job)
+    async def run(deps: Deps) -> None:
+        nonlocal down
         try:
-            await self._job(deps)
+            await job(deps)
         except Exception as e:
             if not unreachable(e):
                 raise
-            if not self._down:
-                self._down = True
-                log.warning("database.unreachable", job=self._name, error=str(root_cause(e)))
+            if not down:
+                down = True
+                log.warning("database.unreachable", job=name, error=str(root_cause(e)))
             return
-        if self._down:
-            self._down = False
-            log.info("database.reachable_again", job=self._name)
+        if down:
+            down = False
+            log.info("database.reachable_again", job=name)
+
+    return run
 
 
 def build_scheduler(deps: Deps) -> AsyncIOScheduler:
@@ -120,7 +123,7 @@ def build_scheduler(deps: Deps) -> AsyncIOScheduler:
         (tasks_job, TASKS, settings.task_interval_s),
     )
     for job, job_id, seconds in jobs:
-        scheduler.add_job(Quiet(job, job_id), "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)
+        scheduler.add_job(quiet(job, job_id), "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)
 
     def waker(job_id: str) -> Callable[[], None]:
         def wake() -> None:

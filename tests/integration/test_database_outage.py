@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.db import make_engine, unreachable
 from orchestrator.deps import Deps
-from orchestrator.scheduler import Quiet, probe_job, records_flush_job
+from orchestrator.scheduler import probe_job, quiet, records_flush_job
 from orchestrator.settings import Settings
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import issue_key, make_ready
@@ -165,7 +165,7 @@ async def test_jobs_warn_once_per_outage_and_calls_answered_meanwhile_are_writte
 ) -> None:
     await make_ready(client, deps, MODEL, engine.chat_url)
     key_id, key = await issue_key(client, "outage")
-    flush, probe = Quiet(records_flush_job, "records_flush"), Quiet(probe_job, "probe")
+    flush, probe = quiet(records_flush_job, "records_flush"), quiet(probe_job, "probe")
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     own_postgres.pause()
     try:

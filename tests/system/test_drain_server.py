@@ -54,7 +54,7 @@ def test_a_deleted_replica_finishes_its_streams_and_a_hung_call_waits_only_the_d
     env = {"ORCH_PROBE_STARTING_INTERVAL_S": "0.2", "ORCH_DRAIN_TIMEOUT_S": str(TIMEOUT_S)}
     with (
         engine_process(SLOW, "--tokens-per-s", "10") as (slow, _),  # 16 tokens: streams of 1.5 s
-        engine_process(HUNG) as (hung, hung_process),
+        engine_process(HUNG) as (hung, _),
         serving(state, env=env) as (base, _),
         ThreadPoolExecutor(4) as clients,
     ):
@@ -87,9 +87,5 @@ def test_a_deleted_replica_finishes_its_streams_and_a_hung_call_waits_only_the_d
         assert httpx.delete(f"{base}/api/v1/replicas/{stuck}", headers=admin).status_code == 204
         done = poll(lambda: _replica(base, admin, stuck), lambda d: d["status"] == "TERMINATED", timeout_s=15)
         assert time.monotonic() - deleted >= TIMEOUT_S - 0.5  # the stored move's clock, not this one
-        assert _out_of_draining(done)["message"] == (
-            f"drain timeout after {TIMEOUT_S} s: 1 in-flight call no longer waited for (still running on the engine)"
-        )
-        assert not call.done()  # an external engine is not the orchestrator's to stop
-        hung_process.kill()
-        assert call.result(timeout=30).startswith("502 ")
+        assert _out_of_draining(done)["message"] == f"drain timeout after {TIMEOUT_S} s: 1 in-flight call cut"
+        assert call.result(timeout=10).startswith("502 ")  # cut by the gateway: the engine still hangs
