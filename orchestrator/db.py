@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +107,33 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return cfg
 
 
-def _upgrade(connection: Connection) -> None:
+def _migrate(connection: Connection, revision: str, *, down: bool = False) -> None:
+    sqlite = connection.dialect.name == "sqlite"
     if connection.dialect.name == "postgresql":
         # Several instances may start at once: the first migrates, the others wait and find head.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_ID})")
-    command.upgrade(alembic_config(connection), "head")
+    if sqlite:
+        # Migrations copy whole SQLite tables (batch mode): a DROP TABLE with foreign keys on would run its children's
+        # ON DELETE CASCADE. The pragma only takes outside a transaction, so before the first statement that opens one.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    (command.downgrade if down else command.upgrade)(alembic_config(connection), revision)
+    if sqlite and (broken := connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
+        raise RuntimeError(f"the migrations left rows whose foreign keys point nowhere: {broken[:5]}")
 
 
-async def upgrade(engine: AsyncEngine) -> None:
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema to the newest migration (a no-op when it is there already)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+    await _run(engine, lambda c: _migrate(c, revision))
+
+
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    """Take the schema back to `revision` ("base": nothing)."""
+    await _run(engine, lambda c: _migrate(c, revision, down=True))
+
+
+async def _run(engine: AsyncEngine, migrate: Callable[[Connection], None]) -> None:
+    async with engine.connect() as conn:
+        async with conn.begin():
+            await conn.run_sync(migrate)
+        if conn.dialect.name == "sqlite":
+            await conn.invalidate()  # it has foreign keys off: never handed out again by the pool

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-from orchestrator.db import alembic_config, make_engine, upgrade
+from orchestrator.db import downgrade, make_engine, upgrade
 from orchestrator.deps import Deps
 
 
@@ -28,8 +28,7 @@ async def test_migrated_schema_matches_the_tables(deps: Deps) -> None:
 async def test_downgrade_to_base_and_back(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(lambda c: command.downgrade(alembic_config(c), "base"))
+        await downgrade(engine, "base")
         async with engine.connect() as conn:
             tables = await conn.run_sync(lambda c: inspect(c).get_table_names())
         assert set(tables) <= {"alembic_version"}
@@ -40,18 +39,20 @@ async def test_downgrade_to_base_and_back(database_url: str) -> None:
         await engine.dispose()
 
 
-async def test_ids_become_never_reused_on_sqlite_with_every_row_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", ["0004", "0005"])
+async def test_ids_become_never_reused_on_sqlite_with_every_row_kept(tmp_path: Path, start: str) -> None:
     """0006 copies each SQLite table into one with AUTOINCREMENT: rows and the children a cascade would delete
-    stay, and the highest id, once deleted, is not given again."""
+    stay (also when older migrations run before it in the same upgrade), and the highest id, once deleted, is not
+    given again."""
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
     try:
+        await upgrade(engine, start)
         async with engine.begin() as conn:
-            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0005"))
             await conn.exec_driver_sql(
                 "INSERT INTO api_key (id, user_id, key_hash, key_hint, enabled, allowed_rpm, created_at, kind, role,"
-                " month_quota, balance, month_fee, fee_month, total_fee, updated_at, allowed_ips) VALUES"
-                " (1, 'a', 'h1', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01', ''),"
-                " (2, 'b', 'h2', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01', '')"
+                " month_quota, balance, month_fee, fee_month, total_fee, updated_at) VALUES"
+                " (1, 'a', 'h1', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01'),"
+                " (2, 'b', 'h2', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01')"
             )
             await conn.exec_driver_sql(
                 "INSERT INTO llm_models (id, name, created_at, provider, multiple, config, price_in, price_out)"
@@ -67,8 +68,8 @@ async def test_ids_become_never_reused_on_sqlite_with_every_row_kept(tmp_path: P
             await conn.exec_driver_sql("DELETE FROM api_key WHERE id = 2")
             await conn.exec_driver_sql(
                 "INSERT INTO api_key (user_id, key_hash, key_hint, enabled, allowed_rpm, created_at, kind, role,"
-                " month_quota, balance, month_fee, fee_month, total_fee, updated_at, allowed_ips) VALUES"
-                " ('c', 'h3', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01', '')"
+                " month_quota, balance, month_fee, fee_month, total_fee, updated_at) VALUES"
+                " ('c', 'h3', 'k', 1, 1, '2026-01-01', 'connector', 'user', 0, 0, 0, 0, 0, '2026-01-01')"
             )
             assert (await conn.exec_driver_sql("SELECT id FROM api_key ORDER BY id")).all() == [(1,), (3,)]
     finally:
