@@ -46,7 +46,7 @@ class _Append:
 
 @dataclass(slots=True)
 class _Seal:
-    done: asyncio.Future[str]
+    done: asyncio.Future[str | None]
 
 
 @dataclass(slots=True)
@@ -91,9 +91,10 @@ class Journal:
         self._queue.put(_Append(record, done))
         return done
 
-    def seal(self) -> asyncio.Future[str]:
+    def seal(self) -> asyncio.Future[str | None]:
         """Close the current segment after every record appended so far (synchronously: whatever is appended
-        after this call goes to the next segment); the future gives the sealed segment's name."""
+        after this call goes to the next segment); the future gives the sealed segment's name (None: there was
+        nothing to seal, or the disk refused it)."""
         done = self._loop_now().create_future()
         self._queue.put(_Seal(done))
         return done
@@ -119,6 +120,9 @@ class Journal:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._state.current is not None:
+            os.close(self._state.current.fd)
+            self._state.current = None
         for segments in (self._state.sealed, self._state.orphans):
             for segment in segments.values():
                 os.close(segment.fd)
@@ -127,7 +131,10 @@ class Journal:
     def _loop_now(self) -> asyncio.AbstractEventLoop:
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError:  # the writer says so at each write; serving goes on
+                log.exception("journal.directory_failed", directory=str(self.directory))
             self._thread = threading.Thread(target=self._write, name="call-journal", daemon=True)
             self._thread.start()
         assert self._loop is not None
@@ -144,7 +151,10 @@ class Journal:
         for path in sorted(self.directory.glob(f"*{SUFFIX}"), key=_order):
             if path.name.startswith(self._prefix):
                 continue
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # another process replayed it meanwhile
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # its process is alive
@@ -187,8 +197,12 @@ class Journal:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if not self._write_group(group):
-                return
+            try:
+                if not self._write_group(group):
+                    return
+            except Exception:  # never die: a call waiting on this thread would wait forever
+                log.exception("journal.writer_failed", items=len(group))
+                self._resolve([item.done for item in group if item is not None and not item.done.done()], None)
 
     def _write_group(self, group: list[_Append | _Seal | None]) -> bool:
         """Write a group in order; returns False when told to stop."""
@@ -204,7 +218,7 @@ class Journal:
             frames, waiting = [], []
             if item is None:
                 return False
-            self._resolve([item.done], self._seal_now())
+            self._resolve([item.done], self._seal_now())  # None: nothing was written since the last seal
         self._sync(frames, waiting)
         return True
 
@@ -227,15 +241,19 @@ class Journal:
         if state.current is None:
             state.seq += 1
             path = self.directory / f"{self._prefix}-{state.seq:08d}{SUFFIX}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            # Locked before it has its name: another process looking for orphans never sees it unlocked.
+            hidden = path.with_suffix(".new")
+            fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            hidden.rename(path)
             state.current = _Segment(path, fd)
         return state.current
 
-    def _seal_now(self) -> str:
-        """The current segment (made empty if nothing was written since the last seal) becomes sealed."""
-        segment = self._current()
-        self._state.current = None
+    def _seal_now(self) -> str | None:
+        """The current segment becomes sealed (None if there is none: nothing was written since the last seal)."""
+        segment, self._state.current = self._state.current, None
+        if segment is None:
+            return None
         self._state.sealed[segment.path.name] = segment
         return segment.path.name
 
@@ -251,4 +269,7 @@ def _set_all(waiting: list[asyncio.Future[Any]], value: Any) -> None:
 
 
 def _order(path: Path) -> tuple[float, str]:
-    return (path.stat().st_mtime, path.name)
+    try:
+        return (path.stat().st_mtime, path.name)
+    except FileNotFoundError:  # gone meanwhile: skipped when opened
+        return (0.0, path.name)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 import structlog
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator.billing import Ledger
 from orchestrator.journal import Journal
@@ -66,7 +67,7 @@ class CallRecords:
         self._flushing = asyncio.Lock()
         self._unsealed = False
         """Calls were journaled since the last seal (a flush retried while the database is down seals nothing new)."""
-        self._sealing: asyncio.Future[str] | None = None
+        self._sealing: asyncio.Future[str | None] | None = None
         """The last seal: awaited by every flush (shielded, so a flush cancelled meanwhile leaves it to the next)."""
 
     def add(self, call: CallRecord) -> asyncio.Future[None] | None:
@@ -106,6 +107,9 @@ class CallRecords:
                         await asyncio.shield(self._sealing)
                     segments = self._journal.sealed()
                 await self._write(calls, segments)
+            except IntegrityError:
+                self._calls[:0] = await self._after_lost_commit(calls, segments)
+                raise
             except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
                 self._calls[:0] = calls
                 raise
@@ -113,6 +117,24 @@ class CallRecords:
                 self._journal.discard(segments)
             self._forget = segments
             return len(calls)
+
+    async def _after_lost_commit(self, calls: list[CallRecord], segments: list[str]) -> list[CallRecord]:
+        """The calls still to write after a flush that failed on a segment's mark: an earlier batch was committed
+        but its answer lost (a connection dropped at the commit), so its segments are written already. They are
+        deleted and their fees settled; the calls of the others, read back from their segments, wait for the next
+        flush (so a written call is never written twice, and the flush does not fail forever)."""
+        assert self._journal is not None  # marks exist only with a journal
+        done = [name for name in segments if await self._store.written(name)]
+        if not done:
+            return calls
+        written = [c for name in done for c in self._journal.read(name)]
+        _, _, charges = _batch(written)
+        async with self._ledger.lock:
+            self._ledger.settle(((c.key_id, c.fee, c.on_balance) for c in charges), {})
+        self._journal.discard(done)
+        self._forget.extend(done)
+        log.warning("records.lost_commit_found", segments=done, calls=len(written))
+        return [c for name in segments if name not in done for c in self._journal.read(name)]
 
     async def replay(self) -> int:
         """Write the calls journaled by processes that are gone (a crash): each segment once. Run at start."""

@@ -62,3 +62,15 @@ async def test_only_segments_of_processes_that_are_gone_are_orphans(tmp_path: Pa
     finally:
         os.close(holder)
         journal.close()
+
+
+async def test_a_disk_that_refuses_the_journal_never_holds_a_call(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_bytes(b"")
+    journal = Journal(tmp_path / "not-a-dir" / "journal", Rec)  # every open fails: NotADirectoryError
+    try:
+        async with asyncio.timeout(5):  # each call is answered anyway (it is still in the record writer's buffer)
+            await asyncio.gather(*(journal.append(Rec(i, b"")) for i in range(3)))
+            assert await journal.seal() is None
+            await journal.append(Rec(9, b"still served"))
+    finally:
+        journal.close()
