@@ -30,7 +30,7 @@ from orchestrator import money
 from orchestrator.catalog import SERVER_ADMIN, Catalog, KeyInfo, ModelInfo, Target
 from orchestrator.keys import hash_api_key, same_secret
 from orchestrator.limits import RpmLimiter
-from orchestrator.records import CallRecord, CallRecords, Kind, prompt_texts, relayed_tokens
+from orchestrator.records import CallRecord, CallRecords, Kind, prompt_texts
 from orchestrator.token_count import encoding
 from orchestrator.upstream import ConnectFailed, Redirected, Upstream
 
@@ -393,13 +393,10 @@ class Gateway:
         )
 
 
-async def relayed_usage(kind: Kind, request: bytes, answer: list[bytes]) -> Usage:
-    """The usage of a stream that ended without the engine's usage chunk (the client left, or the engine broke off):
-    a token per relayed event with text, and the prompt counted by cl100k_base off the event loop. So a client
-    that hangs up just before the usage chunk still pays for what it got."""
-    completion = relayed_tokens(answer)
-    prompt = await asyncio.to_thread(_prompt_tokens, kind, request)
-    return Usage(prompt, completion, prompt + completion)
+async def counted_prompt(kind: Kind, request: bytes) -> int:
+    """The prompt tokens of a call whose engine never reported its usage (the client left, or the engine broke off),
+    counted by cl100k_base off the event loop: with `relayed_tokens`, what a stream cut short is charged."""
+    return await asyncio.to_thread(_prompt_tokens, kind, request)
 
 
 def _prompt_tokens(kind: Kind, request: bytes) -> int:

@@ -14,8 +14,8 @@ import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
-from orchestrator.gateway import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, relayed_usage, usage_of
-from orchestrator.records import Kind
+from orchestrator.gateway import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, counted_prompt, usage_of
+from orchestrator.records import Kind, relayed_tokens
 
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
 WATCH_AFTER_S = 0.05
@@ -82,7 +82,10 @@ class Settlement:
         outcome = self.outcome
         try:
             if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
-                outcome.usage = await relayed_usage(self._kind, self._request, outcome.answer)
+                completion = relayed_tokens(outcome.answer)  # a token per relayed event with text
+                outcome.usage = Usage(0, completion, completion)  # kept if the count of the prompt is cut short
+                prompt = await counted_prompt(self._kind, self._request)
+                outcome.usage = Usage(prompt, completion, prompt + completion)
         finally:  # even cancelled, the call gives its slot back and is charged
             durable = self._finish(outcome)
         if durable is not None:
