@@ -105,6 +105,7 @@ def build_deps(settings: Settings) -> Deps:
     )
 
     async def in_use(key_id: int) -> bool:
+        catalog.refuse(key_id)  # no call starts while this looks: one admitted meanwhile would lose its record
         await records.flush()
         return gateway.busy(key_id) or records.unwritten(key_id)
 

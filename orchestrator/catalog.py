@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -279,6 +279,15 @@ class Catalog:
         if left is None:
             return Calls(routed=False, in_flight=0, waited_for=0)
         return Calls(routed=False, in_flight=max(0, left.target.inflight), waited_for=left.calls)
+
+    def refuse(self, key_id: int) -> None:
+        """Refuse the key from now on (it is being deleted); the next reload installs what the database says."""
+        key = self.keys_by_id.get(key_id)
+        if key is not None:
+            for key_hash, info in self.keys.items():
+                if info is key:
+                    self.keys[key_hash] = replace(key, enabled=False)
+                    break
 
     def cut(self, replica_id: int) -> int:
         """Close the upstream answers of the calls still on a replica (its drain timed out): each call ends at once,

@@ -59,8 +59,10 @@ class ApiKeyService:
     async def remove(self, user_id: str, key_id: int) -> KeyRemoval:
         # A call answered a moment ago may not be written yet: the key is then only disabled, as a used key is,
         # so its usage stays its own.
-        in_use = self._in_use is not None and await self._in_use(key_id)
-        outcome = await self._store.remove_api_key(user_id, key_id, in_use=in_use)
-        await self._on_change()  # a disabled key is refused from the next request on
+        try:
+            in_use = self._in_use is not None and await self._in_use(key_id)
+            outcome = await self._store.remove_api_key(user_id, key_id, in_use=in_use)
+        finally:
+            await self._on_change()  # a disabled key is refused from the next request on (and a kept one served)
         log.info("api_key.removed", api_key_id=key_id, user_id=user_id, outcome=outcome.value)
         return outcome

@@ -109,3 +109,16 @@ async def test_a_key_deleted_while_its_call_is_in_flight_is_disabled(
         assert (await call).status_code == 200
         await deps.records.flush()
         assert (await client.get(f"/admin/thread/list?key_id={key_id}")).json()["data"]["total"] == 1
+
+
+async def test_a_deletion_refused_leaves_the_key_served(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, engine: Engine
+) -> None:
+    await make_ready(client, deps, MODEL, engine.chat_url)
+    key_id, key = await issue_key(client, "owner")
+    r = await client.post("/api/v1/delete_api_key", json={"user_id": "someone-else", "api_key_id": key_id})
+    assert r.status_code == 404, r.text  # the key is refused while a deletion looks at it, then served again
+    answer = await anon_client.post(
+        "/v1/chat/completions", json=SECRET_PROMPT, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert answer.status_code == 200, answer.text
