@@ -64,10 +64,6 @@ class Ledger:
         month_fee, balance = account.after(self._spent(key_id), month)  # the hot path: no Account is built
         return month_fee < account.month_quota or balance - self._debits.get(key_id, 0) > 0
 
-    def metered(self, key_id: int) -> bool:
-        account = self._accounts.get(key_id)
-        return account is not None and account.metered
-
     def reserve(self, key_id: int, worst: int, month: int) -> int | None:
         """Hold `worst` for a call of a metered key: the amount held (0 for a key that is not metered, which is
         never refused), or None when it does not fit in what the key has left."""

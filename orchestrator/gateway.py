@@ -191,15 +191,28 @@ class Gateway:
         if spend and not self.catalog.ledger.may_spend(key.id, money.month_of()):
             raise PaymentRequired
 
-    def hold(self, key: KeyInfo, model: ModelInfo, *, prompt_bound: int, max_tokens: int | None) -> Hold:
-        """Admit a call under the key's spend: its worst case (`prompt_bound` prompt tokens and `max_tokens`, or
-        `hold_tokens` when it names none, at the model's prices) is held until the call's `finish` (given to `open`;
+    def hold(
+        self,
+        key: KeyInfo,
+        model: ModelInfo,
+        *,
+        prompt_bound: int,
+        max_tokens: int | None,
+        outputs: int = 1,
+        media: int = 0,
+    ) -> Hold:
+        """Admit a call under the key's spend: its worst case is held until the call's `finish` (given to `open`;
         `let_go` for a call never opened), or PaymentRequired when it does not fit. Every call holds, so that the
-        key's calls in flight are known (`busy`)."""
+        key's calls in flight are known (`busy`).
+
+        The worst case, at the model's prices: `prompt_bound` prompt tokens plus `hold_tokens` for each of `media`
+        parts (an image's tokens are not bounded by its bytes), and `outputs` times `max_tokens` (or `hold_tokens`
+        when it names none) completion tokens."""
         if key is SERVER_ADMIN:
             return Hold(None, 0)
-        completion = self.hold_tokens if max_tokens is None else max_tokens
-        worst = money.fee(prompt_bound, completion, model.price_in, model.price_out)
+        prompt = prompt_bound + media * self.hold_tokens
+        completion = (self.hold_tokens if max_tokens is None else max_tokens) * outputs
+        worst = money.fee(prompt, completion, model.price_in, model.price_out)
         held = self.catalog.ledger.reserve(key.id, worst, money.month_of())
         if held is None:
             raise PaymentRequired

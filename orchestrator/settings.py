@@ -115,7 +115,8 @@ class Settings(BaseSettings):
     """Force each group of journaled calls to the disk before their answers complete. False keeps them safe from a
     killed process but not from a power loss, for about a millisecond less per call on a slow disk."""
     hold_tokens: int = Field(default=4096, ge=0, le=10_000_000)
-    """Completion tokens held against a metered key's spend for a call that names no `max_tokens`."""
+    """Tokens held against a metered key's spend for a chat call that names no `max_tokens` (per output), and for
+    each part of its messages that is not text (an image's tokens are not bounded by its bytes)."""
     catalog_refresh_interval_s: float = Field(default=5.0, gt=0)
     """Safety net for changes made by another instance; this instance's own changes apply at once."""
     queue_slots_per_replica: int = Field(default=8, ge=1, le=10_000)

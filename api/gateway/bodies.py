@@ -79,7 +79,11 @@ class Parsed:
     body: bytes
     """What to send upstream."""
     max_tokens: int | None
-    """The most tokens the answer may have (`max_completion_tokens` or `max_tokens`, times `n`); None: not said."""
+    """The most tokens each output may have (`max_completion_tokens` or `max_tokens`); None: not said."""
+    outputs: int = 1
+    """How many outputs the answer has: `n`, times the prompts of a completion given a list of them."""
+    media: int = 0
+    """Parts of the messages that are not text (images, audio...): their tokens are not bounded by their bytes."""
 
 
 def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> Parsed:
@@ -116,8 +120,24 @@ def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> P
     limit = (req.max_completion_tokens if isinstance(req, _Chat) else None) or req.max_tokens
     if limit is None and isinstance(req, _Completion):
         limit = COMPLETION_DEFAULT_MAX_TOKENS
+    outputs = (req.n or 1) * (_prompts(req.prompt) if isinstance(req, _Completion) else 1)
+    media = sum(_media(m.content) for m in req.messages) if isinstance(req, _Chat) else 0
     # The toolkit forces usage on its streams; OpenAI-style clients get the usage chunk only if they asked.
-    return Parsed(model, req.stream, wants_usage or toolkit, body, None if limit is None else limit * (req.n or 1))
+    return Parsed(model, req.stream, wants_usage or toolkit, body, limit, outputs, media)
+
+
+def _prompts(prompt: str | list[Any] | None) -> int:
+    """A completion's prompts: a list of strings (or of token lists) is one prompt each; a list of ints is one."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        return len(prompt)
+    return 1
+
+
+def _media(content: Any) -> int:
+    """The parts of a message's content that are not text."""
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for part in content if not (isinstance(part, dict) and part.get("type") == "text"))
 
 
 def _check_chat(req: _Chat, toolkit: bool) -> None:
@@ -141,8 +161,7 @@ def _document(body: bytes) -> dict[str, Any]:
 
 
 def with_fields(body: bytes, **fields: Any) -> bytes:
-    """The body with fields set: another model named (a connector key's unknown model falls back to "default"),
-    or a metered call's `max_tokens` bounded."""
+    """The body with fields set (another model named: a connector key's unknown model falls back to "default")."""
     doc = _document(body)
     doc.update(fields)
     return msgspec.json.encode(doc)

@@ -187,7 +187,14 @@ class GatewayRoutes:
             body = queued.body
         # The body's bytes bound its prompt tokens (a token is at least a byte, and the JSON around the texts
         # outweighs a chat template's tokens).
-        hold = gw.hold(key, model, prompt_bound=len(body), max_tokens=parsed.max_tokens)
+        hold = gw.hold(
+            key,
+            model,
+            prompt_bound=len(body),
+            max_tokens=parsed.max_tokens,
+            outputs=parsed.outputs,
+            media=parsed.media,
+        )
         return Admitted(key, model, kind, raw, parsed, body, queued, session, hold)
 
     async def _open(self, a: Admitted, receive: Receive) -> Call | None:
