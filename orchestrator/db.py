@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 _DRIVERS = ("sqlalchemy.", "asyncpg.", "aiosqlite.")
+_SQLITE_UNREACHABLE = ("database is locked", "unable to open database file", "disk I/O error", "database is full")
 _POSTGRES_DOWN = (
     asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08, and a connection closed mid-query
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up ("cannot connect now")
@@ -63,6 +65,9 @@ def unreachable(exc: BaseException) -> bool:
 def _says_unreachable(e: BaseException) -> bool:
     if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
         return True
+    if isinstance(e, (sa_exc.OperationalError, sa_exc.InterfaceError)) and isinstance(e.orig, sqlite3.Error):
+        # SQLite reports a bug (no such table, a syntax error) as an OperationalError too: only these are the file's.
+        return any(words in str(e.orig) for words in _SQLITE_UNREACHABLE)
     if isinstance(e, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
         return True
     if isinstance(e, _POSTGRES_DOWN):
