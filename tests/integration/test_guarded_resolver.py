@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from ipaddress import ip_network
 
 import pytest
+import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from orchestrator.guarded_resolver import GuardedResolver
@@ -55,8 +56,10 @@ async def test_a_name_that_turned_into_a_metadata_address_is_refused_at_connect(
         ok = await upstream.post(f"http://engine.test:{port}/v1/models", b"", {})
         assert ok.status in (200, 405)
         ok.release()
-        with pytest.raises(ConnectFailed):
+        with structlog.testing.capture_logs() as logs, pytest.raises(ConnectFailed):
             await upstream.post(f"http://rebound.test:{port}/v1/chat/completions", b"{}", {})
+        # refused by the guard (not merely unreachable: nothing listens there either)
+        assert [e["host"] for e in logs if e["event"] == "upstream.name_refused"] == ["rebound.test"]
         with pytest.raises(OSError, match="link-local"):
             await GuardedResolver(inner=dns).resolve("meta.test", port)
         mixed = await upstream.post(f"http://both.test:{port}/v1/models", b"", {})  # only the engine's address is kept
