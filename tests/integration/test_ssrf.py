@@ -18,7 +18,7 @@ from orchestrator.reconcile import reconcile
 from orchestrator.settings import Settings
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import funded_key, issue_key, make_ready
-from tests.support.engines import Engine, engine_in_process
+from tests.support.engines import Engine, app_in_process, engine_in_process
 
 MODEL = "llama3.1"  # in LlmEndpoint's rate table
 SECRET = "the-secret-document-0123456789"
@@ -48,14 +48,8 @@ async def listening(handle: Handler) -> AsyncIterator[str]:
     """A small real HTTP server on a free local port; yields its origin."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with app_in_process(app) as origin:
+        yield origin
 
 
 async def relayed(client: httpx.AsyncClient, request: web.Request) -> web.Response:

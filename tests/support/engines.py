@@ -47,16 +47,22 @@ class Engine:
 
 
 @asynccontextmanager
-async def engine_in_process(model: str, **knobs: object) -> AsyncIterator[Engine]:
-    runner = web.AppRunner(build_app(SimConfig(model=model, port=0, **knobs)))  # type: ignore[arg-type]
+async def app_in_process(app: web.Application) -> AsyncIterator[str]:
+    """An aiohttp app served on a free local port, in the test's own loop; yields its origin."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
     try:
-        yield Engine(f"http://127.0.0.1:{port}", model)
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def engine_in_process(model: str, **knobs: object) -> AsyncIterator[Engine]:
+    async with app_in_process(build_app(SimConfig(model=model, port=0, **knobs))) as url:  # type: ignore[arg-type]
+        yield Engine(url, model)
 
 
 def free_port() -> int:

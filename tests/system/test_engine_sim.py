@@ -15,11 +15,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.engine_sim import SimConfig, build_app, engine_sim_command
+from tests.support.engines import app_in_process
 
 MODEL = "sim-model"
 KEY = "sk-sim-test-key"
@@ -38,14 +38,8 @@ DEFAULT_FAULTS = {"fail_rate": 0.0, "hang": False, "stall_after_chunks": None, "
 
 @asynccontextmanager
 async def running(config: SimConfig) -> AsyncIterator[str]:
-    runner = web.AppRunner(build_app(config))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with app_in_process(build_app(config)) as origin:
+        yield origin
 
 
 @pytest.fixture
