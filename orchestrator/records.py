@@ -108,7 +108,10 @@ class CallRecords:
                     segments = self._journal.sealed()
                 await self._write(calls, segments)
             except IntegrityError:
-                self._calls[:0] = await self._after_lost_commit(calls, segments)
+                try:
+                    calls = await self._after_lost_commit(calls, segments)
+                finally:  # whatever that found (or not, if the database went away again), nothing is dropped
+                    self._calls[:0] = calls
                 raise
             except BaseException:  # failed or cancelled (shutdown): the calls wait for the next flush
                 self._calls[:0] = calls
