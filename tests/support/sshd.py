@@ -38,7 +38,7 @@ def wait_gone(pid: int, deadline_s: float = 10.0) -> None:
     while True:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2][:1]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between the open and the read
             return
         if state == "Z":
             return
