@@ -24,12 +24,8 @@ SECRET_KEY = "test-secret-key-0123456789"
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer.start()
-    try:
-        server.prepare_template()
+    with PostgresServer.serving() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

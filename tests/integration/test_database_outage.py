@@ -36,12 +36,8 @@ REFUSED_CALLS = 10
 
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer.private()
-    try:
-        server.prepare_template()
+    with PostgresServer.serving(private=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,18 @@ class PostgresServer:
         if url := os.environ.get("ORCH_TEST_POSTGRES_URL"):
             return cls(url)
         return cls.private()
+
+    @classmethod
+    @contextmanager
+    def serving(cls, *, private: bool = False) -> Iterator[PostgresServer]:
+        """A server with the migrated template ready, stopped afterwards: the session's (an existing one when
+        `ORCH_TEST_POSTGRES_URL` says so), or a `private` one a test may stop and start."""
+        server = cls.private() if private else cls.start()
+        try:
+            server.prepare_template()
+            yield server
+        finally:
+            server.stop()
 
     @classmethod
     def private(cls) -> PostgresServer:

@@ -305,13 +305,7 @@ async def test_securing_fails_a_replica_whose_engine_port_a_stranger_reaches(
 ) -> None:
     deps.managed.backend = _LeavesEnginePortOpen(sandbox.config)
     replica_id = await create_managed(client)
-    replica = await drive_to(deps, replica_id, S.TERMINATED)
-    assert (replica.termination_reason, replica.error_message) == (
-        "securing_failed",
-        f"the engine port (8000) accepted a connection from {STRANGER}, a foreign source, after securing",
-    )
-    assert "READY" not in await moves(deps, replica_id)
-    assert sandbox.owned() == frozenset()
+    await fails_securing(deps, sandbox, replica_id, "the engine port (8000)")
 
 
 async def test_securing_fails_a_replica_whose_stored_rules_open_ssh_to_everyone(
@@ -321,10 +315,15 @@ async def test_securing_fails_a_replica_whose_stored_rules_open_ssh_to_everyone(
     # As a replica created before rules were judged holds it (the API refuses it now).
     legacy = Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 2222, 2222)
     await deps.store.set_phase_rules(replica_id, rows_of(replica_id, Phase.USER, [legacy]))
+    await fails_securing(deps, sandbox, replica_id, "SSH (port 2222)")
+
+
+async def fails_securing(deps: Deps, sandbox: SandboxBackend, replica_id: int, port: str) -> None:
+    """The replica ends `securing_failed` (never READY, its VM destroyed) because a foreign source reached `port`."""
     replica = await drive_to(deps, replica_id, S.TERMINATED)
     assert (replica.termination_reason, replica.error_message) == (
         "securing_failed",
-        f"SSH (port 2222) accepted a connection from {STRANGER}, a foreign source, after securing",
+        f"{port} accepted a connection from {STRANGER}, a foreign source, after securing",
     )
     assert "READY" not in await moves(deps, replica_id)
     assert sandbox.owned() == frozenset()
