@@ -144,6 +144,7 @@ class SandboxBackend:
         pid_file = vm / "sshd.pid"
         pid_file.unlink(missing_ok=True)
         argv = sshd_argv(self.config.sshd, address, self.config.ssh_port, vm)
+        _privilege_separation_dir()
         with (vm / "sshd.log").open("ab") as log_file:
             try:
                 process = subprocess.Popen(  # noqa: S603 (fixed binary, arguments built here)
@@ -201,6 +202,17 @@ def _write(path: Path, content: bytes) -> bool:
         f.write(content)
     tmp.replace(path)
     return True
+
+
+PRIVSEP_DIR = Path("/run/sshd")
+"""Where OpenSSH's sshd drops privileges; /run is empty after every boot and only a system sshd service makes it."""
+
+
+def _privilege_separation_dir() -> None:
+    """Make sshd's privilege separation directory when it is missing (as root: root-owned, 0755, as Debian's sshd
+    service makes it). Without root it cannot be made, and sshd's own error says what is missing."""
+    if not PRIVSEP_DIR.is_dir() and os.geteuid() == 0:
+        PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
 def _alive(pid: int) -> bool:

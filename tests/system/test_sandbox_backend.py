@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from infra import nft
-from infra.sandbox import SandboxBackend
+from infra.sandbox import PRIVSEP_DIR, SandboxBackend
 from infra.vm import Rule
 from tests.support.sandbox import FOREIGN, connects, listening_on, sandbox_backend
 from tests.support.vm import vm_request
@@ -86,3 +86,11 @@ def test_without_nft_the_rules_are_recorded_and_the_reason_given(tmp_path: Path)
         assert backend.enforced_rules(handle) == set(rules)
         assert handle.address not in nft.sandbox_tables()
         assert connects(handle.address, 2222, FOREIGN)  # nothing enforces them: the server says so at start
+
+
+def test_a_machine_fresh_from_boot_needs_no_run_sshd_made_by_hand(backend: SandboxBackend) -> None:
+    """/run is empty after a boot and no system sshd made /run/sshd: the backend makes it, as sshd needs it."""
+    shutil.rmtree(PRIVSEP_DIR, ignore_errors=True)
+    handle = backend.up(vm_request(5, (ssh_from(f"{ORCHESTRATOR}/32"),)))
+    assert listening_on(handle.address) == [f"{handle.address}:2222"]
+    assert PRIVSEP_DIR.stat().st_mode & 0o777 == 0o755
