@@ -28,10 +28,10 @@ from api.loop_guard import loop_guard
 from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
-from orchestrator.bootstrap import Runtime
-from orchestrator.db import root_cause, unreachable
-from orchestrator.deps import Deps
-from orchestrator.errors import Unavailable
+from orchestrator.domain.errors import Unavailable
+from orchestrator.runtime.compose import Runtime
+from orchestrator.runtime.container import Deps
+from orchestrator.store.db import root_cause, unreachable
 
 log = structlog.get_logger(__name__)
 

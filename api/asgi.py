@@ -5,9 +5,9 @@ from __future__ import annotations
 from litestar.types import ASGIApp
 
 from api.app import create_app
-from orchestrator.bootstrap import Runtime, build_deps
-from orchestrator.logs import configure_logging
-from orchestrator.settings import Settings
+from orchestrator.platform.logs import configure_logging
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.compose import Runtime, build_deps
 
 
 def app_from_env() -> ASGIApp:

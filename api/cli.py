@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from orchestrator.logs import configure_logging
-from orchestrator.settings import Settings
+from orchestrator.platform.logs import configure_logging
+from orchestrator.platform.settings import Settings
 
 if TYPE_CHECKING:
-    from orchestrator.state_dir import ServerKeys
+    from orchestrator.platform.state_dir import ServerKeys
 
 # The web stack and the database drivers are imported inside the commands that use them:
 # `orchestrator --help` answers in a fraction of the time.
@@ -36,7 +36,7 @@ def main() -> None:
 )
 def serve(host: str | None, port: int | None, no_scheduler: bool, server: str | None) -> None:
     """Run the admin API, the gateway and (unless told not to) the scheduler."""
-    from orchestrator.state_dir import ensure_server_keys  # noqa: PLC0415
+    from orchestrator.platform.state_dir import ensure_server_keys  # noqa: PLC0415
 
     # Flags become the environment the server process builds its settings from.
     for name, value in (("ORCH_HOST", host), ("ORCH_PORT", port), ("ORCH_SERVER", server)):
@@ -95,7 +95,7 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Apply every pending migration (the server also does this at start)."""
-    from orchestrator.db import make_engine, upgrade  # noqa: PLC0415
+    from orchestrator.store.db import make_engine, upgrade  # noqa: PLC0415
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -112,7 +112,7 @@ def db_upgrade() -> None:
 
 
 def _add_engine_sim() -> None:
-    from orchestrator.engine_sim import engine_sim_command  # noqa: PLC0415
+    from orchestrator.enginesim.server import engine_sim_command  # noqa: PLC0415
 
     main.add_command(engine_sim_command, "engine-sim")
 

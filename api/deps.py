@@ -5,7 +5,7 @@ from __future__ import annotations
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from orchestrator.deps import Deps
+from orchestrator.runtime.container import Deps
 
 
 def _deps(state: State) -> Deps:

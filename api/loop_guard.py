@@ -1,5 +1,5 @@
 """The loop guard at the door: a request that already went through this instance (it carries this instance's hop id,
-orchestrator.hops) is answered 508 before any route, so no upstream call is made for it."""
+orchestrator.gateway.hops) is answered 508 before any route, so no upstream call is made for it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from api.gateway.envelopes import openai_error
 from api.gateway.routes import answer
-from orchestrator.hops import HEADER, Hops, LoopDetected
+from orchestrator.gateway.hops import HEADER, Hops, LoopDetected
 
 _HEADER = HEADER.encode()
 

@@ -13,7 +13,7 @@ import paramiko
 from tenacity import Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
 
 from provisioning.errors import CommandFailed, HostKeyMismatch, SshError, SshUnreachable
-from provisioning.keys import generate_keypair, load_private_key, parse_public_key
+from provisioning.ssh_keys import generate_keypair, load_private_key, parse_public_key
 
 __all__ = [
     "CommandFailed",

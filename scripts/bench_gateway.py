@@ -191,7 +191,7 @@ def main() -> None:
     upstream = f"http://127.0.0.1:{upstream_port}"
     rows: dict[str, dict[str, Result]] = {}
     with process(
-        [sys.executable, "-m", "orchestrator.engine_sim", "--model", MODEL, "--port", str(upstream_port)],
+        [sys.executable, "-m", "orchestrator.enginesim", "--model", MODEL, "--port", str(upstream_port)],
         log=workdir / "engine.log",
     ):
         wait_http(f"{upstream}/health")

@@ -17,12 +17,12 @@ from typing import Any, cast
 
 from bench_gateway import free_port, process, wait_http  # the script's own folder is on sys.path
 
-from orchestrator.crypto import SecretBox
-from orchestrator.health import HealthMonitor, HealthPolicy
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.store import Store
-from orchestrator.tables import Replica
-from orchestrator.upstream import Upstream
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.health import HealthMonitor, HealthPolicy
+from orchestrator.gateway.upstream import Upstream
+from orchestrator.platform.secrets import SecretBox
+from orchestrator.store.fleet import FleetStore
+from orchestrator.store.tables import Replica
 
 MODEL = "bench"
 
@@ -34,7 +34,7 @@ async def sweep(urls: list[str], n: int, status: ReplicaStatus) -> tuple[float, 
         return None
 
     monitor = HealthMonitor(
-        cast(Store, None), upstream, SecretBox("bench"), HealthPolicy(), on_change=nothing, wake=lambda: None
+        cast(FleetStore, None), upstream, SecretBox("bench"), HealthPolicy(), on_change=nothing, wake=lambda: None
     )
     replicas = [
         (Replica(id=i, model_id=1, endpoint=f"{urls[i % len(urls)]}/v1", status=status), MODEL) for i in range(n)
@@ -56,7 +56,7 @@ def main() -> None:
     stacks: list[Any] = []
     try:
         for port in ports:
-            ctx = process([sys.executable, "-m", "orchestrator.engine_sim", "--model", MODEL, "--port", str(port)])
+            ctx = process([sys.executable, "-m", "orchestrator.enginesim", "--model", MODEL, "--port", str(port)])
             ctx.__enter__()
             stacks.append(ctx)
         urls = [f"http://127.0.0.1:{p}" for p in ports]

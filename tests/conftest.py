@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from api.app import create_app
-from orchestrator.bootstrap import Runtime, build_deps
-from orchestrator.db import make_engine, upgrade
-from orchestrator.deps import Deps
-from orchestrator.settings import Settings
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.compose import Runtime, build_deps
+from orchestrator.runtime.container import Deps
+from orchestrator.store.db import make_engine, upgrade
 from tests.support.aio import run_in_thread
 from tests.support.postgres import PostgresServer
 from tests.support.sandbox import next_subnet

@@ -13,10 +13,10 @@ from litestar.status_codes import HTTP_200_OK
 
 from api.brconnector import schemas as s
 from api.brconnector.envelope import ok, page
-from orchestrator import money
-from orchestrator.deps import Deps
-from orchestrator.errors import Conflict, InvalidInput
-from orchestrator.services.accounts import KeyRef
+from orchestrator.billing.accounts import KeyRef
+from orchestrator.domain import money
+from orchestrator.domain.errors import Conflict, InvalidInput
+from orchestrator.runtime.container import Deps
 
 Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
 Offset = Annotated[int, QueryParameter(ge=0, le=s.MAX_ID)]

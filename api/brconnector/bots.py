@@ -20,10 +20,10 @@ from litestar.status_codes import HTTP_200_OK, HTTP_400_BAD_REQUEST, HTTP_403_FO
 from api.brconnector import schemas as s
 from api.brconnector.admin import Limit, Offset, PathId, Text
 from api.brconnector.envelope import failure, ok, page
-from orchestrator.deps import Deps
-from orchestrator.feishu import FeishuError, Signed, check_signed, decrypt_event, open_unsigned
-from orchestrator.keys import same_secret
-from orchestrator.services.bots import BotView, FeishuBot
+from orchestrator.platform.secrets import same_secret
+from orchestrator.runtime.container import Deps
+from orchestrator.surfaces.feishu.bots import BotView, FeishuBot
+from orchestrator.surfaces.feishu.client import FeishuError, Signed, check_signed, decrypt_event, open_unsigned
 
 log = structlog.get_logger(__name__)
 

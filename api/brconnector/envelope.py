@@ -25,11 +25,11 @@ from litestar.status_codes import (
 )
 
 from api.gateway.routes import client_address, credentials
-from orchestrator.catalog import KeyInfo
-from orchestrator.deps import Deps
-from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
-from orchestrator.gateway import IpRefused, Unauthorized
-from orchestrator.listing import Page
+from orchestrator.domain.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
+from orchestrator.gateway.catalog import KeyInfo
+from orchestrator.gateway.flow import IpRefused, Unauthorized
+from orchestrator.runtime.container import Deps
+from orchestrator.store.listing import Page
 
 log = structlog.get_logger(__name__)
 

@@ -12,9 +12,9 @@ from litestar.exceptions import PermissionDeniedException
 from api.brconnector import schemas as s
 from api.brconnector.admin import Limit, Offset, OptId, PathId, Text
 from api.brconnector.envelope import caller, ok, page
-from orchestrator import money
-from orchestrator.catalog import SERVER_ADMIN
-from orchestrator.deps import Deps
+from orchestrator.domain import money
+from orchestrator.gateway.catalog import SERVER_ADMIN
+from orchestrator.runtime.container import Deps
 
 
 class AdminRecords(Controller):

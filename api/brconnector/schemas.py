@@ -11,11 +11,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from orchestrator import money
-from orchestrator.account_store import Binding
-from orchestrator.errors import InvalidInput
-from orchestrator.keys import allowlist
-from orchestrator.tables import ApiKey, ChatSession, KeyGroup, LlmModel, Metric, Payment, row_id
+from orchestrator.domain import money
+from orchestrator.domain.errors import InvalidInput
+from orchestrator.platform.secrets import allowlist
+from orchestrator.store.accounts import Binding
+from orchestrator.store.tables import ApiKey, ChatSession, KeyGroup, LlmModel, Metric, Payment, row_id
 
 MAX_ID = 2**31 - 1
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
-Kind = Literal["chat", "completions"]
+from orchestrator.billing.records import CallKind
 
 
 class BadBody(Exception):
@@ -86,7 +86,7 @@ class Parsed:
     """Parts of the messages that are not text (images, audio...): their tokens are not bounded by their bytes."""
 
 
-def parse(raw: bytes, kind: Kind, *, path_model: str | None, toolkit: bool) -> Parsed:
+def parse(raw: bytes, kind: CallKind, *, path_model: str | None, toolkit: bool) -> Parsed:
     try:
         req: _Chat | _Completion = _CHAT.decode(raw) if kind == "chat" else _COMPLETION.decode(raw)
     except msgspec.ValidationError as e:

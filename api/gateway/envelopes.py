@@ -8,7 +8,7 @@ import msgspec
 from litestar import Response
 
 from api.gateway.bodies import BadBody
-from orchestrator.gateway import (
+from orchestrator.gateway.flow import (
     Forbidden,
     GatewayError,
     IpRefused,
@@ -19,12 +19,12 @@ from orchestrator.gateway import (
     UnknownModel,
     UpstreamFailed,
 )
-from orchestrator.hops import LoopDetected
-from orchestrator.priority import QueueTimeout
+from orchestrator.gateway.hops import LoopDetected
+from orchestrator.gateway.priority import QueueTimeout
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorAnswer:
+class Answer:
     status: int
     body: bytes
     headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -35,15 +35,15 @@ class ErrorAnswer:
         return Response(self.body, status_code=self.status, media_type="application/json", headers=headers)
 
 
-def _openai(status: int, message: str, kind: str, param: str | None = None, *extra: tuple[bytes, bytes]) -> ErrorAnswer:
+def _openai(status: int, message: str, kind: str, param: str | None = None, *extra: tuple[bytes, bytes]) -> Answer:
     body = {"error": {"message": message, "type": kind, "param": param, "code": str(status)}}
-    return ErrorAnswer(status, msgspec.json.encode(body), extra)
+    return Answer(status, msgspec.json.encode(body), extra)
 
 
 _SEE_MODELS = "Call `/v1/models` to view available models for your key."
 
 
-def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911, PLR0912  (one answer per error kind)
+def openai_error(e: Exception) -> Answer:  # noqa: PLR0911, PLR0912  (one answer per error kind)
     match e:
         case IpRefused():
             return _openai(401, str(e), "authentication_error")
@@ -76,27 +76,27 @@ def openai_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911, PLR0912  (one a
     raise TypeError(f"not a gateway error: {e!r}")
 
 
-def toolkit_error(e: Exception) -> ErrorAnswer:  # noqa: PLR0911  (one answer per error kind)
+def toolkit_error(e: Exception) -> Answer:  # noqa: PLR0911  (one answer per error kind)
     match e:
         case IpRefused():
-            return ErrorAnswer(401, b'{"error":"Unauthorized IP address"}')
+            return Answer(401, b'{"error":"Unauthorized IP address"}')
         case Unauthorized():
-            return ErrorAnswer(401, b'{"error":"Invalid API key."}')
+            return Answer(401, b'{"error":"Invalid API key."}')
         case RateLimited():
             body = {"error": "rate_limit_exceeded", "message": str(e), "allowed_rpm": e.allowed_rpm}
-            return ErrorAnswer(429, msgspec.json.encode(body))
+            return Answer(429, msgspec.json.encode(body))
         case PaymentRequired():
-            return ErrorAnswer(402, msgspec.json.encode({"error": str(e)}))
+            return Answer(402, msgspec.json.encode({"error": str(e)}))
         case UnknownModel():
-            return ErrorAnswer(400, b'{"error":"Invalid Model"}')
+            return Answer(400, b'{"error":"Invalid Model"}')
         case Forbidden():
-            return ErrorAnswer(403, msgspec.json.encode({"error": str(e)}))
+            return Answer(403, msgspec.json.encode({"error": str(e)}))
         case NoReplica() | UpstreamFailed():
-            return ErrorAnswer(400, b'{"error":"No Replica available / ready."}')
+            return Answer(400, b'{"error":"No Replica available / ready."}')
         case BadBody():
-            return ErrorAnswer(400, msgspec.json.encode({"errors": {e.param or "_schema": [e.message]}}))
+            return Answer(400, msgspec.json.encode({"errors": {e.param or "_schema": [e.message]}}))
         case TooLarge():
-            return ErrorAnswer(413, msgspec.json.encode({"error": str(e)}))
+            return Answer(413, msgspec.json.encode({"error": str(e)}))
     raise TypeError(f"not a gateway error: {e!r}")
 
 

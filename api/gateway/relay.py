@@ -14,8 +14,8 @@ import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
-from orchestrator.gateway import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, counted_prompt, usage_of
-from orchestrator.records import Kind, relayed_tokens
+from orchestrator.billing.records import CallKind, relayed_tokens
+from orchestrator.gateway.flow import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, counted_prompt, usage_of
 
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
 WATCH_AFTER_S = 0.05
@@ -70,7 +70,9 @@ class Settlement:
 
     __slots__ = ("_done", "_finish", "_kind", "_request", "outcome")
 
-    def __init__(self, kind: Kind, request: bytes, finish: Callable[[Outcome], asyncio.Future[None] | None]) -> None:
+    def __init__(
+        self, kind: CallKind, request: bytes, finish: Callable[[Outcome], asyncio.Future[None] | None]
+    ) -> None:
         self.outcome = Outcome(500)
         self._kind, self._request, self._finish = kind, request, finish
         self._done = False

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
-from api.gateway.bodies import BadBody, Kind, Parsed, Queued, parse, queue_fields, with_fields
-from api.gateway.envelopes import ErrorAnswer, TooLarge, openai_error, toolkit_error
+from api.gateway.bodies import BadBody, Parsed, Queued, parse, queue_fields, with_fields
+from api.gateway.envelopes import Answer, TooLarge, openai_error, toolkit_error
 from api.gateway.relay import CLIENT_CLOSED, Settlement, relay_stream, relay_whole, until_disconnected
-from orchestrator.catalog import KeyInfo, ModelInfo
-from orchestrator.gateway import Call, Gateway, GatewayError, Hold, UpstreamFailed
-from orchestrator.metrics import Metrics
-from orchestrator.priority import PriorityQueues
+from orchestrator.billing.records import CallKind
+from orchestrator.gateway.catalog import KeyInfo, ModelInfo
+from orchestrator.gateway.flow import Call, Gateway, GatewayError, Hold, UpstreamFailed
+from orchestrator.gateway.priority import PriorityQueues
+from orchestrator.runtime.metrics import ServerMetrics
 
 MAX_BODY = 4 * 1024 * 1024
 MAX_SESSION_ID = 128
@@ -23,7 +24,7 @@ MAX_SESSION_ID = 128
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    kind: Kind | None  # None: the model list
+    kind: CallKind | None  # None: the model list
     toolkit: bool = False
     path_model: str | None = None
     queued: bool = False
@@ -41,7 +42,7 @@ _EXACT = {
     "/models": Route(None),
 }
 _PREFIXES = ("/engines/", "/openai/deployments/")
-_TAILS: tuple[tuple[str, Kind], ...] = (("/chat/completions", "chat"), ("/completions", "completions"))
+_TAILS: tuple[tuple[str, CallKind], ...] = (("/chat/completions", "chat"), ("/completions", "completions"))
 
 
 def match(path: str) -> Route | None:
@@ -57,7 +58,7 @@ def match(path: str) -> Route | None:
     return None
 
 
-def path_of(kind: Kind) -> str:
+def path_of(kind: CallKind) -> str:
     return "/chat/completions" if kind == "chat" else "/completions"
 
 
@@ -95,7 +96,7 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def answer(send: Send, reply: ErrorAnswer) -> int:
+async def answer(send: Send, reply: Answer) -> int:
     """Send a whole JSON answer; returns its status."""
     headers = [(b"content-type", b"application/json"), *reply.headers]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -123,7 +124,7 @@ class Admitted:
 
     key: KeyInfo
     model: ModelInfo
-    kind: Kind
+    kind: CallKind
     raw: bytes
     """The body as the client sent it (recorded)."""
     parsed: Parsed
@@ -135,7 +136,7 @@ class Admitted:
 
 
 class GatewayRoutes:
-    def __init__(self, gateway: Gateway, metrics: Metrics, queues: PriorityQueues) -> None:
+    def __init__(self, gateway: Gateway, metrics: ServerMetrics, queues: PriorityQueues) -> None:
         self._gw = gateway
         self._metrics = metrics
         self._queues = queues
@@ -170,7 +171,7 @@ class GatewayRoutes:
             return CLIENT_CLOSED
         return await self._relay(admitted, call, send, receive, errors)
 
-    async def _admit(self, scope: HTTPScope, receive: Receive, route: Route, kind: Kind) -> Admitted:
+    async def _admit(self, scope: HTTPScope, receive: Receive, route: Route, kind: CallKind) -> Admitted:
         """Key, limits, body, model and spend: everything checked before a replica is asked."""
         gw = self._gw
         raw_key, session = credentials(scope)
@@ -215,7 +216,7 @@ class GatewayRoutes:
             admission.end()
 
     async def _relay(
-        self, a: Admitted, call: Call, send: Send, receive: Receive, errors: Callable[[Exception], ErrorAnswer]
+        self, a: Admitted, call: Call, send: Send, receive: Receive, errors: Callable[[Exception], Answer]
     ) -> int:
         """Relay the answer; the call is accounted for (fee, record on disk) before its last byte, or when it ends
         otherwise (the client left, the replica broke off)."""
@@ -262,11 +263,11 @@ class GatewayRoutes:
             {"id": m.name, "object": "model", "created": m.created, "owned_by": m.provider, "multiple": m.multiple}
             for m in self._gw.visible_models(key)
         ]
-        return await answer(send, ErrorAnswer(200, msgspec.json.encode({"object": "list", "data": data})))
+        return await answer(send, Answer(200, msgspec.json.encode({"object": "list", "data": data})))
 
 
-def _not_allowed(route: Route) -> ErrorAnswer:
+def _not_allowed(route: Route) -> Answer:
     if route.toolkit:
-        return ErrorAnswer(405, b'{"error":"Method Not Allowed"}')
+        return Answer(405, b'{"error":"Method Not Allowed"}')
     body = {"error": {"message": "Method Not Allowed", "type": "invalid_request_error", "param": None, "code": "405"}}
-    return ErrorAnswer(405, msgspec.json.encode(body))
+    return Answer(405, msgspec.json.encode(body))

@@ -1,4 +1,4 @@
-"""LiteLLM's `POST /utils/token_counter`: parse -> count (orchestrator.token_count) -> answer, errors in
+"""LiteLLM's `POST /utils/token_counter`: parse -> count (orchestrator.gateway.tokens) -> answer, errors in
 OpenAI's envelope, with the gateway's client keys."""
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from api.deps import DEPS
 from api.gateway.bodies import BadBody
 from api.gateway.envelopes import openai_error
 from api.gateway.routes import client_address, credentials
-from orchestrator.catalog import KeyInfo
-from orchestrator.deps import Deps
-from orchestrator.gateway import GatewayError
-from orchestrator.token_count import Message, Messages, Prompt, TokenCounter
+from orchestrator.gateway.catalog import KeyInfo
+from orchestrator.gateway.flow import GatewayError
+from orchestrator.gateway.tokens import Message, Messages, Prompt
+from orchestrator.runtime.container import Deps
+from orchestrator.surfaces.litellm.token_counter import TokenCounter
 
 MAX_BODY = 1024 * 1024  # bounds the work of one count too: a MiB of text encodes in well under a second
 MAX_MESSAGES = 10_000

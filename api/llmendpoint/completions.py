@@ -9,13 +9,20 @@ import aiohttp
 import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
-from api.gateway.envelopes import ErrorAnswer, TooLarge
+from api.gateway.envelopes import Answer, TooLarge
 from api.gateway.relay import Commit, Settlement, until_disconnected
 from api.gateway.routes import answer, client_address, credentials, read_body
-from orchestrator.catalog import KeyInfo, ModelInfo
-from orchestrator.gateway import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
-from orchestrator.llmendpoint import Completions, LlmEndpointError, Refusal, Valid, engine_error, parse
-from orchestrator.metrics import Metrics
+from orchestrator.gateway.catalog import KeyInfo, ModelInfo
+from orchestrator.gateway.flow import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
+from orchestrator.runtime.metrics import ServerMetrics
+from orchestrator.surfaces.llmendpoint.completions import (
+    Completions,
+    LlmEndpointError,
+    Refusal,
+    Valid,
+    engine_error,
+    parse,
+)
 
 COMPLETIONS_PATH = "/api/v1/completions"
 NO_KEY = "Authorization header required"
@@ -35,14 +42,14 @@ STATUS = {
 }
 
 
-def failure(status: int, message: str, detail: str | None = None) -> ErrorAnswer:
+def failure(status: int, message: str, detail: str | None = None) -> Answer:
     body: dict[str, object] = {"success": False, "message": message}
     if detail:
         body["detail"] = detail
-    return ErrorAnswer(status, msgspec.json.encode(body))
+    return Answer(status, msgspec.json.encode(body))
 
 
-def refused(e: LlmEndpointError) -> ErrorAnswer:
+def refused(e: LlmEndpointError) -> Answer:
     return failure(STATUS[e.refusal], e.message, e.detail)
 
 
@@ -77,7 +84,7 @@ _LINE = msgspec.json.Encoder()
 
 
 class CompletionRoute:
-    def __init__(self, gateway: Gateway, metrics: Metrics) -> None:
+    def __init__(self, gateway: Gateway, metrics: ServerMetrics) -> None:
         self._gw = gateway
         self._completions = Completions(gateway)
         self._metrics = metrics
@@ -100,7 +107,7 @@ class CompletionRoute:
             req = parse(await read_body(receive))
             if not req.stream:
                 text = await self._completions.complete(key, req)
-                return await answer(send, ErrorAnswer(200, msgspec.json.encode({"success": True, "response": text})))
+                return await answer(send, Answer(200, msgspec.json.encode({"success": True, "response": text})))
             model, price = self._completions.admit(key, req)
             call = await self._completions.open(key, model, req, price)
         except LlmEndpointError as e:

@@ -21,11 +21,11 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from api.deps import DEPS
 from api.llmendpoint.completions import authenticate, failure, refused
-from orchestrator.catalog import KeyInfo
-from orchestrator.deps import Deps
-from orchestrator.errors import Unavailable
-from orchestrator.llmendpoint import LlmEndpointError
-from orchestrator.tables import CompletionTask
+from orchestrator.domain.errors import Unavailable
+from orchestrator.gateway.catalog import KeyInfo
+from orchestrator.runtime.container import Deps
+from orchestrator.store.tables import CompletionTask
+from orchestrator.surfaces.llmendpoint.completions import LlmEndpointError
 
 QUEUED = "Request queued successfully"
 

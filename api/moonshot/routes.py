@@ -22,9 +22,9 @@ from litestar.status_codes import (
 from api.deps import DEPS
 from api.moonshot import schemas as s
 from api.toolkit.auth import admin_only
-from orchestrator.deps import Deps
-from orchestrator.errors import InvalidInput, NotFound, Unavailable
-from orchestrator.services.llm_endpoints import CONNECTOR_TYPES, EndpointView
+from orchestrator.domain.errors import InvalidInput, NotFound, Unavailable
+from orchestrator.runtime.container import Deps
+from orchestrator.surfaces.moonshot.endpoints import CONNECTOR_TYPES, EndpointView
 
 NOT_AN_OBJECT = "body must be a JSON object"
 
@@ -38,7 +38,7 @@ class LlmEndpointController(Controller):
 
     @get("/llm_endpoints")
     async def endpoints(self, deps: NamedDependency[Deps]) -> list[EndpointView]:
-        return await deps.llm_endpoints.endpoints()  # tokens already masked
+        return await deps.external_endpoints.endpoints()  # tokens already masked
 
     @post(
         "/llm_endpoints",
@@ -46,7 +46,7 @@ class LlmEndpointController(Controller):
         responses={HTTP_422_UNPROCESSABLE_ENTITY: ResponseSpec(s.ErrorsOut, description="A bad body")},
     )
     async def add(self, deps: NamedDependency[Deps], data: JSONBody[s.EndpointIn]) -> s.MessageOut:
-        await deps.llm_endpoints.save(data.spec())
+        await deps.external_endpoints.save(data.spec())
         return s.MessageOut(message="Endpoint added successfully")
 
     @delete(
@@ -56,7 +56,7 @@ class LlmEndpointController(Controller):
     )
     async def remove(self, deps: NamedDependency[Deps], endpoint_id: FromPath[str]) -> Response[Any]:
         try:
-            await deps.llm_endpoints.delete(endpoint_id)
+            await deps.external_endpoints.delete(endpoint_id)
         except NotFound as e:
             return Response(s.DetailOut(detail=f"Failed to delete endpoint: {e}"), status_code=HTTP_404_NOT_FOUND)
         return Response(s.MessageOut(message="Endpoint deleted successfully"))

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from orchestrator.services.llm_endpoints import MAX_NAME, MAX_RATE, MAX_TOKEN, MAX_URI, EndpointSpec
+from orchestrator.surfaces.moonshot.endpoints import MAX_NAME, MAX_RATE, MAX_TOKEN, MAX_URI, EndpointSpec
 
 
 def _whole_number(value: Any) -> Any:

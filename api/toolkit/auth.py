@@ -8,8 +8,8 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 
-from orchestrator.deps import Deps
-from orchestrator.keys import same_secret
+from orchestrator.platform.secrets import same_secret
+from orchestrator.runtime.container import Deps
 
 
 def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:

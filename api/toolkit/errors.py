@@ -22,7 +22,7 @@ from litestar.status_codes import (
 )
 
 from api.toolkit.schemas import FIELD_RULE
-from orchestrator.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
+from orchestrator.domain.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
 
 log = structlog.get_logger(__name__)
 

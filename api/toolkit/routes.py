@@ -13,11 +13,12 @@ from api.deps import DEPS
 from api.toolkit import schemas as s
 from api.toolkit.auth import admin_only
 from api.toolkit.errors import HANDLERS
-from orchestrator.deps import Deps
-from orchestrator.errors import Conflict, NotFound
-from orchestrator.lifecycle import ReplicaStatus, vm_status
-from orchestrator.store import KeyRemoval, ReplicaDetail
-from orchestrator.tables import Replica, row_id
+from orchestrator.domain.errors import Conflict, NotFound
+from orchestrator.domain.lifecycle import ReplicaStatus, vm_status
+from orchestrator.runtime.container import Deps
+from orchestrator.store.api_keys import KeyRemoval
+from orchestrator.store.fleet import ReplicaDetail
+from orchestrator.store.tables import Replica, row_id
 
 # Ids outside the column's range are refused with a 400 rather than reaching the database.
 PathId = Annotated[int, Parameter(ge=1, le=s.MAX_ID)]
@@ -53,11 +54,11 @@ class TableController(Controller):
 
     @get("/")
     async def names(self, deps: NamedDependency[Deps]) -> s.TablesOut:
-        return s.TablesOut(tables=deps.store.table_names())
+        return s.TablesOut(tables=deps.tables.names())
 
     @get("/{table_name:str}")
     async def rows(self, deps: NamedDependency[Deps], table_name: FromPath[str]) -> s.TableDataOut:
-        return s.TableDataOut(data=await deps.store.table_rows(table_name))
+        return s.TableDataOut(data=await deps.tables.rows(table_name))
 
 
 class ModelController(Controller):

@@ -10,10 +10,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 
 from infra.vm import Rule
-from orchestrator.endpoints import is_http_url
-from orchestrator.keys import allowlist
-from orchestrator.security import prefix_network
-from orchestrator.services.replicas import ReplicaSpec, VmSpec
+from orchestrator.fleet.replicas import ReplicaSpec, VmSpec
+from orchestrator.fleet.security_rules import prefix_network
+from orchestrator.gateway.engine_urls import is_http_url
+from orchestrator.platform.secrets import allowlist
 
 FIELD_RULE = "field_rule"
 """Error type of a rule that spans fields: `ctx.field` names the field it is reported on."""
@@ -111,7 +111,7 @@ class VmCreationIn(_In):
     security_rules: Annotated[list[SecurityRuleIn], Field(max_length=64)] = []
 
     # What the rules may open of SSH and the engine port depends on the backend and the network settings: the
-    # replica service judges that (`orchestrator.security.rule_problems`).
+    # replica service judges that (`orchestrator.fleet.security_rules.rule_problems`).
 
     @field_validator("name")
     @classmethod

@@ -7,9 +7,9 @@ from decimal import Decimal
 import httpx
 import openai
 
-from orchestrator.deps import Deps
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.reconcile import reconcile
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.runtime.container import Deps
 
 
 async def make_ready(client: httpx.AsyncClient, deps: Deps, model: str, *endpoints: str, **extra: object) -> list[int]:

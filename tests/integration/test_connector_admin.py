@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlmodel import col, select
 
-from orchestrator.db import make_sessions
-from orchestrator.deps import Deps
-from orchestrator.tables import GroupModel, KeyModel
+from orchestrator.runtime.container import Deps
+from orchestrator.store.db import make_sessions
+from orchestrator.store.tables import GroupModel, KeyModel
 from tests.conftest import ADMIN_KEY
 
 Client = httpx.AsyncClient

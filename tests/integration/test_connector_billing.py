@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import update
 
 from api.app import create_app
-from orchestrator.bootstrap import Runtime, build_deps
-from orchestrator.deps import Deps
-from orchestrator.money import UNIT, month_of
-from orchestrator.tables import ApiKey, Metric
+from orchestrator.domain.money import UNIT, month_of
+from orchestrator.runtime.compose import Runtime, build_deps
+from orchestrator.runtime.container import Deps
+from orchestrator.store.tables import ApiKey, Metric
 from tests.conftest import ADMIN_KEY, instance_settings
 from tests.integration.gateway_helpers import make_ready
 from tests.support.engines import Engine, engine_in_process

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from sqlmodel import select
 
-from orchestrator.db import make_sessions
-from orchestrator.deps import Deps
-from orchestrator.feishu import signature
-from orchestrator.settings import Settings
-from orchestrator.tables import BotConnector
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
+from orchestrator.store.db import make_sessions
+from orchestrator.store.tables import BotConnector
+from orchestrator.surfaces.feishu.client import signature
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import make_ready
 from tests.support.engines import Engine, engine_in_process

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
+from orchestrator.runtime.container import Deps
 from tests.conftest import ADMIN_KEY
 from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.integration.test_connector_admin import (

@@ -16,10 +16,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.db import make_engine, unreachable
-from orchestrator.deps import Deps
-from orchestrator.scheduler import probe_job, quiet, records_flush_job
-from orchestrator.settings import Settings
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
+from orchestrator.runtime.jobs import probe_job, quiet, records_flush_job
+from orchestrator.store.db import make_engine, unreachable
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.support.engines import Engine, engine_in_process, free_port

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
-from orchestrator.drain import Drain
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.reconcile import reconcile
-from orchestrator.settings import Settings
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.drain import Drain
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.support.engines import Engine, engine_in_process

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from hypothesis import strategies as st
 
-from orchestrator.deps import Deps
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import make_ready
 from tests.integration.test_fuzz_openapi import (
     JSON_TYPE,

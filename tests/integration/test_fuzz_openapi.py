@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from orchestrator.settings import Settings
+from orchestrator.platform.settings import Settings
 from tests.conftest import ADMIN_KEY, instance_settings
 
 Strategy = st.SearchStrategy[Any]

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from orchestrator.deps import Deps
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import issue_key, make_ready, openai_client
 from tests.support.engines import Engine, engine_in_process
 

@@ -12,8 +12,8 @@ import pytest
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from orchestrator.guarded_resolver import GuardedResolver
-from orchestrator.upstream import ConnectFailed, Upstream
+from orchestrator.gateway.upstream import ConnectFailed, Upstream
+from orchestrator.platform.guarded_resolver import GuardedResolver
 from tests.support.engines import Engine, engine_in_process
 
 

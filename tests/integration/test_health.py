@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from orchestrator.deps import Deps
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.reconcile import reconcile
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import issue_key, make_ready, openai_client
 from tests.support.engines import engine_in_process, engine_process, free_port
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import issue_key
 from tests.support.engines import Engine, engine_in_process
 

@@ -11,8 +11,8 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
-from orchestrator.money import CREDIT, UNIT
+from orchestrator.domain.money import CREDIT, UNIT
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import balance_units, funded_key, make_ready
 from tests.support.engines import Engine, engine_in_process
 

@@ -17,13 +17,13 @@ import httpx
 import msgspec
 import pytest
 
-from orchestrator.bootstrap import Runtime, build_deps
-from orchestrator.deps import Deps
-from orchestrator.llmendpoint import parse
-from orchestrator.money import CREDIT, UNIT
-from orchestrator.scheduler import tasks_job
-from orchestrator.settings import Settings
-from orchestrator.tables import CompletionTask, utcnow
+from orchestrator.domain.money import CREDIT, UNIT
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.compose import Runtime, build_deps
+from orchestrator.runtime.container import Deps
+from orchestrator.runtime.jobs import tasks_job
+from orchestrator.store.tables import CompletionTask, utcnow
+from orchestrator.surfaces.llmendpoint.completions import parse
 from tests.conftest import ADMIN_KEY, instance_settings
 from tests.integration.gateway_helpers import balance_units, funded_key, make_ready
 from tests.support.engines import Engine, engine_in_process

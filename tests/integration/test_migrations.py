@@ -11,8 +11,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-from orchestrator.db import downgrade, make_engine, upgrade
-from orchestrator.deps import Deps
+from orchestrator.runtime.container import Deps
+from orchestrator.store.db import downgrade, make_engine, upgrade
 
 
 def _diff(conn: Connection) -> list[object]:

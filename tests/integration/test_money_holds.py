@@ -8,8 +8,8 @@ import asyncio
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
-from orchestrator.money import UNIT
+from orchestrator.domain.money import UNIT
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import funded_key, issue_key, make_ready
 from tests.integration.test_connector_billing import (
     CHAT,

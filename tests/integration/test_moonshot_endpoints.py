@@ -11,13 +11,13 @@ import pytest
 from sqlmodel import col, select
 
 from api.gateway.routes import match
-from orchestrator.db import make_sessions
-from orchestrator.deps import Deps
-from orchestrator.endpoint_store import EndpointStore
-from orchestrator.errors import NotFound
-from orchestrator.outbound import OutboundPolicy
-from orchestrator.services.llm_endpoints import EndpointSpec, LlmEndpointService
-from orchestrator.tables import LlmEndpoint
+from orchestrator.domain.errors import NotFound
+from orchestrator.platform.outbound import OutboundPolicy
+from orchestrator.runtime.container import Deps
+from orchestrator.store.db import make_sessions
+from orchestrator.store.external_endpoints import ExternalEndpointStore
+from orchestrator.store.tables import ExternalEndpoint
+from orchestrator.surfaces.moonshot.endpoints import EndpointSpec, ExternalEndpointService
 from tests.conftest import ADMIN_KEY
 
 Client = httpx.AsyncClient
@@ -70,9 +70,9 @@ async def listed(client: Client) -> list[dict[str, Any]]:
     return endpoints
 
 
-async def stored(deps: Deps) -> list[LlmEndpoint]:
+async def stored(deps: Deps) -> list[ExternalEndpoint]:
     async with make_sessions(deps.engine)() as s:
-        return list((await s.exec(select(LlmEndpoint).order_by(col(LlmEndpoint.id)))).all())
+        return list((await s.exec(select(ExternalEndpoint).order_by(col(ExternalEndpoint.id)))).all())
 
 
 # -- the routes ------------------------------------------------------------------------------
@@ -410,8 +410,8 @@ async def test_every_change_calls_on_change(deps: Deps) -> None:
         calls.append("reload")
 
     outbound = OutboundPolicy.from_settings(deps.settings)
-    service = LlmEndpointService(
-        EndpointStore(make_sessions(deps.engine)), deps.box, on_change=on_change, outbound=outbound
+    service = ExternalEndpointService(
+        ExternalEndpointStore(make_sessions(deps.engine)), deps.box, on_change=on_change, outbound=outbound
     )
     spec = EndpointSpec(
         name="Ext 1",

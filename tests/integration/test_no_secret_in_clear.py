@@ -22,10 +22,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.crypto import SecretBox
-from orchestrator.deps import Deps
-from orchestrator.keys import hash_api_key
-from orchestrator.settings import Settings
+from orchestrator.platform.secrets import SecretBox, hash_api_key
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import make_ready
 from tests.support.engines import Engine, engine_in_process

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
-from orchestrator.settings import Settings
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.support.engines import Engine, engine_in_process

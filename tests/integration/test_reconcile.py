@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from orchestrator.bootstrap import Runtime
-from orchestrator.deps import Deps
-from orchestrator.errors import InvalidTransition
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.reconcile import reconcile
-from orchestrator.services.replicas import ReplicaSpec, VmSpec
-from orchestrator.settings import Settings
+from orchestrator.domain.errors import InvalidTransition
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.fleet.replicas import ReplicaSpec, VmSpec
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.compose import Runtime
+from orchestrator.runtime.container import Deps
 
 S = ReplicaStatus
 
@@ -106,7 +106,7 @@ async def _wait_for(deps: Deps, replica_id: int, status: str, within_s: float = 
 
 
 async def test_scheduler_runs_reconcile_and_a_nudge_runs_it_at_once(settings: Settings) -> None:
-    from orchestrator.bootstrap import build_deps
+    from orchestrator.runtime.compose import build_deps
 
     # A tick far in the future: only the start-up run and the nudge can move the replica.
     deps = build_deps(settings.model_copy(update={"scheduler": True, "reconcile_interval_s": 3600}))
@@ -138,7 +138,7 @@ async def test_deleting_a_failed_replica_keeps_why_it_failed(deps: Deps) -> None
 
 
 async def test_a_nudge_during_a_run_is_not_lost(deps: Deps) -> None:
-    from orchestrator.scheduler import reconcile_job
+    from orchestrator.runtime.jobs import reconcile_job
 
     replica_id = await _external(deps)
     deps.nudge()  # as if an admin acted while the job ran

@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
-from orchestrator.db import make_sessions
-from orchestrator.deps import Deps
-from orchestrator.journal import Journal
-from orchestrator.record_store import RecordStore
-from orchestrator.records import CallRecord, CallRecords
-from orchestrator.tables import Metric
+from orchestrator.billing.journal import Journal
+from orchestrator.billing.records import CallRecord, CallRecords
+from orchestrator.runtime.container import Deps
+from orchestrator.store.call_records import BatchConflict, RecordStore
+from orchestrator.store.db import make_sessions
+from orchestrator.store.tables import Metric
 
 
 class CommitAnswerLost(RecordStore):
@@ -51,7 +50,7 @@ async def test_a_batch_whose_commit_answer_was_lost_is_written_once(deps: Deps, 
         with pytest.raises(ConnectionResetError):
             await records.flush()  # written, but this process cannot know
         await records.add(call(key.id, 10))  # type: ignore[misc]  # a call made meanwhile
-        with pytest.raises(IntegrityError):
+        with pytest.raises(BatchConflict):
             await records.flush()  # its first segment is marked written already: found out, not written twice
         assert await records.flush() == 1  # what is left
         assert len(records) == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from apscheduler.util import iscoroutinefunction_partial
 
-from orchestrator.deps import Deps
-from orchestrator.scheduler import build_scheduler
+from orchestrator.runtime.container import Deps
+from orchestrator.runtime.jobs import build_scheduler
 
 
 async def test_every_job_is_a_coroutine_function_the_scheduler_awaits(deps: Deps) -> None:

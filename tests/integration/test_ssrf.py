@@ -12,10 +12,10 @@ import httpx
 import pytest
 from aiohttp import web
 
-from orchestrator.deps import Deps
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.reconcile import reconcile
-from orchestrator.settings import Settings
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
 from tests.conftest import instance_settings
 from tests.integration.gateway_helpers import funded_key, issue_key, make_ready
 from tests.support.engines import Engine, app_in_process, engine_in_process

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from aiohttp import web
 
-from orchestrator.deps import Deps
-from orchestrator.engine_sim import SimConfig, build_app
-from orchestrator.token_count import IMAGE_TOKENS
+from orchestrator.enginesim.server import SimConfig, build_app
+from orchestrator.gateway.tokens import IMAGE_TOKENS
+from orchestrator.runtime.container import Deps
 from tests.integration.gateway_helpers import issue_key, make_ready
 
 MODEL = "llama-3.1-8b"

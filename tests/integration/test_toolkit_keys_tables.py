@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from orchestrator.deps import Deps
-from orchestrator.keys import hash_api_key
-from orchestrator.record_store import CallRow
+from orchestrator.platform.secrets import hash_api_key
+from orchestrator.runtime.container import Deps
+from orchestrator.store.call_records import CallRow
 from tests.conftest import ADMIN_KEY, SECRET_KEY
 from tests.integration.toolkit_helpers import Client, create_model, create_replica, vm_details
 
@@ -35,8 +35,8 @@ async def test_stored_hash_is_hmac_sha256_of_the_key(client: Client, deps: Deps)
     plain = (await client.post("/api/v1/generate_api_key", json={"user_id": "u", "allowed_rpm": 7})).json()["api_key"]
     from sqlmodel import select
 
-    from orchestrator.db import make_sessions
-    from orchestrator.tables import ApiKey
+    from orchestrator.store.db import make_sessions
+    from orchestrator.store.tables import ApiKey
 
     async with make_sessions(deps.engine)() as s:
         row = (await s.exec(select(ApiKey))).one()

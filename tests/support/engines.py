@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
-from orchestrator.engine_sim import SimConfig, build_app
+from orchestrator.enginesim.server import SimConfig, build_app
 
 
 @dataclass
@@ -75,7 +75,7 @@ def free_port() -> int:
 def engine_process(model: str, *args: str) -> Iterator[tuple[Engine, subprocess.Popen[bytes]]]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.engine_sim", "--model", model, "--port", str(port), *args],
+        [sys.executable, "-m", "orchestrator.enginesim", "--model", model, "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

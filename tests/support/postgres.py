@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from orchestrator.db import make_engine, upgrade
+from orchestrator.store.db import make_engine, upgrade
 from tests.support.aio import run_in_thread
 
 TEMPLATE = "orch_template"

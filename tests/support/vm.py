@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from infra.vm import Rule, VmRequest
-from provisioning.keys import generate_keypair
+from provisioning.ssh_keys import generate_keypair
 
 
 def vm_request(replica_id: int, rules: tuple[Rule, ...] = (), **overrides: Any) -> VmRequest:

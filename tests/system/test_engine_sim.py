@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.engine_sim import SimConfig, build_app, engine_sim_command
+from orchestrator.enginesim.server import SimConfig, build_app, engine_sim_command
 from tests.support.engines import app_in_process
 
 MODEL = "sim-model"
@@ -469,10 +469,10 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def sim_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`python -m orchestrator.engine_sim` on a free port, once it printed its start line."""
+    """`python -m orchestrator.enginesim.server` on a free port, once it printed its start line."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "orchestrator.engine_sim", "--model", MODEL, "--port", str(port), *args),
+        *(sys.executable, "-m", "orchestrator.enginesim", "--model", MODEL, "--port", str(port), *args),
         cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

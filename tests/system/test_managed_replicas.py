@@ -15,14 +15,14 @@ import pytest
 from infra import nft
 from infra.sandbox import SandboxBackend
 from infra.vm import BackendError, Rule, VmHandle, VmRequest
-from orchestrator.deps import Deps
-from orchestrator.drain import Drain
-from orchestrator.lifecycle import ReplicaStatus
-from orchestrator.reconcile import reconcile
-from orchestrator.security import Phase, phase_rules, rows_of
-from orchestrator.sweeps import orphan_sweep, rules_drift
-from orchestrator.tables import Replica
-from provisioning.keys import generate_keypair
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.drain import Drain
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.fleet.security_rules import Phase, phase_rules, rows_of
+from orchestrator.fleet.sweeps import orphan_sweep, rules_drift
+from orchestrator.runtime.container import Deps
+from orchestrator.store.tables import Replica
+from provisioning.ssh_keys import generate_keypair
 from tests.integration.gateway_helpers import issue_key, openai_client
 from tests.integration.toolkit_helpers import create_model, vm_details
 from tests.support.engines import Engine

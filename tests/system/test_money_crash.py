@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.money import UNIT
+from orchestrator.domain.money import UNIT
 from tests.support.aio import run_in_thread
 from tests.support.engines import engine_process
 from tests.support.postgres import PostgresServer

@@ -15,7 +15,6 @@ from typing import cast
 import pytest
 
 from provisioning.bootstrap import EnginePlan, StepReport, bootstrap, plan_steps, restart_engine, stop_engine
-from provisioning.keys import parse_public_key
 from provisioning.plan import engine_commands, env_file, run_script
 from provisioning.ssh import (
     CommandFailed,
@@ -26,6 +25,7 @@ from provisioning.ssh import (
     connect,
     generate_keypair,
 )
+from provisioning.ssh_keys import parse_public_key
 from tests.support.sshd import Sshd, next_address, wait_gone
 
 SECRET = "sk-sandbox-'odd' $HOME secret"

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.llmendpoint import parse
+from orchestrator.surfaces.llmendpoint.completions import parse
 from tests.support.engines import engine_process
 from tests.support.server import poll, serving
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import structlog
 
-from orchestrator.feishu import (
+from orchestrator.surfaces.feishu.client import (
     EVENT_WINDOW_S,
     FeishuClient,
     FeishuError,

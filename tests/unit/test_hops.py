@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from orchestrator.hops import MAX_HOPS, Hops, LoopDetected
+from orchestrator.gateway.hops import MAX_HOPS, Hops, LoopDetected
 
 A, B, C = "a" * 16, "b" * 16, "c" * 16
 

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.journal import SUFFIX, Journal
+from orchestrator.billing.journal import SUFFIX, Journal
 
 
 @dataclass

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from orchestrator.errors import InvalidTransition
-from orchestrator.lifecycle import (
+from orchestrator.domain.errors import InvalidTransition
+from orchestrator.domain.lifecycle import (
     DELETABLE,
     REASON_DELETED,
     REASON_MODEL_DELETED,

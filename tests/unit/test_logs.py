@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from orchestrator.logs import REDACTED, configure_logging
+from orchestrator.platform.logs import REDACTED, configure_logging
 
 
 @pytest.fixture

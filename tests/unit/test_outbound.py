@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.outbound import OutboundPolicy, UnsafeUrl, allowed_ranges, kind_refused, literal_address
-from orchestrator.settings import Settings
+from orchestrator.platform.outbound import OutboundPolicy, UnsafeUrl, allowed_ranges, kind_refused, literal_address
+from orchestrator.platform.settings import Settings
 
 METADATA = IPv4Address("169.254.169.254")
 

@@ -9,8 +9,8 @@ from typing import cast
 
 import pytest
 
-from orchestrator.catalog import Catalog
-from orchestrator.priority import PriorityQueues, QueueTimeout
+from orchestrator.gateway.catalog import Catalog
+from orchestrator.gateway.priority import PriorityQueues, QueueTimeout
 
 
 class Replica:

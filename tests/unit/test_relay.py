@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from api.gateway.relay import _take_usage, usage_of
-from orchestrator.gateway import Usage
+from orchestrator.gateway.flow import Usage
 
 TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":" a"}}],"usage":null}'
 USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'

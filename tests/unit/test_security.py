@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from infra.vm import Rule
-from orchestrator.security import Network, allows, prefix_network, rule_problems
+from orchestrator.fleet.security_rules import ConnectionSources, allows, prefix_network, rule_problems
 
 ORCHESTRATOR, GATEWAY = "127.0.0.2/32", "127.0.0.1/32"
-LOCAL = Network(ORCHESTRATOR, GATEWAY, "127.0.0.2")
+LOCAL = ConnectionSources(ORCHESTRATOR, GATEWAY, "127.0.0.2")
 SANDBOX_SSH, HYPERSTACK_SSH, ENGINE = 2222, 22, 8000
 
 
@@ -21,7 +21,7 @@ def tcp(prefix: str, low: int, high: int | None = None, ethertype: str = "IPv4")
     return Rule("ingress", "tcp", ethertype, prefix, low, low if high is None else high)  # type: ignore[arg-type]
 
 
-def problems(*rules: Rule, ssh_port: int = SANDBOX_SSH, net: Network = LOCAL) -> list[str]:
+def problems(*rules: Rule, ssh_port: int = SANDBOX_SSH, net: ConnectionSources = LOCAL) -> list[str]:
     return rule_problems(rules, net, engine_port=ENGINE, ssh_port=ssh_port)
 
 
@@ -68,7 +68,7 @@ def test_ipv6_halves_are_refused_and_summed_apart_from_ipv4() -> None:
 
 def test_rules_inside_whom_the_port_belongs_to_pass() -> None:
     assert problems(tcp(ORCHESTRATOR, SANDBOX_SSH), tcp(GATEWAY, ENGINE), tcp("203.0.113.7/32", 9400)) == []
-    office = Network("198.51.100.0/24", "203.0.113.0/24")
+    office = ConnectionSources("198.51.100.0/24", "203.0.113.0/24")
     assert problems(tcp("198.51.100.128/25", 22), tcp("203.0.113.7/32", ENGINE), ssh_port=22, net=office) == []
     assert problems(tcp("203.0.113.7/32", 22), ssh_port=22, net=office)  # the gateway is not the orchestrator
 
@@ -107,11 +107,14 @@ def test_a_prefix_is_read_as_clouds_read_it() -> None:
 
 
 def test_the_foreign_source_is_outside_both_cidrs() -> None:
-    assert Network(ORCHESTRATOR, GATEWAY, foreign_source_address="127.0.0.3").foreign_source_address == "127.0.0.3"
+    assert (
+        ConnectionSources(ORCHESTRATOR, GATEWAY, foreign_source_address="127.0.0.3").foreign_source_address
+        == "127.0.0.3"
+    )
     with pytest.raises(ValueError, match=re.escape("inside the gateway's CIDR 127.0.0.0/8")):
-        Network(ORCHESTRATOR, "127.0.0.0/8", foreign_source_address="127.0.0.3")
+        ConnectionSources(ORCHESTRATOR, "127.0.0.0/8", foreign_source_address="127.0.0.3")
     with pytest.raises(ValueError, match="inside the orchestrator's CIDR"):
-        Network("127.0.0.0/30", GATEWAY, foreign_source_address="127.0.0.3")
+        ConnectionSources("127.0.0.0/30", GATEWAY, foreign_source_address="127.0.0.3")
 
 
 # Networks around the two sources that may be let in, and anywhere; ports at and beside the managed ones.

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from orchestrator.keys import hash_api_key, same_secret
-from orchestrator.settings import Settings
-from orchestrator.state_dir import ensure_server_keys
+from orchestrator.platform.secrets import hash_api_key, same_secret
+from orchestrator.platform.settings import Settings
+from orchestrator.platform.state_dir import ensure_server_keys
 
 
 def test_first_start_generates_keys_with_mode_0600(tmp_path: Path) -> None:

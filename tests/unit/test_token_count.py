@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from orchestrator.token_count import (
+from orchestrator.gateway.tokens import (
     IMAGE_TOKENS,
     Message,
     Messages,
@@ -110,7 +110,7 @@ socket.socket.connect_ex = refuse
 socket.getaddrinfo = refuse
 socket.create_connection = refuse
 
-from orchestrator.token_count import Message, Messages, openai_count
+from orchestrator.gateway.tokens import Message, Messages, openai_count
 print(openai_count(Messages((Message("user", "hello"),))))
 """
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache")}

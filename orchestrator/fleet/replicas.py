@@ -1,0 +1,137 @@
+"""Replicas as the admin sees them: creation with its domain checks, rate limit, deletion, detail."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from infra.vm import Rule
+from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
+from orchestrator.domain.lifecycle import REASON_DELETED
+from orchestrator.fleet.security_rules import ConnectionSources, Phase, rows_of, rule_problems
+from orchestrator.platform.outbound import OutboundPolicy
+from orchestrator.platform.secrets import SecretBox
+from orchestrator.store.fleet import FleetStore, ReplicaDetail
+from orchestrator.store.tables import Replica, ReplicaSecurityRule
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What the admin asked of a managed replica's VM (the toolkit's `vm_creation_details`)."""
+
+    name: str
+    environment_name: str
+    image_name: str
+    flavor_name: str
+    key_name: str
+    port: int
+    run_command: str
+    assign_floating_ip: bool = True
+    security_rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Either `endpoint` (external) or `vm` (managed) is set; the schema layer guarantees it."""
+
+    endpoint: str | None = None
+    rate_limit: int | None = None
+    """Requests per second the gateway sends to this replica at most."""
+    vm: VmSpec | None = None
+    engine_api_key: str | None = field(default=None, repr=False)
+    """What the gateway and the prober send to an external engine (vLLM `--api-key`); sealed at rest."""
+
+
+class ReplicaService:
+    def __init__(
+        self,
+        store: FleetStore,
+        nudge: Callable[[], None],
+        box: SecretBox,
+        on_change: Callable[[], Awaitable[None]],
+        *,
+        network: ConnectionSources,
+        ssh_port: int,
+        outbound: OutboundPolicy,
+    ) -> None:
+        self._store = store
+        self._outbound = outbound
+        # What a managed replica's own rules are judged against: who may reach SSH (on the backend's port) and
+        # the engine port; known here, from the backend, not in the static schema.
+        self._network = network
+        self._ssh_port = ssh_port
+        self._nudge = nudge
+        self._box = box
+        self._on_change = on_change
+
+    async def list(self, model_id: int) -> Sequence[Replica]:
+        if await self._store.model(model_id) is None:
+            raise NotFound("Model not found")
+        return await self._store.list_replicas(model_id)
+
+    async def create(self, model_id: int, spec: ReplicaSpec) -> int:
+        if await self._store.model(model_id) is None:
+            raise NotFound("Model not found")
+        if spec.vm is None:
+            if not spec.endpoint:
+                raise InvalidInput("endpoint", "LLM EndPoint URL must not be empty.")
+            await self._outbound.check("endpoint", spec.endpoint)
+            if await self._store.endpoint_in_use(model_id, spec.endpoint):
+                raise Conflict("Endpoint already exists")
+        elif spec.vm.port == self._ssh_port:  # the serving rules would open SSH to the gateway
+            raise InvalidInput("vm_creation_details.port", f"Port {spec.vm.port} is SSH's on this backend.")
+        elif problems := rule_problems(
+            spec.vm.security_rules, self._network, engine_port=spec.vm.port, ssh_port=self._ssh_port
+        ):
+            raise InvalidInput("vm_creation_details.security_rules", " ".join(problems))
+        replica, rules = _rows(model_id, spec)
+        if spec.engine_api_key:
+            replica.engine_key_sealed = self._box.seal(spec.engine_api_key)
+        kind = "managed" if spec.vm else "external"
+        replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered")
+        log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind)
+        self._nudge()
+        return replica_id
+
+    async def set_rate_limit(self, replica_id: int, rate_limit: int) -> None:
+        await self._store.set_rate_limit(replica_id, rate_limit)
+        await self._on_change()
+        log.info("replica.rate_limit_set", replica_id=replica_id, rate_limit=rate_limit)
+
+    async def delete(self, replica_id: int) -> None:
+        await self._store.delete_replica(replica_id, REASON_DELETED)
+        await self._on_change()  # out of the routing pool before the answer
+        log.info("replica.delete_requested", replica_id=replica_id)
+        self._nudge()
+
+    async def detail(self, replica_id: int) -> ReplicaDetail:
+        detail = await self._store.replica_detail(replica_id)
+        if detail is None:
+            raise NotFound("Replica not found")
+        return detail
+
+
+def _rows(model_id: int, spec: ReplicaSpec) -> tuple[Replica, list[ReplicaSecurityRule]]:
+    vm = spec.vm
+    if vm is None:
+        return Replica(model_id=model_id, endpoint=spec.endpoint, rate_limit=spec.rate_limit), []
+    replica = Replica(
+        model_id=model_id,
+        create_vm=True,
+        rate_limit=spec.rate_limit,
+        name=vm.name,
+        environment_name=vm.environment_name,
+        image_name=vm.image_name,
+        flavor_name=vm.flavor_name,
+        key_name=vm.key_name,
+        port=vm.port,
+        run_command=vm.run_command,
+        assign_floating_ip=vm.assign_floating_ip,
+    )
+    # The store sets replica_id once the replica has its id.
+    rules = rows_of(0, Phase.USER, vm.security_rules)
+    return replica, rules

@@ -1,0 +1,252 @@
+"""The composition root: builds the concrete objects from settings and owns start and stop."""
+
+from __future__ import annotations
+
+import ipaddress
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from infra.sandbox import SandboxBackend, SandboxConfig
+from orchestrator.billing.accounts import AccountService
+from orchestrator.billing.api_keys import ApiKeyService
+from orchestrator.billing.journal import Journal
+from orchestrator.billing.ledger import Ledger
+from orchestrator.billing.records import CallRecord, CallRecords
+from orchestrator.fleet.backend import VmBackend
+from orchestrator.fleet.engine_plans import sandbox_plans, vllm_plans
+from orchestrator.fleet.health import HealthMonitor, HealthPolicy
+from orchestrator.fleet.managed import ManagedPolicy, ManagedReplicas
+from orchestrator.fleet.models import ModelService
+from orchestrator.fleet.replicas import ReplicaService
+from orchestrator.fleet.security_rules import ConnectionSources
+from orchestrator.fleet.ssh_access import AccessPolicy, EngineAccess, PlanMaker
+from orchestrator.gateway.catalog import Catalog
+from orchestrator.gateway.flow import Gateway
+from orchestrator.gateway.priority import PriorityQueues
+from orchestrator.gateway.upstream import Upstream
+from orchestrator.platform.guarded_resolver import GuardedResolver
+from orchestrator.platform.outbound import OutboundPolicy
+from orchestrator.platform.secrets import SecretBox
+from orchestrator.platform.settings import Settings
+from orchestrator.platform.state_dir import ServerKeys, ensure_server_keys
+from orchestrator.runtime.container import Deps, Nudge
+from orchestrator.runtime.jobs import build_scheduler
+from orchestrator.runtime.metrics import ServerMetrics
+from orchestrator.store.accounts import AccountStore
+from orchestrator.store.api_keys import ApiKeyStore
+from orchestrator.store.bots import BotStore
+from orchestrator.store.browse import TableBrowser
+from orchestrator.store.call_records import RecordStore
+from orchestrator.store.db import make_engine, make_sessions, upgrade
+from orchestrator.store.external_endpoints import ExternalEndpointStore
+from orchestrator.store.fleet import FleetStore
+from orchestrator.store.gateway_view import GatewayViewStore
+from orchestrator.store.tasks import TaskStore
+from orchestrator.surfaces.feishu.bots import BotService
+from orchestrator.surfaces.feishu.client import FeishuClient
+from orchestrator.surfaces.llmendpoint.tasks import TaskPolicy, TaskRunner
+from orchestrator.surfaces.moonshot.endpoints import ExternalEndpointService
+
+log = structlog.get_logger(__name__)
+
+
+def build_deps(settings: Settings) -> Deps:
+    keys = ensure_server_keys(settings)
+    engine = make_engine(settings.resolved_database_url)
+    sessions = make_sessions(engine)
+    store = FleetStore(sessions)
+    nudge, probe_nudge = Nudge(), Nudge()
+    box = SecretBox(keys.secret_key)
+    ledger = Ledger()
+    catalog = Catalog(GatewayViewStore(sessions), box, ledger)
+    outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
+    upstream = Upstream(resolver=GuardedResolver(outbound.allowed))  # names judged again at every connect
+    record_store = RecordStore(sessions)
+    records = CallRecords(
+        record_store, ledger, Journal(settings.state_dir / "journal", CallRecord, fsync=settings.journal_fsync)
+    )
+    policy = HealthPolicy(
+        starting_interval_s=settings.probe_starting_interval_s,
+        ready_interval_s=settings.probe_ready_interval_s,
+        unhealthy_after=settings.unhealthy_after,
+        healthy_after=settings.healthy_after,
+        startup_grace_s=settings.startup_grace_s,
+        timeout_s=settings.probe_timeout_s,
+    )
+    health = HealthMonitor(store, upstream, box, policy, on_change=catalog.reload, wake=probe_nudge)
+    backend, network, plans = build_backend(settings, keys)
+
+    async def on_moved() -> None:
+        await catalog.reload()
+        nudge()
+        probe_nudge()
+
+    managed = ManagedReplicas(
+        store,
+        backend,
+        box=box,
+        network=network,
+        access=EngineAccess(box, network, upstream, plans, AccessPolicy()),
+        pool=ThreadPoolExecutor(settings.provision_workers, thread_name_prefix="vm-work"),
+        policy=ManagedPolicy(
+            boot_deadline_s=settings.boot_deadline_s,
+            max_recoveries=settings.max_recoveries,
+            recover_after_s=settings.recover_after_s,
+        ),
+        on_moved=on_moved,
+    )
+    gateway = Gateway(
+        catalog,
+        upstream,
+        records,
+        secret_key=keys.secret_key,
+        admin_key=keys.admin_api_key,
+        on_unreachable=health.report_unreachable,
+        hold_tokens=settings.hold_tokens,
+    )
+
+    async def in_use(key_id: int) -> bool:
+        catalog.refuse(key_id)  # no call starts while this looks: one admitted meanwhile would lose its record
+        await records.flush()
+        return gateway.busy(key_id) or records.unwritten(key_id)
+
+    queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
+    gateway.on_released = queues.wake
+    catalog.on_reload = queues.wake_all
+    catalog.on_drained = nudge  # a draining replica's last call ended: the reconcile job moves it on now
+    return Deps(
+        settings=settings,
+        keys=keys,
+        engine=engine,
+        store=store,
+        tables=TableBrowser(sessions),
+        nudge=nudge,
+        probe_nudge=probe_nudge,
+        box=box,
+        catalog=catalog,
+        upstream=upstream,
+        records=records,
+        record_store=record_store,
+        health=health,
+        gateway=gateway,
+        queues=queues,
+        metrics=ServerMetrics(),
+        models=ModelService(store, nudge, on_change=catalog.reload),
+        replicas=ReplicaService(
+            store, nudge, box, on_change=catalog.reload, network=network, ssh_port=backend.ssh_port, outbound=outbound
+        ),
+        api_keys=ApiKeyService(ApiKeyStore(sessions), keys.secret_key, on_change=catalog.reload, in_use=in_use),
+        managed=managed,
+        accounts=AccountService(AccountStore(sessions), keys.secret_key, on_change=catalog.reload),
+        bots=BotService(BotStore(sessions), box, keys.secret_key),
+        feishu=FeishuClient(settings.feishu_base_url),
+        external_endpoints=ExternalEndpointService(
+            ExternalEndpointStore(sessions), box, on_change=catalog.reload, outbound=outbound
+        ),
+        tasks=TaskRunner(
+            TaskStore(sessions),
+            gateway,
+            TaskPolicy(
+                workers=settings.task_workers,
+                max_attempts=settings.task_max_attempts,
+                retry_after_s=settings.task_retry_after_s,
+                host_wait_s=settings.task_host_wait_s,
+            ),
+        ),
+    )
+
+
+def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, ConnectionSources, PlanMaker]:
+    """The VM backend the settings name, the network it is reached over, and how its VMs run the engine."""
+    if settings.infra_backend == "local":
+        sandbox = SandboxBackend(
+            SandboxConfig(
+                root=settings.state_dir / "sandbox",
+                subnet=settings.sandbox_subnet,
+                ssh_port=settings.sandbox_ssh_port,
+                enforce_rules=settings.sandbox_enforce_rules,
+            )
+        )
+        # On loopback every connection comes from 127.0.0.1 unless bound: SSH binds 127.0.0.2 so the
+        # rules can tell the orchestrator from the gateway, and SECURING binds 127.0.0.3 to connect as a stranger.
+        network = ConnectionSources(
+            orchestrator_cidr=settings.orchestrator_cidr or "127.0.0.2/32",
+            gateway_cidr=settings.gateway_cidr or "127.0.0.1/32",
+            ssh_source_address=settings.ssh_source_address or "127.0.0.2",
+            foreign_source_address=settings.foreign_source_address or "127.0.0.3",
+        )
+        if ipaddress.ip_address(network.foreign_source_address or "") in ipaddress.ip_network(settings.sandbox_subnet):
+            raise ValueError("ORCH_FOREIGN_SOURCE_ADDRESS must be outside ORCH_SANDBOX_SUBNET (a VM is no stranger)")
+        return sandbox, network, sandbox_plans(sandbox.work_dir)
+    from infra.hyperstack import HyperstackBackend, HyperstackConfig  # noqa: PLC0415 (Pulumi loads only when used)
+
+    if not settings.orchestrator_cidr or not settings.gateway_cidr:
+        raise ValueError("ORCH_INFRA_BACKEND=hyperstack needs ORCH_ORCHESTRATOR_CIDR and ORCH_GATEWAY_CIDR")
+    if settings.hyperstack_api_key is None:
+        raise ValueError("ORCH_INFRA_BACKEND=hyperstack needs HYPERSTACK_API_KEY")
+    hyperstack = HyperstackBackend(
+        HyperstackConfig(
+            api_key=settings.hyperstack_api_key.get_secret_value(),
+            base_url=settings.hyperstack_base_url,
+            state_dir=settings.state_dir / "pulumi",
+            passphrase=keys.secret_key,
+        )
+    )
+    network = ConnectionSources(
+        settings.orchestrator_cidr,
+        settings.gateway_cidr,
+        settings.ssh_source_address,
+        settings.foreign_source_address,  # a cloud VM seen from here: no stranger's address unless one is given
+    )
+    return hyperstack, network, vllm_plans()
+
+
+class Runtime:
+    """What runs beside the HTTP server: migrations at start, then the scheduler when enabled."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self._scheduler: AsyncIOScheduler | None = None
+
+    async def start(self) -> None:
+        await upgrade(self.deps.engine)
+        # Calls a crashed process answered but never wrote, before any account is read.
+        await self.deps.records.replay()
+        await self.deps.catalog.reload()
+        log.info(
+            "orchestrator.started",
+            database=self.deps.engine.url.render_as_string(hide_password=True),
+            infra_backend=self.deps.settings.infra_backend,
+            scheduler=self.deps.settings.scheduler,
+        )
+        reason = getattr(self.deps.managed.backend, "not_enforced_reason", None)
+        if reason is not None:
+            log.warning(
+                "sandbox.rules_not_enforced",
+                reason=reason,
+                consequence="sandbox security rules are recorded but NOT enforced: every port is open to anyone",
+            )
+        if self.deps.settings.scheduler:
+            # Only where the jobs run: an API-only instance must not take back tasks a worker is running.
+            await self.deps.tasks.recover()
+            self._scheduler = build_scheduler(self.deps)
+            self._scheduler.start()
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            self.deps.nudge.connect(None)
+            self.deps.probe_nudge.connect(None)
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        await self.deps.tasks.close()  # calls cancelled, uncharged; their tasks run again at the next start
+        await self.deps.managed.close()  # VM work resumes from the stored status at the next start
+        try:
+            await self.deps.records.flush()  # nothing recorded (nor any fee) is lost on a clean stop
+        except Exception:
+            log.exception("records.final_flush_failed")  # they stay in the journal, replayed at the next start
+        self.deps.records.close()
+        await self.deps.upstream.close()
+        await self.deps.feishu.aclose()
+        await self.deps.engine.dispose()

@@ -1,1 +1,0 @@
-"""Use cases of the admin API, one module per entity; each takes the store and raises domain errors."""

@@ -1,0 +1,392 @@
+"""SQLModel tables. Names follow the Hyperstack toolkit where the concept is the same, so its admin UI
+reads them unchanged through `/api/v1/tables`. Columns marked `secret` never leave the store in clear."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlmodel import Field, SQLModel
+
+# Column info flag read by the table browser: the value is replaced by a placeholder.
+SECRET: dict[str, Any] = {"info": {"secret": True}}
+
+
+NEVER_REUSED: dict[str, Any] = {"sqlite_autoincrement": True}
+"""Table options of every table with an integer id: SQLite's AUTOINCREMENT, so that the id of a deleted row is
+never given to a new one (without it SQLite reuses the highest id, and a deleted key's late records, threads or
+charges would land on the next key made). PostgreSQL's sequences never go back anyway."""
+
+
+def money() -> Any:
+    """A sum of money or a price, as an integer count of `orchestrator.domain.money.UNIT` (exact on both databases)."""
+    return Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+
+
+def row_id(value: int | None) -> int:
+    """The id of a row read back from the database, which always has one (None only before an insert)."""
+    assert value is not None
+    return value
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """A table model's Core table, for statements SQLModel does not build (bulk inserts, upserts)."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+def storable(text: str | None) -> str | None:
+    """Text as both databases can keep it: PostgreSQL refuses NUL characters in text, so they become U+FFFD."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+def utcnow() -> datetime:
+    """Aware UTC; SQLModel's column type stores it as UTC on both databases and returns it aware."""
+    return datetime.now(UTC)
+
+
+class LlmModel(SQLModel, table=True):
+    __tablename__ = "llm_models"
+    __table_args__ = (
+        # Names are unique among live models; a deleted model's name can be registered again.
+        Index(
+            "uq_llm_models_live_name",
+            "name",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+        NEVER_REUSED,
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=255)
+    provider: str = Field(default="vllm", sa_column=Column(String(64), nullable=False, server_default="vllm"))
+    multiple: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false")))
+    """Multimodal: takes images as well as text."""
+    config: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
+    """A JSON object kept for the admin (the connector's model config)."""
+    price_in: int = money()
+    """Per prompt token."""
+    price_out: int = money()
+    """Per completion token."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
+    deleted_at: datetime | None = None
+
+
+class Replica(SQLModel, table=True):
+    __tablename__ = "replicas"
+    __table_args__ = (Index("ix_replicas_status", "status"), NEVER_REUSED)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(sa_column=Column(Integer, ForeignKey("llm_models.id"), nullable=False, index=True))
+    create_vm: bool = False
+    endpoint: str | None = Field(default=None, max_length=2048)
+    rate_limit: int | None = None
+    status: str = Field(default="PENDING", max_length=16)
+    status_changed_at: datetime = Field(default_factory=utcnow)
+    termination_reason: str | None = Field(default=None, max_length=64)
+    error_message: str | None = Field(default=None, sa_column=Column(Text))
+    # The toolkit's VM creation details, kept as given.
+    name: str | None = Field(default=None, max_length=255)
+    environment_name: str | None = Field(default=None, max_length=255)
+    image_name: str | None = Field(default=None, max_length=255)
+    flavor_name: str | None = Field(default=None, max_length=255)
+    assign_floating_ip: bool | None = None
+    run_command: str | None = Field(default=None, sa_column=Column(Text))
+    key_name: str | None = Field(default=None, max_length=255)
+    port: int | None = None
+    vm_id: str | None = Field(default=None, max_length=255)
+    vm_address: str | None = Field(default=None, max_length=64)
+    """Managed: where the VM's SSH and engine are reached (public IP, or the sandbox address)."""
+    ssh_port: int | None = None
+    ssh_user: str | None = Field(default=None, max_length=64)
+    host_key: str | None = Field(default=None, sa_column=Column(Text))
+    """Managed: the VM's SSH host key (OpenSSH public line), generated here and pinned before first contact."""
+    host_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """Managed: the private half, injected into the VM; encrypted at rest."""
+    ssh_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """Managed: the orchestrator's per-replica SSH login key; encrypted at rest."""
+    recoveries: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    """Managed: engine restarts done after the replica went UNHEALTHY."""
+    engine_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """The key the gateway sends to this replica's engine (vLLM `--api-key`), encrypted at rest."""
+    created_at: datetime = Field(default_factory=utcnow)
+    delete_requested_at: datetime | None = None
+    """Set when an admin deletes the replica: it leaves the toolkit listings at once, the row stays."""
+
+
+class ReplicaEvent(SQLModel, table=True):
+    __tablename__ = "replica_events"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), nullable=False, index=True))
+    at: datetime = Field(default_factory=utcnow)
+    from_status: str | None = Field(default=None, max_length=16)
+    to_status: str = Field(max_length=16)
+    reason: str = Field(max_length=64)
+    message: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class ReplicaSecurityRule(SQLModel, table=True):
+    __tablename__ = "replica_security_rules"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), nullable=False, index=True))
+    origin: str = Field(default="user", max_length=16)
+    """Who asked for the rule: `user` (vm_creation_details) or a lifecycle phase of the orchestrator."""
+    direction: str = Field(max_length=8)
+    protocol: str = Field(max_length=8)
+    ethertype: str = Field(max_length=8)
+    remote_ip_prefix: str = Field(max_length=64)
+    port_range_min: int
+    port_range_max: int
+
+
+class ApiKey(SQLModel, table=True):
+    """One key table for every API surface; only the keyed hash of a key is stored."""
+
+    __tablename__ = "api_key"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: str = Field(sa_column=Column(String(255), nullable=False, index=True))
+    name: str | None = Field(default=None, max_length=255)
+    key_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True, **SECRET))
+    key_hint: str = Field(max_length=8)
+    enabled: bool = True
+    allowed_rpm: int = 160
+    created_at: datetime = Field(default_factory=utcnow)
+    kind: str = Field(default="toolkit", sa_column=Column(String(16), nullable=False, server_default="toolkit"))
+    """`toolkit` (sk-, every model, never refused for spend) or `connector` (br-, bound models, metered)."""
+    role: str = Field(default="user", sa_column=Column(String(16), nullable=False, server_default="user"))
+    group_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("key_group.id", ondelete="SET NULL"), index=True)
+    )
+    email: str | None = Field(default=None, max_length=255)
+    month_quota: int = money()
+    balance: int = money()
+    month_fee: int = money()
+    """Spent from this month's quota (balance spending is not counted here)."""
+    fee_month: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    """The month `month_fee` belongs to, as YYYYMM; a charge in a later month starts it from zero."""
+    total_fee: int = money()
+    updated_at: datetime = Field(default_factory=utcnow)
+    allowed_ips: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    """Comma-separated addresses or networks the key may be used from (LlmEndpoint's rule); empty: anywhere."""
+
+
+class KeyGroup(SQLModel, table=True):
+    __tablename__ = "key_group"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
+    key: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class KeyModel(SQLModel, table=True):
+    """A model an API key may call."""
+
+    __tablename__ = "key_model"
+    __table_args__ = (UniqueConstraint("key_id", "model_id"), NEVER_REUSED)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False))
+    model_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("llm_models.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class GroupModel(SQLModel, table=True):
+    """A model every key of a group may call."""
+
+    __tablename__ = "group_model"
+    __table_args__ = (UniqueConstraint("group_id", "model_id"), NEVER_REUSED)
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_id: int = Field(sa_column=Column(Integer, ForeignKey("key_group.id", ondelete="CASCADE"), nullable=False))
+    model_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("llm_models.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Payment(SQLModel, table=True):
+    """A recharge of a key's balance."""
+
+    __tablename__ = "payment"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    fee: int = money()
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ChatSession(SQLModel, table=True):
+    """The calls a client grouped under one `Session-Id` header (scoped to its key)."""
+
+    __tablename__ = "chat_session"
+    __table_args__ = (UniqueConstraint("key_id", "key"), NEVER_REUSED)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False))
+    key: str = Field(max_length=128)
+    """The client's Session-Id."""
+    title: str | None = Field(default=None, max_length=64)
+    total_in_tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    total_out_tokens: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    total_fee: int = money()
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class BotConnector(SQLModel, table=True):
+    """A chat bot (Feishu) that answers as one of our API keys."""
+
+    __tablename__ = "bot_connector"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    provider: str = Field(default="feishu", max_length=64)
+    config: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    """The config's public fields as a JSON object (appId, modelId)."""
+    secrets_sealed: str = Field(sa_column=Column(Text, nullable=False, **SECRET))
+    """The config's secret fields (appSecret, apiKey, encryptKey) as a JSON object, encrypted at rest."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class BotEvent(SQLModel, table=True):
+    """An event a bot has taken: a platform that delivers it again is answered once."""
+
+    __tablename__ = "bot_event"
+    __table_args__ = (UniqueConstraint("bot_id", "event_id"), NEVER_REUSED)
+
+    id: int | None = Field(default=None, primary_key=True)
+    bot_id: int = Field(sa_column=Column(Integer, ForeignKey("bot_connector.id", ondelete="CASCADE"), nullable=False))
+    event_id: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Metric(SQLModel, table=True):
+    """One row per gateway call: the toolkit's usage row and the connector's chat thread.
+
+    The toolkit's columns first (`input` is the whole prompt, `choices` the completion's text), then ours.
+    """
+
+    __tablename__ = "metric"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    api_key_id: int | None = Field(default=None, sa_column=Column(Integer, ForeignKey("api_key.id"), index=True))
+    input: str | None = Field(default=None, sa_column=Column(Text))
+    created: int = Field(default=0, index=True)
+    """Unix seconds: the toolkit's monitoring page plots against it."""
+    model: str | None = Field(default=None, max_length=255)
+    choices: str | None = Field(default=None, sa_column=Column(Text))
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    duration: float | None = None
+    replica_id: int | None = None
+    status_code: int | None = None
+    session_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("chat_session.id", ondelete="CASCADE"), index=True)
+    )
+    prompt: str | None = Field(default=None, sa_column=Column(Text))
+    """The last message of the prompt."""
+    price_in: int = money()
+    price_out: int = money()
+    fee: int = money()
+    first_byte_latency: int | None = None
+    """Milliseconds from the request to the first byte of the answer."""
+    stream: bool | None = None
+
+
+class CreditRate(SQLModel, table=True):
+    """LlmEndpoint's prices: what a model's calls cost in credits on `/api/v1/completions` and the queue.
+
+    In units per character of the user's messages and per `max_tokens` asked; seeded with the 18 models of
+    LlmEndpoint's rate table. A credit is `CREDIT` units (10^-4 cent)."""
+
+    __tablename__ = "credit_rate"
+
+    model: str = Field(sa_column=Column(String(255), primary_key=True))
+    input_rate: int = money()
+    output_rate: int = money()
+
+
+class CompletionTask(SQLModel, table=True):
+    """A queued LlmEndpoint completion (`/api/v1/qcompletions`): queued -> processing -> completed | failed."""
+
+    __tablename__ = "completion_task"
+    __table_args__ = (Index("ix_completion_task_status_created", "status", "created_at"),)
+
+    id: str = Field(sa_column=Column(String(36), primary_key=True))
+    key_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("api_key.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    model: str = Field(max_length=255)
+    request: str = Field(sa_column=Column(Text, nullable=False))
+    """The validated request, as JSON."""
+    status: str = Field(default="queued", sa_column=Column(String(16), nullable=False, server_default="queued"))
+    result: str | None = Field(default=None, sa_column=Column(Text))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class ExternalEndpoint(SQLModel, table=True):
+    """Moonshot's llm_endpoint: an external OpenAI-compatible API the gateway routes to as a replica of the
+    model named by the endpoint's id."""
+
+    __tablename__ = "llm_endpoint"
+
+    id: str = Field(sa_column=Column(String(255), primary_key=True))
+    """The slug of the name, lower-cased."""
+    name: str = Field(sa_column=Column(String(255), nullable=False))
+    connector_type: str = Field(sa_column=Column(String(64), nullable=False))
+    uri: str = Field(sa_column=Column(Text, nullable=False))
+    token_sealed: str = Field(default="", sa_column=Column(Text, nullable=False, server_default="", **SECRET))
+    max_calls_per_second: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    max_concurrency: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    params: str = Field(default="{}", sa_column=Column(Text, nullable=False, server_default="{}"))
+    """A JSON object of defaults merged into every request sent to the endpoint."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class JournalSegment(SQLModel, table=True):
+    """A segment of a server process's call journal whose calls are in `metric` (marked in the same transaction
+    that wrote them), so that a journal replayed after a crash writes each call exactly once."""
+
+    __tablename__ = "journal_segment"
+
+    name: str = Field(sa_column=Column(String(128), primary_key=True))
+    written_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,1 @@
+"""LiteLLM's proxy surface beyond the gateway's calls: the token counter."""

@@ -1,0 +1,1 @@
+"""LlmEndpoint's surface: completions priced in credits, and the durable task queue of them."""
