@@ -16,6 +16,8 @@ from litestar.types import Receive, Send
 
 from orchestrator.billing.records import CallKind, relayed_tokens
 from orchestrator.gateway.flow import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, counted_prompt, usage_of
+from orchestrator.platform import sse
+from orchestrator.platform.sse import DONE_EVENT, EventReader
 
 CLIENT_CLOSED = 499  # nginx's code for a request the client abandoned; recorded in usage, never sent
 WATCH_AFTER_S = 0.05
@@ -94,9 +96,6 @@ class Settlement:
             await durable
 
 
-DONE_EVENT = b"data: [DONE]"
-
-
 async def relay_whole(
     call: Call, send: Send, outcome: Outcome, commit: Commit, *, extra: tuple[tuple[bytes, bytes], ...] = ()
 ) -> int:
@@ -145,18 +144,16 @@ async def relay_stream(
         }
     )
     outcome.status = 200
-    pending = tail = b""
+    reader, tail = EventReader(), b""
     sent: list[bytes] = []  # kept for the call's record, which reads the completion's text off the hot path
     outcome.answer = sent
     try:
         async for chunk in response.content.iter_any():
-            pending += chunk
-            if b"\n\n" not in pending:
+            out = reader.feed(chunk)
+            if not out:
                 continue
-            complete, _, pending = pending.rpartition(b"\n\n")
-            out = complete + b"\n\n"
-            if b'"usage":{' in complete:  # only the final chunk carries usage; find it without parsing the rest
-                out, outcome.usage = _take_usage(complete, keep_usage_chunk)
+            if b'"usage":{' in out:  # only the final chunk carries usage; find it without parsing the rest
+                out, outcome.usage = _take_usage(out, keep_usage_chunk)
             if DONE_EVENT in out:  # the stream's end is held back until the call is accounted for
                 at = out.index(DONE_EVENT)
                 out, tail = out[:at], out[at:]
@@ -166,19 +163,20 @@ async def relay_stream(
                 sent.append(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except (aiohttp.ClientError, TimeoutError):
-        outcome.status, pending, tail = 502, b"", b""  # the replica broke off mid-stream: end ours cleanly
+        outcome.status, reader.rest, tail = 502, b"", b""  # the replica broke off mid-stream: end ours cleanly
     await commit()
-    await send({"type": "http.response.body", "body": tail + pending, "more_body": False})
+    await send({"type": "http.response.body", "body": tail + reader.rest, "more_body": False})
     return outcome.status
 
 
-def _take_usage(events: bytes, keep: bool) -> tuple[bytes, Usage | None]:
+def _take_usage(block: bytes, keep: bool) -> tuple[bytes, Usage | None]:
     kept: list[bytes] = []
     usage: Usage | None = None
-    for event in events.split(b"\n\n"):
-        if b'"usage":{' in event and event.startswith(b"data: {"):
+    for event in sse.events(block):
+        doc = sse.document(event) if b'"usage":{' in event else None
+        if doc is not None:
             try:
-                parsed = USAGE_DECODER.decode(event[6:])
+                parsed = USAGE_DECODER.decode(doc)
             except msgspec.DecodeError:  # not ours to judge: pass the event through untouched
                 parsed = None
             if parsed is not None and parsed.usage is not None:

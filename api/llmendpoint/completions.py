@@ -14,6 +14,7 @@ from api.gateway.relay import Commit, Settlement, until_disconnected
 from api.gateway.routes import answer, client_address, credentials, read_body
 from orchestrator.gateway.catalog import KeyInfo, ModelInfo
 from orchestrator.gateway.flow import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
+from orchestrator.platform.sse import EventReader, documents
 from orchestrator.runtime.metrics import ServerMetrics
 from orchestrator.surfaces.llmendpoint.completions import (
     Completions,
@@ -150,23 +151,20 @@ async def _relay_ndjson(call: Call, send: Send, outcome: Outcome, commit: Commit
             "headers": [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")],
         }
     )
-    pending = b""
+    reader = EventReader()
     outcome.status = 200
     events: list[bytes] = []  # the replica's events, for the call's record
     outcome.answer = events
     try:
         async for chunk in response.content.iter_any():
-            pending += chunk
-            if b"\n\n" not in pending:
+            block = reader.feed(chunk)
+            if not block:
                 continue
-            complete, _, pending = pending.rpartition(b"\n\n")
-            events.append(complete + b"\n\n")
+            events.append(block)
             lines = bytearray()
-            for event in complete.split(b"\n\n"):
-                if not event.startswith(b"data: {"):
-                    continue
+            for document in documents(block):
                 try:
-                    parsed = _EVENT.decode(event[6:])
+                    parsed = _EVENT.decode(document)
                 except msgspec.DecodeError:
                     continue
                 outcome.usage = parsed.usage or outcome.usage

@@ -16,6 +16,7 @@ import structlog
 from orchestrator.billing.journal import Journal
 from orchestrator.billing.ledger import Ledger
 from orchestrator.domain.money import month_of
+from orchestrator.platform.sse import documents
 from orchestrator.store.call_records import BatchConflict, CallRow, Charge, RecordStore, SessionSum
 from orchestrator.store.tables import storable
 
@@ -285,11 +286,10 @@ def completion_text(answer: bytes | list[bytes]) -> str | None:
         return _choice_text(answer, "message")
     parts: list[str] = []
     for chunk in answer:
-        for event in chunk.split(b"\n\n"):
-            if event.startswith(b"data: {"):
-                part = _choice_text(event[6:], "delta")
-                if part:
-                    parts.append(part)
+        for document in documents(chunk):
+            part = _choice_text(document, "delta")
+            if part:
+                parts.append(part)
     return "".join(parts) if parts else None
 
 
@@ -298,13 +298,12 @@ def relayed_tokens(answer: list[bytes]) -> int:
     carrying text (vLLM streams a token per event)."""
     tokens = 0
     for chunk in answer:
-        for event in chunk.split(b"\n\n"):
-            if event.startswith(b"data: {"):
-                try:
-                    choices = _ANSWER.decode(event[6:]).choices
-                except msgspec.DecodeError:
-                    continue
-                tokens += sum(1 for c in choices if (c.delta.content if c.delta is not None else c.text))
+        for document in documents(chunk):
+            try:
+                choices = _ANSWER.decode(document).choices
+            except msgspec.DecodeError:
+                continue
+            tokens += sum(1 for c in choices if (c.delta.content if c.delta is not None else c.text))
     return tokens
 
 
