@@ -16,10 +16,7 @@ from orchestrator.runtime.container import Deps
 from orchestrator.store.db import make_engine, upgrade
 from tests.support.aio import run_in_thread
 from tests.support.postgres import PostgresServer
-from tests.support.sandbox import next_subnet
-
-ADMIN_KEY = "sk-test-admin-key-0123456789"
-SECRET_KEY = "test-secret-key-0123456789"
+from tests.support.settings import ADMIN_KEY, instance_settings
 
 
 @pytest.fixture(scope="session")
@@ -58,23 +55,6 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return instance_settings(tmp_path / "state", database_url)
-
-
-def instance_settings(state_dir: Path, database_url: str) -> Settings:
-    """Settings of an instance under test: jobs run by the test itself, probes due at every run."""
-    return Settings(
-        state_dir=state_dir,
-        database_url=database_url,
-        admin_api_key=ADMIN_KEY,
-        secret_key=SECRET_KEY,
-        scheduler=False,  # tests call the jobs themselves
-        log_format="console",
-        # Every replica is due at every health.run(): tests probe by calling it, never by waiting.
-        probe_ready_interval_s=0,
-        probe_starting_interval_s=0,
-        sandbox_subnet=next_subnet(),  # no two tests share a sandbox address or nft table
-        recover_after_s=0,
-    )
 
 
 @pytest.fixture

@@ -1,12 +1,11 @@
 """The connector's admin API (seed 002) route by route: auth, keys and payments, priced models (the orchestrator's
 own models), groups and model bindings, and bad input answered with the envelope, never a 500.
 
-The helpers here are shared with test_connector_records.py (calls through the gateway and their records)."""
+The helpers are in tests/support/connector.py, shared with test_connector_records.py."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
 
 import httpx
 import pytest
@@ -15,106 +14,33 @@ from sqlmodel import col, select
 from orchestrator.runtime.container import Deps
 from orchestrator.store.db import make_sessions
 from orchestrator.store.tables import GroupModel, KeyModel
-from tests.conftest import ADMIN_KEY
-
-Client = httpx.AsyncClient
-Json = dict[str, Any]
-Param = str | int
+from tests.support.connector import (
+    BAD_KEY,
+    Client,
+    Json,
+    Owner,
+    Param,
+    apply_key,
+    bindings,
+    data,
+    failed,
+    get,
+    listing,
+    mine,
+    names,
+    post,
+    rejected,
+    save_group,
+    save_model,
+    toggle,
+)
+from tests.support.settings import ADMIN_KEY
 
 NO_KEY = "Unauthorized: api key required"
-BAD_KEY = "Unauthorized: api key error"
 NOT_ADMIN = "Unauthorized: you are not an admin role."
 KEY_INVALID = "api_key or id is invalid"
 KEY_REQUIRED = "api_key or id is required"
 BR_KEY = re.compile(r"^br-[A-Za-z0-9]{29}$")
-
-
-# -- helpers (shared with test_connector_records.py) --------------------------------------------
-
-
-def bearer(key: str | None) -> dict[str, str]:
-    """Headers naming `key`; none at all for None (the client's own, if it has any)."""
-    return {} if key is None else {"Authorization": f"Bearer {key}"}
-
-
-async def get(c: Client, path: str, key: str | None = None, /, **params: Param) -> httpx.Response:
-    return await c.get(path, params=params, headers=bearer(key))
-
-
-async def post(c: Client, path: str, body: object, key: str | None = None) -> httpx.Response:
-    return await c.post(path, json=body, headers=bearer(key))
-
-
-def data(r: httpx.Response) -> Any:
-    """The `data` of a success envelope (HTTP 200)."""
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert set(body) == {"success", "data"}, body
-    assert body["success"] is True, body
-    return body["data"]
-
-
-def failed(r: httpx.Response, status: int, message: str) -> None:
-    assert (r.status_code, r.json()) == (status, {"success": False, "data": message}), r.text
-
-
-def rejected(r: httpx.Response, context: object = None) -> str:
-    """The message of a 400 failure envelope."""
-    assert r.status_code == 400, (context, r.text)
-    body = r.json()
-    assert set(body) == {"success", "data"}, (context, body)
-    assert body["success"] is False, (context, body)
-    assert isinstance(body["data"], str), (context, body)
-    assert body["data"], context
-    return body["data"]
-
-
-async def listing(c: Client, path: str, key: str | None = None, /, **params: Param) -> Json:
-    """A page `{items, total, limit, offset}`."""
-    page: Json = data(await get(c, path, key, **params))
-    assert set(page) == {"items", "total", "limit", "offset"}, page
-    return page
-
-
-def names(page: Json, field: str = "name") -> list[Any]:
-    return [item[field] for item in page["items"]]
-
-
-async def apply_key(c: Client, name: str, **fields: object) -> Json:
-    key: Json = data(await post(c, "/admin/api-key/apply", {"name": name, **fields}))
-    return key
-
-
-async def save_model(c: Client, name: str, provider: str = "vllm", **fields: object) -> Json:
-    model: Json = data(await post(c, "/admin/model/save", {"name": name, "provider": provider, **fields}))
-    return model
-
-
-async def save_group(c: Client, name: str, **fields: object) -> Json:
-    group: Json = data(await post(c, "/admin/group/save", {"name": name, **fields}))
-    return group
-
-
-Owner = Literal["api-key", "group"]
-
-
-async def toggle(c: Client, owner: Owner, owner_id: int, model_id: int) -> str:
-    field = "key_id" if owner == "api-key" else "group_id"
-    body = {field: owner_id, "model_id": model_id}
-    outcome: str = data(await post(c, f"/admin/{owner}/bind-or-unbind-model", body))
-    return outcome
-
-
-async def bindings(c: Client, owner: Owner, owner_id: int) -> list[tuple[int, str]]:
-    """(model_id, model_name) bound to a key or a group, checking each row names its owner."""
-    field = "key" if owner == "api-key" else "group"
-    page = await listing(c, f"/admin/{owner}/list-model", **{f"{field}_id": owner_id})
-    assert all(b[f"{field}_id"] == owner_id for b in page["items"]), page
-    return [(b["model_id"], b["model_name"]) for b in page["items"]]
-
-
-async def mine(c: Client, key: str) -> httpx.Response:
-    return await get(c, "/user/api-key/mine", key)
 
 
 # -- auth ----------------------------------------------------------------------------------------

@@ -17,37 +17,12 @@ from orchestrator.domain.money import UNIT, month_of
 from orchestrator.runtime.compose import Runtime, build_deps
 from orchestrator.runtime.container import Deps
 from orchestrator.store.tables import ApiKey, Metric
-from tests.conftest import ADMIN_KEY, instance_settings
-from tests.integration.gateway_helpers import make_ready
-from tests.support.engines import Engine, engine_in_process
+from tests.support.billing import CHAT, PRICE_IN, PRICE_OUT, connector_key, engine, priced_model
+from tests.support.engines import Engine
 from tests.support.postgres import PostgresServer
+from tests.support.settings import ADMIN_KEY, instance_settings
 
-MODEL = "priced"
-PRICE_IN, PRICE_OUT = 1, 3  # dollars per million tokens
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
-
-
-@pytest.fixture
-async def engine() -> AsyncIterator[Engine]:
-    async with engine_in_process(MODEL, max_tokens=8) as e:
-        yield e
-
-
-async def priced_model(client: httpx.AsyncClient, deps: Deps, engine: Engine) -> int:
-    r = await client.post(
-        "/admin/model/save", json={"name": MODEL, "provider": "vllm", "price_in": PRICE_IN, "price_out": PRICE_OUT}
-    )
-    assert r.json()["success"], r.text
-    await make_ready(client, deps, MODEL, engine.chat_url)
-    return int(r.json()["data"]["id"])
-
-
-async def connector_key(client: httpx.AsyncClient, model_id: int, **money: float) -> tuple[int, str]:
-    r = await client.post("/admin/api-key/apply", json={"name": "payer", **money})
-    data = r.json()["data"]
-    bound = await client.post("/admin/api-key/bind-or-unbind-model", json={"key_id": data["id"], "model_id": model_id})
-    assert bound.json() == {"success": True, "data": "created"}
-    return int(data["id"]), str(data["api_key"])
+__all__ = ["engine"]  # the fixture, from tests/support/billing.py
 
 
 async def chat(client: httpx.AsyncClient, key: str, session: str | None = None) -> httpx.Response:

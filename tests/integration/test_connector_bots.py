@@ -20,10 +20,10 @@ from orchestrator.runtime.container import Deps
 from orchestrator.store.db import make_sessions
 from orchestrator.store.tables import BotConnector
 from orchestrator.surfaces.feishu.client import signature
-from tests.conftest import instance_settings
-from tests.integration.gateway_helpers import make_ready
 from tests.support.engines import Engine, engine_in_process
 from tests.support.fake_feishu import FakeFeishu, encrypt_event, fake_feishu
+from tests.support.gateway import make_ready
+from tests.support.settings import instance_settings
 
 APP_ID, APP_SECRET = "cli_app", "app-secret"
 ENCRYPT_KEY = "encrypt-key-0123456789"

@@ -13,9 +13,7 @@ import httpx
 import pytest
 
 from orchestrator.runtime.container import Deps
-from tests.conftest import ADMIN_KEY
-from tests.integration.gateway_helpers import issue_key, make_ready
-from tests.integration.test_connector_admin import (
+from tests.support.connector import (
     BAD_KEY,
     Client,
     Json,
@@ -33,6 +31,8 @@ from tests.integration.test_connector_admin import (
     toggle,
 )
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import issue_key, make_ready
+from tests.support.settings import ADMIN_KEY
 
 MODEL = "conn-model"
 PRICE_IN, PRICE_OUT = 1, 3  # dollars per million tokens

@@ -20,10 +20,10 @@ from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
 from orchestrator.runtime.jobs import probe_job, quiet, records_flush_job
 from orchestrator.store.db import make_engine, unreachable
-from tests.conftest import instance_settings
-from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.support.engines import Engine, engine_in_process, free_port
+from tests.support.gateway import issue_key, make_ready
 from tests.support.postgres import PostgresServer
+from tests.support.settings import instance_settings
 
 pytestmark = pytest.mark.postgres
 

@@ -17,9 +17,9 @@ from orchestrator.fleet.drain import Drain
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
-from tests.conftest import instance_settings
-from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import issue_key, make_ready
+from tests.support.settings import instance_settings
 
 S = ReplicaStatus
 MODEL = "drain-model"

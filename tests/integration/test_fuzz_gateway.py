@@ -1,7 +1,7 @@
 """Fuzzing the gateway's raw ASGI routes (they are not in the OpenAPI schema): bodies from JSON schemas of their
 known shapes, near-valid mutations, random JSON and bytes, with real client keys past authentication and a real
 engine simulator behind a READY replica. Never an unexplained 5xx, always JSON (or the stream's own format),
-always the route's envelope. The machinery is test_fuzz_openapi's."""
+always the route's envelope. The machinery is test_fuzz_openapi's (tests/support/fuzz.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import strategies as st
 
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import make_ready
-from tests.integration.test_fuzz_openapi import (
+from tests.support.engines import Engine, engine_in_process
+from tests.support.fuzz import (
     JSON_TYPE,
     ODD_TEXT,
     BodyKind,
@@ -32,7 +32,7 @@ from tests.integration.test_fuzz_openapi import (
     sender,
     undecodable_json,
 )
-from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import make_ready
 
 MODEL = "llama3.1"  # one of LlmEndpoint's rated models, so /api/v1/completions can price its calls
 COLD = "cold-model"  # registered, no replica

@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import issue_key, make_ready, openai_client
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import issue_key, make_ready, openai_client
 
 MODEL = "llama-3.1-8b"
 

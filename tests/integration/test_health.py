@@ -12,8 +12,8 @@ import pytest
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import issue_key, make_ready, openai_client
 from tests.support.engines import engine_in_process, engine_process, free_port
+from tests.support.gateway import issue_key, make_ready, openai_client
 
 S = ReplicaStatus
 MODEL = "qwen"

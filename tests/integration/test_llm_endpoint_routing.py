@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import issue_key
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import issue_key
 
 UPSTREAM_MODEL = "upstream-model"
 TOKEN = "ep-secret-token-0123456789"

@@ -13,8 +13,8 @@ import pytest
 
 from orchestrator.domain.money import CREDIT, UNIT
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import balance_units, funded_key, make_ready
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import balance_units, funded_key, make_ready
 
 MODEL = "llama3.1"  # in the seeded rate table: 0.01 cents per input character, 0.02 per output token
 PATH = "/api/v1/completions"

@@ -24,9 +24,9 @@ from orchestrator.runtime.container import Deps
 from orchestrator.runtime.jobs import tasks_job
 from orchestrator.store.tables import CompletionTask, utcnow
 from orchestrator.surfaces.llmendpoint.completions import parse
-from tests.conftest import ADMIN_KEY, instance_settings
-from tests.integration.gateway_helpers import balance_units, funded_key, make_ready
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import balance_units, funded_key, make_ready
+from tests.support.settings import ADMIN_KEY, instance_settings
 
 MODEL = "llama3.1"  # in the seeded rate table: 0.01 cents per input character, 0.02 per output token
 PATH = "/api/v1/qcompletions"

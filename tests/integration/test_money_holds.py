@@ -10,8 +10,7 @@ import pytest
 
 from orchestrator.domain.money import UNIT
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import funded_key, issue_key, make_ready
-from tests.integration.test_connector_billing import (
+from tests.support.billing import (
     CHAT,
     MODEL,
     PRICE_IN,
@@ -21,8 +20,9 @@ from tests.integration.test_connector_billing import (
     priced_model,
 )
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import funded_key, issue_key, make_ready
 
-__all__ = ["engine"]  # the fixture, shared with the billing tests
+__all__ = ["engine"]  # the fixture, from tests/support/billing.py, shared with the billing tests
 
 SECRET_PROMPT = {"model": MODEL, "messages": [{"role": "user", "content": "my password is hunter2"}], "max_tokens": 4}
 

@@ -18,7 +18,7 @@ from orchestrator.store.db import make_sessions
 from orchestrator.store.external_endpoints import ExternalEndpointStore
 from orchestrator.store.tables import ExternalEndpoint
 from orchestrator.surfaces.moonshot.endpoints import EndpointSpec, ExternalEndpointService
-from tests.conftest import ADMIN_KEY
+from tests.support.settings import ADMIN_KEY
 
 Client = httpx.AsyncClient
 

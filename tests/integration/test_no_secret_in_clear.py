@@ -25,9 +25,9 @@ import sqlalchemy as sa
 from orchestrator.platform.secrets import SecretBox, hash_api_key
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
-from tests.conftest import instance_settings
-from tests.integration.gateway_helpers import make_ready
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import make_ready
+from tests.support.settings import instance_settings
 
 MODEL = "llama3.1"  # rated by LlmEndpoint, so /api/v1/completions serves it too
 

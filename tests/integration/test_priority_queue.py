@@ -13,9 +13,9 @@ import pytest
 
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
-from tests.conftest import instance_settings
-from tests.integration.gateway_helpers import issue_key, make_ready
 from tests.support.engines import Engine, engine_in_process
+from tests.support.gateway import issue_key, make_ready
+from tests.support.settings import instance_settings
 
 MODEL = "queued-model"
 PATH = "/queue/chat/completions"

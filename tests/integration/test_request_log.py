@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from tests.conftest import ADMIN_KEY, SECRET_KEY
-from tests.integration.toolkit_helpers import Client, create_model
+from tests.support.settings import ADMIN_KEY, SECRET_KEY
+from tests.support.toolkit import Client, create_model
 
 
 @pytest.fixture(autouse=True)

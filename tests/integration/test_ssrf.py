@@ -16,9 +16,9 @@ from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
-from tests.conftest import instance_settings
-from tests.integration.gateway_helpers import funded_key, issue_key, make_ready
 from tests.support.engines import Engine, app_in_process, engine_in_process
+from tests.support.gateway import funded_key, issue_key, make_ready
+from tests.support.settings import instance_settings
 
 MODEL = "llama3.1"  # in LlmEndpoint's rate table
 SECRET = "the-secret-document-0123456789"

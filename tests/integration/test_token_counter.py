@@ -16,7 +16,7 @@ from aiohttp import web
 from orchestrator.enginesim.server import SimConfig, build_app
 from orchestrator.gateway.tokens import IMAGE_TOKENS
 from orchestrator.runtime.container import Deps
-from tests.integration.gateway_helpers import issue_key, make_ready
+from tests.support.gateway import issue_key, make_ready
 
 MODEL = "llama-3.1-8b"
 ENGINE_KEY = "engine-only-secret"

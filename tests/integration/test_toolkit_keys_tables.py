@@ -8,8 +8,8 @@ import pytest
 from orchestrator.platform.secrets import hash_api_key
 from orchestrator.runtime.container import Deps
 from orchestrator.store.call_records import CallRow
-from tests.conftest import ADMIN_KEY, SECRET_KEY
-from tests.integration.toolkit_helpers import Client, create_model, create_replica, vm_details
+from tests.support.settings import ADMIN_KEY, SECRET_KEY
+from tests.support.toolkit import Client, create_model, create_replica, vm_details
 
 TOOLKIT_TABLES = {"api_key", "llm_models", "replicas", "replica_security_rules", "metric"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.runtime.container import Deps
-from tests.integration.toolkit_helpers import Client, create_model, create_replica, vm_details
+from tests.support.toolkit import Client, create_model, create_replica, vm_details
 
 TOOLKIT_REPLICA_FIELDS = {
     "id",

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.toolkit_helpers import Client, create_model, vm_details
+from tests.support.toolkit import Client, create_model, vm_details
 
 
 async def _post_replica(client: Client, body: Any) -> tuple[int, Any]:

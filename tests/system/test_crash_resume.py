@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from infra.sandbox import SandboxBackend, SandboxConfig
-from tests.integration.toolkit_helpers import vm_details
 from tests.support.sandbox import listening_on, next_subnet
 from tests.support.server import poll, serving
+from tests.support.toolkit import vm_details
 
 ADMIN = "sk-crash-test-admin-key-0123456789"
 BLOCK_TABLE = "orch_test_block_ssh"

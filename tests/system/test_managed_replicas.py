@@ -23,10 +23,10 @@ from orchestrator.fleet.sweeps import orphan_sweep, rules_drift
 from orchestrator.runtime.container import Deps
 from orchestrator.store.tables import Replica
 from provisioning.ssh_keys import generate_keypair
-from tests.integration.gateway_helpers import issue_key, openai_client
-from tests.integration.toolkit_helpers import create_model, vm_details
 from tests.support.engines import Engine
+from tests.support.gateway import issue_key, openai_client
 from tests.support.sandbox import FOREIGN, connects, listening_on, sockets_on
+from tests.support.toolkit import create_model, vm_details
 from tests.support.vm import vm_request
 
 S = ReplicaStatus
