@@ -1,4 +1,5 @@
-"""Admin security rules judged by what they open of SSH and the engine port, alone and together."""
+"""Admin security rules judged by what they open of SSH and the engine port, alone and together; the rule sets of
+the orchestrator's phases, what a set lets through, and rules to rows and back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from infra.vm import Rule
-from orchestrator.fleet.security_rules import ConnectionSources, allows, prefix_network, rule_problems
+from orchestrator.fleet.security_rules import (
+    ConnectionSources,
+    Phase,
+    allows,
+    phase_rules,
+    prefix_network,
+    rows_of,
+    rule_of,
+    rule_problems,
+    source_of,
+)
+from orchestrator.store.tables import ReplicaSecurityRule
 
 ORCHESTRATOR, GATEWAY = "127.0.0.2/32", "127.0.0.1/32"
 LOCAL = ConnectionSources(ORCHESTRATOR, GATEWAY, "127.0.0.2")
@@ -141,3 +153,124 @@ def test_accepted_rules_together_never_let_a_stranger_reach_either_port(rules: l
     for port, cidr in ((SANDBOX_SSH, ORCHESTRATOR), (ENGINE, GATEWAY)):
         for stranger in strangers:
             assert not allows(rules, stranger, port) or ipaddress.ip_address(stranger) in ipaddress.ip_network(cidr)
+
+
+# -- the phases' rule sets -------------------------------------------------------------------------
+
+CLOUD = ConnectionSources("10.0.0.0/24", "192.168.1.5/32")
+
+
+def test_bootstrap_opens_ssh_to_the_orchestrator_and_the_engine_to_the_gateway() -> None:
+    assert phase_rules(Phase.BOOTSTRAP, CLOUD, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH) == (
+        Rule("ingress", "tcp", "IPv4", "10.0.0.0/24", 22, 22),
+        Rule("ingress", "tcp", "IPv4", "192.168.1.5/32", 8000, 8000),
+    )
+
+
+def test_serving_keeps_the_engine_port_to_the_gateway_and_closes_ssh() -> None:
+    assert phase_rules(Phase.SERVING, CLOUD, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH) == (
+        Rule("ingress", "tcp", "IPv4", "192.168.1.5/32", 8000, 8000),
+    )
+
+
+def test_a_phase_rule_names_the_ethertype_of_its_cidr() -> None:
+    v6 = ConnectionSources("2001:db8:1::/48", "2001:db8:2::7/128")
+    ssh, engine = phase_rules(Phase.BOOTSTRAP, v6, engine_port=ENGINE, ssh_port=SANDBOX_SSH)
+    assert (ssh.ethertype, ssh.remote_ip_prefix, ssh.port_range_min) == ("IPv6", "2001:db8:1::/48", SANDBOX_SSH)
+    assert (engine.ethertype, engine.remote_ip_prefix) == ("IPv6", "2001:db8:2::7/128")
+
+
+def test_the_admins_phase_has_no_orchestrator_rules() -> None:
+    with pytest.raises(ValueError, match="user is not an orchestrator phase"):
+        phase_rules(Phase.USER, CLOUD, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH)
+
+
+@pytest.mark.parametrize("phase", [Phase.BOOTSTRAP, Phase.SERVING])
+def test_the_phases_own_rules_never_have_a_problem(phase: Phase) -> None:
+    for ssh_port in (SANDBOX_SSH, HYPERSTACK_SSH):
+        rules = phase_rules(phase, CLOUD, engine_port=ENGINE, ssh_port=ssh_port)
+        assert rule_problems(rules, CLOUD, engine_port=ENGINE, ssh_port=ssh_port) == []
+
+
+def test_what_each_phase_lets_through() -> None:
+    orchestrator, gateway, stranger = source_of(CLOUD.orchestrator_cidr), source_of(CLOUD.gateway_cidr), "8.8.8.8"
+    bootstrap = phase_rules(Phase.BOOTSTRAP, CLOUD, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH)
+    serving = phase_rules(Phase.SERVING, CLOUD, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH)
+    assert allows(bootstrap, orchestrator, HYPERSTACK_SSH)
+    assert allows(bootstrap, gateway, ENGINE)
+    assert not allows(bootstrap, gateway, HYPERSTACK_SSH)
+    assert not allows(bootstrap, orchestrator, ENGINE)
+    assert not allows(bootstrap, stranger, HYPERSTACK_SSH)
+    assert not allows(serving, orchestrator, HYPERSTACK_SSH)
+    assert allows(serving, gateway, ENGINE)
+    assert not allows(serving, stranger, ENGINE)
+
+
+# -- allows ----------------------------------------------------------------------------------------
+
+
+def test_allows_matches_port_range_protocol_and_direction() -> None:
+    rules = [tcp("10.0.0.0/8", 8000, 8010)]
+    assert allows(rules, "10.1.2.3", 8000)
+    assert allows(rules, "10.1.2.3", 8010)
+    assert not allows(rules, "10.1.2.3", 8011)
+    assert not allows(rules, "11.0.0.1", 8005)
+    assert not allows(rules, "10.1.2.3", 8005, protocol="udp")
+    assert allows([Rule("ingress", "udp", "IPv4", "0.0.0.0/0", 53, 53)], "1.1.1.1", 53, protocol="udp")
+    assert not allows([Rule("egress", "tcp", "IPv4", "0.0.0.0/0", 1, 65535)], "1.1.1.1", 80)
+
+
+def test_allows_denies_everything_without_rules_and_reads_ipv6() -> None:
+    assert not allows([], "127.0.0.1", 22)
+    assert allows([tcp("2001:db8::/32", 22, ethertype="IPv6")], "2001:db8::5", 22)
+    assert not allows([tcp("2001:db8::/32", 22, ethertype="IPv6")], "10.0.0.1", 22)
+
+
+def test_allows_refuses_what_is_not_an_address() -> None:
+    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
+        allows([tcp("0.0.0.0/0", 22)], "example.com", 22)
+
+
+# -- source_of -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cidr", "source"),
+    [
+        ("10.0.0.0/24", "10.0.0.1"),  # the first host, not the network address
+        ("10.0.0.7/24", "10.0.0.1"),  # host bits as clouds read them
+        ("192.168.1.5/32", "192.168.1.5"),  # a single address is itself
+        ("10.0.0.0/31", "10.0.0.0"),  # a point-to-point pair: both are hosts
+        ("2001:db8::/64", "2001:db8::1"),
+        ("2001:db8::7/128", "2001:db8::7"),
+    ],
+)
+def test_the_source_of_a_cidr_is_its_first_host(cidr: str, source: str) -> None:
+    assert source_of(cidr) == source
+
+
+# -- rows and back ---------------------------------------------------------------------------------
+
+
+def test_rules_become_rows_of_their_phase_and_come_back_the_same() -> None:
+    rules = [
+        *phase_rules(Phase.BOOTSTRAP, CLOUD, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH),
+        Rule("egress", "udp", "IPv6", "2001:db8::/32", 53, 60),
+    ]
+    rows = rows_of(7, Phase.BOOTSTRAP, rules)
+    assert all(isinstance(row, ReplicaSecurityRule) for row in rows)
+    assert [(row.replica_id, row.origin, row.id) for row in rows] == [(7, "bootstrap", None)] * 3
+    assert [rule_of(row) for row in rows] == rules
+    last = rows[-1]
+    assert (last.direction, last.protocol, last.ethertype) == ("egress", "udp", "IPv6")
+    assert (last.remote_ip_prefix, last.port_range_min, last.port_range_max) == ("2001:db8::/32", 53, 60)
+
+
+def test_no_rules_no_rows() -> None:
+    assert rows_of(1, Phase.USER, []) == []
+
+
+def test_the_admins_rules_are_kept_as_user_rows() -> None:
+    [row] = rows_of(3, Phase.USER, [tcp("10.0.0.0/8", 443)])
+    assert row.origin == "user"
+    assert rule_of(row) == tcp("10.0.0.0/8", 443)
