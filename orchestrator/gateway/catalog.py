@@ -143,7 +143,14 @@ class _Left:
 
 
 class Catalog:
-    def __init__(self, views: GatewayViewStore, box: SecretBox, ledger: Ledger) -> None:
+    def __init__(
+        self,
+        views: GatewayViewStore,
+        box: SecretBox,
+        ledger: Ledger,
+        *,
+        on_drained: Callable[[], None] | None = None,
+    ) -> None:
         self._views = views
         self._box = box
         self.ledger = ledger
@@ -155,10 +162,11 @@ class Catalog:
         self._targets: dict[int, Target] = {}
         self._endpoints: dict[str, Target] = {}
         self.on_reload: Callable[[], None] | None = None
-        """Told after every reload (the priority queue lets waiters onto new replicas)."""
+        """Told after every reload (the priority queue lets waiters onto new replicas). Set once both exist: the
+        priority queue is built on the catalog, so it cannot be given here."""
         self._left: dict[int, _Left] = {}
         """Replicas that left the pool (draining, unhealthy) with calls in flight, by id."""
-        self.on_drained: Callable[[], None] | None = None
+        self.on_drained = on_drained
         """Told when the last call on a replica that left the pool ends (the reconcile job moves it on)."""
 
     async def reload(self) -> None:

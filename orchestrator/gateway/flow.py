@@ -150,6 +150,7 @@ class Gateway:
         secret_key: str,
         admin_key: str,
         on_unreachable: Callable[[int], None],
+        on_released: Callable[[str], None] | None = None,
         hold_tokens: int = 4096,
     ) -> None:
         self.catalog = catalog
@@ -164,7 +165,7 @@ class Gateway:
         self._limiter = RpmLimiter()
         self._calls_of: Counter[int] = Counter()
         """Calls in flight per key (admitted and not yet accounted for)."""
-        self.on_released: Callable[[str], None] | None = None
+        self.on_released = on_released
         """Told the model of every call that gave its replica's slot back (the priority queue lets the next one in)."""
 
     def authenticate(self, raw_key: str | None, client: str | None) -> KeyInfo:
