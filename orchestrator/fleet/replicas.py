@@ -68,6 +68,10 @@ class ReplicaService:
         self._box = box
         self._on_change = on_change
 
+    async def count_by_status(self) -> dict[str, int]:
+        """How many replicas are in each status, by its name."""
+        return await self._store.count_replicas_by_status()
+
     async def list(self, model_id: int) -> Sequence[Replica]:
         if await self._store.model(model_id) is None:
             raise NotFound("Model not found")

@@ -1,0 +1,1 @@
+"""The Hyperstack LLM Inference Toolkit's own parts: its table browser."""
