@@ -5,21 +5,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
-import httpx
 import structlog
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.exceptions import ClientException, HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from api.brconnector.bots import FeishuReceiver
 from api.brconnector.envelope import failure
 from api.brconnector.routes import connector_routers
+from api.deps import SERVICES, app_state
 from api.gateway.routes import GatewayRoutes, match
 from api.litellm.token_counter import litellm_router
 from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
@@ -29,8 +29,9 @@ from api.moonshot.routes import moonshot_router
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
 from orchestrator.domain.errors import Unavailable
+from orchestrator.fleet.replicas import ReplicaService
 from orchestrator.runtime.compose import Runtime
-from orchestrator.runtime.container import Deps
+from orchestrator.runtime.metrics import ServerMetrics
 from orchestrator.store.db import root_cause, unreachable
 
 log = structlog.get_logger(__name__)
@@ -41,10 +42,9 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/metrics", tags=["ops"], media_type="text/plain; version=0.0.4")
-async def metrics(state: State) -> bytes:
-    deps: Deps = state.deps
-    return deps.metrics.render(await deps.store.count_replicas_by_status())
+@get("/metrics", tags=["ops"], media_type="text/plain; version=0.0.4", dependencies=SERVICES)
+async def metrics(metrics: NamedDependency[ServerMetrics], replicas: NamedDependency[ReplicaService]) -> bytes:
+    return metrics.render(await replicas.count_by_status())
 
 
 # The connector's paths: a path no route matches (404) or a method none takes (405) is refused before any router's
@@ -128,21 +128,17 @@ def create_app(runtime: Runtime) -> ASGIApp:
                 return
         await admin(scope, receive, send)
 
-    # Bots chat through this same app, in process, exactly as a client would (auth, billing, records).
-    self_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=cast(Any, front)), base_url="http://gateway")
-    receiver = FeishuReceiver(runtime.deps, self_client)
-    admin = create_admin_app(runtime, receiver)
+    admin = create_admin_app(runtime)
     return request_log(loop_guard(front, runtime.deps.upstream.hops))
 
 
-def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:
+def create_admin_app(runtime: Runtime) -> Litestar:
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await runtime.start()
         try:
             yield
         finally:
-            await receiver.close()
             await runtime.stop()
 
     return Litestar(
@@ -155,7 +151,7 @@ def create_admin_app(runtime: Runtime, receiver: FeishuReceiver) -> Litestar:
             moonshot_router(),
             qcompletions_router(),
         ],
-        state=State({"deps": runtime.deps, "feishu_receiver": receiver}),
+        state=State(app_state(runtime.deps)),
         lifespan=[lifespan],
         exception_handlers={
             HTTPException: _on_http,

@@ -13,10 +13,10 @@ from litestar.status_codes import HTTP_200_OK
 
 from api.brconnector import schemas as s
 from api.brconnector.envelope import ok, page
-from orchestrator.billing.accounts import KeyRef
+from orchestrator.billing.accounts import AccountService, KeyRef
 from orchestrator.domain import money
 from orchestrator.domain.errors import Conflict, InvalidInput
-from orchestrator.runtime.container import Deps
+from orchestrator.fleet.models import ModelService
 
 Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
 Offset = Annotated[int, QueryParameter(ge=0, le=s.MAX_ID)]
@@ -36,8 +36,8 @@ class KeyController(Controller):
     tags = ["connector: keys"]
 
     @post("/apply", status_code=HTTP_200_OK)
-    async def apply(self, deps: NamedDependency[Deps], data: JSONBody[s.ApplyKeyIn]) -> dict[str, Any]:
-        key, plain = await deps.accounts.apply(
+    async def apply(self, accounts: NamedDependency[AccountService], data: JSONBody[s.ApplyKeyIn]) -> dict[str, Any]:
+        key, plain = await accounts.apply(
             name=data.name,
             group_id=data.group_id or None,
             role=data.role,
@@ -50,7 +50,7 @@ class KeyController(Controller):
         return ok(s.key_out(key, api_key=plain))
 
     @post("/update", status_code=HTTP_200_OK)
-    async def update(self, deps: NamedDependency[Deps], data: JSONBody[s.UpdateKeyIn]) -> dict[str, Any]:
+    async def update(self, accounts: NamedDependency[AccountService], data: JSONBody[s.UpdateKeyIn]) -> dict[str, Any]:
         changes: dict[str, Any] = data.model_dump(exclude_unset=True, exclude={"id"}, exclude_none=True)
         if "group_id" in changes:
             changes["group_id"] = changes["group_id"] or None
@@ -58,32 +58,32 @@ class KeyController(Controller):
             changes["month_quota"] = s.units("month_quota", data.month_quota)
         if "allowed_ips" in changes:
             changes["allowed_ips"] = ",".join(changes["allowed_ips"])
-        return ok(s.key_out(await deps.accounts.update(data.id, changes)))
+        return ok(s.key_out(await accounts.update(data.id, changes)))
 
     @post("/recharge", status_code=HTTP_200_OK)
-    async def recharge(self, deps: NamedDependency[Deps], data: JSONBody[s.RechargeIn]) -> dict[str, Any]:
+    async def recharge(self, accounts: NamedDependency[AccountService], data: JSONBody[s.RechargeIn]) -> dict[str, Any]:
         ref = _ref(data)
         if data.balance is None:
             raise InvalidInput("balance", "balance is required")
         amount = s.units("balance", data.balance)
         if amount <= 0:
             raise InvalidInput("balance", "balance must be greater than 0")
-        return ok(s.key_out(await deps.accounts.recharge(ref, amount)))
+        return ok(s.key_out(await accounts.recharge(ref, amount)))
 
     @post("/reset-key", status_code=HTTP_200_OK)
-    async def reset(self, deps: NamedDependency[Deps], data: JSONBody[s.KeyRefIn]) -> dict[str, Any]:
-        key, plain = await deps.accounts.reset(_ref(data))
+    async def reset(self, accounts: NamedDependency[AccountService], data: JSONBody[s.KeyRefIn]) -> dict[str, Any]:
+        key, plain = await accounts.reset(_ref(data))
         return ok(s.key_out(key, api_key=plain))
 
     @post("/delete", status_code=HTTP_200_OK)
-    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.KeyRefIn]) -> dict[str, Any]:
-        await deps.accounts.delete(_ref(data))
+    async def remove(self, accounts: NamedDependency[AccountService], data: JSONBody[s.KeyRefIn]) -> dict[str, Any]:
+        await accounts.delete(_ref(data))
         return ok(True)
 
     @get("/list")
     async def listing(
         self,
-        deps: NamedDependency[Deps],
+        accounts: NamedDependency[AccountService],
         *,
         q: Text = None,
         name: Text = None,
@@ -92,29 +92,29 @@ class KeyController(Controller):
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.accounts.keys(q=q, name=name, group_id=group_id, role=role, limit=limit, offset=offset)
+        p = await accounts.keys(q=q, name=name, group_id=group_id, role=role, limit=limit, offset=offset)
         return page(p, [s.key_out(k, group_name=g or "") for k, g in p.items])
 
     @get("/detail/{key_id:int}")
-    async def detail(self, deps: NamedDependency[Deps], key_id: PathId) -> dict[str, Any]:
-        return ok(s.key_out(await deps.accounts.key(key_id)))
+    async def detail(self, accounts: NamedDependency[AccountService], key_id: PathId) -> dict[str, Any]:
+        return ok(s.key_out(await accounts.key(key_id)))
 
     @get("/list-model")
     async def models(
         self,
-        deps: NamedDependency[Deps],
+        accounts: NamedDependency[AccountService],
         *,
         key_id: OptId = None,
         q: Text = None,
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.accounts.key_models(key_id=key_id, q=q, limit=limit, offset=offset)
+        p = await accounts.key_models(key_id=key_id, q=q, limit=limit, offset=offset)
         return page(p, [s.binding_out(b, "key") for b in p.items])
 
     @post("/bind-or-unbind-model", status_code=HTTP_200_OK)
-    async def bind(self, deps: NamedDependency[Deps], data: JSONBody[s.KeyBindIn]) -> dict[str, Any]:
-        return ok(await deps.accounts.toggle_key_model(data.key_id, data.model_id))
+    async def bind(self, accounts: NamedDependency[AccountService], data: JSONBody[s.KeyBindIn]) -> dict[str, Any]:
+        return ok(await accounts.toggle_key_model(data.key_id, data.model_id))
 
 
 class PaymentController(Controller):
@@ -123,9 +123,9 @@ class PaymentController(Controller):
 
     @get("/list")
     async def listing(
-        self, deps: NamedDependency[Deps], *, key_id: OptId = None, limit: Limit = 20, offset: Offset = 0
+        self, accounts: NamedDependency[AccountService], *, key_id: OptId = None, limit: Limit = 20, offset: Offset = 0
     ) -> dict[str, Any]:
-        p = await deps.accounts.payments(key_id=key_id or None, limit=limit, offset=offset)
+        p = await accounts.payments(key_id=key_id or None, limit=limit, offset=offset)
         return page(p, [s.payment_out(x) for x in p.items])
 
 
@@ -138,22 +138,22 @@ class ModelController(Controller):
     @get("/list")
     async def listing(
         self,
-        deps: NamedDependency[Deps],
+        models: NamedDependency[ModelService],
         *,
         q: Text = None,
         provider: Text = None,
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.models.page(q=q, provider=provider, limit=limit, offset=offset)
+        p = await models.page(q=q, provider=provider, limit=limit, offset=offset)
         return page(p, [s.model_out(m) for m in p.items])
 
     @get("/detail/{model_id:int}")
-    async def detail(self, deps: NamedDependency[Deps], model_id: PathId) -> dict[str, Any]:
-        return ok(s.model_out(await deps.models.by_id(model_id)))
+    async def detail(self, models: NamedDependency[ModelService], model_id: PathId) -> dict[str, Any]:
+        return ok(s.model_out(await models.by_id(model_id)))
 
     @post("/save", status_code=HTTP_200_OK)
-    async def save(self, deps: NamedDependency[Deps], data: JSONBody[s.ModelSaveIn]) -> dict[str, Any]:
+    async def save(self, models: NamedDependency[ModelService], data: JSONBody[s.ModelSaveIn]) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         if data.provider is not None:
             fields["provider"] = data.provider
@@ -169,20 +169,20 @@ class ModelController(Controller):
             if data.id is not None:
                 if data.name:
                     fields["name"] = data.name
-                model = await deps.models.update(data.id, fields)
+                model = await models.update(data.id, fields)
             else:
                 if not data.name:
                     raise InvalidInput("name", "name is required")
                 if not data.provider:
                     raise InvalidInput("provider", "provider is required")
-                model = await deps.models.create(data.name, **fields)
+                model = await models.create(data.name, **fields)
         except Conflict as e:
             raise Conflict(f"{data.name} already exists") from e
         return ok(s.model_out(model))
 
     @post("/delete", status_code=HTTP_200_OK)
-    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.IdIn]) -> dict[str, Any]:
-        await deps.models.delete(data.id)
+    async def remove(self, models: NamedDependency[ModelService], data: JSONBody[s.IdIn]) -> dict[str, Any]:
+        await models.delete(data.id)
         return ok(True)
 
 
@@ -192,44 +192,44 @@ class GroupController(Controller):
 
     @get("/list")
     async def listing(
-        self, deps: NamedDependency[Deps], *, q: Text = None, limit: Limit = 20, offset: Offset = 0
+        self, accounts: NamedDependency[AccountService], *, q: Text = None, limit: Limit = 20, offset: Offset = 0
     ) -> dict[str, Any]:
-        p = await deps.accounts.groups(q=q, limit=limit, offset=offset)
+        p = await accounts.groups(q=q, limit=limit, offset=offset)
         return page(p, [s.group_out(g) for g in p.items])
 
     @get("/detail/{group_id:int}")
-    async def detail(self, deps: NamedDependency[Deps], group_id: PathId) -> dict[str, Any]:
-        return ok(s.group_out(await deps.accounts.group(group_id)))
+    async def detail(self, accounts: NamedDependency[AccountService], group_id: PathId) -> dict[str, Any]:
+        return ok(s.group_out(await accounts.group(group_id)))
 
     @post("/save", status_code=HTTP_200_OK)
-    async def save(self, deps: NamedDependency[Deps], data: JSONBody[s.GroupSaveIn]) -> dict[str, Any]:
-        return ok(s.group_out(await deps.accounts.save_group(data.id, data.name, data.key)))
+    async def save(self, accounts: NamedDependency[AccountService], data: JSONBody[s.GroupSaveIn]) -> dict[str, Any]:
+        return ok(s.group_out(await accounts.save_group(data.id, data.name, data.key)))
 
     @post("/delete", status_code=HTTP_200_OK)
-    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.IdIn]) -> dict[str, Any]:
-        await deps.accounts.delete_group(data.id)
+    async def remove(self, accounts: NamedDependency[AccountService], data: JSONBody[s.IdIn]) -> dict[str, Any]:
+        await accounts.delete_group(data.id)
         return ok(True)
 
     @get("/list-model")
     async def models(
         self,
-        deps: NamedDependency[Deps],
+        accounts: NamedDependency[AccountService],
         group_id: OptId = None,
         q: Text = None,
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.accounts.group_models(group_id=group_id, q=q, limit=limit, offset=offset)
+        p = await accounts.group_models(group_id=group_id, q=q, limit=limit, offset=offset)
         return page(p, [s.binding_out(b, "group") for b in p.items])
 
     @post("/bind-or-unbind-model", status_code=HTTP_200_OK)
-    async def bind(self, deps: NamedDependency[Deps], data: JSONBody[s.GroupBindIn]) -> dict[str, Any]:
-        return ok(await deps.accounts.toggle_group_model(data.group_id, data.model_id))
+    async def bind(self, accounts: NamedDependency[AccountService], data: JSONBody[s.GroupBindIn]) -> dict[str, Any]:
+        return ok(await accounts.toggle_group_model(data.group_id, data.model_id))
 
 
 @get("/admin/statistics/total", tags=["connector: keys"])
-async def statistics(deps: NamedDependency[Deps]) -> dict[str, Any]:
-    t = await deps.accounts.totals()
+async def statistics(accounts: NamedDependency[AccountService]) -> dict[str, Any]:
+    t = await accounts.totals()
     return ok(
         {
             "count_key": t.count_key,

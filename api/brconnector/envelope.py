@@ -24,11 +24,11 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from api.deps import gateway_of
 from api.gateway.routes import client_address, credentials
 from orchestrator.domain.errors import Conflict, DomainError, InvalidInput, NotFound, Unavailable
 from orchestrator.gateway.catalog import KeyInfo
 from orchestrator.gateway.flow import IpRefused, Unauthorized
-from orchestrator.runtime.container import Deps
 from orchestrator.store.listing import Page
 
 log = structlog.get_logger(__name__)
@@ -58,12 +58,11 @@ def caller(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
 
 def _authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyInfo:
     """The key as the gateway authenticates it (the same headers, the server's admin key included)."""
-    deps: Deps = connection.app.state.deps
     token, _ = credentials(connection.scope)  # type: ignore[arg-type]
     if not token:
         raise NotAuthorizedException(NO_KEY)
     try:
-        key = deps.gateway.authenticate(token, client_address(connection.scope))  # type: ignore[arg-type]
+        key = gateway_of(connection).authenticate(token, client_address(connection.scope))  # type: ignore[arg-type]
     except IpRefused as e:
         raise NotAuthorizedException(str(e)) from e
     except Unauthorized as e:

@@ -12,9 +12,10 @@ from litestar.exceptions import PermissionDeniedException
 from api.brconnector import schemas as s
 from api.brconnector.admin import Limit, Offset, OptId, PathId, Text
 from api.brconnector.envelope import caller, ok, page
+from orchestrator.billing.accounts import AccountService
+from orchestrator.billing.history import CallRecordService
 from orchestrator.domain import money
 from orchestrator.gateway.catalog import SERVER_ADMIN
-from orchestrator.runtime.container import Deps
 
 
 class AdminRecords(Controller):
@@ -24,24 +25,24 @@ class AdminRecords(Controller):
     @get("/session/list")
     async def sessions(
         self,
-        deps: NamedDependency[Deps],
+        call_records: NamedDependency[CallRecordService],
         *,
         q: Text = None,
         key_id: OptId = None,
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.record_store.sessions(key_id=key_id or None, q=q, limit=limit, offset=offset)
+        p = await call_records.sessions(key_id=key_id or None, q=q, limit=limit, offset=offset)
         return page(p, [s.session_out(x) for x in p.items])
 
     @get("/session/detail/{session_id:int}")
-    async def session(self, deps: NamedDependency[Deps], session_id: PathId) -> dict[str, Any]:
-        return ok(s.session_out(await deps.record_store.session(session_id)))
+    async def session(self, call_records: NamedDependency[CallRecordService], session_id: PathId) -> dict[str, Any]:
+        return ok(s.session_out(await call_records.session(session_id)))
 
     @get("/thread/list")
     async def threads(
         self,
-        deps: NamedDependency[Deps],
+        call_records: NamedDependency[CallRecordService],
         *,
         q: Text = None,
         key_id: OptId = None,
@@ -49,14 +50,14 @@ class AdminRecords(Controller):
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.record_store.threads(
+        p = await call_records.threads(
             key_id=key_id or None, session_id=session_id or None, q=q, limit=limit, offset=offset
         )
         return page(p, [s.thread_out(x, detail=False) for x in p.items])
 
     @get("/thread/detail/{thread_id:int}")
-    async def thread(self, deps: NamedDependency[Deps], thread_id: PathId) -> dict[str, Any]:
-        return ok(s.thread_out(await deps.record_store.thread(thread_id), detail=True))
+    async def thread(self, call_records: NamedDependency[CallRecordService], thread_id: PathId) -> dict[str, Any]:
+        return ok(s.thread_out(await call_records.thread(thread_id), detail=True))
 
 
 class UserRecords(Controller):
@@ -64,13 +65,13 @@ class UserRecords(Controller):
     tags = ["connector: chat records"]
 
     @get("/api-key/mine")
-    async def mine(self, request: Request[Any, Any, Any], deps: NamedDependency[Deps]) -> dict[str, Any]:
+    async def mine(self, request: Request[Any, Any, Any], accounts: NamedDependency[AccountService]) -> dict[str, Any]:
         me = caller(request)
         if me is SERVER_ADMIN:
             return ok({"id": 0, "name": "admin", "role": "admin", "kind": SERVER_ADMIN.kind})
-        key = await deps.accounts.key(me.id)
+        key = await accounts.key(me.id)
         mine = s.key_out(key)
-        account = deps.catalog.ledger.account(me.id, money.month_of())  # with the fees not yet written
+        account = accounts.account_now(me.id)  # with the fees not yet written
         if account is not None:
             mine.update({"balance": money.usd(account.balance), "month_fee": money.usd(account.month_fee)})
         return ok(mine)
@@ -79,20 +80,20 @@ class UserRecords(Controller):
     async def sessions(
         self,
         request: Request[Any, Any, Any],
-        deps: NamedDependency[Deps],
+        call_records: NamedDependency[CallRecordService],
         *,
         q: Text = None,
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.record_store.sessions(key_id=caller(request).id, q=q, limit=limit, offset=offset)
+        p = await call_records.sessions(key_id=caller(request).id, q=q, limit=limit, offset=offset)
         return page(p, [s.session_out(x) for x in p.items])
 
     @get("/session/detail/{session_id:int}")
     async def session(
-        self, request: Request[Any, Any, Any], deps: NamedDependency[Deps], session_id: PathId
+        self, request: Request[Any, Any, Any], call_records: NamedDependency[CallRecordService], session_id: PathId
     ) -> dict[str, Any]:
-        found = await deps.record_store.session(session_id)
+        found = await call_records.session(session_id)
         _own(request, found.key_id, "session")
         return ok(s.session_out(found))
 
@@ -100,23 +101,23 @@ class UserRecords(Controller):
     async def threads(
         self,
         request: Request[Any, Any, Any],
-        deps: NamedDependency[Deps],
+        call_records: NamedDependency[CallRecordService],
         *,
         q: Text = None,
         session_id: OptId = None,
         limit: Limit = 20,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        p = await deps.record_store.threads(
+        p = await call_records.threads(
             key_id=caller(request).id, session_id=session_id or None, q=q, limit=limit, offset=offset
         )
         return page(p, [s.thread_out(x, detail=False) for x in p.items])
 
     @get("/thread/detail/{thread_id:int}")
     async def thread(
-        self, request: Request[Any, Any, Any], deps: NamedDependency[Deps], thread_id: PathId
+        self, request: Request[Any, Any, Any], call_records: NamedDependency[CallRecordService], thread_id: PathId
     ) -> dict[str, Any]:
-        found = await deps.record_store.thread(thread_id)
+        found = await call_records.thread(thread_id)
         _own(request, found.api_key_id, "thread")
         return ok(s.thread_out(found, detail=True))
 

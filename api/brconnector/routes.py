@@ -9,11 +9,11 @@ from api.brconnector.admin import GroupController, KeyController, ModelControlle
 from api.brconnector.bots import BotConnectors, FeishuBots, feishu_event
 from api.brconnector.envelope import HANDLERS, admin_key, any_key
 from api.brconnector.records import AdminRecords, UserRecords
-from api.deps import DEPS
+from api.deps import SERVICES
 
 
 def connector_routers() -> list[Router]:
-    common = {"dependencies": DEPS, "exception_handlers": dict(HANDLERS)}
+    common = {"dependencies": SERVICES, "exception_handlers": dict(HANDLERS)}
     admin = [
         KeyController,
         PaymentController,

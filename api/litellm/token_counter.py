@@ -16,14 +16,13 @@ from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK
 from litestar.types import HTTPScope
 
-from api.deps import DEPS
+from api.deps import SERVICES, gateway_of
 from api.gateway.bodies import BadBody
 from api.gateway.envelopes import openai_error
 from api.gateway.routes import client_address, credentials
 from orchestrator.gateway.catalog import KeyInfo
 from orchestrator.gateway.flow import GatewayError
 from orchestrator.gateway.tokens import Message, Messages, Prompt
-from orchestrator.runtime.container import Deps
 from orchestrator.surfaces.litellm.token_counter import TokenCounter
 
 MAX_BODY = 1024 * 1024  # bounds the work of one count too: a MiB of text encodes in well under a second
@@ -85,10 +84,10 @@ _CALLER = "token_counter_caller"
 def client_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Runs before the body is read: a call without a valid key is a 401 whatever its body. The key is admitted
     here, once per call: a count may ask a replica, so it takes one unit of the key's rate limit."""
-    deps: Deps = connection.app.state.deps
+    gateway = gateway_of(connection)
     scope: HTTPScope = connection.scope  # type: ignore[assignment]
-    key = deps.gateway.authenticate(credentials(scope)[0], client_address(scope))
-    deps.gateway.admit(key, spend=False)
+    key = gateway.authenticate(credentials(scope)[0], client_address(scope))
+    gateway.admit(key, spend=False)
     connection.scope.setdefault("state", {})[_CALLER] = key
 
 
@@ -106,9 +105,9 @@ def _caller(request: Request[Any, Any, Any]) -> KeyInfo:
     responses=_ERRORS,
 )
 async def token_counter(
-    request: Request[Any, Any, Any], deps: NamedDependency[Deps], data: JSONBody[TokenCounterIn]
+    request: Request[Any, Any, Any], token_counter: NamedDependency[TokenCounter], data: JSONBody[TokenCounterIn]
 ) -> TokenCounterOut:
-    counted = await TokenCounter(deps.catalog, deps.upstream).count(_caller(request), data.model, _source(data))
+    counted = await token_counter.count(_caller(request), data.model, _source(data))
     return TokenCounterOut(counted.total_tokens, data.model, counted.model_used, counted.tokenizer_type)
 
 
@@ -165,7 +164,7 @@ def litellm_router() -> Router:
     return Router(
         path="/",
         route_handlers=[token_counter],
-        dependencies=DEPS,
+        dependencies=SERVICES,
         tags=["litellm"],
         exception_handlers={
             ValidationException: _on_validation,

@@ -19,13 +19,14 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
-from api.deps import DEPS
+from api.deps import SERVICES
 from api.llmendpoint.completions import authenticate, failure, refused
 from orchestrator.domain.errors import Unavailable
 from orchestrator.gateway.catalog import KeyInfo
-from orchestrator.runtime.container import Deps
+from orchestrator.gateway.flow import Gateway
 from orchestrator.store.tables import CompletionTask
 from orchestrator.surfaces.llmendpoint.completions import LlmEndpointError
+from orchestrator.surfaces.llmendpoint.tasks import TaskRunner
 
 QUEUED = "Request queued successfully"
 
@@ -61,8 +62,8 @@ def _refusals(**statuses: str) -> dict[int, ResponseSpec]:
 _AUTH = {"s401": "No key, not a valid key, or not from an address the key allows"}
 
 
-def _key(request: Request[Any, Any, Any], deps: Deps) -> KeyInfo:
-    return authenticate(deps.gateway, request.scope)
+def _key(request: Request[Any, Any, Any], gateway: Gateway) -> KeyInfo:
+    return authenticate(gateway, request.scope)
 
 
 @post(
@@ -76,16 +77,23 @@ def _key(request: Request[Any, Any, Any], deps: Deps) -> KeyInfo:
         **_AUTH,
     ),
 )
-async def submit(request: Request[Any, Any, Any], deps: NamedDependency[Deps]) -> QueuedOut:
+async def submit(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], tasks: NamedDependency[TaskRunner]
+) -> QueuedOut:
     """Queue a completion (the body of `/api/v1/completions`; `stream` is ignored)."""
-    key = _key(request, deps)  # before the body is read: no key, no work
-    task_id = await deps.tasks.submit(key, await request.body())
+    key = _key(request, gateway)  # before the body is read: no key, no work
+    task_id = await tasks.submit(key, await request.body())
     return QueuedOut(success=True, task_id=task_id, message=QUEUED)
 
 
 @get("/{task_id:str}", responses=_refusals(s403="Another key's task", s404="Task not found", **_AUTH))
-async def look_up(request: Request[Any, Any, Any], deps: NamedDependency[Deps], task_id: FromPath[str]) -> TaskOut:
-    return _out(await deps.tasks.task_of(_key(request, deps), task_id))
+async def look_up(
+    request: Request[Any, Any, Any],
+    gateway: NamedDependency[Gateway],
+    tasks: NamedDependency[TaskRunner],
+    task_id: FromPath[str],
+) -> TaskOut:
+    return _out(await tasks.task_of(_key(request, gateway), task_id))
 
 
 def _out(task: CompletionTask) -> TaskOut:
@@ -119,7 +127,7 @@ def qcompletions_router() -> Router:
     return Router(
         path="/api/v1/qcompletions",
         route_handlers=[submit, look_up],
-        dependencies=DEPS,
+        dependencies=SERVICES,
         tags=["llmendpoint"],
         exception_handlers={LlmEndpointError: _on_refusal, HTTPException: _on_http, Unavailable: _on_unavailable},
     )

@@ -19,12 +19,11 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
-from api.deps import DEPS
+from api.deps import SERVICES
 from api.moonshot import schemas as s
 from api.toolkit.auth import admin_only
 from orchestrator.domain.errors import InvalidInput, NotFound, Unavailable
-from orchestrator.runtime.container import Deps
-from orchestrator.surfaces.moonshot.endpoints import CONNECTOR_TYPES, EndpointView
+from orchestrator.surfaces.moonshot.endpoints import CONNECTOR_TYPES, EndpointView, ExternalEndpointService
 
 NOT_AN_OBJECT = "body must be a JSON object"
 
@@ -37,16 +36,18 @@ class LlmEndpointController(Controller):
         return list(CONNECTOR_TYPES)
 
     @get("/llm_endpoints")
-    async def endpoints(self, deps: NamedDependency[Deps]) -> list[EndpointView]:
-        return await deps.external_endpoints.endpoints()  # tokens already masked
+    async def endpoints(self, endpoints: NamedDependency[ExternalEndpointService]) -> list[EndpointView]:
+        return await endpoints.endpoints()  # tokens already masked
 
     @post(
         "/llm_endpoints",
         status_code=HTTP_200_OK,
         responses={HTTP_422_UNPROCESSABLE_ENTITY: ResponseSpec(s.ErrorsOut, description="A bad body")},
     )
-    async def add(self, deps: NamedDependency[Deps], data: JSONBody[s.EndpointIn]) -> s.MessageOut:
-        await deps.external_endpoints.save(data.spec())
+    async def add(
+        self, endpoints: NamedDependency[ExternalEndpointService], data: JSONBody[s.EndpointIn]
+    ) -> s.MessageOut:
+        await endpoints.save(data.spec())
         return s.MessageOut(message="Endpoint added successfully")
 
     @delete(
@@ -54,9 +55,11 @@ class LlmEndpointController(Controller):
         status_code=HTTP_200_OK,
         responses={HTTP_404_NOT_FOUND: ResponseSpec(s.DetailOut, description="No such endpoint")},
     )
-    async def remove(self, deps: NamedDependency[Deps], endpoint_id: FromPath[str]) -> Response[Any]:
+    async def remove(
+        self, endpoints: NamedDependency[ExternalEndpointService], endpoint_id: FromPath[str]
+    ) -> Response[Any]:
         try:
-            await deps.external_endpoints.delete(endpoint_id)
+            await endpoints.delete(endpoint_id)
         except NotFound as e:
             return Response(s.DetailOut(detail=f"Failed to delete endpoint: {e}"), status_code=HTTP_404_NOT_FOUND)
         return Response(s.MessageOut(message="Endpoint deleted successfully"))
@@ -112,7 +115,7 @@ def moonshot_router() -> Router:
         path="/v1",
         route_handlers=[LlmEndpointController],
         guards=[admin_only],
-        dependencies=DEPS,
+        dependencies=SERVICES,
         # A status code is looked up before a class: 400 takes ValidationException and malformed JSON alike.
         exception_handlers={
             HTTP_400_BAD_REQUEST: on_bad_request,

@@ -8,8 +8,8 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers.base import BaseRouteHandler
 
+from api.deps import server_keys
 from orchestrator.platform.secrets import same_secret
-from orchestrator.runtime.container import Deps
 
 
 def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -20,7 +20,6 @@ def bearer_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 
 
 def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    deps: Deps = connection.app.state.deps
     token = bearer_token(connection)
-    if token is None or not same_secret(token, deps.keys.admin_api_key):
+    if token is None or not same_secret(token, server_keys(connection).admin_api_key):
         raise NotAuthorizedException("Invalid Admin API key.")

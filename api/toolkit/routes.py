@@ -9,16 +9,19 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_400_BAD_REQUEST, HTTP_409_CONFLICT
 
-from api.deps import DEPS
+from api.deps import SERVICES
 from api.toolkit import schemas as s
 from api.toolkit.auth import admin_only
 from api.toolkit.errors import HANDLERS
+from orchestrator.billing.api_keys import ApiKeyService
 from orchestrator.domain.errors import Conflict, NotFound
 from orchestrator.domain.lifecycle import ReplicaStatus, vm_status
-from orchestrator.runtime.container import Deps
+from orchestrator.fleet.models import ModelService
+from orchestrator.fleet.replicas import ReplicaService
 from orchestrator.store.api_keys import KeyRemoval
 from orchestrator.store.fleet import ReplicaDetail
 from orchestrator.store.tables import Replica, row_id
+from orchestrator.surfaces.toolkit.tables import TableService
 
 # Ids outside the column's range are refused with a 400 rather than reaching the database.
 PathId = Annotated[int, Parameter(ge=1, le=s.MAX_ID)]
@@ -33,16 +36,20 @@ class ApiKeyController(Controller):
     tags = ["api keys"]
 
     @post("/generate_api_key", status_code=HTTP_200_OK)
-    async def generate(self, deps: NamedDependency[Deps], data: JSONBody[s.GenerateApiKeyIn]) -> s.IssuedKeyOut:
-        issued = await deps.api_keys.issue(
+    async def generate(
+        self, api_keys: NamedDependency[ApiKeyService], data: JSONBody[s.GenerateApiKeyIn]
+    ) -> s.IssuedKeyOut:
+        issued = await api_keys.issue(
             data.user_id, allowed_rpm=data.allowed_rpm, name=data.name, allowed_ips=",".join(data.allowed_ips)
         )
         return s.IssuedKeyOut(api_key=issued.api_key, id=issued.id, enabled=issued.enabled)
 
     @post("/delete_api_key", status_code=HTTP_200_OK)
-    async def remove(self, deps: NamedDependency[Deps], data: JSONBody[s.DeleteApiKeyIn]) -> Response[s.MessageOut]:
+    async def remove(
+        self, api_keys: NamedDependency[ApiKeyService], data: JSONBody[s.DeleteApiKeyIn]
+    ) -> Response[s.MessageOut]:
         try:
-            outcome = await deps.api_keys.remove(data.user_id, data.api_key_id)
+            outcome = await api_keys.remove(data.user_id, data.api_key_id)
         except Conflict as e:
             return Response(s.MessageOut(message=str(e)), status_code=HTTP_409_CONFLICT)
         return Response(s.MessageOut(message=_KEY_MESSAGES[outcome]))
@@ -53,12 +60,12 @@ class TableController(Controller):
     tags = ["tables"]
 
     @get("/")
-    async def names(self, deps: NamedDependency[Deps]) -> s.TablesOut:
-        return s.TablesOut(tables=deps.tables.names())
+    async def names(self, tables: NamedDependency[TableService]) -> s.TablesOut:
+        return s.TablesOut(tables=tables.names())
 
     @get("/{table_name:str}")
-    async def rows(self, deps: NamedDependency[Deps], table_name: FromPath[str]) -> s.TableDataOut:
-        return s.TableDataOut(data=await deps.tables.rows(table_name))
+    async def rows(self, tables: NamedDependency[TableService], table_name: FromPath[str]) -> s.TableDataOut:
+        return s.TableDataOut(data=await tables.rows(table_name))
 
 
 class ModelController(Controller):
@@ -66,48 +73,50 @@ class ModelController(Controller):
     tags = ["models"]
 
     @get("/")
-    async def list_models(self, deps: NamedDependency[Deps], active: FromQuery[str | None] = None) -> list[s.ModelOut]:
-        models = await deps.models.list(active_only=bool(active) and active not in ("0", "false"))
-        return [s.ModelOut(id=row_id(m.id), name=m.name) for m in models]
+    async def list_models(
+        self, models: NamedDependency[ModelService], active: FromQuery[str | None] = None
+    ) -> list[s.ModelOut]:
+        found = await models.list(active_only=bool(active) and active not in ("0", "false"))
+        return [s.ModelOut(id=row_id(m.id), name=m.name) for m in found]
 
     @get("/{model_name:str}")
-    async def get_model(self, deps: NamedDependency[Deps], model_name: FromPath[str]) -> s.ModelOut:
+    async def get_model(self, models: NamedDependency[ModelService], model_name: FromPath[str]) -> s.ModelOut:
         if "\x00" in model_name:  # no name holds one (they are refused), and PostgreSQL cannot compare one
             raise NotFound("Model not found")
-        model = await deps.models.get(model_name)
+        model = await models.get(model_name)
         return s.ModelOut(id=row_id(model.id), name=model.name)
 
     @post("/")
-    async def create_model(self, deps: NamedDependency[Deps], data: JSONBody[s.ModelIn]) -> Response[Any]:
+    async def create_model(self, models: NamedDependency[ModelService], data: JSONBody[s.ModelIn]) -> Response[Any]:
         try:
-            model = await deps.models.create(data.name)
+            model = await models.create(data.name)
         except Conflict as e:
             return Response(s.MessageOut(message=str(e)), status_code=HTTP_400_BAD_REQUEST)
         return Response(s.ModelCreatedOut(model_name=model.name, id=row_id(model.id)), status_code=201)
 
     @delete("/{model_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def delete_model(self, deps: NamedDependency[Deps], model_id: PathId) -> None:
-        await deps.models.delete(model_id)
+    async def delete_model(self, models: NamedDependency[ModelService], model_id: PathId) -> None:
+        await models.delete(model_id)
 
     @get("/{model_id:int}/replicas")
-    async def list_replicas(self, deps: NamedDependency[Deps], model_id: PathId) -> list[s.ReplicaOut]:
-        return [_replica_out(r) for r in await deps.replicas.list(model_id)]
+    async def list_replicas(self, replicas: NamedDependency[ReplicaService], model_id: PathId) -> list[s.ReplicaOut]:
+        return [_replica_out(r) for r in await replicas.list(model_id)]
 
     @post("/{model_id:int}/replicas")
     async def create_replica(
-        self, deps: NamedDependency[Deps], model_id: PathId, data: JSONBody[s.ReplicaIn]
+        self, replicas: NamedDependency[ReplicaService], model_id: PathId, data: JSONBody[s.ReplicaIn]
     ) -> Response[Any]:
         try:
-            replica_id = await deps.replicas.create(model_id, data.spec())
+            replica_id = await replicas.create(model_id, data.spec())
         except Conflict as e:
             return Response({"error": str(e)}, status_code=HTTP_400_BAD_REQUEST)
         return Response(s.ReplicaCreatedOut(replica_id=replica_id), status_code=201)
 
     @put("/replicas/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
     async def update_replica(
-        self, deps: NamedDependency[Deps], replica_id: PathId, data: JSONBody[s.ReplicaUpdateIn]
+        self, replicas: NamedDependency[ReplicaService], replica_id: PathId, data: JSONBody[s.ReplicaUpdateIn]
     ) -> None:
-        await deps.replicas.set_rate_limit(replica_id, data.rate_limit)
+        await replicas.set_rate_limit(replica_id, data.rate_limit)
 
 
 class ReplicaController(Controller):
@@ -115,12 +124,12 @@ class ReplicaController(Controller):
     tags = ["replicas"]
 
     @get("/{replica_id:int}")
-    async def detail(self, deps: NamedDependency[Deps], replica_id: PathId) -> s.ReplicaDetailOut:
-        return _detail_out(await deps.replicas.detail(replica_id))
+    async def detail(self, replicas: NamedDependency[ReplicaService], replica_id: PathId) -> s.ReplicaDetailOut:
+        return _detail_out(await replicas.detail(replica_id))
 
     @delete("/{replica_id:int}", status_code=HTTP_204_NO_CONTENT)
-    async def remove(self, deps: NamedDependency[Deps], replica_id: PathId) -> None:
-        await deps.replicas.delete(replica_id)
+    async def remove(self, replicas: NamedDependency[ReplicaService], replica_id: PathId) -> None:
+        await replicas.delete(replica_id)
 
 
 def _replica_out(r: Replica) -> s.ReplicaOut:
@@ -168,6 +177,6 @@ def toolkit_router() -> Router:
         path="/api/v1",
         route_handlers=[ApiKeyController, TableController, ModelController, ReplicaController],
         guards=[admin_only],
-        dependencies=DEPS,
+        dependencies=SERVICES,
         exception_handlers=dict(HANDLERS),
     )

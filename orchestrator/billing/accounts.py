@@ -10,9 +10,10 @@ from typing import Any
 
 import structlog
 
+from orchestrator.billing.ledger import Ledger
 from orchestrator.domain.errors import InvalidInput
 from orchestrator.domain.money import month_of
-from orchestrator.domain.spend import CONNECTOR
+from orchestrator.domain.spend import CONNECTOR, Account
 from orchestrator.platform.secrets import hash_api_key, key_hint, new_connector_key
 from orchestrator.store.accounts import AccountStore, Binding, Toggle, Totals
 from orchestrator.store.listing import Page
@@ -33,8 +34,11 @@ class KeyRef:
 
 
 class AccountService:
-    def __init__(self, store: AccountStore, secret_key: str, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, store: AccountStore, ledger: Ledger, secret_key: str, on_change: Callable[[], Awaitable[None]]
+    ) -> None:
         self._store = store
+        self._ledger = ledger
         self._secret = secret_key
         self._on_change = on_change
 
@@ -112,6 +116,11 @@ class AccountService:
 
     async def key(self, key_id: int) -> ApiKey:
         return await self._store.key(key_id)
+
+    def account_now(self, key_id: int) -> Account | None:
+        """The key's account as the gateway holds it this month, with the fees not yet written; None for a key the
+        gateway has not loaded."""
+        return self._ledger.account(key_id, month_of())
 
     async def keys(self, **filters: Any) -> Page[tuple[ApiKey, str | None]]:
         return await self._store.keys(**filters)

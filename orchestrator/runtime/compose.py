@@ -11,6 +11,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from infra.sandbox import SandboxBackend, SandboxConfig
 from orchestrator.billing.accounts import AccountService
 from orchestrator.billing.api_keys import ApiKeyService
+from orchestrator.billing.history import CallRecordService
 from orchestrator.billing.journal import Journal
 from orchestrator.billing.ledger import Ledger
 from orchestrator.billing.records import CallRecord, CallRecords
@@ -46,8 +47,11 @@ from orchestrator.store.gateway_view import GatewayViewStore
 from orchestrator.store.tasks import TaskStore
 from orchestrator.surfaces.feishu.bots import BotService
 from orchestrator.surfaces.feishu.client import FeishuClient
+from orchestrator.surfaces.feishu.receiver import FeishuReceiver
+from orchestrator.surfaces.litellm.token_counter import TokenCounter
 from orchestrator.surfaces.llmendpoint.tasks import TaskPolicy, TaskRunner
 from orchestrator.surfaces.moonshot.endpoints import ExternalEndpointService
+from orchestrator.surfaces.toolkit.tables import TableService
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +64,8 @@ def build_deps(settings: Settings) -> Deps:
     nudge, probe_nudge = Nudge(), Nudge()
     box = SecretBox(keys.secret_key)
     ledger = Ledger()
-    catalog = Catalog(GatewayViewStore(sessions), box, ledger)
+    # A draining replica's last call ended: the reconcile job moves it on now.
+    catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge)
     outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
     upstream = Upstream(resolver=GuardedResolver(outbound.allowed))  # names judged again at every connect
     record_store = RecordStore(sessions)
@@ -97,6 +102,9 @@ def build_deps(settings: Settings) -> Deps:
         ),
         on_moved=on_moved,
     )
+    queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
+    # The one callback set after construction: the queues are built on the catalog, which tells them of its reloads.
+    catalog.on_reload = queues.wake_all
     gateway = Gateway(
         catalog,
         upstream,
@@ -104,6 +112,7 @@ def build_deps(settings: Settings) -> Deps:
         secret_key=keys.secret_key,
         admin_key=keys.admin_api_key,
         on_unreachable=health.report_unreachable,
+        on_released=queues.wake,
         hold_tokens=settings.hold_tokens,
     )
 
@@ -112,16 +121,12 @@ def build_deps(settings: Settings) -> Deps:
         await records.flush()
         return gateway.busy(key_id) or records.unwritten(key_id)
 
-    queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
-    gateway.on_released = queues.wake
-    catalog.on_reload = queues.wake_all
-    catalog.on_drained = nudge  # a draining replica's last call ended: the reconcile job moves it on now
+    bots = BotService(BotStore(sessions), box, keys.secret_key)
     return Deps(
         settings=settings,
         keys=keys,
         engine=engine,
         store=store,
-        tables=TableBrowser(sessions),
         nudge=nudge,
         probe_nudge=probe_nudge,
         box=box,
@@ -129,6 +134,7 @@ def build_deps(settings: Settings) -> Deps:
         upstream=upstream,
         records=records,
         record_store=record_store,
+        call_records=CallRecordService(record_store),
         health=health,
         gateway=gateway,
         queues=queues,
@@ -138,10 +144,11 @@ def build_deps(settings: Settings) -> Deps:
             store, nudge, box, on_change=catalog.reload, network=network, ssh_port=backend.ssh_port, outbound=outbound
         ),
         api_keys=ApiKeyService(ApiKeyStore(sessions), keys.secret_key, on_change=catalog.reload, in_use=in_use),
+        tables=TableService(TableBrowser(sessions)),
         managed=managed,
-        accounts=AccountService(AccountStore(sessions), keys.secret_key, on_change=catalog.reload),
-        bots=BotService(BotStore(sessions), box, keys.secret_key),
-        feishu=FeishuClient(settings.feishu_base_url),
+        accounts=AccountService(AccountStore(sessions), ledger, keys.secret_key, on_change=catalog.reload),
+        bots=bots,
+        feishu_receiver=FeishuReceiver(bots, gateway, FeishuClient(settings.feishu_base_url)),
         external_endpoints=ExternalEndpointService(
             ExternalEndpointStore(sessions), box, on_change=catalog.reload, outbound=outbound
         ),
@@ -155,6 +162,7 @@ def build_deps(settings: Settings) -> Deps:
                 host_wait_s=settings.task_host_wait_s,
             ),
         ),
+        token_counter=TokenCounter(catalog, upstream),
     )
 
 
@@ -235,6 +243,7 @@ class Runtime:
             self._scheduler.start()
 
     async def stop(self) -> None:
+        await self.deps.feishu_receiver.close()  # the answers under way are cancelled (their calls still accounted for)
         if self._scheduler is not None:
             self.deps.nudge.connect(None)
             self.deps.probe_nudge.connect(None)
@@ -248,5 +257,4 @@ class Runtime:
             log.exception("records.final_flush_failed")  # they stay in the journal, replayed at the next start
         self.deps.records.close()
         await self.deps.upstream.close()
-        await self.deps.feishu.aclose()
         await self.deps.engine.dispose()

@@ -1,4 +1,5 @@
-"""The dependency bundle handed to the API and to every job."""
+"""The container: every object the runtime built, handed to the API (which gives each route the services it uses)
+and to every job."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.billing.accounts import AccountService
 from orchestrator.billing.api_keys import ApiKeyService
+from orchestrator.billing.history import CallRecordService
 from orchestrator.billing.records import CallRecords
 from orchestrator.fleet.health import HealthMonitor
 from orchestrator.fleet.managed import ManagedReplicas
@@ -22,20 +24,25 @@ from orchestrator.platform.secrets import SecretBox
 from orchestrator.platform.settings import Settings
 from orchestrator.platform.state_dir import ServerKeys
 from orchestrator.runtime.metrics import ServerMetrics
-from orchestrator.store.browse import TableBrowser
 from orchestrator.store.call_records import RecordStore
 from orchestrator.store.fleet import FleetStore
 from orchestrator.surfaces.feishu.bots import BotService
-from orchestrator.surfaces.feishu.client import FeishuClient
+from orchestrator.surfaces.feishu.receiver import FeishuReceiver
+from orchestrator.surfaces.litellm.token_counter import TokenCounter
 from orchestrator.surfaces.llmendpoint.tasks import TaskRunner
 from orchestrator.surfaces.moonshot.endpoints import ExternalEndpointService
+from orchestrator.surfaces.toolkit.tables import TableService
 
 
 class Nudge:
-    """Asks the reconcile job to run now instead of at its next tick; only a flag until a scheduler listens.
+    """Asks a job to run now instead of at its next tick; only a flag until a scheduler listens.
 
     The flag covers a nudge that arrives while the job is running (the scheduler will not start a second
     instance): the job takes it when it finishes and runs once more.
+
+    The scheduler is connected after construction, and this cannot be helped: the services are built with their
+    nudge, the jobs are built on those services, and the scheduler exists only once the runtime starts (and never
+    where the jobs do not run).
     """
 
     def __init__(self) -> None:
@@ -43,6 +50,7 @@ class Nudge:
         self._requested = False
 
     def connect(self, target: Callable[[], None] | None) -> None:
+        """Who runs the job now (None: nobody, the scheduler is gone)."""
         self._target = target
 
     def __call__(self) -> None:
@@ -59,21 +67,24 @@ class Nudge:
 class Deps:
     settings: Settings
     keys: ServerKeys
+    """The admin API key and the secret key (API-key hashes, the secret box)."""
     engine: AsyncEngine
     store: FleetStore
-    tables: TableBrowser
-    """The toolkit's table browser."""
+    """The fleet's models and replicas, as the jobs read and move them."""
     nudge: Nudge
     """Runs the reconcile job now."""
     probe_nudge: Nudge
     """Runs the probe job now."""
     box: SecretBox
     catalog: Catalog
+    """The gateway's memory: keys, models, the replicas and endpoints serving each, the ledger."""
     upstream: Upstream
     records: CallRecords
     """Gateway calls waiting to be written (with their sessions and fees)."""
     record_store: RecordStore
     """The calls as written: sessions and threads."""
+    call_records: CallRecordService
+    """The connector's chat records (sessions and threads), read back."""
     health: HealthMonitor
     gateway: Gateway
     queues: PriorityQueues
@@ -82,13 +93,20 @@ class Deps:
     models: ModelService
     replicas: ReplicaService
     api_keys: ApiKeyService
+    """The toolkit's client keys."""
+    tables: TableService
+    """The toolkit's table browser."""
     managed: ManagedReplicas
+    """The VM side of managed replicas, on the backend the settings chose."""
     accounts: AccountService
     """The connector's keys, recharges, groups and model bindings."""
     bots: BotService
-    feishu: FeishuClient
-    """The VM side of managed replicas, on the backend the settings chose."""
+    """The connector's chat bots, their secrets sealed."""
+    feishu_receiver: FeishuReceiver
+    """The bots' Feishu events: taken once, answered through the gateway, replied to through Feishu."""
     external_endpoints: ExternalEndpointService
     """Moonshot's external endpoints, their tokens sealed."""
     tasks: TaskRunner
     """LlmEndpoint's durable queue of completions (`/api/v1/qcompletions`) and its runner."""
+    token_counter: TokenCounter
+    """LiteLLM's `/utils/token_counter`: by a replica of the model, or by OpenAI's rule."""
