@@ -1,1 +1,1 @@
-"""VM backends: Pulumi programs per cloud and the local sandbox (issue 5). The only place that imports pulumi."""
+"""Managed replicas' VM backends: a Pulumi program per cloud, the local sandbox. The only place that imports pulumi."""

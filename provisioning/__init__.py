@@ -1,1 +1,1 @@
-"""SSH bootstrap of the inference engine over paramiko (issue 5). The only place that imports paramiko."""
+"""SSH bootstrap of a managed replica's inference engine over paramiko. The only place that imports paramiko."""

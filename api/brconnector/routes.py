@@ -1,4 +1,4 @@
-"""The connector's surface (seed 002) as three routers: `/admin` for admins, `/user` for any valid key, and the
+"""The Bedrock connector's surface as three routers: `/admin` for admins, `/user` for any valid key, and the
 bots' event receivers, which Feishu calls without a key."""
 
 from __future__ import annotations

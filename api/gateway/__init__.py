@@ -1,1 +1,1 @@
-"""The OpenAI-compatible gateway routes (seed 003 and the toolkit's chat), served as raw ASGI for speed."""
+"""The OpenAI-compatible gateway routes (LiteLLM's proxy paths and the toolkit's chat), served as raw ASGI for speed."""

@@ -1,1 +1,1 @@
-"""Seed 003: LiteLLM's proxy routes that are not the gateway's raw ASGI calls (`/utils/token_counter`)."""
+"""LiteLLM's proxy routes that are not the gateway's raw ASGI calls (`/utils/token_counter`)."""

@@ -1,1 +1,1 @@
-"""Seed 001: the Hyperstack LLM Inference Toolkit admin API, mounted at /api/v1 in its own shapes."""
+"""The Hyperstack LLM Inference Toolkit admin API, mounted at /api/v1 in its own shapes."""

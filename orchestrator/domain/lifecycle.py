@@ -1,4 +1,4 @@
-"""The replica lifecycle: its statuses and the pure table of allowed moves (DESIGN.md section 4)."""
+"""The replica lifecycle: its statuses and the pure table of allowed moves (docs/architecture.md, the lifecycle)."""
 
 from __future__ import annotations
 

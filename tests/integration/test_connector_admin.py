@@ -1,4 +1,4 @@
-"""The connector's admin API (seed 002) route by route: auth, keys and payments, priced models (the orchestrator's
+"""The Bedrock connector's admin API route by route: auth, keys and payments, priced models (the orchestrator's
 own models), groups and model bindings, and bad input answered with the envelope, never a 500.
 
 The helpers are in tests/support/connector.py, shared with test_connector_records.py."""

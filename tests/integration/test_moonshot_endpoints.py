@@ -1,4 +1,4 @@
-"""Moonshot's connector routes (seed 000) through the whole app: connectors, llm_endpoints added, listed with
+"""Moonshot's connector routes through the whole app: connectors, llm_endpoints added, listed with
 their tokens masked, overwritten by name, deleted by id or name; the admin key on every route; every bad body a
 422 naming its field; tokens sealed at rest and never answered."""
 

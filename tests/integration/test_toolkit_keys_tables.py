@@ -1,4 +1,4 @@
-"""Seed 001 API key and table routes, and admin authentication."""
+"""The toolkit's API key and table routes, and admin authentication."""
 
 from __future__ import annotations
 

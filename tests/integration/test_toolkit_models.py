@@ -1,4 +1,4 @@
-"""Seed 001 models and replicas routes, through the ASGI app, on SQLite and PostgreSQL."""
+"""The toolkit's models and replicas routes, through the ASGI app, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

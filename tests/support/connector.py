@@ -1,4 +1,4 @@
-"""Calls on the connector's admin API (seed 002) and checks of its envelope, shared by its tests."""
+"""Calls on the Bedrock connector's admin API and checks of its envelope, shared by its tests."""
 
 from __future__ import annotations
 

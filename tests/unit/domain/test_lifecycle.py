@@ -20,7 +20,7 @@ from orchestrator.domain.lifecycle import (
 
 S = ReplicaStatus
 
-# Written out by hand from DESIGN.md section 4, independently of the table under test.
+# Written out by hand from the lifecycle in docs/architecture.md, independently of the table under test.
 ALLOWED = {
     (S.PENDING, S.PROVISIONING),
     (S.PENDING, S.STARTING),
