@@ -1,4 +1,5 @@
-"""SQL of the toolkit's client API keys: issue and remove. One method is one transaction."""
+"""SQL of the toolkit's client API keys: issue, and remove (delete, or disable a key whose calls are recorded or
+not yet written). One method is one transaction."""
 
 from __future__ import annotations
 

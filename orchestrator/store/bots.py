@@ -1,4 +1,5 @@
-"""SQL of the chat bots: their rows, and the events each has taken (so a redelivered event is answered once)."""
+"""SQL of the chat bots: their rows, whether the key a bot chats as exists, and the events each has taken (so a
+redelivered event is answered once)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""SQL of the call records: a batch of calls written with their sessions and their keys' charges in one
-transaction, and the sessions and threads read back, for an admin or for the key that made them."""
+"""SQL of the call records: a batch of calls written with their sessions, their keys' charges and the marks of the
+journal segments they came from in one transaction, and the sessions and threads read back, for an admin or for the
+key that made them."""
 
 from __future__ import annotations
 

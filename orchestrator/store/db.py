@@ -1,4 +1,5 @@
-"""Database engines and migrations for SQLite (aiosqlite) and PostgreSQL (asyncpg)."""
+"""Database engines, sessions and migrations for SQLite (aiosqlite) and PostgreSQL (asyncpg), and telling a
+database that cannot be reached now from any other error (`unreachable`, `root_cause`)."""
 
 from __future__ import annotations
 

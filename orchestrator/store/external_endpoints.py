@@ -1,4 +1,4 @@
-"""SQL of Moonshot's llm_endpoints: the rows by id, an upsert by id, and a delete by id. One method is one
+"""SQL of Moonshot's llm_endpoints: every row, one by id, an upsert by id, and a delete by id. One method is one
 transaction."""
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Pages of rows, the connector's way: `{items, total, limit, offset}`, with `q` a substring search."""
+"""Pages of rows, as the connector's lists give them (`{items, total, limit, offset}`): one page of a query with
+the count of all its rows (`paged`), and `q` as a substring search in given columns (`found`). What limit a caller
+may ask for is the API's to say, not the store's."""
 
 from __future__ import annotations
 
@@ -11,9 +13,6 @@ from sqlalchemy import select as core_select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 T = TypeVar("T")
-
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 1000
 
 
 @dataclass(frozen=True)
