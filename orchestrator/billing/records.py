@@ -301,7 +301,7 @@ def relayed_tokens(answer: list[bytes]) -> int:
         for document in documents(chunk):
             try:
                 choices = _ANSWER.decode(document).choices
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for broken UTF-8
                 continue
             tokens += sum(1 for c in choices if (c.delta.content if c.delta is not None else c.text))
     return tokens
@@ -310,7 +310,7 @@ def relayed_tokens(answer: list[bytes]) -> int:
 def _choice_text(document: bytes, field: Literal["message", "delta"]) -> str | None:
     try:
         choices = _ANSWER.decode(document).choices
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None
     for choice in choices:
         if choice.index == 0:

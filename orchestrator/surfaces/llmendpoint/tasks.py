@@ -1,7 +1,7 @@
 """LlmEndpoint's durable task queue (`/api/v1/qcompletions`): a submission admitted as the sync route admits it,
 its look-up by the key that made it, and the runner that works the queue with bounded concurrency.
 
-A task is a `completion_task` row: queued -> processing -> completed | failed (`task_store.TaskStatus`). The
+A task is a `completion_task` row: queued -> processing -> completed | failed (`store.tasks.TaskStatus`). The
 `tasks` job claims up to `workers - running` due tasks, oldest first, and runs each as an asyncio task calling
 `Completions.complete` (which charges the key only when the call succeeded). Once the job has run in this process,
 a submission and a finished task claim at once too, without waiting for the next tick; a process that never runs

@@ -186,12 +186,6 @@ def test_broken_events_comments_and_a_last_event_without_its_blank_line() -> Non
     assert relayed_tokens(events) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="bug, reported: broken UTF-8 inside a JSON string raises UnicodeDecodeError, which only prompt_texts "
-    "catches (msgspec raises it instead of DecodeError), so completion_text and relayed_tokens fail on it",
-)
 @pytest.mark.parametrize(
     ("read", "expected"),
     [
