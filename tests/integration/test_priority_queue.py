@@ -55,13 +55,21 @@ async def ready(client: httpx.AsyncClient, deps: Deps, engine: Engine) -> str:
     return (await issue_key(client, rpm=10_000))[1]
 
 
+async def _hold_the_replica(
+    anon_client: httpx.AsyncClient, deps: Deps, engine: Engine, headers: dict[str, str]
+) -> asyncio.Task[httpx.Response]:
+    """A call the engine hangs on, holding the model's only replica until it is cancelled."""
+    await engine.set_faults(hang=True)
+    blocker = asyncio.create_task(anon_client.post(PATH, json=chat("blocker"), headers=headers))
+    await until(lambda: sum(t.inflight for t in deps.catalog.pools[MODEL]) == 1, "the blocker to hold the replica")
+    return blocker
+
+
 async def test_under_contention_the_lowest_priority_goes_first(
     anon_client: httpx.AsyncClient, deps: Deps, engine: Engine, ready: str
 ) -> None:
     headers = {"Authorization": f"Bearer {ready}"}
-    await engine.set_faults(hang=True)
-    blocker = asyncio.create_task(anon_client.post(PATH, json=chat("blocker"), headers=headers))
-    await until(lambda: sum(t.inflight for t in deps.catalog.pools[MODEL]) == 1, "the blocker to hold the replica")
+    blocker = await _hold_the_replica(anon_client, deps, engine, headers)
     waiting = []
     for n, priority in enumerate([5, 1, 3, 1, 0]):
         tag = f"p{priority}-{n}"
@@ -82,9 +90,7 @@ async def test_a_request_that_waits_too_long_gets_a_408(
     anon_client: httpx.AsyncClient, deps: Deps, engine: Engine, ready: str
 ) -> None:
     headers = {"Authorization": f"Bearer {ready}"}
-    await engine.set_faults(hang=True)
-    blocker = asyncio.create_task(anon_client.post(PATH, json=chat("blocker"), headers=headers))
-    await until(lambda: sum(t.inflight for t in deps.catalog.pools[MODEL]) == 1, "the blocker to hold the replica")
+    blocker = await _hold_the_replica(anon_client, deps, engine, headers)
     r = await anon_client.post(PATH, json=chat("late", priority=0, timeout=0.2), headers=headers)
     assert r.status_code == 408
     error = r.json()["error"]
