@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import astuple
 
 import pulumi
 
+from infra.cloud_init import user_data
 from infra.hyperstack.provider import Keypair, KeypairArgs, SecurityRule, SecurityRuleArgs, Vm, VmArgs
 from infra.vm import Rule, VmRequest
-
-HOST_KEY_PATH = "/etc/ssh/ssh_host_ed25519_key"
 
 
 def replica_label(replica_id: int) -> str:
@@ -24,27 +22,6 @@ def keypair_name(request: VmRequest) -> str:
     # Keypair names are unique per environment and the stack owns (and deletes) this one, so it cannot be
     # the requested name itself, which several replicas share and which may name a keypair of the user's.
     return f"{request.key_name}-replica-{request.replica_id}"
-
-
-def cloud_init(request: VmRequest) -> str:
-    """cloud-config that makes the orchestrator's host key the VM's only one before sshd first answers.
-
-    cloud-init's ssh module runs before sshd starts: it deletes the image's host keys, installs these and
-    generates no other. The runcmd repeats that for images whose sshd starts earlier, then restarts sshd.
-    JSON is YAML, and json.dumps quotes the PEM's newlines correctly.
-    """
-    config = {
-        "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
-        "ssh_keys": {"ed25519_private": request.host_private_key, "ed25519_public": request.host_public_key},
-        "runcmd": [
-            ["sh", "-c", "find /etc/ssh -name 'ssh_host_*' ! -name 'ssh_host_ed25519_key*' -delete"],
-            ["chmod", "0600", HOST_KEY_PATH],
-            ["chmod", "0644", f"{HOST_KEY_PATH}.pub"],
-            ["sh", "-c", "systemctl restart ssh || systemctl restart sshd"],
-        ],
-    }
-    return "#cloud-config\n" + json.dumps(config, indent=2) + "\n"
 
 
 def rule_resource_name(prefix: str, rule: Rule) -> str:
@@ -87,7 +64,7 @@ class ReplicaVm(pulumi.ComponentResource):
                 flavor_name=request.flavor_name,
                 key_name=keypair.name,  # an Output: the VM waits for the keypair
                 assign_floating_ip=request.assign_floating_ip,
-                user_data=pulumi.Output.secret(cloud_init(request)),
+                user_data=pulumi.Output.secret(user_data(request)),
                 labels=[replica_label(request.replica_id)],
                 enable_port_randomization=False,  # the orchestrator connects to port 22
                 create_timeout_s=create_timeout_s,

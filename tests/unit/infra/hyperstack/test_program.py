@@ -14,10 +14,9 @@ from pulumi.runtime import MockCallArgs, MockResourceArgs, Mocks
 from pulumi.runtime.rpc import is_rpc_secret, unwrap_rpc_secret
 
 # The program module creates no resource at import time, so importing it before the mocks are set is safe.
+from infra.cloud_init import user_data
 from infra.hyperstack.program import (
-    HOST_KEY_PATH,
     ReplicaVm,
-    cloud_init,
     keypair_name,
     replica_program,
     rule_resource_name,
@@ -137,7 +136,7 @@ def test_vm_inputs_pin_port_22_label_the_replica_and_carry_the_host_key_as_a_sec
             assert vm.inputs["assign_floating_ip"] is True
             assert (vm.inputs["name"], vm.inputs["flavor_name"]) == ("llama-7", "n3-RTX-A6000x1")
             assert (vm.inputs["image_name"], vm.inputs["environment_name"]) == (REQUEST.image_name, "default-CANADA-1")
-            assert vm.inputs["user_data"] == cloud_init(REQUEST)
+            assert vm.inputs["user_data"] == user_data(REQUEST)
             assert vm.secret_inputs == {"user_data"}  # the private host key never sits in the state in clear
 
         return pulumi.Output.all(replica.vm_id).apply(check)
@@ -154,22 +153,6 @@ def test_replica_program_declares_the_replica_of_the_request(mocks: RecordingMoc
 
     assert [r.name for r in mocks.of_type("ReplicaVm")] == ["replica-7"]
     assert [r.inputs["port_range_min"] for r in mocks.of_type(":SecurityRule")] == [8000]
-
-
-def test_cloud_init_installs_the_pinned_host_key_and_no_other() -> None:
-    text = cloud_init(REQUEST)
-
-    assert text.startswith("#cloud-config\n")
-    config = json.loads(text.removeprefix("#cloud-config\n"))  # JSON is YAML: what cloud-init reads
-    assert config["ssh_keys"] == {
-        "ed25519_private": REQUEST.host_private_key,
-        "ed25519_public": REQUEST.host_public_key,
-    }
-    assert config["ssh_deletekeys"] is True
-    assert config["ssh_genkeytypes"] == []
-    assert ["chmod", "0600", HOST_KEY_PATH] in config["runcmd"]
-    assert HOST_KEY_PATH == "/etc/ssh/ssh_host_ed25519_key"
-    assert config["runcmd"][-1] == ["sh", "-c", "systemctl restart ssh || systemctl restart sshd"]
 
 
 def test_rule_resource_names_follow_the_rule_and_avoid_urn_separators() -> None:
