@@ -1,8 +1,12 @@
-"""nftables for sandbox VMs: one `inet` table per sandbox address, holding its security rules.
+"""nftables for sandbox and machine VMs: one `inet` table per VM address, holding its security rules.
 
 Every rule carries a comment that encodes the `Rule` it enforces, so what the kernel enforces can be read
-back and compared with what is stored (drift). Ingress to the sandbox address that no rule allows is
+back and compared with what is stored (drift). Ingress to the VM's address that no rule allows is
 rejected with a TCP reset (an immediate, unambiguous "closed"); egress is open, as on Hyperstack.
+
+Where ingress is filtered depends on where the VM is: a loopback sandbox address is delivered locally (the
+`input` hook); a machine behind a veth is reached by this host's own connections (`output`) and by routed
+ones (`forward`), the place a cloud's security group sits, outside the VM.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple
 
 from infra.vm import BackendError, Rule
@@ -20,6 +24,10 @@ TABLE_PREFIX = "orch_sandbox_"
 _DENY = "orchestrator: default deny"
 _RULE = "orchestrator: "
 TIMEOUT_S = 10.0
+LOCAL_HOOKS = ("input",)
+"""Ingress hooks of an address this host owns (a loopback sandbox)."""
+ROUTED_HOOKS = ("output", "forward")
+"""Ingress hooks of an address behind an interface of this host (a machine on a veth)."""
 OPEN_TO_ALL = Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 0, 65535)
 """What an unrecognised table means for drift: assume the worst."""
 
@@ -45,31 +53,28 @@ def address_of(table: str) -> str | None:
     return table.removeprefix(TABLE_PREFIX).replace("_", ".")
 
 
-def script(address: str, rules: Iterable[Rule]) -> str:
+def script(address: str, rules: Iterable[Rule], hooks: Sequence[str] = LOCAL_HOOKS) -> str:
     """The whole table, replaced atomically (`nft -f` applies a script as one transaction)."""
     name = table_name(address)
-    inputs: list[str] = []
-    outputs: list[str] = []
+    ingress: list[str] = []
+    egress: list[str] = []
     for rule in sorted(set(rules)):
-        (inputs if rule.direction == "ingress" else outputs).append(_line(address, rule))
-    inputs += [
+        (ingress if rule.direction == "ingress" else egress).append(_line(address, rule))
+    ingress += [
         f'ip daddr {address} meta l4proto tcp reject with tcp reset comment "{_DENY}"',
         f'ip daddr {address} meta l4proto udp reject comment "{_DENY}"',
     ]
-    body = "\n".join(
-        [
-            f"table inet {name} {{",
-            "  chain input { type filter hook input priority 0; policy accept;",
-            *(f"    {line}" for line in inputs),
-            "  }",
-            "  chain output { type filter hook output priority 0; policy accept;",
-            *(f"    {line}" for line in outputs),
-            "  }",
-            "}",
-        ]
-    )
+    chains = [(f"ingress_{hook}", hook, ingress) for hook in hooks]
+    # Egress rules are accepts under an accept policy: kept so the table states the whole desired set.
+    chains.append(("egress", "postrouting", egress))
+    lines = [f"table inet {name} {{"]
+    for chain, hook, body in chains:
+        lines += [f"  chain {chain} {{ type filter hook {hook} priority 0; policy accept;"]
+        lines += [f"    {line}" for line in body]
+        lines += ["  }"]
+    lines.append("}")
     # `add` then `delete` makes the delete safe when the table does not exist yet.
-    return f"add table inet {name}\ndelete table inet {name}\n{body}\n"
+    return f"add table inet {name}\ndelete table inet {name}\n" + "\n".join(lines) + "\n"
 
 
 def _line(address: str, rule: Rule) -> str:
@@ -98,17 +103,17 @@ def _decode(comment: str) -> Rule | None:
     return Rule(direction, protocol, ethertype, prefix, int(low), int(high))  # type: ignore[arg-type]
 
 
-def apply(address: str, rules: Iterable[Rule]) -> None:
-    _nft("-f", "-", stdin=script(address, rules))
+def apply(address: str, rules: Iterable[Rule], hooks: Sequence[str] = LOCAL_HOOKS) -> None:
+    _nft("-f", "-", stdin=script(address, rules, hooks))
 
 
 def delete(address: str) -> None:
     _nft("-f", "-", stdin=f"add table inet {table_name(address)}\ndelete table inet {table_name(address)}\n")
 
 
-def enforced(address: str) -> frozenset[Rule]:
-    """The rules the kernel enforces for `address`; a missing table, a missing default deny or a rule
-    this module did not write reads as open to all."""
+def enforced(address: str, hooks: Sequence[str] = LOCAL_HOOKS) -> frozenset[Rule]:
+    """The rules the kernel enforces for `address`; a missing table, a missing default deny (two in each
+    ingress hook) or a rule this module did not write reads as open to all."""
     try:
         items = _nft_json("list", "table", "inet", table_name(address))
     except BackendError:  # no such table (nft says "No such file or directory")
@@ -123,7 +128,7 @@ def enforced(address: str) -> frozenset[Rule]:
             denies += 1
         else:
             rules.add(_decode(comment) or OPEN_TO_ALL)
-    if denies != 2:
+    if denies != 2 * len(hooks):
         rules.add(OPEN_TO_ALL)
     return frozenset(rules)
 

@@ -35,9 +35,12 @@ class EnginePlan:
     work_dir: str  # on the VM: env file, run script, pid and log live here
     service: Literal["systemd", "pidfile"] = "systemd"  # "pidfile": setsid/nohup + pid file (sandbox, no systemd)
     gpu_check: str | None = "nvidia-smi -L"  # None: skip (sandbox)
+    runtime_check: str | None = None  # e.g. that Docker has the NVIDIA runtime; None: skip
     install_check: str = "command -v vllm"  # exits 0 when the engine is installed
     install: str = "python3 -m pip install vllm"  # run only when install_check fails
     unit_name: str = "orchestrator-engine"
+    sudo: bool = False
+    """The login is not root (a cloud image's `ubuntu`): every step that needs root goes through `sudo -n`."""
 
     def __post_init__(self) -> None:
         if not self.serve_argv:
@@ -49,6 +52,11 @@ class EnginePlan:
         for name in self.secret_env:
             if not _ENV_NAME.fullmatch(name):
                 raise ValueError(f"secret_env name {name!r} is not a shell variable name")
+
+    @property
+    def root(self) -> str:
+        """The prefix of a command that needs root."""
+        return "sudo -n " if self.sudo else ""
 
 
 @dataclass(frozen=True)
@@ -89,14 +97,28 @@ class EngineCommands:
 def plan_steps(plan: EnginePlan) -> list[Step]:
     """The ordered steps that take a VM from anything to serving `plan`; pure, so golden-testable."""
     wd = shlex.quote(plan.work_dir)
-    steps = [Step("gpu", plan.gpu_check)] if plan.gpu_check is not None else []
+    steps = [Step("sudo", SUDO_CHECK)] if plan.sudo else []
+    steps += [Step(name, check) for name, check in (("gpu", plan.gpu_check), ("runtime", plan.runtime_check)) if check]
+    if plan.sudo:  # made by root, owned by the login, which writes the engine's files into it by SFTP
+        make_dir = Step(
+            "work_dir", f"test -d {wd} && test -O {wd}", apply=f'sudo -n install -d -m 0700 -o "$(id -un)" {wd}'
+        )
+    else:
+        make_dir = Step("work_dir", f"test -d {wd}", apply=f"mkdir -p -m 0700 {wd}")
     steps += [
-        Step("work_dir", f"test -d {wd}", apply=f"mkdir -p -m 0700 {wd}"),
+        make_dir,
         Step("install", plan.install_check, apply=plan.install, feeds_engine=True, timeout_s=INSTALL_TIMEOUT_S),
         _file_step("env_file", DesiredFile(f"{plan.work_dir}/{ENV_FILE}", env_file(plan.secret_env), 0o600)),
-        _file_step("service_file", DesiredFile(f"{plan.work_dir}/{RUN_SCRIPT}", run_script(plan), 0o700)),
     ]
-    if plan.service == "systemd":
+    steps.append(_file_step("service_file", DesiredFile(f"{plan.work_dir}/{RUN_SCRIPT}", run_script(plan), 0o700)))
+    if plan.service == "systemd" and plan.sudo:
+        # The login cannot write /etc/systemd/system: the unit is written beside the engine, then installed as root.
+        staged = f"{plan.work_dir}/{plan.unit_name}.service"
+        steps.append(_file_step("unit_file", DesiredFile(staged, systemd_unit(plan), 0o644)))
+        unit, q_staged = shlex.quote(unit_path(plan)), shlex.quote(staged)
+        install = f"sudo -n install -m 0644 {q_staged} {unit}"
+        steps.append(Step("unit_installed", f"cmp -s {q_staged} {unit}", apply=install, feeds_engine=True))
+    elif plan.service == "systemd":
         steps.append(_file_step("unit_file", DesiredFile(unit_path(plan), systemd_unit(plan), 0o644)))
     commands = engine_commands(plan)
     steps += [
@@ -104,6 +126,12 @@ def plan_steps(plan: EnginePlan) -> list[Step]:
         Step("verify", commands.verify),
     ]
     return steps
+
+
+SUDO_CHECK = (
+    "sudo -n true 2>&1 || { echo \"sudo -n refused for $(id -un): the engine's systemd unit and files need root "
+    'without a password (cloud images give their login passwordless sudo)"; exit 1; }'
+)
 
 
 def env_file(secret_env: Mapping[str, str]) -> bytes:
@@ -172,13 +200,20 @@ def _systemd_commands(plan: EnginePlan) -> EngineCommands:
     unit = shlex.quote(plan.unit_name)
     stamp = shlex.quote(f"{plan.work_dir}/{STARTED_STAMP}")
     active = f"systemctl is-active --quiet {unit}"
+    root = plan.root
     return EngineCommands(
         running=active,
         current=f"systemctl is-enabled --quiet {unit} && {active} && {_not_older(plan, stamp)}",
         # daemon-reload, enable and (re)start: "enable --now" when inactive, and a restart when running.
-        restart=f"systemctl daemon-reload && systemctl enable {unit} && systemctl restart {unit} && touch {stamp}",
-        stop=f"systemctl stop {unit}",
-        verify=f"{active} || {{ systemctl status --no-pager {unit}; journalctl -u {unit} -n 40 --no-pager; exit 1; }}",
+        restart=(
+            f"{root}systemctl daemon-reload && {root}systemctl enable {unit} && {root}systemctl restart {unit}"
+            f" && touch {stamp}"
+        ),
+        stop=f"{root}systemctl stop {unit}",
+        verify=(
+            f"{active} || {{ systemctl status --no-pager {unit};"
+            f" {root}journalctl -u {unit} -n 40 --no-pager; exit 1; }}"
+        ),
     )
 
 

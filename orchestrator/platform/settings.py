@@ -37,8 +37,9 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    infra_backend: Literal["local", "hyperstack"] = "local"
-    """Where managed replicas get their VMs."""
+    infra_backend: Literal["local", "machine", "hyperstack"] = "local"
+    """Where managed replicas get their VMs: `local` sandboxes (instant), `machine` (booted Debian machines, as
+    root), `hyperstack` (GPU VMs on Hyperstack through Pulumi)."""
 
     sandbox_subnet: str = "127.77.0.0/16"
     """`local` backend: replica N's sandbox VM listens on the N-th address of this loopback subnet."""
@@ -47,17 +48,23 @@ class Settings(BaseSettings):
     sandbox_enforce_rules: bool = True
     """`local` backend: enforce security rules with nftables (needs root and `nft`; else only recorded)."""
 
+    machine_subnet: str = "10.213.0.0/16"
+    """`machine` backend: replica N's machine owns the N-th /30 of it (this host's end of the veth, the machine)."""
+    machine_image_dir: Path = Path("/var/cache/orchestrator/machine")
+    """`machine` backend: the image cache, built once with debootstrap and shared by every state directory."""
+
     orchestrator_cidr: str | None = None
     """Where the orchestrator's SSH connections come from: the only source SSH is opened to.
-    Default on `local`: 127.0.0.2/32 (SSH binds to it); required on `hyperstack` (its public IP)."""
+    Default on `local`: 127.0.0.2/32 (SSH binds to it); on `machine`: 10.212.0.2/32; required on `hyperstack`."""
     gateway_cidr: str | None = None
     """Where the gateway's (and the prober's) connections to engines come from: the only source the engine
-    port is opened to. Default on `local`: 127.0.0.1/32; required on `hyperstack`."""
+    port is opened to. Default on `local`: 127.0.0.1/32; on `machine`: 10.212.0.1/32; required on `hyperstack`."""
     ssh_source_address: str | None = None
-    """Local address the orchestrator's SSH client binds to; default on `local`: 127.0.0.2."""
+    """Local address the orchestrator's SSH client binds to; default on `local`: 127.0.0.2; on `machine`: 10.212.0.2."""
     foreign_source_address: str | None = None
     """Local address outside both CIDRs (and the sandbox subnet) that SECURING connects from, as a stranger would,
-    to prove SSH and the engine port refuse it. Default on `local`: 127.0.0.3; none on `hyperstack` (then the
+    to prove SSH and the engine port refuse it. Default on `local`: 127.0.0.3; on `machine`: 10.212.0.3; none on
+    `hyperstack` (then the
     replica's event says it was not probed from outside)."""
 
     boot_deadline_s: float = Field(default=600.0, gt=0)

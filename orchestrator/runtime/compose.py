@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from infra.machine import MachineBackend, MachineConfig
 from infra.sandbox import SandboxBackend, SandboxConfig
+from orchestrator import enginesim
 from orchestrator.billing.accounts import AccountService
 from orchestrator.billing.api_keys import ApiKeyService
 from orchestrator.billing.history import CallRecordService
@@ -16,7 +20,7 @@ from orchestrator.billing.journal import Journal
 from orchestrator.billing.ledger import Ledger
 from orchestrator.billing.records import CallRecord, CallRecords
 from orchestrator.fleet.backend import VmBackend
-from orchestrator.fleet.engine_plans import sandbox_plans, vllm_plans
+from orchestrator.fleet.engine_plans import cloud_plans, sandbox_plans
 from orchestrator.fleet.health import HealthMonitor, HealthPolicy
 from orchestrator.fleet.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.fleet.models import ModelService
@@ -188,6 +192,8 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Conn
         if ipaddress.ip_address(network.foreign_source_address or "") in ipaddress.ip_network(settings.sandbox_subnet):
             raise ValueError("ORCH_FOREIGN_SOURCE_ADDRESS must be outside ORCH_SANDBOX_SUBNET (a VM is no stranger)")
         return sandbox, network, sandbox_plans(sandbox.work_dir)
+    if settings.infra_backend == "machine":
+        return _machine_backend(settings)
     from infra.hyperstack import HyperstackBackend, HyperstackConfig  # noqa: PLC0415 (Pulumi loads only when used)
 
     if not settings.orchestrator_cidr or not settings.gateway_cidr:
@@ -208,7 +214,31 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Conn
         settings.ssh_source_address,
         settings.foreign_source_address,  # a cloud VM seen from here: no stranger's address unless one is given
     )
-    return hyperstack, network, vllm_plans()
+    return hyperstack, network, cloud_plans()
+
+
+def _machine_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, PlanMaker]:
+    # This host reaches the machines from addresses on its loopback: the gateway from the routes' source, SSH
+    # from its own address, and SECURING's stranger from a third one.
+    network = ConnectionSources(
+        orchestrator_cidr=settings.orchestrator_cidr or "10.212.0.2/32",
+        gateway_cidr=settings.gateway_cidr or "10.212.0.1/32",
+        ssh_source_address=settings.ssh_source_address or "10.212.0.2",
+        foreign_source_address=settings.foreign_source_address or "10.212.0.3",
+    )
+    gateway = str(ipaddress.ip_network(network.gateway_cidr, strict=False).network_address)
+    machine = MachineBackend(
+        MachineConfig(
+            root=settings.state_dir / "machine",
+            image_dir=settings.machine_image_dir,
+            enginesim_dir=Path(enginesim.__file__).parent,
+            site_packages=Path(sysconfig.get_paths()["purelib"]),
+            subnet=settings.machine_subnet,
+            host_address=gateway,
+            local_addresses=tuple(a for a in (network.ssh_source_address, network.foreign_source_address) if a),
+        )
+    )
+    return machine, network, cloud_plans()
 
 
 class Runtime:

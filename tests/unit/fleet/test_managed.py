@@ -17,7 +17,7 @@ import pytest
 from infra.sandbox import SandboxBackend, SandboxConfig
 from infra.vm import Rule
 from orchestrator.domain.lifecycle import ReplicaStatus
-from orchestrator.fleet.engine_plans import vllm_plans
+from orchestrator.fleet.engine_plans import cloud_plans
 from orchestrator.fleet.managed import MANAGED_STEPS, ManagedPolicy, ManagedReplicas
 from orchestrator.fleet.security_rules import ConnectionSources
 from orchestrator.fleet.ssh_access import AccessPolicy, EngineAccess
@@ -55,7 +55,7 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         SandboxBackend(SandboxConfig(root=tmp_path / "sandbox", enforce_rules=False)),
         box=box,
         network=NETWORK,
-        access=EngineAccess(box, NETWORK, Upstream(), vllm_plans(), AccessPolicy()),
+        access=EngineAccess(box, NETWORK, Upstream(), cloud_plans(), AccessPolicy()),
         pool=ThreadPoolExecutor(1),
         policy=POLICY,
         on_moved=on_moved,

@@ -1,0 +1,158 @@
+"""Managed replicas on `machine` VMs: booted Debian machines (debootstrap image, systemd-nspawn, cloud-init NoCloud
+with the user-data a GPU cloud gets), reached over a veth, firewalled by nftables outside the machine, and
+bootstrapped as the `ubuntu` login through `sudo -n`.
+
+Real: the boot, systemd, sshd, sudo, cloud-init, the units, env files, restarts and the firewall. Stand-ins (the
+machine has no GPU, Docker engine or registry): `nvidia-smi`, and a `docker` that runs the engine simulator for the
+vLLM image (`infra/machine/standins/`). The image is built once (about a minute) and cached across runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.machine import MachineBackend
+from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
+from orchestrator.store.tables import Replica
+from tests.support.gateway import issue_key, openai_client
+from tests.support.sandbox import connects
+from tests.support.settings import instance_settings
+from tests.support.toolkit import create_model, vm_details
+
+S = ReplicaStatus
+MODEL = "sim-llama"
+GATEWAY, ORCHESTRATOR, STRANGER = "10.212.0.1", "10.212.0.2", "10.212.0.3"
+DOCKER_RUN = (
+    "docker run --rm --name vllm --runtime nvidia --gpus all --ipc=host -p 8000:8000 "
+    f"vllm/vllm-openai:v0.11.0 --model {MODEL} --port 8000 --max-model-len 4096"
+)
+WALK = ["PENDING", "PROVISIONING", "BOOTSTRAPPING", "STARTING", "SECURING", "READY"]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'orchestrator.db'}"  # one database kind: the machines are the subject
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    assert os.geteuid() == 0, "machine VMs need root (mounts, namespaces, nftables); CI runs as root"
+    base = instance_settings(tmp_path / "state", database_url)
+    return base.model_copy(update={"infra_backend": "machine", "machine_subnet": "10.213.0.0/24"})
+
+
+@pytest.fixture
+async def machines(deps: Deps) -> AsyncIterator[MachineBackend]:
+    backend = deps.managed.backend
+    assert isinstance(backend, MachineBackend)
+    try:
+        yield backend
+    finally:
+        await deps.managed.settle()
+        for replica_id in backend.owned():  # whatever a failed test left behind
+            backend.destroy(replica_id)
+
+
+async def drive_to(deps: Deps, replica_id: int, status: ReplicaStatus, timeout_s: float = 180.0) -> Replica:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        await reconcile(deps.store, deps.managed)
+        await deps.managed.settle()
+        await deps.health.run()
+        replica = await deps.store.replica(replica_id)
+        assert replica is not None
+        if replica.status == status:
+            return replica
+        if replica.status in {S.TERMINATING, S.TERMINATED} and status not in {S.TERMINATING, S.TERMINATED}:
+            detail = await deps.replicas.detail(replica_id)
+            pytest.fail(f"ended {replica.termination_reason}: {[(e.reason, e.message) for e in detail.events][-4:]}")
+        assert time.monotonic() < deadline, f"still {replica.status} after {timeout_s} s"
+        await asyncio.sleep(0.1)  # the machine and its engine run in their own processes
+
+
+def engine_pids(machines: MachineBackend, replica_id: int) -> list[int]:
+    found = []
+    for pid in machines.processes(replica_id):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"orchestrator.enginesim" in cmdline:
+            found.append(pid)
+    return found
+
+
+async def until(what: str, check: object, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        await asyncio.sleep(0.1)
+
+
+async def chat(transport: httpx.ASGITransport, key: str) -> str:
+    answer = await openai_client(transport, key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4
+    )
+    return answer.choices[0].message.content or ""
+
+
+async def test_a_docker_run_replica_boots_serves_survives_kill_and_reboot_and_leaves_nothing(
+    deps: Deps, client: httpx.AsyncClient, transport: httpx.ASGITransport, machines: MachineBackend
+) -> None:
+    model_id = await create_model(client, MODEL)
+    details = vm_details(run_command=DOCKER_RUN, security_rules=[])
+    r = await client.post(
+        f"/api/v1/models/{model_id}/replicas", json={"create_vm": True, "vm_creation_details": details}
+    )
+    assert r.status_code == 201, r.text
+    replica_id = int(r.json()["replica_id"])
+
+    replica = await drive_to(deps, replica_id, S.READY)
+
+    address, port = replica.vm_address or "", replica.port or 0
+    assert (address, replica.ssh_user) == (machines.address(replica_id), "ubuntu")
+    detail = (await client.get(f"/api/v1/replicas/{replica_id}")).json()
+    assert [e["to_status"] for e in detail["events"] if e["from_status"] != e["to_status"]] == WALK
+    reasons = {e["reason"] for e in detail["events"]}
+    assert {"bootstrap_sudo", "bootstrap_gpu", "bootstrap_runtime", "bootstrap_unit_installed"} <= reasons
+    [secured] = [e["message"] for e in detail["events"] if e["reason"] == "secured"]
+    assert f"verified from the gateway, the orchestrator and a foreign source ({STRANGER})" in secured
+
+    _, key = await issue_key(client)
+    assert await chat(transport, key)
+    assert connects(address, port, GATEWAY)
+    assert not connects(address, port, STRANGER)
+    assert not connects(address, 22, STRANGER)
+    assert not connects(address, 22, ORCHESTRATOR)  # SSH closed once it serves
+
+    # The engine runs as the unit's process inside the machine; killed, systemd starts it again.
+    [engine] = engine_pids(machines, replica_id)
+    os.kill(engine, signal.SIGKILL)
+    await until("systemd restarted the engine", lambda: [p for p in engine_pids(machines, replica_id) if p != engine])
+    await until("the engine answers again", lambda: connects(address, port, GATEWAY))
+    assert await chat(transport, key)
+
+    # Rebooted from inside, the machine boots again (its supervisor) and the enabled unit starts the engine.
+    init = machines.init_pid(replica_id)
+    machines.reboot(replica_id)
+    await until("the machine rebooted", lambda: machines.init_pid(replica_id) not in {None, init}, timeout_s=90)
+    await until("the engine is back after the reboot", lambda: connects(address, port, GATEWAY), timeout_s=90)
+    assert not connects(address, 22, STRANGER)  # the firewall is outside the machine: unchanged by a reboot
+    assert await chat(transport, key)
+
+    assert (await client.delete(f"/api/v1/replicas/{replica_id}")).status_code == 204
+    await drive_to(deps, replica_id, S.TERMINATED)
+
+    assert machines.leftovers(replica_id) == []  # no process, interface, overlay, directory or nft table
+    assert replica_id not in machines.owned()
