@@ -193,7 +193,7 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Conn
             raise ValueError("ORCH_FOREIGN_SOURCE_ADDRESS must be outside ORCH_SANDBOX_SUBNET (a VM is no stranger)")
         return sandbox, network, sandbox_plans(sandbox.work_dir)
     if settings.infra_backend == "machine":
-        return _machine_backend(settings)
+        return machine_backend(settings)
     from infra.hyperstack import HyperstackBackend, HyperstackConfig  # noqa: PLC0415 (Pulumi loads only when used)
 
     if not settings.orchestrator_cidr or not settings.gateway_cidr:
@@ -217,7 +217,7 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Conn
     return hyperstack, network, cloud_plans()
 
 
-def _machine_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, PlanMaker]:
+def machine_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, PlanMaker]:
     # This host reaches the machines from addresses on its loopback: the gateway from the routes' source, SSH
     # from its own address, and SECURING's stranger from a third one.
     network = ConnectionSources(

@@ -12,21 +12,26 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from infra.machine import MachineBackend
+from infra.vm import Rule, VmHandle, VmRequest
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.platform.settings import Settings
+from orchestrator.runtime.compose import machine_backend
 from orchestrator.runtime.container import Deps
 from orchestrator.store.tables import Replica
 from tests.support.gateway import issue_key, openai_client
 from tests.support.sandbox import connects
+from tests.support.server import poll, serving
 from tests.support.settings import instance_settings
 from tests.support.toolkit import create_model, vm_details
 
@@ -37,6 +42,8 @@ DOCKER_RUN = (
     "docker run --rm --name vllm --runtime nvidia --gpus all --ipc=host -p 8000:8000 "
     f"vllm/vllm-openai:v0.11.0 --model {MODEL} --port 8000 --max-model-len 4096"
 )
+ADMIN = "sk-machine-crash-admin-key-0123456789"
+BLOCK_TABLE = "orch_test_block_machine_ssh"
 WALK = ["PENDING", "PROVISIONING", "BOOTSTRAPPING", "STARTING", "SECURING", "READY"]
 
 
@@ -156,3 +163,104 @@ async def test_a_docker_run_replica_boots_serves_survives_kill_and_reboot_and_le
 
     assert machines.leftovers(replica_id) == []  # no process, interface, overlay, directory or nft table
     assert replica_id not in machines.owned()
+
+
+class NoSudoMachines:
+    """Machines whose login lost its sudo rights after boot (what an image without them is like)."""
+
+    def __init__(self, inner: MachineBackend) -> None:
+        self.inner = inner
+        self.ssh_port = inner.ssh_port
+
+    def up(self, request: VmRequest) -> VmHandle:
+        handle = self.inner.up(request)
+        init = self.inner.init_pid(request.replica_id)
+        subprocess.run(
+            ["nsenter", "-t", str(init), "-m", "-p", "rm", "-f", "/etc/sudoers.d/90-cloud-init-users"],
+            check=True,
+        )
+        return handle
+
+    def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
+        self.inner.apply_rules(request, rules)
+
+    def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
+        return self.inner.enforced_rules(handle)
+
+    def destroy(self, replica_id: int) -> None:
+        self.inner.destroy(replica_id)
+
+    def owned(self) -> frozenset[int]:
+        return self.inner.owned()
+
+
+async def test_a_login_without_sudo_fails_the_bootstrap_with_a_clear_error(
+    deps: Deps, client: httpx.AsyncClient, machines: MachineBackend
+) -> None:
+    deps.managed.backend = NoSudoMachines(machines)
+    model_id = await create_model(client, MODEL)
+    details = vm_details(run_command=DOCKER_RUN, security_rules=[])
+    r = await client.post(
+        f"/api/v1/models/{model_id}/replicas", json={"create_vm": True, "vm_creation_details": details}
+    )
+    replica_id = int(r.json()["replica_id"])
+
+    replica = await drive_to(deps, replica_id, S.TERMINATED)
+
+    assert replica.termination_reason == "bootstrap_failed"
+    assert replica.error_message is not None
+    assert "sudo -n refused for ubuntu" in replica.error_message, replica.error_message
+    [listed] = (await client.get(f"/api/v1/models/{model_id}/replicas")).json()
+    assert (listed["vm_status"], listed["error_message"]) == ("FAILED", replica.error_message)
+    assert machines.leftovers(replica_id) == []
+
+
+def test_a_server_killed_while_bootstrapping_resumes_on_the_same_machine(tmp_path: Path) -> None:
+    """`orchestrator serve` on `machine` VMs, SIGKILLed while it retries SSH: the machine outlives it, like a VM,
+    and the next server finishes the same machine instead of making a second."""
+    subnet = "10.213.1.0/24"
+    env = {"ORCH_ADMIN_API_KEY": ADMIN, "ORCH_INFRA_BACKEND": "machine", "ORCH_MACHINE_SUBNET": subnet}
+    settings = instance_settings(tmp_path / "state", "sqlite+aiosqlite://").model_copy(
+        update={"infra_backend": "machine", "machine_subnet": subnet}
+    )
+    machines, _, _ = machine_backend(settings)  # the very backend the servers build, to look at it
+    assert isinstance(machines, MachineBackend)
+    address = machines.address(1)
+    block = f"table inet {BLOCK_TABLE} {{\n chain output {{\n type filter hook output priority -10; policy accept;\n"
+    block += f" ip daddr {address} tcp dport 22 drop\n }}\n}}\n"
+    subprocess.run(["nft", "-f", "-"], input=block, text=True, check=True)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    try:
+        with serving(tmp_path / "state", env=env, stop_signal=signal.SIGKILL) as (base, _):
+            model = httpx.post(f"{base}/api/v1/models", json={"name": MODEL}, headers=headers).json()
+            details = vm_details(run_command=DOCKER_RUN, security_rules=[])
+            body = {"create_vm": True, "vm_creation_details": details}
+            r = httpx.post(f"{base}/api/v1/models/{model['id']}/replicas", json=body, headers=headers)
+            replica_id = r.json()["replica_id"]
+            poll(detail_of(base, replica_id), lambda b: b["status"] == "BOOTSTRAPPING", timeout_s=120)
+        init = machines.init_pid(replica_id)
+        assert init is not None  # the machine outlived the server
+        assert machines.running(replica_id)
+
+        subprocess.run(["nft", "delete", "table", "inet", BLOCK_TABLE], check=True)
+        with serving(tmp_path / "state", env=env) as (base, _):
+            detail = poll(detail_of(base, replica_id), lambda b: b["status"] in {"READY", "TERMINATED"}, timeout_s=120)
+            assert detail["status"] == "READY", detail["events"]
+            walk = [e["to_status"] for e in detail["events"] if e["from_status"] != e["to_status"]]
+            assert walk == WALK
+            assert machines.init_pid(replica_id) == init  # the same machine, never booted again
+            assert machines.owned() == {replica_id}
+
+            assert httpx.delete(f"{base}/api/v1/replicas/{replica_id}", headers=headers).status_code == 204
+            poll(detail_of(base, replica_id), lambda b: b["status"] == "TERMINATED", timeout_s=60)
+        assert machines.leftovers(replica_id) == []
+    finally:
+        unblock = f"add table inet {BLOCK_TABLE}\ndelete table inet {BLOCK_TABLE}\n"
+        subprocess.run(["nft", "-f", "-"], input=unblock, text=True, check=True)
+        for replica_id in machines.owned():
+            machines.destroy(replica_id)
+
+
+def detail_of(base: str, replica_id: int) -> Callable[[], dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    return lambda: httpx.get(f"{base}/api/v1/replicas/{replica_id}", headers=headers, timeout=5).json()
