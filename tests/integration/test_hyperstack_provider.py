@@ -154,13 +154,15 @@ def test_client_reports_an_unreachable_api_without_a_status() -> None:
     with socket.socket() as s:  # a port that nobody listens on once this socket is closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    waits: list[float] = []
     with (
-        HyperstackClient(f"http://127.0.0.1:{port}/v1", "key", timeout=5) as c,
+        HyperstackClient(f"http://127.0.0.1:{port}/v1", "key", timeout=5, sleep=waits.append) as c,
         pytest.raises(HyperstackApiError) as caught,
     ):
         c.get_vm(1)
     assert caught.value.status is None
-    assert "ConnectError" in str(caught.value)
+    assert str(caught.value).startswith("Hyperstack GET /core/virtual-machines/1 failed after 5 attempts: ConnectError")
+    assert waits == [1.0, 2.0, 4.0, 8.0]
 
 
 def test_client_lists_vms_across_pages(fake: FakeHyperstack, client: HyperstackClient) -> None:

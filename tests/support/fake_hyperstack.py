@@ -2,7 +2,8 @@
 
 A new VM moves CREATING -> BUILD -> ACTIVE over successive GETs (`gets_per_status` GETs each), or to ERROR when
 its name is in `failing_names`; with a floating IP asked for, the IP appears once ACTIVE. Unknown ids answer
-404, a duplicate security rule or keypair 409, a wrong `api_key` header 401.
+404, a duplicate security rule or keypair 409, a wrong `api_key` header 401. `script` makes the next requests
+to one route answer given failures (429, 503, 500 ..., with a `Retry-After`, carried out or not) first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ class ApiError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class Scripted:
+    """A failure answered instead of the route's own answer."""
+
+    status: int
+    retry_after: str | None = None
+    """The `Retry-After` header sent with it, if any."""
+    carried_out: bool = False
+    """Whether the request is carried out all the same (a 500 after the VM was made): only its answer is lost."""
+
+
+Answer = tuple[int, Json, dict[str, str]]
+"""Status, JSON body and extra headers of one answer."""
+
+
 @dataclass
 class FakeHyperstack:
     api_key: str = "hs-test-key"
@@ -40,6 +56,8 @@ class FakeHyperstack:
     """Every create-VM body received, as sent."""
     requests: list[tuple[str, str]] = field(default_factory=list)
     """(method, path) of every authenticated request."""
+    scripted: dict[tuple[str, str], list[Scripted]] = field(default_factory=dict)
+    """(method, path) -> the failures its next requests get, in order."""
     base_url: str = ""
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(101))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -50,12 +68,28 @@ class FakeHyperstack:
         with self._lock:
             return self._add_rule(vm_id, rule)
 
+    def add_vm_directly(self, name: str, labels: list[str], status: str = "ACTIVE") -> int:
+        """A VM made outside the providers (one whose stack state was lost, or the user's own); returns its id."""
+        with self._lock:
+            vm_id = next(self._ids)
+            self.vms[vm_id] = _new_vm(vm_id, name, "default-CANADA-1", labels, floating=False) | {"status": status}
+            return vm_id
+
+    def script(self, method: str, path: str, *answers: Scripted) -> None:
+        """The next requests `method path` get these answers, one each, before the route answers again."""
+        with self._lock:
+            self.scripted.setdefault((method, path), []).extend(answers)
+
+    def count(self, method: str, path: str) -> int:
+        """How many `method path` requests came (scripted answers included)."""
+        return self.requests.count((method, path))
+
     def vm_gets(self, vm_id: int) -> int:
-        return sum(1 for method, path in self.requests if method == "GET" and path == f"/core/virtual-machines/{vm_id}")
+        return self.count("GET", f"/core/virtual-machines/{vm_id}")
 
     # -- the API
 
-    def handle(self, method: str, path: str, query: dict[str, str], body: Json) -> tuple[int, Json]:
+    def handle(self, method: str, path: str, query: dict[str, str], body: Json) -> Answer:
         routes: list[tuple[str, str, Callable[..., Json]]] = [
             ("POST", r"/core/virtual-machines", self._create_vm),
             ("GET", r"/core/virtual-machines", self._list_vms),
@@ -72,15 +106,18 @@ class FakeHyperstack:
             if match and method == route_method:
                 with self._lock:
                     self.requests.append((method, path))
+                    failures = self.scripted.get((method, path))
+                    failure = failures.pop(0) if failures else None
+                    if failure is not None and not failure.carried_out:
+                        return _failed(failure)
                     try:
-                        return 200, {
-                            "status": True,
-                            "message": "ok",
-                            **handler(*map(int, match.groups()), query=query, body=body),
-                        }
+                        answer = handler(*map(int, match.groups()), query=query, body=body)
                     except ApiError as e:
-                        return e.status, {"status": False, "message": str(e)}
-        return 404, {"status": False, "message": f"no route {method} {path}"}
+                        return e.status, {"status": False, "message": str(e)}, {}
+                    if failure is not None:  # carried out, but the answer is lost
+                        return _failed(failure)
+                    return 200, {"status": True, "message": "ok", **answer}, {}
+        return 404, {"status": False, "message": f"no route {method} {path}"}, {}
 
     def _create_vm(self, *, query: dict[str, str], body: Json) -> Json:
         missing = [k for k in ("name", "environment_name", "flavor_name", "key_name", "count") if k not in body]
@@ -92,18 +129,8 @@ class FakeHyperstack:
         instances = []
         for _ in range(int(body["count"])):
             vm_id = next(self._ids)
-            self.vms[vm_id] = {
-                "id": vm_id,
-                "name": body["name"],
-                "status": "CREATING",
-                "fixed_ip": f"10.0.0.{vm_id % 250}",
-                "floating_ip": None,
-                "security_rules": [],
-                "labels": list(body.get("labels") or []),
-                "environment": {"name": body["environment_name"]},
-                "_gets": 0,
-                "_floating": bool(body.get("assign_floating_ip")),
-            }
+            labels, floating = list(body.get("labels") or []), bool(body.get("assign_floating_ip"))
+            self.vms[vm_id] = _new_vm(vm_id, body["name"], body["environment_name"], labels, floating)
             instances.append({"id": vm_id, "name": body["name"], "status": "CREATING"})
         return {"instances": instances}
 
@@ -181,6 +208,26 @@ class FakeHyperstack:
         return self.vms[vm_id]
 
 
+def _failed(failure: Scripted) -> Answer:
+    headers = {} if failure.retry_after is None else {"retry-after": failure.retry_after}
+    return failure.status, {"status": False, "message": f"scripted {failure.status}"}, headers
+
+
+def _new_vm(vm_id: int, name: str, environment: str, labels: list[str], floating: bool) -> Json:
+    return {
+        "id": vm_id,
+        "name": name,
+        "status": "CREATING",
+        "fixed_ip": f"10.0.0.{vm_id % 250}",
+        "floating_ip": None,
+        "security_rules": [],
+        "labels": labels,
+        "environment": {"name": environment},
+        "_gets": 0,
+        "_floating": floating,
+    }
+
+
 def _public(vm: Json) -> Json:
     return {k: v for k, v in vm.items() if not k.startswith("_")}
 
@@ -189,16 +236,20 @@ def _handler_for(fake: FakeHyperstack) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
             url = urlsplit(self.path)
+            answer: Answer
             if self.headers.get("api_key") != fake.api_key:
-                status, answer = 401, {"status": False, "message": "Unauthorized: invalid api_key"}
+                answer = 401, {"status": False, "message": "Unauthorized: invalid api_key"}, {}
             else:
                 length = int(self.headers.get("content-length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else {}
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 path = url.path.removeprefix("/v1") if url.path.startswith("/v1/") else "(outside /v1)"
-                status, answer = fake.handle(self.command, path, query, body)
-            data = json.dumps(answer).encode()
+                answer = fake.handle(self.command, path, query, body)
+            status, body_json, headers = answer
+            data = json.dumps(body_json).encode()
             self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
