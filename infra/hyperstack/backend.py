@@ -3,10 +3,14 @@
 Pulumi runs as the `pulumi` CLI in a subprocess and `Stack.up` blocks: the orchestrator calls this backend
 from worker threads, a lock per stack serialises the operations on one replica and a semaphore caps how
 many run at once. `StackRunner` is the seam between that bookkeeping and Pulumi itself.
+
+A replica's VM also carries the label `orchestrator-replica=<id>`: what the backend owns is its stacks and every
+VM so labelled, so a VM whose stack state was lost is still found by the orphan sweep and destroyed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import threading
@@ -18,12 +22,16 @@ from typing import Any, Literal, Protocol
 
 from pulumi import automation as auto
 
-from infra.hyperstack.api import DEFAULT_BASE_URL, HyperstackClient, JsonObject
-from infra.hyperstack.program import replica_program
+from infra.hyperstack.api import DEFAULT_BASE_URL, HyperstackClient, JsonObject, NotFoundError
+from infra.hyperstack.program import replica_of_label, replica_program
 from infra.hyperstack.provider import API_KEY_ENV, BASE_URL_ENV
 from infra.vm import BackendError, BackendUnavailable, Rule, VmHandle, VmRequest
 
+log = logging.getLogger(__name__)
+
 STACK_PREFIX = "replica-"
+GONE = frozenset({"DELETING", "DELETED"})
+"""VM statuses on the way out: such a VM is neither owned any more nor deleted again."""
 CLI_MISSING = (
     "the Pulumi CLI is not on PATH: install it (https://www.pulumi.com/docs/install/) "
     "to use ORCH_INFRA_BACKEND=hyperstack"
@@ -44,7 +52,7 @@ class HyperstackConfig:
     ssh_user: str = "ubuntu"
     project_name: str = "orchestrator"
     api_timeout_s: float = 30.0
-    """Timeout of each REST call the backend makes itself (`enforced_rules`)."""
+    """Timeout of each REST call the backend makes itself (`enforced_rules`, `owned`, `destroy`)."""
 
     @property
     def backend_url(self) -> str:
@@ -204,18 +212,34 @@ class HyperstackBackend:
         self._converge(request, rules)
 
     def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
-        c = self.config
-        with HyperstackClient(c.base_url, c.api_key, c.api_timeout_s) as client:
+        with self._client() as client:
             return enforced_rules_of(client.get_vm(handle.vm_id))
 
     def destroy(self, replica_id: int) -> None:
+        """Destroy the replica's stack, then delete any VM still labelled with the replica (its stack was lost).
+
+        The keypair `<key_name>-replica-<id>` of a lost stack is left: keypairs carry no label, a name alone
+        could match a keypair of the user's, and a keypair costs nothing.
+        """
         name = stack_name(replica_id)
         with self._exclusive(name):
             self._stacks.destroy(name)
+            with self._client() as client:
+                for vm in client.list_vms():
+                    if replica_id in labelled_replicas(vm):
+                        delete_orphan_vm(client, vm, replica_id)
 
     def owned(self) -> frozenset[int]:
+        """Replicas with a stack, or with a VM labelled `orchestrator-replica=<id>` (whatever its stack)."""
         names = self._stacks.stack_names()
-        return frozenset(int(n.removeprefix(STACK_PREFIX)) for n in names if re.fullmatch(r"replica-\d+", n))
+        stacked = {int(n.removeprefix(STACK_PREFIX)) for n in names if re.fullmatch(r"replica-\d+", n)}
+        with self._client() as client:
+            labelled = {rid for vm in client.list_vms() for rid in labelled_replicas(vm)}
+        return frozenset(stacked | labelled)
+
+    def _client(self) -> HyperstackClient:
+        c = self.config
+        return HyperstackClient(c.base_url, c.api_key, c.api_timeout_s)
 
     def _converge(self, request: VmRequest, rules: Sequence[Rule]) -> VmHandle:
         name = stack_name(request.replica_id)
@@ -245,6 +269,27 @@ class HyperstackBackend:
 
 def stack_name(replica_id: int) -> str:
     return f"{STACK_PREFIX}{replica_id}"
+
+
+def labelled_replicas(instance: JsonObject) -> set[int]:
+    """The replicas a VM's labels tie it to; none for a VM already being deleted."""
+    if instance.get("status") in GONE:
+        return set()
+    return {rid for label in instance.get("labels") or [] if (rid := replica_of_label(str(label))) is not None}
+
+
+def delete_orphan_vm(client: HyperstackClient, instance: JsonObject, replica_id: int) -> None:
+    """Delete a VM that outlived its replica's stack; one already gone (404) is done."""
+    try:
+        client.delete_vm(instance["id"])
+    except NotFoundError:
+        return
+    log.warning(
+        "deleted Hyperstack VM %s (%s) of replica %d: no stack held it",
+        instance["id"],
+        instance.get("name"),
+        replica_id,
+    )
 
 
 _DIRECTIONS: dict[str, Literal["ingress", "egress"]] = {"ingress": "ingress", "egress": "egress"}

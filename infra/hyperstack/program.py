@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import astuple
 
@@ -12,10 +13,18 @@ from infra.cloud_init import user_data
 from infra.hyperstack.provider import Keypair, KeypairArgs, SecurityRule, SecurityRuleArgs, Vm, VmArgs
 from infra.vm import Rule, VmRequest
 
+LABEL_PREFIX = "orchestrator-replica="
+
 
 def replica_label(replica_id: int) -> str:
     """The label that ties a Hyperstack VM to its replica (what an orphan sweep over the cloud looks for)."""
-    return f"orchestrator-replica={replica_id}"
+    return f"{LABEL_PREFIX}{replica_id}"
+
+
+def replica_of_label(label: str) -> int | None:
+    """The replica id a `replica_label` names; None for any other label."""
+    match = re.fullmatch(re.escape(LABEL_PREFIX) + r"([0-9]+)", label)
+    return int(match.group(1)) if match else None
 
 
 def keypair_name(request: VmRequest) -> str:

@@ -1,4 +1,5 @@
-"""The Hyperstack backend's own work: a missing Pulumi CLI, the per-stack lock and the cap, Pulumi errors."""
+"""The Hyperstack backend's own work: a missing Pulumi CLI, the per-stack lock and the cap, Pulumi errors, and the
+VMs found by their replica label (the fake Hyperstack API stands in for the cloud)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pulumi import automation as auto
 from infra.hyperstack import HyperstackBackend, HyperstackConfig
 from infra.hyperstack.backend import CLI_MISSING, command_error_summary, pulumi_errors
 from infra.vm import BackendError, BackendUnavailable, Rule, VmHandle, VmRequest
+from tests.support.fake_hyperstack import FakeHyperstack, Scripted, running_fake_hyperstack
 from tests.support.vm import vm_request
 
 RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.7/32", 22, 22)
@@ -26,6 +28,16 @@ def request(replica_id: int) -> VmRequest:
 
 def config(tmp_path: Path, **overrides: Any) -> HyperstackConfig:
     return HyperstackConfig(**({"api_key": "hs-key", "state_dir": tmp_path / "state", "passphrase": "pw"} | overrides))
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeHyperstack]:
+    """The fake Hyperstack API, with the key `config` gives: what `owned` and `destroy` list and delete VMs on.
+
+    A test asks for it before `in_threads`, so that it outlives the threads (fixtures end in reverse order).
+    """
+    with running_fake_hyperstack(FakeHyperstack(api_key="hs-key")) as fake:
+        yield fake
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
@@ -161,15 +173,15 @@ def test_up_without_outputs_is_a_backend_error(tmp_path: Path) -> None:
         HyperstackBackend(config(tmp_path), stacks=stacks).up(request(7))
 
 
-def test_owned_reads_replica_ids_from_stack_names(tmp_path: Path) -> None:
+def test_owned_reads_replica_ids_from_stack_names(tmp_path: Path, cloud: FakeHyperstack) -> None:
     stacks = GatedStacks(names=["replica-3", "replica-12", "staging", "replica-x", "replica-"])
 
-    assert HyperstackBackend(config(tmp_path), stacks=stacks).owned() == {3, 12}
+    assert HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks=stacks).owned() == {3, 12}
 
 
-def test_operations_on_one_stack_never_overlap(tmp_path: Path, in_threads: Any) -> None:
+def test_operations_on_one_stack_never_overlap(tmp_path: Path, cloud: FakeHyperstack, in_threads: Any) -> None:
     stacks = GatedStacks()
-    backend = HyperstackBackend(config(tmp_path, max_concurrent_ups=3), stacks=stacks)
+    backend = HyperstackBackend(config(tmp_path, base_url=cloud.base_url, max_concurrent_ups=3), stacks=stacks)
 
     in_threads(lambda: backend.up(request(7)))
     wait_until(lambda: stacks.inside == ["replica-7"], "the first up runs")
@@ -221,6 +233,73 @@ def test_at_most_max_concurrent_ups_run_at_once(tmp_path: Path, in_threads: Any)
 def test_max_concurrent_ups_must_allow_one(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         HyperstackBackend(config(tmp_path, max_concurrent_ups=0), stacks=GatedStacks())
+
+
+# -- VMs found by their replica label, whatever the stacks say
+
+
+def test_owned_finds_a_labelled_vm_whose_stack_was_lost(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    cloud.add_vm_directly("llama-9", ["team=ml", "orchestrator-replica=9"])  # no stack: its state was lost
+    cloud.add_vm_directly("users-own", [])
+    cloud.add_vm_directly("users-labelled", ["team=ml", "orchestrator-replica=x", "orchestrator-replica-5"])
+    cloud.add_vm_directly("on-its-way-out", ["orchestrator-replica=4"], status="DELETING")
+    stacks = GatedStacks(names=["replica-3"])
+
+    owned = HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks=stacks).owned()
+
+    assert owned == {3, 9}
+
+
+def test_destroy_deletes_every_vm_still_labelled_with_the_replica(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    orphans = {cloud.add_vm_directly(f"llama-9-{i}", ["orchestrator-replica=9"]) for i in range(2)}
+    kept = {
+        cloud.add_vm_directly("llama-10", ["orchestrator-replica=10"]),
+        cloud.add_vm_directly("users-own", ["team=ml"]),
+        cloud.add_vm_directly("llama-99", ["orchestrator-replica=99"]),  # a prefix of another id is not it
+    }
+    stacks = GatedStacks()
+    stacks.gate("replica-9").set()
+    backend = HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks=stacks)
+
+    backend.destroy(9)
+
+    assert stacks.finished == ["replica-9"]  # the stack first, as before
+    assert set(cloud.vms) == kept
+    assert sorted(path for method, path in cloud.requests if method == "DELETE") == sorted(
+        f"/core/virtual-machines/{vm_id}" for vm_id in orphans
+    )
+    assert backend.owned() == {10, 99}
+    backend.destroy(9)  # nothing left: done
+    assert set(cloud.vms) == kept
+
+
+def test_destroy_takes_a_labelled_vm_gone_meanwhile_as_done(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    vm_id = cloud.add_vm_directly("llama-9", ["orchestrator-replica=9"])
+    cloud.script("DELETE", f"/core/virtual-machines/{vm_id}", Scripted(404))  # deleted between the list and here
+    stacks = GatedStacks()
+    stacks.gate("replica-9").set()
+
+    HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks=stacks).destroy(9)
+
+    assert cloud.count("DELETE", f"/core/virtual-machines/{vm_id}") == 1
+
+
+def test_destroy_leaves_a_vm_already_being_deleted_alone(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    vm_id = cloud.add_vm_directly("llama-9", ["orchestrator-replica=9"], status="DELETING")
+    stacks = GatedStacks()
+    stacks.gate("replica-9").set()
+
+    HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks=stacks).destroy(9)
+
+    assert cloud.count("DELETE", f"/core/virtual-machines/{vm_id}") == 0
+
+
+def test_owned_when_the_cloud_cannot_be_listed_is_a_backend_error(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    stacks = GatedStacks(names=["replica-3"])
+    backend = HyperstackBackend(config(tmp_path, base_url=cloud.base_url, api_key="not-the-key"), stacks=stacks)
+
+    with pytest.raises(BackendError, match="401"):
+        backend.owned()
 
 
 # -- Pulumi's errors
