@@ -10,7 +10,16 @@ from provisioning.errors import CommandFailed
 from provisioning.plan import CHECK_TIMEOUT_S, ENGINE_TIMEOUT_S, EnginePlan, Step, engine_commands, plan_steps
 from provisioning.ssh import DROPPED_MARK, CommandResult, SshSession
 
-__all__ = ["EnginePlan", "Step", "StepReport", "bootstrap", "plan_steps", "restart_engine", "stop_engine"]
+__all__ = [
+    "EnginePlan",
+    "Step",
+    "StepReport",
+    "bootstrap",
+    "engine_log",
+    "plan_steps",
+    "restart_engine",
+    "stop_engine",
+]
 
 REDACTED = "<redacted>"
 _MIN_FRAGMENT = 4  # shorter leftovers of a secret cut by the output cap say nothing about it
@@ -97,6 +106,11 @@ def stop_engine(session: SshSession, plan: EnginePlan) -> StepReport:
     if still.exit_status == 0:
         raise CommandFailed("stop (engine still running)", 0, _join(output, still.output))
     return StepReport("stop", changed=True, output=output)
+
+
+def engine_log(session: SshSession, plan: EnginePlan) -> str:
+    """The engine's last lines of output, every secret redacted."""
+    return _Runner(session, plan).must("logs", engine_commands(plan).logs)
 
 
 def _converge(runner: _Runner, step: Step, *, engine_stale: bool) -> StepReport:

@@ -19,6 +19,7 @@ CHECK_TIMEOUT_S = 60.0
 INSTALL_TIMEOUT_S = 1800.0  # a first pip install of vLLM downloads gigabytes of wheels
 STOP_GRACE_TENTHS = 300  # a pidfile engine gets 30 s after SIGTERM before SIGKILL
 ENGINE_TIMEOUT_S = 90.0  # start, stop or restart, the stop grace included
+LOG_LINES = 40
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Paths and unit names also go into systemd unit lines, whose quoting differs from the shell's: keep them plain.
@@ -92,6 +93,7 @@ class EngineCommands:
     restart: str  # stops it if it runs, then starts it
     stop: str  # idempotent: succeeds when nothing runs
     verify: str  # like running, but prints diagnostics when it fails
+    logs: str  # prints the engine's last LOG_LINES lines of output
 
 
 def plan_steps(plan: EnginePlan) -> list[Step]:
@@ -212,8 +214,9 @@ def _systemd_commands(plan: EnginePlan) -> EngineCommands:
         stop=f"{root}systemctl stop {unit}",
         verify=(
             f"{active} || {{ systemctl status --no-pager {unit};"
-            f" {root}journalctl -u {unit} -n 40 --no-pager; exit 1; }}"
+            f" {root}journalctl -u {unit} -n {LOG_LINES} --no-pager; exit 1; }}"
         ),
+        logs=f"{root}journalctl -u {unit} -n {LOG_LINES} --no-pager --output=cat",
     )
 
 
@@ -239,7 +242,10 @@ def _pidfile_commands(plan: EnginePlan) -> EngineCommands:
         current=f"{running}; running && {_not_older(plan, pid_file)}",  # the pid file is written at start
         restart=f"{stop}; {start}",
         stop=stop,
-        verify=f"{running}; running || {{ echo engine not running; tail -n 40 {log_file} 2>/dev/null; exit 1; }}",
+        verify=(
+            f"{running}; running || {{ echo engine not running; tail -n {LOG_LINES} {log_file} 2>/dev/null; exit 1; }}"
+        ),
+        logs=f"tail -n {LOG_LINES} {log_file}",
     )
 
 

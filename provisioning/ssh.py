@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import time
@@ -30,6 +31,7 @@ __all__ = [
 OUTPUT_CAP = 8 * 1024  # bytes of command output kept (the tail: that is where errors are)
 DROPPED_MARK = "bytes of output dropped]"  # ends the first line of a capped output
 _SSH_PORT = 22
+CLOSE_WAIT_S = 2.0  # how long closing waits for the server to end the TCP connection too
 # Socket errors no retry can cure: the source address is not ours, or the address family is wrong.
 _PERMANENT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})
 _MIN_ATTEMPT_S = 0.5  # the last attempt before the deadline still gets time for a handshake
@@ -120,7 +122,12 @@ class SshSession:
         if self._sftp is not None:
             self._sftp.close()
             self._sftp = None
+        transport = self._client.get_transport()
+        sock = getattr(transport, "sock", None) if transport is not None else None
+        held = sock.dup() if isinstance(sock, socket.socket) and sock.fileno() >= 0 else None
         self._client.close()
+        if held is not None:
+            _close_gracefully(held)
 
     def _transport(self) -> paramiko.Transport:
         transport = self._client.get_transport()
@@ -194,6 +201,16 @@ def _attempt(
         if not connected:
             client.close()
             sock.close()
+
+
+def _close_gracefully(sock: socket.socket) -> None:
+    """Send our FIN and wait (briefly) for the server's: the connection is then over on both ends, so a rule
+    change right after (SSH closed at SECURING) cannot strand the VM's end of it, retransmitting its FIN."""
+    with contextlib.suppress(OSError), sock:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(CLOSE_WAIT_S)
+        while sock.recv(4096):
+            pass
 
 
 def _open_socket(target: SshTarget, timeout: float) -> socket.socket:

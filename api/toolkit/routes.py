@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from litestar import Controller, Response, Router, delete, get, post, put
@@ -14,13 +15,15 @@ from api.toolkit import schemas as s
 from api.toolkit.auth import admin_only
 from api.toolkit.errors import HANDLERS
 from orchestrator.billing.api_keys import ApiKeyService
+from orchestrator.domain.engine_spec import EngineSpec
 from orchestrator.domain.errors import Conflict, NotFound
 from orchestrator.domain.lifecycle import ReplicaStatus, vm_status
 from orchestrator.fleet.models import ModelService
 from orchestrator.fleet.replicas import ReplicaService
+from orchestrator.fleet.ssh_access import BOOTSTRAP_EVENT
 from orchestrator.store.api_keys import KeyRemoval
 from orchestrator.store.fleet import ReplicaDetail
-from orchestrator.store.tables import Replica, row_id
+from orchestrator.store.tables import Replica, ReplicaEvent, row_id
 from orchestrator.surfaces.toolkit.tables import TableService
 
 # Ids outside the column's range are refused with a 400 rather than reaching the database.
@@ -167,9 +170,24 @@ def _detail_out(d: ReplicaDetail) -> s.ReplicaDetailOut:
         termination_reason=r.termination_reason,
         created_at=r.created_at,
         deleted=r.delete_requested_at is not None,
+        engine=s.EngineOut.of(EngineSpec.from_json(r.engine_spec)) if r.engine_spec else None,
+        bootstrap=_bootstrap_steps(d.events),
+        engine_log=r.engine_log,
         security_rules=[s.SecurityRuleOut.model_validate(rule, from_attributes=True) for rule in d.rules],
         events=[s.EventOut.model_validate(e, from_attributes=True) for e in d.events],
     )
+
+
+def _bootstrap_steps(events: Sequence[ReplicaEvent]) -> list[s.BootstrapStepOut]:
+    """The latest run's steps: each step's last event (a rerun after a crash replaces the earlier outcome)."""
+    steps: dict[str, s.BootstrapStepOut] = {}
+    for e in events:
+        if e.reason.startswith(BOOTSTRAP_EVENT) and e.reason != f"{BOOTSTRAP_EVENT}failed":
+            outcome = "unchanged" if (e.message or "").startswith("unchanged") else "changed"
+            steps[e.reason.removeprefix(BOOTSTRAP_EVENT)] = s.BootstrapStepOut(
+                step=e.reason.removeprefix(BOOTSTRAP_EVENT), outcome=outcome, at=e.at
+            )
+    return list(steps.values())
 
 
 def toolkit_router() -> Router:

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 
 from infra.vm import Rule
+from orchestrator.domain.engine_spec import VLLM_IMAGE, EngineSpec
 from orchestrator.fleet.replicas import ReplicaSpec, VmSpec
 from orchestrator.fleet.security_rules import prefix_network
 from orchestrator.gateway.engine_urls import is_http_url
@@ -99,6 +100,42 @@ class SecurityRuleIn(_In):
 _VM_NAME = re.compile(r"^[^ ][\w -]*[^ ]$")
 
 
+EnvName = Annotated[str, Field(min_length=1, max_length=128)]
+EnvValue = Annotated[str, Field(max_length=4096)]
+
+
+class EngineSpecIn(_In):
+    """Our extension: the engine of a replica given no `run_command` (the vLLM image, its model and arguments)."""
+
+    image: Annotated[str, Field(min_length=1, max_length=255)] = VLLM_IMAGE
+    model: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=64)] | None = None
+    max_model_len: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    extra_args: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=64)] = []
+    env: Annotated[dict[EnvName, EnvValue], Field(max_length=64)] = {}
+    secret_env: Annotated[dict[EnvName, EnvValue], Field(max_length=64)] = {}
+    """Sealed at rest like the engine key, never shown (an HF token)."""
+
+    @model_validator(mode="after")
+    def _runs(self) -> Self:
+        if problems := self.spec().problems(self.secret_env):
+            raise PydanticCustomError("invalid", "; ".join(problems))
+        return self
+
+    def spec(self) -> EngineSpec:
+        return EngineSpec(
+            image=self.image,
+            model=self.model,
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            extra_args=tuple(self.extra_args),
+            env=dict(self.env),
+            secret_env_names=tuple(sorted(self.secret_env)),
+        )
+
+
 class VmCreationIn(_In):
     name: Name
     environment_name: Name
@@ -106,9 +143,17 @@ class VmCreationIn(_In):
     flavor_name: Name
     key_name: Name
     port: Port
-    run_command: Annotated[str, Field(min_length=1, max_length=4096)]
+    run_command: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    """The engine's shell command (typically a `docker run` of the vLLM image); without it, `engine` says."""
+    engine: EngineSpecIn | None = None
     assign_floating_ip: bool = True
     security_rules: Annotated[list[SecurityRuleIn], Field(max_length=64)] = []
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> Self:
+        if self.run_command is not None and self.engine is not None:
+            raise field_error("engine", "Give run_command or engine, not both.")
+        return self
 
     # What the rules may open of SSH and the engine port depends on the backend and the network settings: the
     # replica service judges that (`orchestrator.fleet.security_rules.rule_problems`).
@@ -154,8 +199,10 @@ class ReplicaIn(_In):
             vm=None
             if vm is None
             else VmSpec(
-                **vm.model_dump(exclude={"security_rules"}),
+                **vm.model_dump(exclude={"security_rules", "engine"}),
                 security_rules=tuple(r.spec() for r in vm.security_rules),
+                engine=None if vm.run_command else (vm.engine or EngineSpecIn()).spec(),
+                engine_secrets=vm.engine.secret_env if vm.engine else {},
             ),
         )
 
@@ -239,6 +286,40 @@ class EventOut(BaseModel):
     message: str | None
 
 
+class EngineOut(BaseModel):
+    """The engine spec of a replica without a `run_command`; secret variables by name only."""
+
+    image: str
+    model: str | None
+    tensor_parallel_size: int | None
+    max_model_len: int | None
+    gpu_memory_utilization: float | None
+    extra_args: list[str]
+    env: dict[str, str]
+    secret_env: list[str]
+
+    @classmethod
+    def of(cls, spec: EngineSpec) -> EngineOut:
+        return cls(
+            image=spec.image,
+            model=spec.model,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            max_model_len=spec.max_model_len,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            extra_args=list(spec.extra_args),
+            env=dict(spec.env),
+            secret_env=list(spec.secret_env_names),
+        )
+
+
+class BootstrapStepOut(BaseModel):
+    """One step of the replica's latest bootstrap over SSH, from its events."""
+
+    step: str
+    outcome: Literal["changed", "unchanged"]
+    at: datetime
+
+
 class ReplicaDetailOut(ReplicaOut):
     model_name: str
     port: int | None
@@ -251,5 +332,10 @@ class ReplicaDetailOut(ReplicaOut):
     termination_reason: str | None
     created_at: datetime
     deleted: bool
+    engine: EngineOut | None
+    """The engine spec, for a managed replica given no `run_command`."""
+    bootstrap: list[BootstrapStepOut]
+    engine_log: str | None
+    """The engine's last log lines, read over SSH before it closed (secrets redacted)."""
     security_rules: list[SecurityRuleOut]
     events: list[EventOut]

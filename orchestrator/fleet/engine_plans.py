@@ -2,19 +2,22 @@
 
 GPU VMs (`hyperstack`, and `machine`, which boots like one): as the image's non-root login with `sudo -n`, a
 systemd unit runs the replica's `run_command` (the toolkit's field, typically a `docker run` of the vLLM
-image), or, for a replica without one, a `docker run` of the pinned vLLM OpenAI server image serving the model.
-The engine key reaches the engine through the 0600 env file only: a `docker run` gets `-e VLLM_API_KEY`, which
-Docker copies from the unit's environment, so it is never on a command line. The local sandbox: the engine
-simulator under a pid file (no GPU, no systemd, no model weights there).
+image), or, for a replica without one, a `docker run` of its engine spec (by default the pinned vLLM OpenAI
+server image serving the model). The engine key and the spec's environment reach the engine through the 0600
+env file only: a `docker run` gets `-e NAME` for each, which Docker copies from the unit's environment, so no
+value is ever on a command line. The local sandbox: the engine simulator under a pid file (no GPU, no systemd,
+no model weights there).
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from orchestrator.domain.engine_spec import EngineSpec
 from orchestrator.fleet.ssh_access import PlanMaker
 from orchestrator.store.tables import Replica
 from provisioning.plan import EnginePlan
@@ -22,8 +25,6 @@ from provisioning.plan import EnginePlan
 VM_WORK_DIR = "/opt/orchestrator-engine"
 
 
-VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-"""The engine image of a replica that names no command, pinned by tag."""
 CONTAINER_PORT = 8000
 """The port vLLM listens on inside its container (published on the replica's port)."""
 GPU_CHECK = "nvidia-smi -L 2>&1 || { echo 'no NVIDIA GPU: nvidia-smi is missing or lists no GPU'; exit 1; }"
@@ -32,61 +33,56 @@ DOCKER_CHECK = (
     "container toolkit)'; exit 1; }; sudo -n docker info --format '{{json .Runtimes}}' 2>&1 | grep -q '\"nvidia\"'"
     " || { echo 'docker has no NVIDIA runtime (install the NVIDIA container toolkit)'; exit 1; }"
 )
+_DOCKER_RUN = re.compile(r"^\s*docker\s+run(?=\s|$)")
 
 
 def cloud_plans() -> PlanMaker:
-    def plan(replica: Replica, model: str, engine_key: str) -> EnginePlan:
-        argv = shlex.split(replica.run_command or "") or default_command(model, replica.port or 0)
-        docker = argv[:2] == ["docker", "run"]
-        if docker:
-            argv = [*argv[:2], "-e", "VLLM_API_KEY", *argv[2:]]
-        program = shlex.quote(argv[0])
+    def plan(replica: Replica, model: str, secrets: Mapping[str, str]) -> EnginePlan:
+        env = dict(secrets)
+        if replica.run_command:
+            # The admin's shell command, kept as written; a `docker run` also gets the engine key from the unit's
+            # environment (`-e NAME` copies it: the value is never on a command line).
+            command = _DOCKER_RUN.sub("docker run -e VLLM_API_KEY", replica.run_command, count=1)
+        else:
+            spec = EngineSpec.from_json(replica.engine_spec) if replica.engine_spec else EngineSpec()
+            env |= spec.env
+            command = shlex.join(spec_command(spec, model, replica.port or 0, sorted(env)))
+        program = (shlex.split(command) or ["sh"])[0]
+        docker = _DOCKER_RUN.match(command) is not None
         return EnginePlan(
-            serve_argv=("/bin/sh", "-c", shlex.join(argv)),
-            secret_env={"VLLM_API_KEY": engine_key},
+            serve_argv=("/bin/sh", "-c", command),
+            secret_env=env,
             work_dir=VM_WORK_DIR,
             service="systemd",
             sudo=True,
             gpu_check=GPU_CHECK,
             runtime_check=DOCKER_CHECK if docker else None,
-            install_check=f"command -v {program}",
-            install=f"echo 'the engine command {program} is not installed on this VM image' >&2; exit 1",
+            install_check=f"command -v {shlex.quote(program)}",
+            install=f"echo {shlex.quote(f'{program} is not installed on this VM image')} >&2; exit 1",
         )
 
     return plan
 
 
-def default_command(model: str, port: int) -> list[str]:
-    """`docker run` of the pinned vLLM image serving `model` on the replica's port."""
+def spec_command(spec: EngineSpec, model: str, port: int, env_names: Sequence[str]) -> list[str]:
+    """`docker run` of the spec's image serving `model` on the replica's port, each variable passed by name."""
+    passed = [arg for name in env_names for arg in ("-e", name)]
     return [
-        "docker",
-        "run",
-        "--rm",
-        "--name",
-        "orchestrator-engine",
-        "--runtime",
-        "nvidia",
-        "--gpus",
-        "all",
-        "--ipc=host",
-        "-p",
-        f"{port}:{CONTAINER_PORT}",
-        VLLM_IMAGE,
-        "--model",
-        model,
-        "--port",
-        str(CONTAINER_PORT),
+        *("docker", "run", "--rm", "--name", "orchestrator-engine", "--runtime", "nvidia", "--gpus", "all"),
+        *("--ipc=host", "-p", f"{port}:{CONTAINER_PORT}", *passed, spec.image),
+        *spec.engine_args(model),
+        *("--port", str(CONTAINER_PORT)),
     ]
 
 
 def sandbox_plans(work_dir: Callable[[int], Path], python: str = sys.executable) -> PlanMaker:
     """The engine simulator, from this very installation, listening on the sandbox's own address."""
 
-    def plan(replica: Replica, model: str, engine_key: str) -> EnginePlan:
+    def plan(replica: Replica, model: str, secrets: Mapping[str, str]) -> EnginePlan:
         argv = (python, "-m", "orchestrator.enginesim", "--model", model)
         return EnginePlan(
             serve_argv=(*argv, "--host", replica.vm_address or "", "--port", str(replica.port)),
-            secret_env={"VLLM_API_KEY": engine_key},
+            secret_env=dict(secrets),
             work_dir=str(work_dir(replica.id or 0)),
             service="pidfile",
             gpu_check=None,

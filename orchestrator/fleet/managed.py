@@ -190,7 +190,13 @@ class ManagedReplicas:
             rid, S.BOOTSTRAPPING, S.STARTING, "bootstrapped", f"{changed} of {total} steps changed the VM"
         )
 
-    async def _securing(self, replica: Replica, _model: str) -> bool:
+    async def _securing(self, replica: Replica, model: str) -> bool:
+        # The last look inside while SSH is still open: the engine's log, kept on the replica.
+        try:
+            log_tail: str | None = await self.in_thread(self.access.engine_log, replica, model)
+        except SshError as e:
+            log_tail = None
+            await self.store.record(row_id(replica.id), "engine_log_unavailable", f"{type(e).__name__}: {e}")
         rules = await self._set_phase(replica, Phase.SERVING, replica.ssh_port or self.backend.ssh_port)
         try:
             await self.in_thread(self.backend.apply_rules, self.request(replica, ()), rules)
@@ -199,7 +205,9 @@ class ManagedReplicas:
         verdict = await self.access.verify_serving(replica, rules)
         if verdict.problem is not None:
             return await self._fail(replica, "securing_failed", verdict.problem)
-        return await self.store.move(row_id(replica.id), S.SECURING, S.READY, "secured", verdict.secured)
+        return await self.store.move(
+            row_id(replica.id), S.SECURING, S.READY, "secured", verdict.secured, engine_log=log_tail
+        )
 
     async def _unhealthy(self, replica: Replica, model: str) -> bool:
         rid = row_id(replica.id)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from infra.vm import Rule
+from orchestrator.domain.engine_spec import EngineSpec
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
 from orchestrator.domain.lifecycle import REASON_DELETED
 from orchestrator.fleet.security_rules import ConnectionSources, Phase, rows_of, rule_problems
@@ -29,9 +31,13 @@ class VmSpec:
     flavor_name: str
     key_name: str
     port: int
-    run_command: str
+    run_command: str | None
     assign_floating_ip: bool = True
     security_rules: tuple[Rule, ...] = ()
+    engine: EngineSpec | None = None
+    """The engine when there is no `run_command`."""
+    engine_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The engine spec's secret environment; sealed at rest."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class ReplicaService:
         replica, rules = _rows(model_id, spec)
         if spec.engine_api_key:
             replica.engine_key_sealed = self._box.seal(spec.engine_api_key)
+        if spec.vm is not None and spec.vm.engine_secrets:
+            replica.engine_secrets_sealed = self._box.seal(json.dumps(dict(spec.vm.engine_secrets)))
         kind = "managed" if spec.vm else "external"
         replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered")
         log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind)
@@ -134,6 +142,7 @@ def _rows(model_id: int, spec: ReplicaSpec) -> tuple[Replica, list[ReplicaSecuri
         key_name=vm.key_name,
         port=vm.port,
         run_command=vm.run_command,
+        engine_spec=vm.engine.to_json() if vm.engine else None,
         assign_floating_ip=vm.assign_floating_ip,
     )
     # The store sets replica_id once the replica has its id.

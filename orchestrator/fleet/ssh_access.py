@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -17,14 +18,17 @@ from orchestrator.gateway.engine_urls import engine_urls
 from orchestrator.gateway.upstream import Upstream
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.store.tables import Replica
-from provisioning.bootstrap import StepReport, bootstrap, restart_engine
+from provisioning.bootstrap import StepReport, bootstrap, engine_log, restart_engine
 from provisioning.plan import EnginePlan
 from provisioning.ssh import SshTarget, connect
 from provisioning.ssh_keys import public_key_line
 
-PlanMaker = Callable[[Replica, str, str], EnginePlan]
-"""(replica, served model name, engine key) -> how the engine is installed and run on this backend's VMs."""
+PlanMaker = Callable[[Replica, str, Mapping[str, str]], EnginePlan]
+"""(replica, served model name, secret environment: the engine key as VLLM_API_KEY and the engine spec's sealed
+variables) -> how the engine is installed and run on this backend's VMs."""
 Record = Callable[[str, str], None]
+BOOTSTRAP_EVENT = "bootstrap_"
+"""Prefix of the reason of each bootstrap step's event (`bootstrap_gpu`, `bootstrap_start`, ...)."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,17 @@ class EngineAccess:
         )
 
     def _plan(self, replica: Replica, model: str) -> EnginePlan:
-        return self._plans(replica, model, self._box.open(replica.engine_key_sealed or ""))
+        secrets: dict[str, str] = {}
+        if replica.engine_secrets_sealed:
+            secrets = json.loads(self._box.open(replica.engine_secrets_sealed))
+        secrets["VLLM_API_KEY"] = self._box.open(replica.engine_key_sealed or "")
+        return self._plans(replica, model, secrets)
 
     def bootstrap(self, replica: Replica, model: str, deadline_s: float, record: Record) -> tuple[int, int]:
         """Blocking. Runs the idempotent bootstrap; each step becomes an event. Returns (changed, total)."""
 
         def on_step(report: StepReport) -> None:
-            record(f"bootstrap_{report.name}", _describe(report))
+            record(f"{BOOTSTRAP_EVENT}{report.name}", _describe(report))
 
         with connect(self.target(replica), deadline_s=deadline_s) as session:
             reports = bootstrap(session, self._plan(replica, model), on_step=on_step)
@@ -86,6 +94,11 @@ class EngineAccess:
         """Blocking. Restarts the engine over SSH; returns the (redacted) output."""
         with connect(self.target(replica), deadline_s=self.policy.restart_deadline_s) as session:
             return _describe(restart_engine(session, self._plan(replica, model)))
+
+    def engine_log(self, replica: Replica, model: str) -> str:
+        """Blocking. The engine's last log lines over SSH (redacted)."""
+        with connect(self.target(replica), deadline_s=self.policy.restart_deadline_s) as session:
+            return engine_log(session, self._plan(replica, model))
 
     async def verify_serving(self, replica: Replica, rules: Sequence[Rule]) -> Verdict:
         """Whether the gateway reaches the engine, SSH is as closed to the orchestrator as `rules` say, and

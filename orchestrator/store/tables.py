@@ -125,6 +125,13 @@ class Replica(SQLModel, table=True):
     """Managed: engine restarts done after the replica went UNHEALTHY."""
     engine_key_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
     """The key the gateway sends to this replica's engine (vLLM `--api-key`), encrypted at rest."""
+    engine_spec: str | None = Field(default=None, sa_column=Column(Text))
+    """Managed without a `run_command`: the engine's image, model, arguments and environment (JSON of
+    `orchestrator.domain.engine_spec.EngineSpec`)."""
+    engine_secrets_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """The engine spec's secret environment (JSON object), encrypted at rest."""
+    engine_log: str | None = Field(default=None, sa_column=Column(Text))
+    """Managed: the engine's last log lines, read over SSH before SSH closes (secrets redacted)."""
     created_at: datetime = Field(default_factory=utcnow)
     delete_requested_at: datetime | None = None
     """Set when an admin deletes the replica: it leaves the toolkit listings at once, the row stays."""

@@ -53,7 +53,44 @@ async def _post_replica(client: Client, body: Any) -> tuple[int, Any]:
             {
                 "vm_creation_details": {
                     field: ["Missing data for required field."]
-                    for field in ("environment_name", "image_name", "flavor_name", "key_name", "port", "run_command")
+                    # run_command is not required here: without it, the engine spec (or its defaults) says what runs
+                    for field in ("environment_name", "image_name", "flavor_name", "key_name", "port")
+                }
+            },
+        ),
+        (
+            {"create_vm": True, "vm_creation_details": vm_details(engine={"model": "meta-llama/Llama-3.1-8B"})},
+            {"vm_creation_details": {"engine": ["Give run_command or engine, not both."]}},
+        ),
+        (
+            {
+                "create_vm": True,
+                "vm_creation_details": vm_details(
+                    run_command=None,
+                    engine={
+                        "secret_env": {"VLLM_API_KEY": "x"},
+                        "extra_args": ["--port", "9000"],
+                        "image": "Bad Image",
+                    },
+                ),
+            },
+            {
+                "vm_creation_details": {
+                    "engine": [
+                        "image 'Bad Image' is not an image reference (name[:tag][@sha256:digest]); "
+                        "VLLM_API_KEY is set by the orchestrator (the engine key); --port is set by the orchestrator"
+                    ]
+                }
+            },
+        ),
+        (
+            {
+                "create_vm": True,
+                "vm_creation_details": vm_details(run_command=None, engine={"gpu_memory_utilization": 1.5}),
+            },
+            {
+                "vm_creation_details": {
+                    "engine": {"gpu_memory_utilization": ["Input should be less than or equal to 1"]}
                 }
             },
         ),

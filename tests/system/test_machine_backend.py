@@ -100,6 +100,11 @@ def engine_pids(machines: MachineBackend, replica_id: int) -> list[int]:
     return found
 
 
+def proc_strings(pid: int, name: str) -> list[bytes]:
+    """A process's NUL-separated /proc file (`cmdline`, `environ`)."""
+    return Path(f"/proc/{pid}/{name}").read_bytes().split(b"\0")
+
+
 async def until(what: str, check: object, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():  # type: ignore[operator]
@@ -264,3 +269,53 @@ def test_a_server_killed_while_bootstrapping_resumes_on_the_same_machine(tmp_pat
 def detail_of(base: str, replica_id: int) -> Callable[[], dict[str, Any]]:
     headers = {"Authorization": f"Bearer {ADMIN}"}
     return lambda: httpx.get(f"{base}/api/v1/replicas/{replica_id}", headers=headers, timeout=5).json()
+
+
+async def test_an_engine_spec_replica_runs_the_pinned_image_with_its_sealed_environment(
+    deps: Deps, client: httpx.AsyncClient, transport: httpx.ASGITransport, machines: MachineBackend
+) -> None:
+    token = "hf_secret_token_0123456789abcdef"
+    model_id = await create_model(client, MODEL)
+    engine = {"max_model_len": 2048, "env": {"VLLM_LOGGING_LEVEL": "INFO"}, "secret_env": {"HF_TOKEN": token}}
+    details = vm_details(run_command=None, engine=engine, security_rules=[])
+    r = await client.post(
+        f"/api/v1/models/{model_id}/replicas", json={"create_vm": True, "vm_creation_details": details}
+    )
+    assert r.status_code == 201, r.text
+    replica_id = int(r.json()["replica_id"])
+
+    await drive_to(deps, replica_id, S.READY)
+
+    _, key = await issue_key(client)
+    assert await chat(transport, key)
+    [engine_pid] = engine_pids(machines, replica_id)
+    argv, environ = proc_strings(engine_pid, "cmdline"), proc_strings(engine_pid, "environ")
+    assert argv[argv.index(b"--model") + 1] == MODEL.encode()
+    assert argv[argv.index(b"--max-model-len") + 1] == b"2048"
+    assert f"HF_TOKEN={token}".encode() in environ  # reached the engine through the env file and `-e HF_TOKEN`
+    assert b"VLLM_LOGGING_LEVEL=INFO" in environ
+    assert not any(token.encode() in a for a in argv)
+    detail = (await client.get(f"/api/v1/replicas/{replica_id}")).text
+    assert token not in detail
+    assert '"HF_TOKEN"' in detail  # its name is shown, never its value
+    row = await deps.store.replica(replica_id)
+    assert row is not None
+    assert token not in (row.engine_secrets_sealed or "")
+    assert token not in (row.engine_spec or "")
+    shown = (await client.get(f"/api/v1/replicas/{replica_id}")).json()
+    assert shown["engine"]["secret_env"] == ["HF_TOKEN"]
+    assert shown["engine"]["image"] == "vllm/vllm-openai:v0.11.0"
+    assert "engine-sim: loading" in (shown["engine_log"] or "")  # read from the unit's journal before SSH closed
+    assert [(s["step"], s["outcome"]) for s in shown["bootstrap"]] == [
+        ("sudo", "unchanged"),
+        ("gpu", "unchanged"),
+        ("runtime", "unchanged"),
+        ("work_dir", "changed"),
+        ("install", "unchanged"),
+        ("env_file", "changed"),
+        ("service_file", "changed"),
+        ("unit_file", "changed"),
+        ("unit_installed", "changed"),
+        ("start", "changed"),
+        ("verify", "unchanged"),
+    ]
