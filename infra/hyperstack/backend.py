@@ -4,8 +4,9 @@ Pulumi runs as the `pulumi` CLI in a subprocess and `Stack.up` blocks: the orche
 from worker threads, a lock per stack serialises the operations on one replica and a semaphore caps how
 many run at once. `StackRunner` is the seam between that bookkeeping and Pulumi itself.
 
-A replica's VM also carries the label `orchestrator-replica=<id>`: what the backend owns is its stacks and every
-VM so labelled, so a VM whose stack state was lost is still found by the orphan sweep and destroyed.
+A replica's VM also carries the labels `orchestrator-replica=<id>` and `orchestrator-deployment=<name>`: what the
+backend owns is its stacks and every VM so labelled with its own deployment, so a VM whose stack state was lost is
+still found by the orphan sweep and destroyed, and another deployment's VMs on the same cloud account are left alone.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any, Literal, Protocol
 from pulumi import automation as auto
 
 from infra.hyperstack.api import DEFAULT_BASE_URL, HyperstackClient, JsonObject, NotFoundError
-from infra.hyperstack.program import replica_of_label, replica_program
+from infra.hyperstack.program import DEPLOYMENT_NAME, deployment_of_label, replica_of_label, replica_program
 from infra.hyperstack.provider import API_KEY_ENV, BASE_URL_ENV
 from infra.vm import BackendError, BackendUnavailable, Rule, VmHandle, VmRequest
 
 log = logging.getLogger(__name__)
 
 STACK_PREFIX = "replica-"
+DEFAULT_DEPLOYMENT = "default"
+"""The deployment of a VM labelled before VMs carried a deployment label (see `belongs_to`)."""
 GONE = frozenset({"DELETING", "DELETED"})
 """VM statuses on the way out: such a VM is neither owned any more nor deleted again."""
 CLI_MISSING = (
@@ -53,6 +56,9 @@ class HyperstackConfig:
     project_name: str = "orchestrator"
     api_timeout_s: float = 30.0
     """Timeout of each REST call the backend makes itself (`enforced_rules`, `owned`, `destroy`)."""
+    deployment: str = DEFAULT_DEPLOYMENT
+    """This orchestrator deployment's name (`ORCH_DEPLOYMENT`): its VMs are labelled with it, and the orphan sweep
+    touches no VM labelled with another one."""
 
     @property
     def backend_url(self) -> str:
@@ -199,6 +205,8 @@ class HyperstackBackend:
     def __init__(self, config: HyperstackConfig, stacks: StackRunner | None = None) -> None:
         if config.max_concurrent_ups < 1:
             raise ValueError("max_concurrent_ups must be at least 1")
+        if not re.fullmatch(DEPLOYMENT_NAME, config.deployment):
+            raise ValueError(f"deployment must match {DEPLOYMENT_NAME} (it is a label), not {config.deployment!r}")
         self.config = config
         self._stacks = stacks if stacks is not None else PulumiStacks(config)
         self._slots = threading.BoundedSemaphore(config.max_concurrent_ups)
@@ -216,7 +224,8 @@ class HyperstackBackend:
             return enforced_rules_of(client.get_vm(handle.vm_id))
 
     def destroy(self, replica_id: int) -> None:
-        """Destroy the replica's stack, then delete any VM still labelled with the replica (its stack was lost).
+        """Destroy the replica's stack, then delete any VM of this deployment still labelled with the replica (its
+        stack was lost).
 
         The keypair `<key_name>-replica-<id>` of a lost stack is left: keypairs carry no label, a name alone
         could match a keypair of the user's, and a keypair costs nothing.
@@ -226,15 +235,16 @@ class HyperstackBackend:
             self._stacks.destroy(name)
             with self._client() as client:
                 for vm in client.list_vms():
-                    if replica_id in labelled_replicas(vm):
+                    if replica_id in labelled_replicas(vm, self.config.deployment):
                         delete_orphan_vm(client, vm, replica_id)
 
     def owned(self) -> frozenset[int]:
-        """Replicas with a stack, or with a VM labelled `orchestrator-replica=<id>` (whatever its stack)."""
+        """Replicas with a stack, or with a VM of this deployment labelled `orchestrator-replica=<id>` (whatever
+        its stack)."""
         names = self._stacks.stack_names()
         stacked = {int(n.removeprefix(STACK_PREFIX)) for n in names if re.fullmatch(r"replica-\d+", n)}
         with self._client() as client:
-            labelled = {rid for vm in client.list_vms() for rid in labelled_replicas(vm)}
+            labelled = {rid for vm in client.list_vms() for rid in labelled_replicas(vm, self.config.deployment)}
         return frozenset(stacked | labelled)
 
     def _client(self) -> HyperstackClient:
@@ -246,7 +256,7 @@ class HyperstackBackend:
         rule_set = tuple(rules)
 
         def program() -> None:
-            replica_program(request, rule_set)
+            replica_program(request, rule_set, self.config.deployment)
 
         with self._exclusive(name):
             outputs = self._stacks.up(name, program)
@@ -271,11 +281,28 @@ def stack_name(replica_id: int) -> str:
     return f"{STACK_PREFIX}{replica_id}"
 
 
-def labelled_replicas(instance: JsonObject) -> set[int]:
-    """The replicas a VM's labels tie it to; none for a VM already being deleted."""
-    if instance.get("status") in GONE:
+def labelled_replicas(instance: JsonObject, deployment: str) -> set[int]:
+    """The replicas of `deployment` a VM's labels tie it to; none for a VM already being deleted."""
+    labels = [str(label) for label in instance.get("labels") or []]
+    if instance.get("status") in GONE or not belongs_to(labels, deployment):
         return set()
-    return {rid for label in instance.get("labels") or [] if (rid := replica_of_label(str(label))) is not None}
+    return {rid for label in labels if (rid := replica_of_label(label)) is not None}
+
+
+def belongs_to(labels: Sequence[str], deployment: str) -> bool:
+    """Whether a VM with these labels is `deployment`'s: it carries that deployment's label and no other's.
+
+    Migration: VMs made before deployments were labelled carry only `orchestrator-replica=<id>`. Such a VM is taken
+    to be the `default` deployment's (the name every deployment had implicitly), never another's, so a deployment
+    given a name of its own does not sweep them. On an account that several deployments shared before, at most one
+    may stay `default`: the old VMs of the others get their own deployment's label only at their stack's next update
+    (labels change in place), and until then the `default` one's sweep takes them for its own and deletes those of
+    replica ids it does not know, so label them by hand (`orchestrator-deployment=<name>`) before it runs.
+    """
+    deployments = {d for label in labels if (d := deployment_of_label(label)) is not None}
+    if not deployments:
+        return deployment == DEFAULT_DEPLOYMENT
+    return deployments == {deployment}
 
 
 def delete_orphan_vm(client: HyperstackClient, instance: JsonObject, replica_id: int) -> None:

@@ -14,6 +14,9 @@ from infra.hyperstack.provider import Keypair, KeypairArgs, SecurityRule, Securi
 from infra.vm import Rule, VmRequest
 
 LABEL_PREFIX = "orchestrator-replica="
+DEPLOYMENT_LABEL_PREFIX = "orchestrator-deployment="
+DEPLOYMENT_NAME = r"[a-z][a-z0-9-]{0,39}"
+"""What a deployment name may be (`ORCH_DEPLOYMENT`): it travels inside a label."""
 
 
 def replica_label(replica_id: int) -> str:
@@ -25,6 +28,18 @@ def replica_of_label(label: str) -> int | None:
     """The replica id a `replica_label` names; None for any other label."""
     match = re.fullmatch(re.escape(LABEL_PREFIX) + r"([0-9]+)", label)
     return int(match.group(1)) if match else None
+
+
+def deployment_label(deployment: str) -> str:
+    """The label that ties a Hyperstack VM to the orchestrator deployment that made it (replica ids are per
+    deployment: two deployments on one cloud account each have a replica 1)."""
+    return f"{DEPLOYMENT_LABEL_PREFIX}{deployment}"
+
+
+def deployment_of_label(label: str) -> str | None:
+    """The deployment a `deployment_label` names; None for any other label."""
+    match = re.fullmatch(re.escape(DEPLOYMENT_LABEL_PREFIX) + f"({DEPLOYMENT_NAME})", label)
+    return match.group(1) if match else None
 
 
 def keypair_name(request: VmRequest) -> str:
@@ -43,7 +58,10 @@ def rule_resource_name(prefix: str, rule: Rule) -> str:
 
 
 class ReplicaVm(pulumi.ComponentResource):
-    """Keypair -> VM -> one security rule per rule; outputs the VM's id and address."""
+    """Keypair -> VM -> one security rule per rule; outputs the VM's id and address.
+
+    The VM is labelled with its replica and with `deployment`, the orchestrator deployment it belongs to.
+    """
 
     vm_id: pulumi.Output[str]
     address: pulumi.Output[str]
@@ -55,6 +73,7 @@ class ReplicaVm(pulumi.ComponentResource):
         rules: Sequence[Rule],
         opts: pulumi.ResourceOptions | None = None,
         *,
+        deployment: str,
         create_timeout_s: float = 300.0,
         poll_interval_s: float = 3.0,
     ) -> None:
@@ -74,7 +93,7 @@ class ReplicaVm(pulumi.ComponentResource):
                 key_name=keypair.name,  # an Output: the VM waits for the keypair
                 assign_floating_ip=request.assign_floating_ip,
                 user_data=pulumi.Output.secret(user_data(request)),
-                labels=[replica_label(request.replica_id)],
+                labels=[replica_label(request.replica_id), deployment_label(deployment)],
                 enable_port_randomization=False,  # the orchestrator connects to port 22
                 create_timeout_s=create_timeout_s,
                 poll_interval_s=poll_interval_s,
@@ -100,8 +119,8 @@ class ReplicaVm(pulumi.ComponentResource):
         self.register_outputs({"vm_id": vm.vm_id, "address": vm.address})
 
 
-def replica_program(request: VmRequest, rules: Sequence[Rule]) -> None:
-    """The inline program of stack `replica-<id>`: enforce `rules` on the replica's VM."""
-    replica = ReplicaVm(f"replica-{request.replica_id}", request, rules)
+def replica_program(request: VmRequest, rules: Sequence[Rule], deployment: str) -> None:
+    """The inline program of stack `replica-<id>` of `deployment`: enforce `rules` on the replica's VM."""
+    replica = ReplicaVm(f"replica-{request.replica_id}", request, rules, deployment=deployment)
     pulumi.export("vm_id", replica.vm_id)
     pulumi.export("address", replica.address)

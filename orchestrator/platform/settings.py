@@ -90,6 +90,10 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("HYPERSTACK_API_KEY", "ORCH_HYPERSTACK_API_KEY")
     )
     hyperstack_base_url: str = "https://infrahub-api.nexgencloud.com/v1"
+    deployment: str = Field(default="default", pattern=r"^[a-z][a-z0-9-]{0,39}$")
+    """This orchestrator deployment's name (1-40 of a-z, 0-9 and `-`, starting with a letter), for deployments that
+    share one cloud account (staging and production): `hyperstack` labels its VMs with it, and each deployment's
+    orphan sweep destroys only VMs labelled with its own name. VMs made before the label are `default`'s."""
 
     feishu_base_url: str = "https://open.feishu.cn"
     """Feishu's open API, where bots fetch their tenant tokens and post their replies (Lark: open.larksuite.com)."""

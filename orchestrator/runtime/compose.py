@@ -206,6 +206,7 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Conn
             base_url=settings.hyperstack_base_url,
             state_dir=settings.state_dir / "pulumi",
             passphrase=keys.secret_key,
+            deployment=settings.deployment,
         )
     )
     network = ConnectionSources(

@@ -1,5 +1,5 @@
 """The Hyperstack backend's own work: a missing Pulumi CLI, the per-stack lock and the cap, Pulumi errors, and the
-VMs found by their replica label (the fake Hyperstack API stands in for the cloud)."""
+VMs found by their replica and deployment labels (the fake Hyperstack API stands in for the cloud)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from pulumi import automation as auto
@@ -20,6 +21,7 @@ from tests.support.fake_hyperstack import FakeHyperstack, Scripted, running_fake
 from tests.support.vm import vm_request
 
 RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.7/32", 22, 22)
+DEPLOYMENTS_OF_BOTH = ("orchestrator-deployment=production", "orchestrator-deployment=staging")
 
 
 def request(replica_id: int) -> VmRequest:
@@ -292,6 +294,76 @@ def test_destroy_leaves_a_vm_already_being_deleted_alone(tmp_path: Path, cloud: 
     HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks=stacks).destroy(9)
 
     assert cloud.count("DELETE", f"/core/virtual-machines/{vm_id}") == 0
+
+
+# -- deployments sharing one cloud account
+
+
+def test_owned_counts_only_vms_of_its_own_deployment(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    cloud.add_vm_directly("prod-9", ["orchestrator-replica=9", "orchestrator-deployment=production"])
+    cloud.add_vm_directly("staging-5", ["orchestrator-replica=5", "orchestrator-deployment=staging"])
+    cloud.add_vm_directly("both-6", ["orchestrator-replica=6", *DEPLOYMENTS_OF_BOTH])  # claimed twice: by neither
+    cloud.add_vm_directly("old-4", ["orchestrator-replica=4"])  # made before deployment labels
+
+    def owned(deployment: str) -> frozenset[int]:
+        backend = HyperstackBackend(config(tmp_path, base_url=cloud.base_url, deployment=deployment), GatedStacks())
+        return backend.owned()
+
+    assert owned("production") == {9}
+    assert owned("staging") == {5}
+
+
+def test_a_vm_without_a_deployment_label_is_the_default_deployments(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    cloud.add_vm_directly("old-4", ["orchestrator-replica=4"])
+    cloud.add_vm_directly("new-5", ["orchestrator-replica=5", "orchestrator-deployment=default"])
+    cloud.add_vm_directly("staging-6", ["orchestrator-replica=6", "orchestrator-deployment=staging"])
+
+    assert HyperstackBackend(config(tmp_path, base_url=cloud.base_url), GatedStacks()).owned() == {4, 5}
+
+
+def test_destroy_deletes_only_the_vm_of_its_own_deployment(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    ours = cloud.add_vm_directly("prod-9", ["orchestrator-replica=9", "orchestrator-deployment=production"])
+    kept = {
+        cloud.add_vm_directly("staging-9", ["orchestrator-replica=9", "orchestrator-deployment=staging"]),
+        cloud.add_vm_directly("old-9", ["orchestrator-replica=9"]),  # the default deployment's
+        cloud.add_vm_directly("both-9", ["orchestrator-replica=9", *DEPLOYMENTS_OF_BOTH]),
+    }
+    stacks = GatedStacks()
+    stacks.gate("replica-9").set()
+
+    HyperstackBackend(config(tmp_path, base_url=cloud.base_url, deployment="production"), stacks).destroy(9)
+
+    assert set(cloud.vms) == kept
+    assert cloud.count("DELETE", f"/core/virtual-machines/{ours}") == 1
+
+
+def test_the_default_deployment_destroys_a_vm_without_a_deployment_label(tmp_path: Path, cloud: FakeHyperstack) -> None:
+    old = cloud.add_vm_directly("old-9", ["orchestrator-replica=9"])
+    staging = cloud.add_vm_directly("staging-9", ["orchestrator-replica=9", "orchestrator-deployment=staging"])
+    stacks = GatedStacks()
+    stacks.gate("replica-9").set()
+
+    HyperstackBackend(config(tmp_path, base_url=cloud.base_url), stacks).destroy(9)
+
+    assert set(cloud.vms) == {staging}
+    assert cloud.count("DELETE", f"/core/virtual-machines/{old}") == 1
+
+
+@pytest.mark.parametrize("deployment", ["", "Prod", "2nd", "prod_1", "p" * 41])
+def test_a_deployment_name_that_cannot_be_a_label_is_refused(tmp_path: Path, deployment: str) -> None:
+    with pytest.raises(ValueError, match="deployment must match"):
+        HyperstackBackend(config(tmp_path, deployment=deployment), stacks=GatedStacks())
+
+
+def test_up_labels_the_vm_with_the_deployment(tmp_path: Path) -> None:
+    stacks = GatedStacks()
+    stacks.gate("replica-7").set()
+
+    HyperstackBackend(config(tmp_path, deployment="staging"), stacks=stacks).up(request(7))
+
+    with patch("infra.hyperstack.backend.replica_program") as program:
+        stacks.programs[0]()  # what Pulumi runs: the replica's program, told the deployment
+    assert program.call_args.args[1:] == ((RULE,), "staging")
 
 
 def test_owned_when_the_cloud_cannot_be_listed_is_a_backend_error(tmp_path: Path, cloud: FakeHyperstack) -> None:

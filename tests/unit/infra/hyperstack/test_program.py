@@ -16,6 +16,8 @@ from pulumi.runtime.rpc import is_rpc_secret, unwrap_rpc_secret
 from infra.cloud_init import user_data
 from infra.hyperstack.program import (
     ReplicaVm,
+    deployment_label,
+    deployment_of_label,
     keypair_name,
     replica_program,
     rule_resource_name,
@@ -86,7 +88,7 @@ def test_replica_declares_keypair_vm_and_one_rule_per_distinct_rule(mocks: Recor
 
     @pulumi.runtime.test
     def declare() -> pulumi.Output[None]:
-        replica = ReplicaVm("replica-7", REQUEST, rules)
+        replica = ReplicaVm("replica-7", REQUEST, rules, deployment="default")
 
         def check(outputs: list[Any]) -> None:
             assert outputs == ["101", "203.0.113.101"]
@@ -122,15 +124,17 @@ def test_replica_declares_keypair_vm_and_one_rule_per_distinct_rule(mocks: Recor
     assert {r.inputs["vm_id"] for r in mocks.of_type(":SecurityRule")} == {"101"}  # each rule hangs on the VM
 
 
-def test_vm_inputs_pin_port_22_label_the_replica_and_carry_the_host_key_as_a_secret(mocks: RecordingMocks) -> None:
+def test_vm_inputs_pin_port_22_label_replica_and_deployment_and_carry_the_host_key_as_a_secret(
+    mocks: RecordingMocks,
+) -> None:
     @pulumi.runtime.test
     def declare() -> pulumi.Output[None]:
-        replica = ReplicaVm("replica-7", REQUEST, REQUEST.rules)
+        replica = ReplicaVm("replica-7", REQUEST, REQUEST.rules, deployment="staging")
 
         def check(_: list[Any]) -> None:
             [vm] = mocks.of_type(":Vm")
             assert vm.inputs["enable_port_randomization"] is False
-            assert vm.inputs["labels"] == ["orchestrator-replica=7"]
+            assert vm.inputs["labels"] == ["orchestrator-replica=7", "orchestrator-deployment=staging"]
             assert vm.inputs["key_name"] == keypair_name(REQUEST)
             assert vm.inputs["assign_floating_ip"] is True
             assert (vm.inputs["name"], vm.inputs["flavor_name"]) == ("llama-7", "n3-RTX-A6000x1")
@@ -143,15 +147,25 @@ def test_vm_inputs_pin_port_22_label_the_replica_and_carry_the_host_key_as_a_sec
     declare()
 
 
-def test_replica_program_declares_the_replica_of_the_request(mocks: RecordingMocks) -> None:
+def test_replica_program_declares_the_replica_of_the_request_in_its_deployment(mocks: RecordingMocks) -> None:
     @pulumi.runtime.test
     def declare() -> None:
-        replica_program(REQUEST, (ENGINE_RULE,))
+        replica_program(REQUEST, (ENGINE_RULE,), "production")
 
     declare()
 
     assert [r.name for r in mocks.of_type("ReplicaVm")] == ["replica-7"]
     assert [r.inputs["port_range_min"] for r in mocks.of_type(":SecurityRule")] == [8000]
+    assert [r.inputs["labels"] for r in mocks.of_type(":Vm")] == [
+        ["orchestrator-replica=7", "orchestrator-deployment=production"]
+    ]
+
+
+def test_deployment_labels_read_back_only_as_deployment_names() -> None:
+    assert deployment_of_label(deployment_label("prod-2")) == "prod-2"
+    assert deployment_of_label("orchestrator-deployment=") is None
+    assert deployment_of_label("orchestrator-deployment=Prod") is None
+    assert deployment_of_label("orchestrator-replica=7") is None
 
 
 def test_rule_resource_names_follow_the_rule_and_avoid_urn_separators() -> None:
