@@ -68,3 +68,24 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     assert "engine-secret" not in out  # no answer shows a token
     assert "my-engine says: " in out
     assert '{"message":"Endpoint deleted successfully"}' in out
+
+
+def test_the_readme_wait_ends_with_the_reason_when_the_replica_ends_instead(tmp_path: Path) -> None:
+    """`wait_for ID READY` on a replica that never gets there (here: deleted before its engine came up) stops
+    with the replica's reason, instead of polling forever."""
+    setup = _try_it_blocks()[0]
+    state = tmp_path / "state"
+    with serving(state) as (base, _):
+        env = orch_env(state) | {"ORCH_URL": base}
+        script = (
+            "set -uo pipefail\n" + setup + "\n"
+            'admin -X POST "$ORCH_URL/api/v1/models" -d \'{"name": "m"}\' >/dev/null\n'
+            f'admin -X POST "$ORCH_URL/api/v1/models/1/replicas" -d \'{{"endpoint": "http://127.0.0.1:{free_port()}/v1"}}\''
+            " >/dev/null\n"
+            '(sleep 0.5; admin -X DELETE "$ORCH_URL/api/v1/replicas/1") &\n'
+            "wait_for 1 READY\n"
+            'echo "exit=$?"\n'
+        )
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert "exit=1" in done.stdout, done.stdout + done.stderr
+    assert "replica 1 ended: deleted: None" in done.stderr
