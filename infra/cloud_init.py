@@ -2,6 +2,10 @@
 
 One document, so the one the cloud gets is the one tested on a real boot: the `ubuntu` user with passwordless
 sudo and the orchestrator's authorized key (the login every plan runs as), and the pinned SSH host key.
+
+The image's default user stays (`default`): the cloud installs the admin's keypair (the replica's `key_name`)
+for it, and on a GPU cloud image it is `ubuntu` itself, so cloud-init merges both into one login that the admin's
+key and the orchestrator's key open.
 """
 
 from __future__ import annotations
@@ -22,16 +26,16 @@ def user_data(request: VmRequest) -> str:
     generates no other. The runcmd repeats that for images whose sshd starts earlier, then restarts sshd.
     JSON is YAML, and json.dumps quotes the PEM's newlines correctly.
     """
-    keys = [request.ssh_public_key, *request.admin_public_keys]
     config = {
         "users": [
+            "default",
             {
                 "name": SSH_USER,
                 "shell": "/bin/bash",
                 "sudo": "ALL=(ALL) NOPASSWD:ALL",
                 "lock_passwd": True,
-                "ssh_authorized_keys": keys,
-            }
+                "ssh_authorized_keys": [request.ssh_public_key],
+            },
         ],
         "ssh_deletekeys": True,
         "ssh_genkeytypes": [],

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from infra import nft
+from infra.processes import alive, read_pid, terminate
 from infra.vm import BackendError, Rule, VmHandle, VmRequest
 
 _DIR_PREFIX = "replica-"
@@ -75,7 +75,7 @@ class SandboxBackend:
         self._enforce(rid, request.rules)  # before sshd listens: never a moment open to everyone
         pid = self._sshd_pid(rid)
         if pid is not None and changed:
-            _terminate([pid], self.config.stop_timeout_s)  # new keys: restart, as a rebuilt VM would
+            terminate([pid], self.config.stop_timeout_s)  # new keys: restart, as a rebuilt VM would
             if (child := self._children.pop(rid, None)) is not None:
                 child.wait(self.config.stop_timeout_s)
             pid = None
@@ -99,7 +99,7 @@ class SandboxBackend:
         pids = set(_processes_under(vm)) | set(_processes_on(self.address(replica_id)))
         if (pid := self._sshd_pid(replica_id)) is not None:
             pids.add(pid)
-        _terminate(sorted(pids), self.config.stop_timeout_s)
+        terminate(sorted(pids), self.config.stop_timeout_s)
         if (child := self._children.pop(replica_id, None)) is not None:
             child.wait(self.config.stop_timeout_s)
         if self.not_enforced_reason is None:
@@ -133,11 +133,8 @@ class SandboxBackend:
             _write(self._vm_dir(replica_id) / "rules.json", json.dumps([asdict(r) for r in rules]).encode())
 
     def _sshd_pid(self, replica_id: int) -> int | None:
-        try:
-            pid = int((self._vm_dir(replica_id) / "sshd.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        pid = read_pid(self._vm_dir(replica_id) / "sshd.pid")
+        return pid if pid is not None and alive(pid) else None
 
     def _start_sshd(self, replica_id: int, address: str) -> None:
         vm = self._vm_dir(replica_id)
@@ -161,7 +158,7 @@ class SandboxBackend:
                 tail = (vm / "sshd.log").read_text(errors="replace")[-300:].strip()
                 raise BackendError(f"sshd on {address}:{self.config.ssh_port} exited: {tail}")
             if time.monotonic() > deadline:
-                _terminate([process.pid], self.config.stop_timeout_s)
+                terminate([process.pid], self.config.stop_timeout_s)
                 self._children.pop(replica_id).wait(self.config.stop_timeout_s)
                 raise BackendError(f"sshd on {address} did not start within {self.config.start_timeout_s} s")
             time.sleep(0.005)
@@ -215,19 +212,6 @@ def _privilege_separation_dir() -> None:
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    state = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        return state.read_text().split(") ", 1)[1][:1] != "Z"  # a zombie is dead
-    return False
-
-
 def _processes_under(directory: Path) -> list[int]:
     """Processes whose working directory is inside `directory`: what runs "on" the sandbox VM."""
     root = str(directory.resolve())
@@ -259,17 +243,3 @@ def _processes_on(address: str) -> list[int]:
             if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
                 found.append(int(entry.name))
     return found
-
-
-def _terminate(pids: Sequence[int], timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL whatever is still alive at the deadline."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)

@@ -50,8 +50,6 @@ class VmRequest:
     """OpenSSH PEM of the host key, injected into the VM (cloud-init) so the pinned key is the real one."""
     rules: tuple[Rule, ...] = ()
     """The bootstrap-phase rule set."""
-    admin_public_keys: tuple[str, ...] = ()
-    """OpenSSH lines also authorised for the login user: the admin's own key (`key_name`), when it is known."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import json
 import os
 import shlex
 import shutil
@@ -35,6 +36,7 @@ from pathlib import Path
 from infra import nft
 from infra.cloud_init import SSH_USER, user_data
 from infra.machine.image import ENGINE_HOME, ImageRecipe, ensure_image
+from infra.processes import alive, read_pid
 from infra.vm import BackendError, Rule, VmHandle, VmRequest
 
 _DIR_PREFIX = "replica-"
@@ -62,6 +64,9 @@ class MachineConfig:
     """This host's source address towards every machine (the routes' `src`), added to its loopback interface."""
     local_addresses: tuple[str, ...] = ()
     """More addresses put on the loopback interface, for connections that must come from elsewhere."""
+    keypairs_dir: Path | None = None
+    """Stands in for the cloud's keypairs: `<key_name>.pub` there is installed for the image's default user
+    (`ubuntu`), as a cloud installs the VM's keypair; no such file, no admin key."""
     ssh_port: int = 22
     boot_timeout_s: float = 90.0
     stop_timeout_s: float = 20.0
@@ -88,7 +93,9 @@ class MachineBackend:
         return str(self._block(replica_id)[1])
 
     def name(self, replica_id: int) -> str:
-        return f"orch-r{replica_id}"
+        """Unique on this host (machines of other subnets, other state directories, run beside it): named after
+        its address, in hex, so that this host's end of its veth, `ve-<name>`, fits Linux's 15 characters."""
+        return f"vm-{int(self._block(replica_id)[2]):08x}"
 
     def veth(self, replica_id: int) -> str:
         return f"ve-{self.name(replica_id)}"  # systemd-nspawn's name for this host's end
@@ -107,7 +114,7 @@ class MachineBackend:
         self._local_addresses()
         nft.apply(self.address(rid), request.rules, nft.ROUTED_HOOKS)  # before it boots: never open to all
         vm = self._vm_dir(rid)
-        seed = self._seed(request)
+        instance, seed = self._seed(request)
         if self.running(rid) and self._seed_of(vm) == seed:
             return self._handle(rid)
         self._stop(rid)  # new keys or user-data: boot it again from them, as a rebuilt VM would
@@ -133,7 +140,6 @@ class MachineBackend:
                 raise BackendError(f"cannot start machine {self.name(rid)}: {e}") from e
         self._children[rid] = process
         (vm / "supervisor.pid").write_text(str(process.pid))
-        instance = seed["meta-data"].decode().split()[1]
         self._wait_booted(rid, process, started, vm / "upper" / INSTANCES_DIR / instance / "boot-finished")
         return self._handle(rid)
 
@@ -166,12 +172,12 @@ class MachineBackend:
     # -- what tests and operators look at -----------------------------------------------------
 
     def running(self, replica_id: int) -> bool:
-        pid = _read_pid(self._vm_dir(replica_id) / "supervisor.pid")
-        return pid is not None and _alive(pid)
+        pid = read_pid(self._vm_dir(replica_id) / "supervisor.pid")
+        return pid is not None and alive(pid)
 
     def init_pid(self, replica_id: int) -> int | None:
         """The machine's init (systemd) as this host sees it, or None when it is not booted."""
-        nspawn = _read_pid(self._vm_dir(replica_id) / "nspawn.pid")
+        nspawn = read_pid(self._vm_dir(replica_id) / "nspawn.pid")
         if nspawn is None:
             return None
         with contextlib.suppress(OSError):
@@ -227,19 +233,26 @@ class MachineBackend:
     def _handle(self, replica_id: int) -> VmHandle:
         return VmHandle(replica_id, f"machine-{replica_id}", self.address(replica_id), self.ssh_port, SSH_USER)
 
-    def _seed(self, request: VmRequest) -> dict[str, bytes]:
+    def _seed(self, request: VmRequest) -> tuple[str, dict[str, bytes]]:
+        """The instance id and the NoCloud seed files: what a cloud's metadata service would serve the VM."""
         rid = request.replica_id
         document = user_data(request)
+        keys = []
+        if self.config.keypairs_dir is not None:
+            with contextlib.suppress(OSError):
+                keys.append((self.config.keypairs_dir / f"{request.key_name}.pub").read_text().strip())
         # A new instance id for new keys or user-data: cloud-init then runs its once-per-instance modules again.
-        instance = f"replica-{rid}-{hashlib.sha256(document.encode()).hexdigest()[:12]}"
+        digest = hashlib.sha256("\0".join([document, *keys]).encode()).hexdigest()[:12]
+        instance = f"replica-{rid}-{digest}"
+        meta = {"instance-id": instance, "local-hostname": self.name(rid), "public-keys": keys}
         block = self._block(rid)
         network = (
             "version: 2\nethernets:\n  host0:\n"
             f"    addresses: [{block[2]}/30]\n"
             f"    routes: [{{to: 0.0.0.0/0, via: {block[1]}}}]\n"
         )
-        return {
-            "meta-data": f"instance-id: {instance}\nlocal-hostname: {self.name(rid)}\n".encode(),
+        return instance, {
+            "meta-data": json.dumps(meta).encode(),  # JSON is YAML
             "user-data": document.encode(),
             "network-config": network.encode(),
         }
@@ -326,12 +339,12 @@ umount "$vm/merged"
     def _stop(self, replica_id: int) -> None:
         """Power the machine off (SIGTERM to its supervisor), then kill whatever is left and unmount."""
         vm = self._vm_dir(replica_id)
-        supervisor = _read_pid(vm / "supervisor.pid")
-        if supervisor is not None and _alive(supervisor):
+        supervisor = read_pid(vm / "supervisor.pid")
+        if supervisor is not None and alive(supervisor):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(supervisor, signal.SIGTERM)
             deadline = time.monotonic() + self.config.stop_timeout_s
-            while _alive(supervisor) and time.monotonic() < deadline:
+            while alive(supervisor) and time.monotonic() < deadline:
                 time.sleep(0.05)
         for pid in self.processes(replica_id):
             with contextlib.suppress(ProcessLookupError):
@@ -363,22 +376,3 @@ def _ip(*args: str) -> None:
 def _write(path: Path, content: bytes) -> None:
     path.write_bytes(content)
     path.chmod(0o600)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    return False

@@ -46,9 +46,12 @@ PACKAGES = (
 
 # Files the image holds beyond its packages: path -> (content, mode).
 _CONFIG: dict[str, tuple[str, int]] = {
-    # Only the NoCloud seed the backend writes into each VM; the hosts entry sudo needs to resolve its own name.
+    # Only the NoCloud seed the backend writes into each VM; the hosts entry sudo needs to resolve its own name;
+    # The default user of a GPU cloud's Ubuntu image, whom the cloud's keypair goes to.
     "/etc/cloud/cloud.cfg.d/90-machine-sandbox.cfg": (
-        "datasource_list: [NoCloud, None]\nmanage_etc_hosts: true\nlocale: C.UTF-8\n",
+        "datasource_list: [NoCloud, None]\nmanage_etc_hosts: true\nlocale: C.UTF-8\n"
+        "system_info:\n  default_user:\n    name: ubuntu\n    lock_passwd: true\n    gecos: Ubuntu\n"
+        "    groups: [adm, sudo]\n    sudo: ['ALL=(ALL) NOPASSWD:ALL']\n    shell: /bin/bash\n",
         0o644,
     ),
     # The veth has no IPv6 router: without this, networkd waits ~12 s for router advertisements at every boot.

@@ -33,7 +33,8 @@ DOCKER_CHECK = (
     "container toolkit)'; exit 1; }; sudo -n docker info --format '{{json .Runtimes}}' 2>&1 | grep -q '\"nvidia\"'"
     " || { echo 'docker has no NVIDIA runtime (install the NVIDIA container toolkit)'; exit 1; }"
 )
-_DOCKER_RUN = re.compile(r"^\s*docker\s+run(?=\s|$)")
+_DOCKER_RUN = re.compile(r"(?<![\w-])docker\s+run(?=\s|$)")
+"""A `docker run` anywhere in the command (after `sudo`, after a `docker pull ... &&`)."""
 
 
 def cloud_plans() -> PlanMaker:
@@ -42,13 +43,13 @@ def cloud_plans() -> PlanMaker:
         if replica.run_command:
             # The admin's shell command, kept as written; a `docker run` also gets the engine key from the unit's
             # environment (`-e NAME` copies it: the value is never on a command line).
-            command = _DOCKER_RUN.sub("docker run -e VLLM_API_KEY", replica.run_command, count=1)
+            command = _DOCKER_RUN.sub("docker run -e VLLM_API_KEY", replica.run_command)
         else:
             spec = EngineSpec.from_json(replica.engine_spec) if replica.engine_spec else EngineSpec()
             env |= spec.env
             command = shlex.join(spec_command(spec, model, replica.port or 0, sorted(env)))
         program = (shlex.split(command) or ["sh"])[0]
-        docker = _DOCKER_RUN.match(command) is not None
+        docker = _DOCKER_RUN.search(command) is not None
         return EnginePlan(
             serve_argv=("/bin/sh", "-c", command),
             secret_env=env,

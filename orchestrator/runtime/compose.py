@@ -235,6 +235,7 @@ def machine_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, P
             enginesim_dir=Path(enginesim.__file__).parent,
             site_packages=Path(sysconfig.get_paths()["purelib"]),
             subnet=settings.machine_subnet,
+            keypairs_dir=settings.state_dir / "keypairs",
             host_address=gateway,
             local_addresses=tuple(a for a in (network.ssh_source_address, network.foreign_source_address) if a),
         )

@@ -29,6 +29,7 @@ from orchestrator.platform.settings import Settings
 from orchestrator.runtime.compose import machine_backend
 from orchestrator.runtime.container import Deps
 from orchestrator.store.tables import Replica
+from provisioning.ssh_keys import generate_keypair
 from tests.support.gateway import issue_key, openai_client
 from tests.support.sandbox import connects
 from tests.support.server import poll, serving
@@ -100,6 +101,16 @@ def engine_pids(machines: MachineBackend, replica_id: int) -> list[int]:
     return found
 
 
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+def machine_file(deps: Deps, replica_id: int, path: str) -> str:
+    """A file the machine wrote, read from its overlay's upper layer on this host."""
+    return (deps.settings.state_dir / "machine" / f"replica-{replica_id}" / "upper" / path).read_text()
+
+
 def proc_strings(pid: int, name: str) -> list[bytes]:
     """A process's NUL-separated /proc file (`cmdline`, `environ`)."""
     return Path(f"/proc/{pid}/{name}").read_bytes().split(b"\0")
@@ -122,8 +133,11 @@ async def chat(transport: httpx.ASGITransport, key: str) -> str:
 async def test_a_docker_run_replica_boots_serves_survives_kill_and_reboot_and_leaves_nothing(
     deps: Deps, client: httpx.AsyncClient, transport: httpx.ASGITransport, machines: MachineBackend
 ) -> None:
+    keypairs = deps.settings.state_dir / "keypairs"  # the machine backend's stand-in for the cloud's keypairs
+    admin_key = generate_keypair("admin@laptop")[1]
+    write_text(keypairs / "ops.pub", admin_key)
     model_id = await create_model(client, MODEL)
-    details = vm_details(run_command=DOCKER_RUN, security_rules=[])
+    details = vm_details(run_command=DOCKER_RUN, security_rules=[], key_name="ops")
     r = await client.post(
         f"/api/v1/models/{model_id}/replicas", json={"create_vm": True, "vm_creation_details": details}
     )
@@ -131,6 +145,10 @@ async def test_a_docker_run_replica_boots_serves_survives_kill_and_reboot_and_le
     replica_id = int(r.json()["replica_id"])
 
     replica = await drive_to(deps, replica_id, S.READY)
+    # One `ubuntu` login, opened by the orchestrator's key and by the admin's keypair (as a cloud installs it).
+    authorized = machine_file(deps, replica_id, "home/ubuntu/.ssh/authorized_keys").splitlines()
+    assert admin_key in authorized
+    assert deps.managed.access.client_public_key(replica) in authorized
 
     address, port = replica.vm_address or "", replica.port or 0
     assert (address, replica.ssh_user) == (machines.address(replica_id), "ubuntu")

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE = re.compile(r"(docker\.io/)?vllm/vllm-openai(:[\w.-]+|@sha256:[0-9a-f]{64})?")
+IMAGE = re.compile(r"(docker\.io/)?vllm/vllm-openai(:[\w.-]+)?(@sha256:[0-9a-f]{64})?")
 ENGINE_HOME = "/opt/engine-standin"
 """Where the image holds the engine simulator (its source and packages are mounted there at boot)."""
 STATE_DIR = Path(os.environ.get("DOCKER_STANDIN_STATE", "/run/docker-standin"))

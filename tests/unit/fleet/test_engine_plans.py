@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shlex
 
+import pytest
+
 from orchestrator.domain.engine_spec import VLLM_IMAGE, EngineSpec
 from orchestrator.fleet.engine_plans import DOCKER_CHECK, GPU_CHECK, VM_WORK_DIR, cloud_plans, spec_command
 from orchestrator.store.tables import Replica
@@ -46,12 +48,22 @@ def test_a_docker_run_command_gets_the_engine_key_by_name_and_is_otherwise_verba
     assert plan.install_check == "command -v docker"
 
 
-def test_only_the_leading_docker_run_gets_the_key() -> None:
-    run_command = "docker run --rm img sh -c 'docker run inner'"
+@pytest.mark.parametrize(
+    ("run_command", "rendered"),
+    [
+        ("sudo docker run --rm img", "sudo docker run -e VLLM_API_KEY --rm img"),
+        (
+            "docker pull img:1 && docker run --gpus all img:1",
+            "docker pull img:1 && docker run -e VLLM_API_KEY --gpus all img:1",
+        ),
+        ("nvidia-docker run img", "nvidia-docker run img"),  # another program whose name ends in docker
+    ],
+)
+def test_every_docker_run_in_the_command_gets_the_key(run_command: str, rendered: str) -> None:
+    plan = plan_of(Replica(model_id=1, run_command=run_command))
 
-    assert command_of(plan_of(Replica(model_id=1, run_command=run_command))) == (
-        "docker run -e VLLM_API_KEY --rm img sh -c 'docker run inner'"
-    )
+    assert command_of(plan) == rendered
+    assert (plan.runtime_check is not None) == ("-e VLLM_API_KEY" in rendered)
 
 
 def test_a_command_that_is_not_docker_run_is_kept_as_is_with_no_runtime_check() -> None:

@@ -34,18 +34,10 @@ def test_the_pinned_host_key_is_installed_and_no_other() -> None:
 
 
 def test_the_login_is_ubuntu_with_passwordless_sudo_and_the_orchestrator_key() -> None:
-    (user,) = _config(user_data(REQUEST))["users"]  # type: ignore[misc]
+    default, user = _config(user_data(REQUEST))["users"]  # type: ignore[misc]
 
+    assert default == "default"  # the image's own login stays: the cloud puts the admin's keypair there
     assert user["name"] == SSH_USER == "ubuntu"
     assert user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
     assert user["lock_passwd"] is True
     assert user["ssh_authorized_keys"] == [REQUEST.ssh_public_key]
-
-
-def test_the_admin_key_is_authorised_beside_the_orchestrator_key() -> None:
-    admin = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFkbWlu admin@laptop"
-    request = vm_request(7, admin_public_keys=(admin,))
-
-    (user,) = _config(user_data(request))["users"]  # type: ignore[misc]
-
-    assert user["ssh_authorized_keys"] == [request.ssh_public_key, admin]
