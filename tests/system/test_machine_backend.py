@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from infra.machine import MachineBackend
-from infra.vm import Rule, VmHandle, VmRequest
+from infra.vm import VmHandle, VmRequest
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.platform.settings import Settings
@@ -35,6 +35,7 @@ from tests.support.sandbox import connects
 from tests.support.server import poll, serving
 from tests.support.settings import instance_settings
 from tests.support.toolkit import create_model, vm_details
+from tests.support.vm import WrappedBackend
 
 S = ReplicaStatus
 MODEL = "sim-llama"
@@ -188,33 +189,21 @@ async def test_a_docker_run_replica_boots_serves_survives_kill_and_reboot_and_le
     assert replica_id not in machines.owned()
 
 
-class NoSudoMachines:
+class NoSudoMachines(WrappedBackend):
     """Machines whose login lost its sudo rights after boot (what an image without them is like)."""
 
     def __init__(self, inner: MachineBackend) -> None:
-        self.inner = inner
-        self.ssh_port = inner.ssh_port
+        super().__init__(inner)
+        self.machines = inner
 
     def up(self, request: VmRequest) -> VmHandle:
         handle = self.inner.up(request)
-        init = self.inner.init_pid(request.replica_id)
+        init = self.machines.init_pid(request.replica_id)
         subprocess.run(
             ["nsenter", "-t", str(init), "-m", "-p", "rm", "-f", "/etc/sudoers.d/90-cloud-init-users"],
             check=True,
         )
         return handle
-
-    def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
-        self.inner.apply_rules(request, rules)
-
-    def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
-        return self.inner.enforced_rules(handle)
-
-    def destroy(self, replica_id: int) -> None:
-        self.inner.destroy(replica_id)
-
-    def owned(self) -> frozenset[int]:
-        return self.inner.owned()
 
 
 async def test_a_login_without_sudo_fails_the_bootstrap_with_a_clear_error(

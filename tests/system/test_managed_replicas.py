@@ -27,7 +27,7 @@ from tests.support.engines import Engine
 from tests.support.gateway import issue_key, openai_client
 from tests.support.sandbox import FOREIGN, connects, listening_on, sockets_on
 from tests.support.toolkit import create_model, vm_details
-from tests.support.vm import vm_request
+from tests.support.vm import WrappedBackend, vm_request
 
 S = ReplicaStatus
 MODEL = "sim-llama"
@@ -155,12 +155,11 @@ async def _bootstrap_rules(deps: Deps, replica: Replica) -> list[Rule]:
     return list(phase_rules(Phase.BOOTSTRAP, net, engine_port=replica.port or 0, ssh_port=replica.ssh_port or 0))
 
 
-class _Failing:
+class _Failing(WrappedBackend):
     """Wraps the sandbox: `up` creates the VM, then fails, as a cloud API may after allocating."""
 
     def __init__(self, inner: SandboxBackend, *, host_key: tuple[str, str] | None = None) -> None:
-        self.inner = inner
-        self.ssh_port = inner.ssh_port
+        super().__init__(inner)
         self._host_key = host_key
 
     def up(self, request: VmRequest) -> VmHandle:
@@ -170,18 +169,6 @@ class _Failing:
         # A VM that answers with another host key than the one the orchestrator pinned (a man in the middle).
         private, public = self._host_key
         return self.inner.up(dataclasses.replace(request, host_private_key=private, host_public_key=public))
-
-    def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
-        self.inner.apply_rules(request, rules)
-
-    def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
-        return self.inner.enforced_rules(handle)
-
-    def destroy(self, replica_id: int) -> None:
-        self.inner.destroy(replica_id)
-
-    def owned(self) -> frozenset[int]:
-        return self.inner.owned()
 
 
 async def test_failed_provisioning_destroys_what_it_created(
