@@ -23,8 +23,9 @@ def user_data(request: VmRequest) -> str:
     """cloud-config: the login user, and the orchestrator's host key as the VM's only one before sshd first answers.
 
     cloud-init's ssh module runs before sshd starts: it deletes the image's host keys, installs these and
-    generates no other. The runcmd repeats that for images whose sshd starts earlier, then restarts sshd.
-    JSON is YAML, and json.dumps quotes the PEM's newlines correctly.
+    generates no other (of the types it may generate, ed25519, one is there). The runcmd repeats that for
+    images whose sshd starts earlier, then restarts sshd. JSON is YAML, and json.dumps quotes the PEM's
+    newlines correctly.
     """
     config = {
         "users": [
@@ -38,7 +39,7 @@ def user_data(request: VmRequest) -> str:
             },
         ],
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
+        "ssh_genkeytypes": ["ed25519"],  # only missing keys are generated: this one is given (the schema wants one)
         "ssh_keys": {"ed25519_private": request.host_private_key, "ed25519_public": request.host_public_key},
         "runcmd": [
             ["sh", "-c", "find /etc/ssh -name 'ssh_host_*' ! -name 'ssh_host_ed25519_key*' -delete"],

@@ -21,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.machine import MachineBackend
+from infra.cloud_init import user_data
+from infra.machine import ImageRecipe, MachineBackend
+from infra.machine.image import ensure_image
 from infra.vm import VmHandle, VmRequest
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
@@ -35,7 +37,7 @@ from tests.support.sandbox import connects
 from tests.support.server import poll, serving
 from tests.support.settings import instance_settings
 from tests.support.toolkit import create_model, vm_details
-from tests.support.vm import WrappedBackend
+from tests.support.vm import WrappedBackend, vm_request
 
 S = ReplicaStatus
 MODEL = "sim-llama"
@@ -326,3 +328,24 @@ async def test_an_engine_spec_replica_runs_the_pinned_image_with_its_sealed_envi
         ("start", "changed"),
         ("verify", "unchanged"),
     ]
+
+
+def test_the_user_data_passes_the_schema_of_the_images_cloud_init(tmp_path: Path) -> None:
+    """cloud-init warns about a document outside its schema and may ignore what it does not understand: the
+    user-data every backend sends is checked by the cloud-init the machines boot with."""
+    settings = instance_settings(tmp_path / "state", "sqlite+aiosqlite://")
+    image = ensure_image(settings.machine_image_dir, ImageRecipe())
+    document = tmp_path / "user-data"
+    document.write_text(user_data(vm_request(3)))
+    done = subprocess.run(
+        [
+            *("systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--read-only", f"--directory={image}"),
+            *(f"--bind-ro={document}:/tmp/user-data", "cloud-init", "schema", "--config-file", "/tmp/user-data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Valid cloud-config" in done.stdout

