@@ -207,7 +207,7 @@ class MachineBackend:
                 continue
             with contextlib.suppress(OSError):
                 inside = namespace is not None and os.readlink(entry / "ns" / "pid") == namespace
-                if inside or vm in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if inside or f"{vm}/" in (entry / "cmdline").read_bytes().decode(errors="replace"):
                     found.append(int(entry.name))
         return found
 
