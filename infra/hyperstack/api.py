@@ -1,4 +1,5 @@
-"""A small synchronous client for the Hyperstack REST calls the backend needs: VMs, security rules, keypairs.
+"""A small synchronous client for the Hyperstack REST calls the backend needs: VMs, security rules, and deleting
+the keypairs of older stacks.
 
 A call that may succeed when sent again is retried with exponential backoff (`may_retry` says when: never a
 POST that may have been carried out). Every failure leaves as a `BackendError` with a one-line message:
@@ -222,11 +223,8 @@ class HyperstackClient:
 
     # -- keypairs
 
-    def import_keypair(self, name: str, environment_name: str, public_key: str) -> JsonObject:
-        payload = {"name": name, "environment_name": environment_name, "public_key": public_key}
-        return self._object("keypair", "POST", "/core/keypairs", json=payload)
-
     def delete_keypair(self, keypair_id: int | str) -> None:
+        """Used only for the per-replica keypairs of older stacks (see `provider.KeypairProvider`)."""
         self._call("DELETE", f"/core/keypair/{keypair_id}")
 
     # -- transport

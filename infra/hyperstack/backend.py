@@ -227,8 +227,9 @@ class HyperstackBackend:
         """Destroy the replica's stack, then delete any VM of this deployment still labelled with the replica (its
         stack was lost).
 
-        The keypair `<key_name>-replica-<id>` of a lost stack is left: keypairs carry no label, a name alone
-        could match a keypair of the user's, and a keypair costs nothing.
+        The VM's keypair is the admin's (`key_name`) and stays. So does the keypair `<key_name>-replica-<id>` of a
+        lost stack made before VMs took the admin's keypair: keypairs carry no label, a name alone could match a
+        keypair of the user's, and a keypair costs nothing.
         """
         name = stack_name(replica_id)
         with self._exclusive(name):

@@ -1,4 +1,4 @@
-"""The Pulumi program of one replica: its keypair, its VM (with the pinned SSH host key) and its security rules."""
+"""The Pulumi program of one replica: its VM (with the pinned SSH host key) and its security rules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import astuple
 import pulumi
 
 from infra.cloud_init import user_data
-from infra.hyperstack.provider import Keypair, KeypairArgs, SecurityRule, SecurityRuleArgs, Vm, VmArgs
+from infra.hyperstack.provider import SecurityRule, SecurityRuleArgs, Vm, VmArgs
 from infra.vm import Rule, VmRequest
 
 LABEL_PREFIX = "orchestrator-replica="
@@ -42,12 +42,6 @@ def deployment_of_label(label: str) -> str | None:
     return match.group(1) if match else None
 
 
-def keypair_name(request: VmRequest) -> str:
-    # Keypair names are unique per environment and the stack owns (and deletes) this one, so it cannot be
-    # the requested name itself, which several replicas share and which may name a keypair of the user's.
-    return f"{request.key_name}-replica-{request.replica_id}"
-
-
 def rule_resource_name(prefix: str, rule: Rule) -> str:
     """A name that follows the rule's content, so a changed rule set touches only the rules that changed.
 
@@ -58,9 +52,11 @@ def rule_resource_name(prefix: str, rule: Rule) -> str:
 
 
 class ReplicaVm(pulumi.ComponentResource):
-    """Keypair -> VM -> one security rule per rule; outputs the VM's id and address.
+    """VM -> one security rule per rule; outputs the VM's id and address.
 
-    The VM is labelled with its replica and with `deployment`, the orchestrator deployment it belongs to.
+    The VM is labelled with its replica and with `deployment`, the orchestrator deployment it belongs to. Its
+    keypair is the admin's (`request.key_name`, which must exist in the environment): the cloud installs it for
+    the image's default user, and the user-data installs the orchestrator's key for the `ubuntu` login.
     """
 
     vm_id: pulumi.Output[str]
@@ -78,11 +74,9 @@ class ReplicaVm(pulumi.ComponentResource):
         poll_interval_s: float = 3.0,
     ) -> None:
         super().__init__("orchestrator:hyperstack:ReplicaVm", name, None, opts)
-        keypair = Keypair(
-            f"{name}-key",
-            KeypairArgs(keypair_name(request), request.environment_name, request.ssh_public_key),
-            pulumi.ResourceOptions(parent=self),
-        )
+        # Stacks made before the VM took the admin's keypair also hold a Keypair resource (`<key_name>-replica-<id>`,
+        # the orchestrator's key): no longer declared, Pulumi deletes it at their next `up` (with `KeypairProvider`,
+        # kept for that), which is right: it was the stack's own.
         vm = Vm(
             f"{name}-vm",
             VmArgs(
@@ -90,7 +84,7 @@ class ReplicaVm(pulumi.ComponentResource):
                 environment_name=request.environment_name,
                 image_name=request.image_name,
                 flavor_name=request.flavor_name,
-                key_name=keypair.name,  # an Output: the VM waits for the keypair
+                key_name=request.key_name,
                 assign_floating_ip=request.assign_floating_ip,
                 user_data=pulumi.Output.secret(user_data(request)),
                 labels=[replica_label(request.replica_id), deployment_label(deployment)],
@@ -98,7 +92,7 @@ class ReplicaVm(pulumi.ComponentResource):
                 create_timeout_s=create_timeout_s,
                 poll_interval_s=poll_interval_s,
             ),
-            pulumi.ResourceOptions(parent=self, depends_on=[keypair]),
+            pulumi.ResourceOptions(parent=self),
         )
         for rule in sorted(set(rules)):
             SecurityRule(

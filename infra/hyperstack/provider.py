@@ -1,10 +1,13 @@
-"""Pulumi dynamic providers (and their resources) for Hyperstack keypairs, VMs and security rules.
+"""Pulumi dynamic providers (and their resources) for Hyperstack VMs and security rules.
 
 Pulumi pickles each provider object into the stack's state and runs its methods in a separate process that
 the Pulumi CLI starts: so providers hold no state, and each method builds its HTTP client from the
 environment of that process (`HYPERSTACK_API_KEY`, `ORCH_HYPERSTACK_BASE_URL`), which the backend sets
 through the workspace's `env_vars`. Outputs repeat the inputs because Pulumi diffs old outputs against
 new inputs. Like Hyperstack's Terraform provider, any change replaces the resource, except a VM's labels.
+
+A stack's state names each resource's provider class (Pulumi pickles it by reference), so a class stays here while
+some state may still name it: `KeypairProvider` is left only to delete the keypairs of older stacks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, Resou
 from infra.hyperstack.api import (
     DEFAULT_BASE_URL,
     ConflictError,
+    HyperstackApiError,
     HyperstackClient,
     JsonObject,
     NotFoundError,
@@ -43,7 +47,7 @@ def client_from_env(timeout: float = 30.0) -> HyperstackClient:
 
 
 class HyperstackProvider(ResourceProvider):
-    """What the three providers share: inputs kept in outputs, replace-on-change diffs, 404 means gone."""
+    """What the providers share: inputs kept in outputs, replace-on-change diffs, 404 means gone."""
 
     inputs: ClassVar[tuple[str, ...]]
     """Input properties, copied into the outputs so that the next diff can compare against them."""
@@ -84,14 +88,12 @@ class HyperstackProvider(ResourceProvider):
 
 
 class KeypairProvider(HyperstackProvider):
-    inputs = ("name", "environment_name", "public_key")
+    """Deletes the per-replica keypair (`<key_name>-replica-<id>`, holding the orchestrator's key) of stacks made
+    before VMs took the admin's keypair. No program declares it any more: Pulumi deletes it at such a stack's next
+    `up` (or `destroy`) with this class, which the stack's state names. Remove it once no such stack remains.
+    """
 
-    def create(self, props: dict[str, Any]) -> CreateResult:
-        args = self.pick_inputs(props)
-        with client_from_env() as client:
-            keypair = client.import_keypair(args["name"], args["environment_name"], args["public_key"])
-        outs = {"keypair_id": str(keypair["id"]), "fingerprint": str(keypair.get("fingerprint") or "")}
-        return CreateResult(str(keypair["id"]), {**args, **outs})
+    inputs = ("name", "environment_name", "public_key")
 
     def read_live(self, client: HyperstackClient, id_: str, props: dict[str, Any]) -> dict[str, Any] | None:
         # The calls this backend uses have no GET for one keypair: what the state holds stands.
@@ -121,7 +123,7 @@ class VmProvider(HyperstackProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         args = self.pick_inputs(props)
         with client_from_env() as client:
-            vm_id = int(client.create_vm(vm_payload(args))["id"])
+            vm_id = create_one_vm(client, vm_payload(args))
             try:
                 instance = client.wait_for_vm(
                     vm_id,
@@ -167,6 +169,17 @@ def vm_payload(args: dict[str, Any]) -> JsonObject:
         "enable_port_randomization": bool(args.get("enable_port_randomization", False)),
         "count": 1,
     }
+
+
+def create_one_vm(client: HyperstackClient, payload: JsonObject) -> int:
+    """Create the VM; returns its id. A failure's message starts with the VM's keypair and environment: the keypair
+    (`key_name`, the admin's, made outside the orchestrator) must exist in that environment, and when it does not,
+    Hyperstack's own message may not say which keypair it looked for (the message is cut at 300 characters)."""
+    try:
+        return int(client.create_vm(payload)["id"])
+    except HyperstackApiError as e:
+        asked = f"creating VM {payload['name']} with keypair {payload['key_name']!r} in {payload['environment_name']!r}"
+        raise type(e)(f"{asked}: {e}", e.status) from e
 
 
 def vm_outputs(instance: JsonObject, args: dict[str, Any]) -> dict[str, Any]:
@@ -243,24 +256,6 @@ def find_rule(instance: JsonObject, wanted: JsonObject) -> JsonObject | None:
 def _props(args: DataclassInstance) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies, and the values may be Outputs.
     return {f.name: getattr(args, f.name) for f in fields(args)}
-
-
-@dataclass(frozen=True)
-class KeypairArgs:
-    name: pulumi.Input[str]
-    environment_name: pulumi.Input[str]
-    public_key: pulumi.Input[str]
-
-
-class Keypair(Resource, module="hyperstack", name="Keypair"):
-    name: pulumi.Output[str]
-    keypair_id: pulumi.Output[str]
-    fingerprint: pulumi.Output[str]
-
-    def __init__(self, resource_name: str, args: KeypairArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__(
-            KeypairProvider(), resource_name, {**_props(args), "keypair_id": None, "fingerprint": None}, opts
-        )
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import pickle
 import socket
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pulumi import automation as auto
 
 from infra.hyperstack import HyperstackBackend, HyperstackConfig
 from infra.hyperstack.api import ConflictError, HyperstackApiError, HyperstackClient, NotFoundError, VmNotActive
+from infra.hyperstack.backend import pulumi_errors
 from infra.hyperstack.provider import (
     API_KEY_ENV,
     BASE_URL_ENV,
@@ -24,6 +29,12 @@ from tests.support.fake_hyperstack import FakeHyperstack, running_fake_hyperstac
 
 SERIALISED_PROVIDER = "gASV...pickled provider..."
 """What Pulumi adds to every property bag as `__provider`: never an input the providers compare."""
+OLDER_STACKS_KEYPAIR_PROVIDER = "gASVNAAAAAAAAACMGWluZnJhLmh5cGVyc3RhY2sucHJvdmlkZXKUjA9LZXlwYWlyUHJvdmlkZXKUk5QpgZQu"
+"""The `__provider` of the per-replica Keypair in the state of stacks made before VMs took the admin's keypair."""
+ENVIRONMENT = "default-CANADA-1"
+ADMIN_KEYPAIR = "ops"
+"""The admin's keypair in `ENVIRONMENT`: VMs are created with it."""
+VM_BODY = {"name": "vm", "environment_name": ENVIRONMENT, "flavor_name": "f", "key_name": ADMIN_KEYPAIR, "count": 1}
 ENGINE_RULE_BODY = {
     "direction": "ingress",
     "protocol": "tcp",
@@ -36,8 +47,10 @@ ENGINE_RULE_BODY = {
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHyperstack]:
-    """The fake API, and the provider process's environment pointing at it (as the backend's env_vars would)."""
+    """The fake API with the admin's keypair, and the provider process's environment pointing at it (as the
+    backend's env_vars would)."""
     with running_fake_hyperstack() as fake:
+        fake.add_keypair_directly(ADMIN_KEYPAIR, ENVIRONMENT)
         monkeypatch.setenv(API_KEY_ENV, fake.api_key)
         monkeypatch.setenv(BASE_URL_ENV, fake.base_url)
         yield fake
@@ -49,22 +62,13 @@ def client(fake: FakeHyperstack) -> Iterator[HyperstackClient]:
         yield c
 
 
-def keypair_props(name: str = "orch-replica-7") -> dict[str, Any]:
-    return {
-        "name": name,
-        "environment_name": "default-CANADA-1",
-        "public_key": "ssh-ed25519 AAAAC3 orch",
-        "__provider": SERIALISED_PROVIDER,
-    }
-
-
 def vm_props(**overrides: Any) -> dict[str, Any]:
     props = {
         "name": "llama-7",
-        "environment_name": "default-CANADA-1",
+        "environment_name": ENVIRONMENT,
         "image_name": "Ubuntu Server 22.04 LTS R535 CUDA 12.2",
         "flavor_name": "n3-RTX-A6000x1",
-        "key_name": "orch-replica-7",
+        "key_name": ADMIN_KEYPAIR,
         "assign_floating_ip": True,
         "user_data": "#cloud-config\n{}\n",
         "labels": ["orchestrator-replica=7"],
@@ -84,7 +88,6 @@ def rule_props(vm_id: str, **overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def vm_id(fake: FakeHyperstack) -> str:
     """An ACTIVE VM created through the providers."""
-    KeypairProvider().create(keypair_props())
     return VmProvider().create(vm_props()).id
 
 
@@ -95,10 +98,7 @@ def test_client_polls_a_new_vm_through_creating_and_build_to_active(
     fake: FakeHyperstack, client: HyperstackClient
 ) -> None:
     fake.gets_per_status = 2
-    client.import_keypair("k", "env", "ssh-ed25519 AAAA")
-    created = client.create_vm(
-        {"name": "vm", "environment_name": "env", "flavor_name": "f", "key_name": "k", "count": 1}
-    )
+    created = client.create_vm(VM_BODY)
     assert created["status"] == "CREATING"
 
     instance = client.wait_for_vm(created["id"], deadline_s=10, interval_s=0)
@@ -109,10 +109,7 @@ def test_client_polls_a_new_vm_through_creating_and_build_to_active(
 
 def test_client_wait_raises_when_the_vm_goes_to_error(fake: FakeHyperstack, client: HyperstackClient) -> None:
     fake.failing_names.add("doomed")
-    client.import_keypair("k", "env", "ssh-ed25519 AAAA")
-    created = client.create_vm(
-        {"name": "doomed", "environment_name": "env", "flavor_name": "f", "key_name": "k", "count": 1}
-    )
+    created = client.create_vm(VM_BODY | {"name": "doomed"})
 
     with pytest.raises(VmNotActive, match="went to ERROR") as caught:
         client.wait_for_vm(created["id"], deadline_s=10, interval_s=0)
@@ -121,10 +118,7 @@ def test_client_wait_raises_when_the_vm_goes_to_error(fake: FakeHyperstack, clie
 
 def test_client_wait_raises_at_the_deadline(fake: FakeHyperstack, client: HyperstackClient) -> None:
     fake.gets_per_status = 1000
-    client.import_keypair("k", "env", "ssh-ed25519 AAAA")
-    created = client.create_vm(
-        {"name": "slow", "environment_name": "env", "flavor_name": "f", "key_name": "k", "count": 1}
-    )
+    created = client.create_vm(VM_BODY | {"name": "slow"})
 
     with pytest.raises(VmNotActive, match=r"still CREATING after 0 s \(deadline\)"):
         client.wait_for_vm(created["id"], deadline_s=0, interval_s=0)
@@ -134,9 +128,10 @@ def test_client_errors_carry_the_status_and_the_api_message(client: HyperstackCl
     with pytest.raises(NotFoundError, match="virtual machine 999 not found") as caught:
         client.get_vm(999)
     assert caught.value.status == 404
-    client.import_keypair("k", "env", "ssh-ed25519 AAAA")
+    vm_id = client.create_vm(VM_BODY)["id"]
+    client.add_rule(vm_id, ENGINE_RULE_BODY)
     with pytest.raises(ConflictError, match="already exists") as conflict:
-        client.import_keypair("k", "env", "ssh-ed25519 AAAA")
+        client.add_rule(vm_id, ENGINE_RULE_BODY)
     assert conflict.value.status == 409
 
 
@@ -166,11 +161,8 @@ def test_client_reports_an_unreachable_api_without_a_status() -> None:
 
 
 def test_client_lists_vms_across_pages(fake: FakeHyperstack, client: HyperstackClient) -> None:
-    client.import_keypair("k", "env", "ssh-ed25519 AAAA")
     for i in range(5):
-        client.create_vm(
-            {"name": f"vm-{i}", "environment_name": "env", "flavor_name": "f", "key_name": "k", "count": 1}
-        )
+        client.create_vm(VM_BODY | {"name": f"vm-{i}"})
 
     vms = client.list_vms(search="vm-", page_size=2)
 
@@ -180,7 +172,7 @@ def test_client_lists_vms_across_pages(fake: FakeHyperstack, client: HyperstackC
 
 def test_client_rejects_answers_without_what_it_needs() -> None:
     def answer(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/core/keypairs":
+        if request.url.path == "/v1/core/virtual-machines":
             return httpx.Response(200, text="<html>down for maintenance</html>")
         return httpx.Response(200, json={"status": True, "message": "ok", "instance": None})
 
@@ -188,40 +180,28 @@ def test_client_rejects_answers_without_what_it_needs() -> None:
         with pytest.raises(HyperstackApiError, match=r"answered without instance\.id"):
             c.get_vm(1)
         with pytest.raises(HyperstackApiError, match="answered 200 with a body that is not JSON"):
-            c.import_keypair("k", "env", "ssh-ed25519 AAAA")
+            c.list_vms()
 
 
-# -- keypair provider
+# -- the keypair of older stacks
 
 
-def test_keypair_create_then_delete_and_delete_again(fake: FakeHyperstack) -> None:
-    provider = KeypairProvider()
+def test_an_older_stacks_keypair_is_deleted_with_the_provider_its_state_names(fake: FakeHyperstack) -> None:
+    # The program no longer declares the keypair: Pulumi deletes it with the provider unpickled from the state.
+    provider = pickle.loads(base64.b64decode(OLDER_STACKS_KEYPAIR_PROVIDER))
+    kp_id = fake.add_keypair_directly("ops-replica-7", ENVIRONMENT)
+    props = {"name": "ops-replica-7", "environment_name": ENVIRONMENT, "public_key": "ssh-ed25519 AAAAC3 orch"}
 
-    created = provider.create(keypair_props())
-
-    assert created.outs is not None
-    assert created.outs["fingerprint"] == f"SHA256:fake{created.id}"
-    assert created.outs["public_key"] == "ssh-ed25519 AAAAC3 orch"
-    assert "__provider" not in created.outs
-    assert [k["name"] for k in fake.keypairs.values()] == ["orch-replica-7"]
-    provider.delete(created.id, {**created.outs, "__provider": SERIALISED_PROVIDER})
-    assert fake.keypairs == {}
-    provider.delete(created.id, created.outs)  # 404: already gone is done
-
-
-def test_keypair_any_change_replaces() -> None:
-    olds = keypair_props()
-    assert KeypairProvider().diff("1", olds, keypair_props() | {"__provider": "another pickle"}).changes is False
-    diff = KeypairProvider().diff("1", olds, keypair_props() | {"public_key": "ssh-ed25519 BBBB"})
-    assert (diff.changes, diff.replaces, diff.delete_before_replace) == (True, ["public_key"], True)
+    assert isinstance(provider, KeypairProvider)
+    provider.delete(str(kp_id), {**props, "__provider": OLDER_STACKS_KEYPAIR_PROVIDER})
+    assert [k["name"] for k in fake.keypairs.values()] == [ADMIN_KEYPAIR]  # the admin's stays
+    provider.delete(str(kp_id), props)  # 404: already gone is done
 
 
 # -- VM provider
 
 
 def test_vm_create_posts_one_vm_without_port_randomisation_and_waits_for_active(fake: FakeHyperstack) -> None:
-    KeypairProvider().create(keypair_props())
-
     created = VmProvider().create(vm_props())
 
     [payload] = fake.created_payloads
@@ -241,8 +221,6 @@ def test_vm_create_posts_one_vm_without_port_randomisation_and_waits_for_active(
 
 
 def test_vm_without_floating_ip_is_reached_on_its_fixed_ip(fake: FakeHyperstack) -> None:
-    KeypairProvider().create(keypair_props())
-
     created = VmProvider().create(vm_props(assign_floating_ip=False))
 
     assert created.outs is not None
@@ -251,8 +229,6 @@ def test_vm_without_floating_ip_is_reached_on_its_fixed_ip(fake: FakeHyperstack)
 
 def test_vm_that_goes_to_error_is_deleted_and_the_create_fails(fake: FakeHyperstack) -> None:
     fake.failing_names.add("llama-7")
-    KeypairProvider().create(keypair_props())
-
     with pytest.raises(VmNotActive, match=r"Hyperstack VM \d+ went to ERROR while being created"):
         VmProvider().create(vm_props())
 
@@ -262,12 +238,34 @@ def test_vm_that_goes_to_error_is_deleted_and_the_create_fails(fake: FakeHyperst
 
 def test_vm_not_active_by_the_deadline_is_deleted_too(fake: FakeHyperstack) -> None:
     fake.gets_per_status = 1000
-    KeypairProvider().create(keypair_props())
-
     with pytest.raises(VmNotActive, match="deadline"):
         VmProvider().create(vm_props(create_timeout_s=0.0))
 
     assert fake.vms == {}
+
+
+@pytest.mark.parametrize("environment", [None, "default-NORWAY-1"])
+def test_vm_create_with_a_keypair_missing_from_the_environment_fails_naming_the_keypair(
+    fake: FakeHyperstack, environment: str | None
+) -> None:
+    if environment is not None:
+        fake.add_keypair_directly("laptop", environment)  # a keypair of that name elsewhere is no keypair here
+
+    with pytest.raises(HyperstackApiError) as caught:
+        VmProvider().create(vm_props(key_name="laptop"))
+
+    assert caught.value.status == 400
+    assert str(caught.value) == (
+        "creating VM llama-7 with keypair 'laptop' in 'default-CANADA-1': "
+        "Hyperstack POST /core/virtual-machines failed with 400: invalid key_name"
+    )
+    assert fake.vms == {}
+    # What the replica's error_message gets: the line of the provider's traceback in the Pulumi CLI's output.
+    raised = traceback.format_exception_only(caught.value)[-1]
+    error = auto.CommandError(auto.CommandResult(stdout=f"error: Traceback ...\n{raised}", stderr="", code=255))
+    with pytest.raises(BackendError) as reported, pulumi_errors("replica-7", "up"):
+        raise error
+    assert str(reported.value) == f"pulumi up of stack replica-7 failed: {caught.value}"
 
 
 def test_vm_create_with_a_bad_key_fails_clearly(fake: FakeHyperstack, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,9 @@
 """A fake of the Hyperstack REST API on a real socket: in-memory VMs, rules and keypairs, with their failure modes.
 
 A new VM moves CREATING -> BUILD -> ACTIVE over successive GETs (`gets_per_status` GETs each), or to ERROR when
-its name is in `failing_names`; with a floating IP asked for, the IP appears once ACTIVE. Unknown ids answer
-404, a duplicate security rule or keypair 409, a wrong `api_key` header 401. `script` makes the next requests
+its name is in `failing_names`; with a floating IP asked for, the IP appears once ACTIVE. A VM's `key_name` must
+name a keypair of its environment (`add_keypair_directly`: the admin makes them, not the orchestrator), else 400.
+Unknown ids answer 404, a duplicate security rule 409, a wrong `api_key` header 401. `script` makes the next requests
 to one route answer given failures (429, 503, 500 ..., with a `Retry-After`, carried out or not) first.
 """
 
@@ -68,6 +69,13 @@ class FakeHyperstack:
         with self._lock:
             return self._add_rule(vm_id, rule)
 
+    def add_keypair_directly(self, name: str, environment: str = "default-CANADA-1") -> int:
+        """A keypair made outside the orchestrator (the admin's, or an older stack's own); returns its id."""
+        with self._lock:
+            kp_id = next(self._ids)
+            self.keypairs[kp_id] = {"id": kp_id, "name": name, "environment": environment}
+            return kp_id
+
     def add_vm_directly(self, name: str, labels: list[str], status: str = "ACTIVE") -> int:
         """A VM made outside the providers (one whose stack state was lost, or the user's own); returns its id."""
         with self._lock:
@@ -98,7 +106,6 @@ class FakeHyperstack:
             ("PUT", r"/core/virtual-machines/(\d+)/label", self._set_labels),
             ("POST", r"/core/virtual-machines/(\d+)/sg-rules", self._post_rule),
             ("DELETE", r"/core/virtual-machines/(\d+)/sg-rules/(\d+)", self._delete_rule),
-            ("POST", r"/core/keypairs", self._import_keypair),
             ("DELETE", r"/core/keypair/(\d+)", self._delete_keypair),
         ]
         for route_method, pattern, handler in routes:
@@ -123,8 +130,10 @@ class FakeHyperstack:
         missing = [k for k in ("name", "environment_name", "flavor_name", "key_name", "count") if k not in body]
         if missing:
             raise ApiError(400, f"missing fields: {', '.join(missing)}")
-        if not any(k["name"] == body["key_name"] for k in self.keypairs.values()):
-            raise ApiError(400, f"keypair {body['key_name']} does not exist")
+        wanted = (body["key_name"], body["environment_name"])
+        if not any((k["name"], k["environment"]) == wanted for k in self.keypairs.values()):
+            # Names no keypair, as Hyperstack's wording may not: the provider's message must name it.
+            raise ApiError(400, "invalid key_name")
         self.created_payloads.append(body)
         instances = []
         for _ in range(int(body["count"])):
@@ -181,21 +190,6 @@ class FakeHyperstack:
             raise ApiError(404, f"security rule {rule_id} not found")
         vm["security_rules"] = kept
         return {}
-
-    def _import_keypair(self, *, query: dict[str, str], body: Json) -> Json:
-        if any(
-            k["name"] == body["name"] and k["environment"] == body["environment_name"] for k in self.keypairs.values()
-        ):
-            raise ApiError(409, f"keypair {body['name']} already exists")
-        kp_id = next(self._ids)
-        self.keypairs[kp_id] = {
-            "id": kp_id,
-            "name": body["name"],
-            "environment": body["environment_name"],
-            "public_key": body["public_key"],
-            "fingerprint": f"SHA256:fake{kp_id}",
-        }
-        return {"keypair": {k: v for k, v in self.keypairs[kp_id].items() if k != "public_key"}}
 
     def _delete_keypair(self, kp_id: int, *, query: dict[str, str], body: Json) -> Json:
         if self.keypairs.pop(kp_id, None) is None:

@@ -18,7 +18,6 @@ from infra.hyperstack.program import (
     ReplicaVm,
     deployment_label,
     deployment_of_label,
-    keypair_name,
     replica_program,
     rule_resource_name,
 )
@@ -28,7 +27,8 @@ from tests.support.vm import vm_request
 SSH_RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.7/32", 22, 22)
 ENGINE_RULE = Rule("ingress", "tcp", "IPv4", "198.51.100.0/24", 8000, 8000)
 ENGINE_RULE_V6 = Rule("ingress", "tcp", "IPv6", "2001:db8::/32", 8000, 8000)
-REQUEST = vm_request(7, (SSH_RULE, ENGINE_RULE))
+REQUEST = vm_request(7, (SSH_RULE, ENGINE_RULE), key_name="ops")
+"""`ops`: the admin's keypair in the environment, which the VM is created with."""
 
 
 @dataclass
@@ -83,7 +83,7 @@ def mocks() -> Iterator[RecordingMocks]:
         loop.close()
 
 
-def test_replica_declares_keypair_vm_and_one_rule_per_distinct_rule(mocks: RecordingMocks) -> None:
+def test_replica_declares_its_vm_and_one_rule_per_distinct_rule_and_no_keypair(mocks: RecordingMocks) -> None:
     rules = (SSH_RULE, ENGINE_RULE, ENGINE_RULE_V6, ENGINE_RULE)  # a duplicate is one rule
 
     @pulumi.runtime.test
@@ -94,20 +94,13 @@ def test_replica_declares_keypair_vm_and_one_rule_per_distinct_rule(mocks: Recor
             assert outputs == ["101", "203.0.113.101"]
             [component] = mocks.of_type("orchestrator:hyperstack:ReplicaVm")
             assert component.name == "replica-7"
-            [keypair] = mocks.of_type(":Keypair")
-            assert keypair.inputs == {
-                "name": keypair_name(REQUEST),
-                "environment_name": "default-CANADA-1",
-                "public_key": REQUEST.ssh_public_key,
-            }
 
         return pulumi.Output.all(replica.vm_id, replica.address).apply(check)
 
     declare()
 
-    assert {r.typ for r in mocks.resources} == {
+    assert {r.typ for r in mocks.resources} == {  # no Keypair: the VM's is the admin's own
         "orchestrator:hyperstack:ReplicaVm",
-        "pulumi-python:dynamic/hyperstack:Keypair",
         "pulumi-python:dynamic/hyperstack:Vm",
         "pulumi-python:dynamic/hyperstack:SecurityRule",
     }
@@ -124,7 +117,7 @@ def test_replica_declares_keypair_vm_and_one_rule_per_distinct_rule(mocks: Recor
     assert {r.inputs["vm_id"] for r in mocks.of_type(":SecurityRule")} == {"101"}  # each rule hangs on the VM
 
 
-def test_vm_inputs_pin_port_22_label_replica_and_deployment_and_carry_the_host_key_as_a_secret(
+def test_vm_inputs_pin_port_22_label_replica_and_deployment_take_the_admins_keypair_and_hide_the_host_key(
     mocks: RecordingMocks,
 ) -> None:
     @pulumi.runtime.test
@@ -135,11 +128,11 @@ def test_vm_inputs_pin_port_22_label_replica_and_deployment_and_carry_the_host_k
             [vm] = mocks.of_type(":Vm")
             assert vm.inputs["enable_port_randomization"] is False
             assert vm.inputs["labels"] == ["orchestrator-replica=7", "orchestrator-deployment=staging"]
-            assert vm.inputs["key_name"] == keypair_name(REQUEST)
+            assert vm.inputs["key_name"] == "ops"  # the admin's keypair, as requested
             assert vm.inputs["assign_floating_ip"] is True
             assert (vm.inputs["name"], vm.inputs["flavor_name"]) == ("llama-7", "n3-RTX-A6000x1")
             assert (vm.inputs["image_name"], vm.inputs["environment_name"]) == (REQUEST.image_name, "default-CANADA-1")
-            assert vm.inputs["user_data"] == user_data(REQUEST)
+            assert vm.inputs["user_data"] == user_data(REQUEST)  # which installs the orchestrator's key for ubuntu
             assert vm.secret_inputs == {"user_data"}  # the private host key never sits in the state in clear
 
         return pulumi.Output.all(replica.vm_id).apply(check)
