@@ -19,6 +19,10 @@ DEPLOYMENT_NAME = r"[a-z][a-z0-9-]{0,39}"
 """What a deployment name may be (`ORCH_DEPLOYMENT`): it travels inside a label."""
 
 
+FIRST_BOOT_INPUTS = ("user_data", "key_name")
+"""VM inputs read once, at creation: a change to them is not worth a new VM."""
+
+
 def replica_label(replica_id: int) -> str:
     """The label that ties a Hyperstack VM to its replica (what an orphan sweep over the cloud looks for)."""
     return f"{LABEL_PREFIX}{replica_id}"
@@ -92,7 +96,9 @@ class ReplicaVm(pulumi.ComponentResource):
                 create_timeout_s=create_timeout_s,
                 poll_interval_s=poll_interval_s,
             ),
-            pulumi.ResourceOptions(parent=self),
+            # What only a first boot reads: a VM made by an older orchestrator (another user-data, its own
+            # keypair) keeps serving instead of being replaced at the next rules change.
+            pulumi.ResourceOptions(parent=self, ignore_changes=list(FIRST_BOOT_INPUTS)),
         )
         for rule in sorted(set(rules)):
             SecurityRule(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def tenth(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)", f"{tmp_path}/replica-10/supervisor.sh"]
     )
+    # Until it has exec'd, a child's command line is still its parent's.
+    deadline = time.monotonic() + 10
+    while b"replica-10" not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the stand-in process did not start"
+        time.sleep(0.001)
     try:
         yield process
     finally:

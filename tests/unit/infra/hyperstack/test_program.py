@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +16,14 @@ from pulumi.runtime.rpc import is_rpc_secret, unwrap_rpc_secret
 # The program module creates no resource at import time, so importing it before the mocks are set is safe.
 from infra.cloud_init import user_data
 from infra.hyperstack.program import (
+    FIRST_BOOT_INPUTS,
     ReplicaVm,
     deployment_label,
     deployment_of_label,
     replica_program,
     rule_resource_name,
 )
+from infra.hyperstack.provider import VmArgs
 from infra.vm import Rule
 from tests.support.vm import vm_request
 
@@ -170,3 +173,9 @@ def test_rule_resource_names_follow_the_rule_and_avoid_urn_separators() -> None:
     )
     assert not any("::" in n or "/" in n for n in names)
     assert rule_resource_name("replica-7", SSH_RULE).startswith("replica-7-ingress-tcp-22-22-")
+
+
+def test_the_inputs_only_a_first_boot_reads_are_vm_inputs() -> None:
+    """ignore_changes names inputs by name, and a name that is none is silently ignored: a VM made by an older
+    orchestrator would then be replaced, engine and all, at the next rules change."""
+    assert set(FIRST_BOOT_INPUTS) <= {f.name for f in dataclasses.fields(VmArgs)}
