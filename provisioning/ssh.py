@@ -31,6 +31,7 @@ __all__ = [
 OUTPUT_CAP = 8 * 1024  # bytes of command output kept (the tail: that is where errors are)
 DROPPED_MARK = "bytes of output dropped]"  # ends the first line of a capped output
 _SSH_PORT = 22
+AUTH_ATTEMPTS = 3  # a refused client key is tried this often before the refusal is believed
 CLOSE_WAIT_S = 2.0  # how long closing waits for the server to end the TCP connection too
 # Socket errors no retry can cure: the source address is not ours, or the address family is wrong.
 _PERMANENT_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL})
@@ -58,6 +59,10 @@ class CommandResult:
 
 class _Retryable(Exception):
     """An attempt failed in a way another attempt may not (refused, timed out, sshd still starting)."""
+
+
+class _KeyRefused(Exception):
+    """The host with the pinned key did not accept the client key."""
 
 
 class _PinnedKeyPolicy(paramiko.RejectPolicy):
@@ -142,9 +147,20 @@ def connect(target: SshTarget, *, deadline_s: float = 300.0, attempt_timeout_s: 
     client_key = load_private_key(target.client_key)
     started = time.monotonic()
 
+    refusals = 0
+
     def attempt() -> paramiko.SSHClient:
+        nonlocal refusals
         remaining = started + deadline_s - time.monotonic()
-        return _attempt(target, host_key, client_key, min(attempt_timeout_s, max(remaining, _MIN_ATTEMPT_S)))
+        try:
+            return _attempt(target, host_key, client_key, min(attempt_timeout_s, max(remaining, _MIN_ATTEMPT_S)))
+        except _KeyRefused as e:
+            # paramiko reports an sshd that dropped the connection during authentication (a machine busy
+            # booting) as a refusal too: tried again a few times, then taken for a real one.
+            refusals += 1
+            if refusals >= AUTH_ATTEMPTS:
+                raise SshUnreachable(str(e)) from e
+            raise _Retryable(f"{e} (attempt {refusals} of {AUTH_ATTEMPTS})") from e
 
     retrying = Retrying(
         retry=retry_if_exception_type(_Retryable),
@@ -193,8 +209,8 @@ def _attempt(
             f"{known_as} presented {e.key.get_name()} {e.key.fingerprint}, pinned {e.expected_key.fingerprint}"
         ) from e
     except paramiko.AuthenticationException as e:
-        # Not retried: the pinned host answered and refused our key, which waiting does not change.
-        raise SshUnreachable(f"{known_as} refused the client key for {target.username!r}") from e
+        # The pinned host answered and refused our key, which waiting rarely changes: see AUTH_ATTEMPTS.
+        raise _KeyRefused(f"{known_as} refused the client key for {target.username!r}") from e
     except (paramiko.SSHException, EOFError, OSError) as e:
         raise _Retryable(f"{type(e).__name__}: {e}") from e
     finally:

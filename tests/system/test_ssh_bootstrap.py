@@ -17,6 +17,7 @@ import pytest
 from provisioning.bootstrap import EnginePlan, StepReport, bootstrap, plan_steps, restart_engine, stop_engine
 from provisioning.plan import engine_commands, env_file, run_script
 from provisioning.ssh import (
+    AUTH_ATTEMPTS,
     CommandFailed,
     CommandResult,
     HostKeyMismatch,
@@ -117,12 +118,15 @@ def test_wrong_host_key_is_refused_without_retrying(sshd: Sshd) -> None:
     assert sshd.connections() == before + 1  # one attempt, not a retry loop until the deadline
 
 
-def test_refused_client_key_fails_at_once(sshd: Sshd) -> None:
+def test_a_refused_client_key_is_tried_a_few_times_then_believed(sshd: Sshd) -> None:
     stranger, _ = generate_keypair()
+    before = sshd.connections()
     started = time.monotonic()
     with pytest.raises(SshUnreachable, match="refused the client key"):
         connect(sshd.target(client_key=stranger), deadline_s=30)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5  # not a retry loop until the deadline
+    # A busy sshd that drops the connection mid-authentication looks the same to paramiko: a few more tries.
+    assert sshd.connections() == before + AUTH_ATTEMPTS
 
 
 def test_connect_retries_until_a_late_sshd_accepts(sshd_factory: Callable[..., Sshd]) -> None:
