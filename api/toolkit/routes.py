@@ -182,11 +182,10 @@ def _bootstrap_steps(events: Sequence[ReplicaEvent]) -> list[s.BootstrapStepOut]
     """The latest run's steps: each step's last event (a rerun after a crash replaces the earlier outcome)."""
     steps: dict[str, s.BootstrapStepOut] = {}
     for e in events:
-        if e.reason.startswith(BOOTSTRAP_EVENT) and e.reason != f"{BOOTSTRAP_EVENT}failed":
+        step = e.reason.removeprefix(BOOTSTRAP_EVENT)
+        if step not in {e.reason, "failed"}:  # a bootstrap step, not the failure that ended one
             outcome = "unchanged" if (e.message or "").startswith("unchanged") else "changed"
-            steps[e.reason.removeprefix(BOOTSTRAP_EVENT)] = s.BootstrapStepOut(
-                step=e.reason.removeprefix(BOOTSTRAP_EVENT), outcome=outcome, at=e.at
-            )
+            steps[step] = s.BootstrapStepOut(step=step, outcome=outcome, at=e.at)
     return list(steps.values())
 
 

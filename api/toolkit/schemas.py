@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from typing import Annotated, Literal, Self
@@ -124,16 +125,8 @@ class EngineSpecIn(_In):
         return self
 
     def spec(self) -> EngineSpec:
-        return EngineSpec(
-            image=self.image,
-            model=self.model,
-            tensor_parallel_size=self.tensor_parallel_size,
-            max_model_len=self.max_model_len,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            extra_args=tuple(self.extra_args),
-            env=dict(self.env),
-            secret_env_names=tuple(sorted(self.secret_env)),
-        )
+        fields = self.model_dump(exclude={"extra_args", "secret_env"})
+        return EngineSpec(**fields, extra_args=tuple(self.extra_args), secret_env_names=tuple(sorted(self.secret_env)))
 
 
 class VmCreationIn(_In):
@@ -300,16 +293,8 @@ class EngineOut(BaseModel):
 
     @classmethod
     def of(cls, spec: EngineSpec) -> EngineOut:
-        return cls(
-            image=spec.image,
-            model=spec.model,
-            tensor_parallel_size=spec.tensor_parallel_size,
-            max_model_len=spec.max_model_len,
-            gpu_memory_utilization=spec.gpu_memory_utilization,
-            extra_args=list(spec.extra_args),
-            env=dict(spec.env),
-            secret_env=list(spec.secret_env_names),
-        )
+        fields = dataclasses.asdict(spec)
+        return cls(**fields, secret_env=fields.pop("secret_env_names"))
 
 
 class BootstrapStepOut(BaseModel):

@@ -79,7 +79,7 @@ class MachineBackend:
         self._network = ipaddress.ip_network(config.subnet)
         if self._network.version != 4 or self._network.prefixlen > 28:
             raise ValueError(f"the machine subnet must be an IPv4 network of /28 or larger, not {config.subnet}")
-        self.not_enforced_reason: str | None = None
+        self._addresses_added = False
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         """Supervisors this object started, kept to reap them (a restarted server finds them by pid file)."""
 
@@ -88,9 +88,6 @@ class MachineBackend:
     def address(self, replica_id: int) -> str:
         """The machine's own address."""
         return str(self._block(replica_id)[2])
-
-    def host_end(self, replica_id: int) -> str:
-        return str(self._block(replica_id)[1])
 
     def name(self, replica_id: int) -> str:
         """Unique on this host (machines of other subnets, other state directories, run beside it): named after
@@ -360,8 +357,11 @@ umount "$vm/merged"
         (vm / "supervisor.pid").unlink(missing_ok=True)
 
     def _local_addresses(self) -> None:
+        if self._addresses_added:
+            return
         for address in (self.config.host_address, *self.config.local_addresses):
             _ip("address", "replace", f"{address}/32", "dev", "lo")
+        self._addresses_added = True
 
 
 def _ip(*args: str) -> None:

@@ -7,6 +7,7 @@ rest beside it like the engine key, never shown.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -72,30 +73,11 @@ class EngineSpec:
         return [*args, *self.extra_args]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "image": self.image,
-                "model": self.model,
-                "tensor_parallel_size": self.tensor_parallel_size,
-                "max_model_len": self.max_model_len,
-                "gpu_memory_utilization": self.gpu_memory_utilization,
-                "extra_args": list(self.extra_args),
-                "env": dict(self.env),
-                "secret_env_names": list(self.secret_env_names),
-            },
-            sort_keys=True,
-        )
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> EngineSpec:
         data = json.loads(text)
-        return cls(
-            image=data["image"],
-            model=data["model"],
-            tensor_parallel_size=data["tensor_parallel_size"],
-            max_model_len=data["max_model_len"],
-            gpu_memory_utilization=data["gpu_memory_utilization"],
-            extra_args=tuple(data["extra_args"]),
-            env=dict(data["env"]),
-            secret_env_names=tuple(data["secret_env_names"]),
-        )
+        for name in ("extra_args", "secret_env_names"):  # JSON has no tuples
+            data[name] = tuple(data[name])
+        return cls(**data)
