@@ -203,6 +203,7 @@ def _systemd_commands(plan: EnginePlan) -> EngineCommands:
     stamp = shlex.quote(f"{plan.work_dir}/{STARTED_STAMP}")
     active = f"systemctl is-active --quiet {unit}"
     root = plan.root
+    logs = f"{root}journalctl -u {unit} -n {LOG_LINES} --no-pager --output=cat"
     return EngineCommands(
         running=active,
         current=f"systemctl is-enabled --quiet {unit} && {active} && {_not_older(plan, stamp)}",
@@ -216,13 +217,14 @@ def _systemd_commands(plan: EnginePlan) -> EngineCommands:
             f"{active} || {{ systemctl status --no-pager {unit};"
             f" {root}journalctl -u {unit} -n {LOG_LINES} --no-pager; exit 1; }}"
         ),
-        logs=f"{root}journalctl -u {unit} -n {LOG_LINES} --no-pager --output=cat",
+        logs=logs,
     )
 
 
 def _pidfile_commands(plan: EnginePlan) -> EngineCommands:
     wd = shlex.quote(plan.work_dir)
     pid_file, log_file, script = (shlex.quote(f"{plan.work_dir}/{n}") for n in (PID_FILE, LOG_FILE, RUN_SCRIPT))
+    logs = f"tail -n {LOG_LINES} {log_file}"
     # kill -0 alone also succeeds on a zombie, and an orphaned engine may stay one until init reaps it.
     running = (
         f'running() {{ pid=$(cat {pid_file} 2>/dev/null) && [ "$pid" -gt 0 ] 2>/dev/null'
@@ -242,10 +244,8 @@ def _pidfile_commands(plan: EnginePlan) -> EngineCommands:
         current=f"{running}; running && {_not_older(plan, pid_file)}",  # the pid file is written at start
         restart=f"{stop}; {start}",
         stop=stop,
-        verify=(
-            f"{running}; running || {{ echo engine not running; tail -n {LOG_LINES} {log_file} 2>/dev/null; exit 1; }}"
-        ),
-        logs=f"tail -n {LOG_LINES} {log_file}",
+        verify=f"{running}; running || {{ echo engine not running; {logs} 2>/dev/null; exit 1; }}",
+        logs=logs,
     )
 
 
