@@ -173,14 +173,10 @@ class MachineBackend:
         return pid is not None and alive(pid)
 
     def init_pid(self, replica_id: int) -> int | None:
-        """The machine's init (systemd) as this host sees it, or None when it is not booted."""
-        nspawn = read_pid(self._vm_dir(replica_id) / "nspawn.pid")
-        if nspawn is None:
-            return None
-        with contextlib.suppress(OSError):
-            children = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()
-            return int(children[0]) if children else None
-        return None
+        """The machine's init (systemd) as this host sees it, or None when it is not booted. Recorded by the
+        supervisor, since it outlives a killed systemd-nspawn."""
+        pid = read_pid(self._vm_dir(replica_id) / "init.pid")
+        return pid if pid and alive(pid) else None
 
     def reboot(self, replica_id: int) -> None:
         """Reboot the machine from inside (systemd's reboot signal), as `sudo reboot` on a VM would."""
@@ -299,13 +295,19 @@ while :; do
   ip addr replace {block[1]}/30 dev {veth} && ip link set {veth} up \\
     && ip route replace {block} dev {veth} scope link src {self.config.host_address} \\
     || echo "supervisor: configuring {veth} failed" >&2
+  # The machine's init, recorded: it outlives a killed nspawn (its processes are then found by it, and stopped).
+  i=0
+  until set -- $(cat /proc/$child/task/$child/children 2>/dev/null) && [ $# -gt 0 ] || [ $i -ge 400 ]; do
+    sleep 0.05; i=$((i + 1))
+  done
+  echo "${{1:-0}}" > "$vm/init.pid"
   rc=0
   wait "$child" || rc=$?
   while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # a trapped signal ends wait early
   [ "$stop" -eq 0 ] && [ "$rc" -eq {REBOOT_STATUS} ] || break
   echo "supervisor: the machine rebooted; booting it again" >&2
 done
-rm -f "$vm/nspawn.pid"
+rm -f "$vm/nspawn.pid" "$vm/init.pid"
 umount "$vm/merged"
 """
 

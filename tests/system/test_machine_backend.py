@@ -349,3 +349,28 @@ def test_the_user_data_passes_the_schema_of_the_images_cloud_init(tmp_path: Path
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Valid cloud-config" in done.stdout
+
+
+def test_a_machine_whose_nspawn_was_killed_is_still_destroyed_whole(tmp_path: Path) -> None:
+    """kill -9 of a machine's supervisor and systemd-nspawn leaves its init running (as a VM outlives a crashed
+    hypervisor process); destroying it must still find and stop everything inside."""
+    settings = instance_settings(tmp_path / "state", "sqlite+aiosqlite://").model_copy(
+        update={"infra_backend": "machine", "machine_subnet": "10.213.2.0/24"}
+    )
+    machines, _, _ = machine_backend(settings)
+    assert isinstance(machines, MachineBackend)
+    try:
+        machines.up(vm_request(1))
+        init = machines.init_pid(1)
+        assert init is not None
+        state = tmp_path / "state" / "machine" / "replica-1"
+        for pid_file in ("supervisor.pid", "nspawn.pid"):
+            os.kill(int((state / pid_file).read_text()), signal.SIGKILL)
+
+        assert machines.init_pid(1) == init  # the machine goes on without them
+        machines.destroy(1)
+
+        assert machines.leftovers(1) == []
+    finally:
+        for replica_id in machines.owned():
+            machines.destroy(replica_id)
