@@ -26,27 +26,14 @@ import click
 import msgspec
 from aiohttp import web
 
+from orchestrator.enginesim.bodies import Refusal, chat_request, completion_request, tokenize_request
 from orchestrator.enginesim.metrics import EngineMetrics
+from orchestrator.enginesim.plans import Limits, Plan, chat_plan, completion_plan, unknown_model
 from orchestrator.enginesim.request_log import RequestLog
-from orchestrator.enginesim.text import (
-    CHAT,
-    TEXT,
-    AnswerShape,
-    ChatRequest,
-    CompletionRequest,
-    Sampling,
-    Texts,
-    TokenizeRequest,
-    chat_ids,
-    chat_tokens,
-    choices,
-    prompt_ids,
-    prompt_tokens,
-)
+from orchestrator.enginesim.text import CHAT, TEXT, AnswerShape, Texts, chat_ids, choices, finished, prompt_ids
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T = TypeVar("_T")
-_R = TypeVar("_R", bound=Sampling)
 
 _POLL_S: Final = 0.05  # how often an idle (hung or stalled) handler checks whether its client went away
 _MAX_BODY: Final = 64 * 1024 * 1024  # long prompts in benchmarks must not trip aiohttp's 1 MiB default
@@ -67,8 +54,9 @@ class SimConfig:
     startup_delay_s: float = 0.0  # the port stays closed this long, as while vLLM loads weights
     tokens_per_s: float = 0.0  # 0: no sleep at all; else the pace of stream chunks (and of non-stream answers)
     ttft_s: float = 0.0  # sleep before the first token, or before the whole non-stream answer
-    max_tokens: int = 16  # completion length when the request gives none
+    max_tokens: int = 16  # where the simulated model stops by itself (finish "stop") when the request names no length
     max_model_len: int = 4096
+    max_logprobs: int = 20  # like vLLM --max-logprobs: the most top logprobs a request may ask for; -1 no limit
     fail_rate: float = 0.0  # fraction of completion requests answered 500, deterministically spread
     hang: bool = False  # completion requests never answer (until the client leaves)
     crash_after: int | None = None  # the request after this many completion requests exits the process
@@ -110,7 +98,11 @@ def _bad_request(message: str) -> web.Response:
     return _error(400, "BadRequestError", message)
 
 
-def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T | web.Response:
+def _refused(refusal: Refusal) -> web.Response:
+    return _error(refusal.status, refusal.kind, refusal.message)
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T | web.Response:  # the fault patches
     try:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:  # malformed JSON and schema violations alike
@@ -134,9 +126,7 @@ class _Sim:
         self.id_base = secrets.token_hex(8).encode()
         self.texts = Texts()
         self.log = RequestLog(config.request_log)
-        self.chat_decoder = msgspec.json.Decoder(ChatRequest)
-        self.text_decoder = msgspec.json.Decoder(CompletionRequest)
-        self.tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+        self.limits = Limits(config.model, config.max_model_len, config.max_tokens, config.max_logprobs)
         self.patch_decoder = msgspec.json.Decoder(_FaultPatch)
         card = {
             "id": config.model,
@@ -186,11 +176,12 @@ class _Sim:
         return web.Response(status=204)
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        req = _decode(self.tokenize_decoder, await request.read())
-        if isinstance(req, web.Response):
-            return req
-        if req.model is not None and req.model != self.config.model:
-            return self._unknown_model(req.model)
+        try:
+            req = tokenize_request(await request.read())
+            if req.model is not None and req.model != self.config.model:
+                raise unknown_model(req.model)
+        except Refusal as refusal:
+            return _refused(refusal)
         if req.messages is not None:
             ids = chat_ids(req.messages)
         elif req.prompt is not None:
@@ -207,13 +198,13 @@ class _Sim:
     # --- completions ---
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._complete(request, CHAT, self.chat_decoder, chat_tokens)
+        return await self._complete(request, CHAT, lambda body: chat_plan(chat_request(body), self.limits))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._complete(request, TEXT, self.text_decoder, prompt_tokens)
+        return await self._complete(request, TEXT, lambda body: completion_plan(completion_request(body), self.limits))
 
     async def _complete(
-        self, request: web.Request, kind: AnswerShape, decoder: msgspec.json.Decoder[_R], count: Callable[[_R], int]
+        self, request: web.Request, kind: AnswerShape, plan_of: Callable[[bytes], Plan]
     ) -> web.StreamResponse:
         # Every completion request past the API key is logged, refused ones too: tests read what a gateway sent.
         entry = self.log.start(request.path)
@@ -221,10 +212,13 @@ class _Sim:
             entry.body = body = await request.read()
             if (refusal := self._admit()) is not None:
                 return refusal
-            req = _decode(decoder, body)
-            if isinstance(req, web.Response):
-                return req
-            return await self._run(request, kind, req, count(req))
+            try:
+                plan = plan_of(body)
+            except Refusal as refused:
+                return _refused(refused)
+            if self._should_fail():
+                return _error(500, "InternalServerError", "Simulated failure.")
+            return await self._run(request, kind, plan)
         finally:  # also on cancellation, and after the whole stream was written
             self.log.finish(entry)
 
@@ -247,53 +241,27 @@ class _Sim:
         self.fail_credit -= 1.0
         return True
 
-    def _unknown_model(self, model: str) -> web.Response:
-        return _error(404, "NotFoundError", f"The model `{model}` does not exist.")
-
-    def _check(self, req: Sampling, prompt: int, completion: int) -> web.Response | None:
-        if req.model is not None and req.model != self.config.model:
-            return self._unknown_model(req.model)
-        limit = self.config.max_model_len
-        if (truncate := req.truncate_prompt_tokens) is not None and truncate > limit:
-            return _bad_request(
-                f"truncate_prompt_tokens value ({truncate}) is greater than max_model_len ({limit}). "
-                "Please, select a smaller truncation size."
-            )
-        if completion < 1:
-            return _bad_request(f"max_tokens must be at least 1, got {completion}.")
-        if prompt + completion > limit:
-            return _bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion)."
-            )
-        if self._should_fail():
-            return _error(500, "InternalServerError", "Simulated failure.")
-        return None
-
-    async def _run(self, request: web.Request, kind: AnswerShape, req: Sampling, prompt: int) -> web.StreamResponse:
-        completion = req.max_completion_tokens
-        if completion is None:
-            completion = self.config.max_tokens if req.max_tokens is None else req.max_tokens
-        if req.truncate_prompt_tokens is not None:  # vLLM keeps the prompt's last k tokens
-            prompt = min(prompt, req.truncate_prompt_tokens)
-        if (refusal := self._check(req, prompt, completion)) is not None:
-            return refusal
+    async def _run(self, request: web.Request, kind: AnswerShape, plan: Plan) -> web.StreamResponse:
+        if plan.engine_error is not None:  # vLLM's engine refuses it when generation starts
+            if not plan.stream:
+                return _bad_request(plan.engine_error)
+            error = {"error": {"message": plan.engine_error, "type": "BadRequestError", "param": None, "code": 400}}
+            events = [b"data: " + msgspec.json.encode(error) + b"\n\n", _DONE]
+            return await self._stream(request, events, first=0, end=0, completion=0, start=time.perf_counter())
         start = time.perf_counter()
-        self.metrics.admitted(prompt, completion)
+        self.metrics.admitted(plan.prompt, plan.completion)
         try:
             if self.faults.hang:
                 await self._idle(request)
                 return _error(503, "ServiceUnavailableError", "The engine is shutting down.")
-            json_object = req.json_object
-            if req.stream:
-                usage = req.stream_options is not None and bool(req.stream_options.include_usage)
-                events = self._events(kind, prompt, completion, usage=usage, json_object=json_object)
-                first = 1 if kind.prelude else 0  # index of the first token's event
-                return await self._stream(request, events, first=first, completion=completion, start=start)
-            text = self.texts.get(completion, json_object)
-            return await self._answer(kind, prompt, completion, text=text, start=start)
+            if plan.stream:
+                events, first, end = self._events(kind, plan)
+                return await self._stream(
+                    request, events, first=first, end=end, completion=plan.completion, start=start
+                )
+            return await self._answer(kind, plan, start=start)
         finally:  # also on cancellation, when the runner cancels handlers of dropped clients
-            self.metrics.left(prompt, completion)
+            self.metrics.left(plan.prompt, plan.completion)
 
     async def _idle(self, request: web.Request) -> None:
         # aiohttp does not cancel a handler whose client left (handler_cancellation is off by default),
@@ -312,42 +280,56 @@ class _Sim:
             self.model_json,
         )
 
-    async def _answer(
-        self, kind: AnswerShape, prompt: int, completion: int, *, text: bytes, start: float
-    ) -> web.Response:
-        delay = self.config.ttft_s + (completion - 1) * self.pace
+    async def _answer(self, kind: AnswerShape, plan: Plan, *, start: float) -> web.Response:
+        answer = plan.answer
+        delay = self.config.ttft_s + (max(len(o.tokens) for o in answer.outputs) - 1) * self.pace
         if delay > 0:
             await asyncio.sleep(delay)
-        usage = b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (
-            prompt,
-            completion,
-            prompt + completion,
-        )
-        answer = kind.answer[0] + text + kind.answer[1]
-        body = self._head(kind, kind.object_) + answer + b'],"usage":' + usage + b"}"
-        elapsed = time.perf_counter() - start
-        self.metrics.succeeded(completion, elapsed, start)
+        head = self._head(kind, kind.object_)
+        if plan.fast:
+            [output] = answer.outputs
+            completion = answer.completion_tokens
+            text = self.texts.get(completion, plan.json_object)
+            choice = finished(kind.answer[0] + text + kind.answer[1], output.finish_reason)
+            usage = b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}' % (
+                answer.prompt_tokens,
+                completion,
+                answer.prompt_tokens + completion,
+            )
+            body = head + choice + b'],"usage":' + usage + b"}"
+        else:
+            body = answer.body(head)
+        self.metrics.succeeded(answer.completion_tokens, time.perf_counter() - start, start)
         return _json(body)
 
-    def _events(
-        self, kind: AnswerShape, prompt: int, completion: int, *, usage: bool, json_object: bool
-    ) -> list[bytes]:
-        head = b"data: " + self._head(kind, kind.chunk_object)
+    def _events(self, kind: AnswerShape, plan: Plan) -> tuple[list[bytes], int, int]:
+        """The stream's events, the index of the first token's, and the index past the last token's."""
+        answer = plan.answer
+        head = self._head(kind, kind.chunk_object)
+        if not plan.fast:
+            events, first = answer.events(head)
+            end = len(events) - answer.usage_chunk
+            return [*events, _DONE], first, end
+        head = b"data: " + head
+        usage = answer.usage_chunk
         tail = b'],"usage":null}\n\n' if usage else b"]}\n\n"
         events = [head + kind.prelude + tail] if kind.prelude else []
-        events += [head + choice + tail for choice in choices(kind, completion, json_object)]
+        first = len(events)
+        [output] = answer.outputs
+        completion = answer.completion_tokens
+        events += [head + choice + tail for choice in choices(kind, completion, plan.json_object, output.finish_reason)]
         if usage:
-            numbers = (prompt, completion, prompt + completion)
+            numbers = (answer.prompt_tokens, completion, answer.prompt_tokens + completion)
             events.append(
                 head + b'],"usage":{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d}}\n\n' % numbers
             )
         events.append(_DONE)
-        return events
+        return events, first, first + completion
 
     async def _stream(
-        self, request: web.Request, events: list[bytes], *, first: int, completion: int, start: float
+        self, request: web.Request, events: list[bytes], *, first: int, end: int, completion: int, start: float
     ) -> web.StreamResponse:
-        """Sends the events; events[first] is the first token's."""
+        """Sends the events; events[first:end] are the tokens'."""
         stall = self.faults.stall_after_chunks
         stalled = stall is not None and stall < len(events)
         if stall is not None:
@@ -355,7 +337,7 @@ class _Sim:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         try:
-            rest, first_token_at = await self._send(response, events, first, first + completion)
+            rest, first_token_at = await self._send(response, events, first, end)
             if stalled:
                 await response.write(rest)  # also sends the headers when no event goes out
                 await self._idle(request)
@@ -363,7 +345,8 @@ class _Sim:
             await response.write_eof(rest)
         except ConnectionError:  # the client left: generation stops here
             return response
-        self.metrics.succeeded(completion, first_token_at - start, start)
+        if completion:
+            self.metrics.succeeded(completion, first_token_at - start, start)
         return response
 
     async def _send(
@@ -454,8 +437,21 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--startup-delay", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds closed.")
 @click.option("--tokens-per-s", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = unpaced.")
 @click.option("--ttft", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to first token.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Default length.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Tokens after which the model stops by itself (finish_reason stop) when a request names no length.",
+)
 @click.option("--max-model-len", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option(
+    "--max-logprobs",
+    type=click.IntRange(min=-1),
+    default=20,
+    show_default=True,
+    help="Most top logprobs a request may ask for (-1: no limit), as vLLM's.",
+)
 @click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of 500s.")
 @click.option("--hang", is_flag=True, help="Completion requests never answer.")
 @click.option("--crash-after", type=click.IntRange(min=0), default=None, help="Exit(1) on the next request.")
@@ -478,6 +474,7 @@ def engine_sim_command(
     ttft: float,
     max_tokens: int,
     max_model_len: int,
+    max_logprobs: int,
     fail_rate: float,
     hang: bool,
     crash_after: int | None,
@@ -494,6 +491,7 @@ def engine_sim_command(
         ttft_s=ttft,
         max_tokens=max_tokens,
         max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
         fail_rate=fail_rate,
         hang=hang,
         crash_after=crash_after,

@@ -1,4 +1,4 @@
-"""The engine simulator's tokens: the request bodies it reads, how prompts count, and the answers it generates."""
+"""The engine simulator's tokens: how prompts count, and the pre-encoded pieces of its plain answers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import itertools
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Final, Literal
+from typing import Final
 
 import msgspec
+
+from orchestrator.enginesim.bodies import ChatRequest, CompletionRequest, Message, Prompt, TextPart, prompts
 
 WORDS: Final = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog")
 _TEMPLATE_TOKENS: Final = 3  # chat template tokens around each message, and once more for the assistant turn
@@ -16,58 +18,10 @@ _TEMPLATE_IDS: Final = (1, 2, 3)
 _VOCAB: Final = 32_000
 # A JSON-mode answer of n tokens: _JSON_OPEN, n - 2 words, _JSON_CLOSE; one token is too few to open
 # and close a key, so it is _JSON_EMPTY. Either way the tokens concatenate to a JSON object, however small
-# max_tokens is; finish_reason stays "length", as for every simulated answer.
+# max_tokens is.
 _JSON_OPEN: Final = '{"text": "'
 _JSON_CLOSE: Final = '"}'
 _JSON_EMPTY: Final = "{}"
-
-
-class TextPart(msgspec.Struct):
-    text: str | None = None  # image and audio parts carry no text and count for nothing
-
-
-class Message(msgspec.Struct):
-    content: str | list[TextPart] | None = None
-
-
-class StreamOptions(msgspec.Struct):
-    include_usage: bool | None = None
-
-
-class ResponseFormat(msgspec.Struct):
-    # json_schema's schema is not followed: the answer is always {"text": ...}, a JSON object all the same.
-    type: Literal["text", "json_object", "json_schema"]
-
-
-Prompt = str | list[str | int | list[int]]
-
-
-class Sampling(msgspec.Struct):
-    model: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    truncate_prompt_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None  # vLLM's: the prompt's last k tokens
-    response_format: ResponseFormat | None = None
-
-    @property
-    def json_object(self) -> bool:
-        return self.response_format is not None and self.response_format.type != "text"
-
-
-class ChatRequest(Sampling, kw_only=True):
-    messages: list[Message]
-
-
-class CompletionRequest(Sampling, kw_only=True):
-    prompt: Prompt
-
-
-class TokenizeRequest(msgspec.Struct):
-    model: str | None = None
-    prompt: Prompt | None = None
-    messages: list[Message] | None = None
 
 
 def _content_words(content: str | list[TextPart] | None) -> list[str]:
@@ -83,12 +37,7 @@ def chat_tokens(request: ChatRequest) -> int:
 
 
 def prompt_tokens(request: CompletionRequest) -> int:
-    prompt = request.prompt
-    if isinstance(prompt, str):
-        return len(prompt.split())
-    return sum(
-        len(item.split()) if isinstance(item, str) else 1 if isinstance(item, int) else len(item) for item in prompt
-    )
+    return sum(len(ids) for ids in completion_prompt_ids(request.prompt))
 
 
 def _word_id(word: str) -> int:
@@ -103,15 +52,21 @@ def chat_ids(messages: list[Message]) -> list[int]:
     return ids + list(_TEMPLATE_IDS)
 
 
+def completion_prompt_ids(prompt: Prompt | None) -> list[list[int]]:
+    """The token ids of each prompt of a completion (a word a token; ids as given)."""
+    return [[_word_id(w) for w in p.split()] if isinstance(p, str) else p for p in prompts(prompt)]
+
+
 def prompt_ids(prompt: Prompt) -> list[int]:
+    """The token ids of /tokenize's prompt: every piece of it, one after the other."""
     ids: list[int] = []
     for item in [prompt] if isinstance(prompt, str) else prompt:
         if isinstance(item, str):
             ids += (_word_id(word) for word in item.split())
         elif isinstance(item, int):
             ids.append(item)
-        else:
-            ids += item
+        elif isinstance(item, list):
+            ids += (i for i in item if isinstance(i, int))
     return ids
 
 
@@ -122,30 +77,33 @@ class AnswerShape:
     id_prefix: bytes
     object_: bytes
     chunk_object: bytes
-    answer: tuple[bytes, bytes]  # around the JSON text of the non-stream choice
-    delta: tuple[bytes, bytes, bytes]  # before a stream token's JSON text, after it, and after the last one
+    answer: tuple[bytes, bytes]  # around the JSON text of the non-stream choice, up to its finish reason
+    delta: tuple[bytes, bytes, bytes]  # before a stream token's JSON text, after it, and after the last one's
     token: tuple[bytes, ...]  # stream choice per word of WORDS, finish_reason null
-    last: tuple[bytes, ...]  # the same with finish_reason "length"
     prelude: bytes  # choice of the chunk sent before the first token; empty for none
 
 
 _NULL: Final = b',"logprobs":null,"finish_reason":null}'
-_LENGTH: Final = b',"logprobs":null,"finish_reason":"length"}'
+_FINISHED: Final = b',"logprobs":null,"finish_reason":'  # then the reason and `_STOP_REASON`
+_STOP_REASON: Final = b',"stop_reason":null}'
+
+
+def finished(shape: bytes, reason: str) -> bytes:
+    """`shape` (an AnswerShape's piece that ends a last choice) closed with the finish reason."""
+    return shape + b'"' + reason.encode() + b'"' + _STOP_REASON
 
 
 def _kind(
     *, id_prefix: bytes, object_: bytes, chunk_object: bytes, answer: bytes, delta: bytes, close: bytes, prelude: bytes
 ) -> AnswerShape:
     """`answer` and `delta` open the choice up to its text; `close` ends what they opened around the text."""
-    after, after_last = close + _NULL, close + _LENGTH
     return AnswerShape(
         id_prefix=id_prefix,
         object_=object_,
         chunk_object=chunk_object,
-        answer=(answer, after_last),
-        delta=(delta, after, after_last),
-        token=tuple(delta + msgspec.json.encode(" " + word) + after for word in WORDS),
-        last=tuple(delta + msgspec.json.encode(" " + word) + after_last for word in WORDS),
+        answer=(answer, close + _FINISHED),
+        delta=(delta, close + _NULL, close + _FINISHED),
+        token=tuple(delta + msgspec.json.encode(" " + word) + close + _NULL for word in WORDS),
         prelude=prelude,
     )
 
@@ -179,13 +137,20 @@ def _json_tokens(completion: int) -> list[str]:
     return [_JSON_OPEN, *words, _JSON_CLOSE]
 
 
-def choices(kind: AnswerShape, completion: int, json_object: bool) -> Iterable[bytes]:
-    """The stream choice of each of the completion's tokens, the last one finishing with "length"."""
+def token_texts(completion: int, json_object: bool, start: int = 0) -> list[str]:
+    """The text of each token of an answer; `start` shifts the words (each of n choices starts elsewhere)."""
     if json_object:
-        before, after, after_last = kind.delta
+        return _json_tokens(completion)
+    return [" " + WORDS[(start + i) % len(WORDS)] for i in range(completion)]
+
+
+def choices(kind: AnswerShape, completion: int, json_object: bool, finish: str) -> Iterable[bytes]:
+    """The stream choice of each of the completion's tokens, the last one finishing with `finish`."""
+    before, _, after_last = kind.delta
+    if json_object:
         *tokens, last = (msgspec.json.encode(token) for token in _json_tokens(completion))
-        return [*(before + token + after for token in tokens), before + last + after_last]
-    last = kind.last[(completion - 1) % len(WORDS)]
+        return [*(before + token + kind.delta[1] for token in tokens), finished(before + last + after_last, finish)]
+    last = finished(before + msgspec.json.encode(" " + WORDS[(completion - 1) % len(WORDS)]) + after_last, finish)
     return itertools.chain(itertools.islice(itertools.cycle(kind.token), completion - 1), (last,))
 
 
@@ -200,7 +165,5 @@ class Texts:
         cache = self.json if json_object else self.plain
         text = cache.get(completion)
         if text is None:
-            words = (" " + WORDS[i % len(WORDS)] for i in range(completion))
-            tokens = _json_tokens(completion) if json_object else words
-            text = cache[completion] = msgspec.json.encode("".join(tokens))
+            text = cache[completion] = msgspec.json.encode("".join(token_texts(completion, json_object)))
         return text

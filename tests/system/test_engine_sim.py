@@ -139,7 +139,13 @@ async def test_chat_completion_shape(base: str, http: aiohttp.ClientSession) -> 
     [choice] = body.pop("choices")
     content = choice["message"].pop("content")
     assert len(words(content)) == 5
-    assert choice == {"index": 0, "message": {"role": "assistant"}, "logprobs": None, "finish_reason": "length"}
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant"},
+        "logprobs": None,
+        "finish_reason": "length",
+        "stop_reason": None,
+    }
     assert body == {
         "object": "chat.completion",
         "model": MODEL,
@@ -169,16 +175,17 @@ async def test_text_completion_shape(base: str, http: aiohttp.ClientSession) -> 
     assert isinstance(body.pop("created"), int)
     [choice] = body.pop("choices")
     assert len(words(choice.pop("text"))) == 3
-    assert choice == {"index": 0, "logprobs": None, "finish_reason": "length"}
+    assert choice == {"index": 0, "logprobs": None, "finish_reason": "length", "stop_reason": None}
     assert body == {
         "object": "text_completion",
         "model": MODEL,
         "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
     }
-    # Token-id prompts count one token per id; the model may be left out.
-    status, body = await post(http, f"{base}/v1/completions", {"prompt": [[1, 2, 3], "a b"]})
+    # Token-id prompts count one token per id; a list of prompts is a choice each; the model may be left out.
+    status, body = await post(http, f"{base}/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 2})
     assert status == 200
-    assert body["usage"]["prompt_tokens"] == 5
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
@@ -274,23 +281,30 @@ async def test_wrong_model_is_404(base: str, http: aiohttp.ClientSession) -> Non
 
 
 @pytest.mark.parametrize(
-    ("path", "body"),
+    ("path", "body", "kind"),
     [
-        ("/v1/chat/completions", b"{not json"),
-        ("/v1/chat/completions", b'{"model": "sim-model"}'),
-        ("/v1/chat/completions", b'{"messages": "not a list"}'),
-        ("/v1/chat/completions", b'{"messages": [], "max_tokens": 0}'),
-        ("/v1/chat/completions", b'{"messages": [], "max_tokens": 5000}'),
-        ("/v1/completions", b'{"model": "sim-model"}'),
-        ("/v1/completions", b""),
+        # The request model's errors (pydantic's, through FastAPI): type "Bad Request".
+        ("/v1/chat/completions", b"{not json", "Bad Request"),
+        ("/v1/chat/completions", b'{"model": "sim-model"}', "Bad Request"),
+        ("/v1/chat/completions", b'{"messages": "not a list"}', "Bad Request"),
+        ("/v1/chat/completions", b'{"messages": [{"content": "no role"}]}', "Bad Request"),
+        ("/v1/completions", b'{"model": "sim-model"}', "Bad Request"),
+        ("/v1/completions", b'{"prompt": [[1, 2], "mixed"]}', "Bad Request"),
+        ("/v1/completions", b"", "Bad Request"),
+        ("/v1/completions", b"[]", "Bad Request"),
+        # The serving code's: type "BadRequestError".
+        ("/v1/chat/completions", b'{"messages": [], "max_tokens": 0}', "BadRequestError"),
+        ("/v1/chat/completions", b'{"messages": [], "max_tokens": 5000}', "BadRequestError"),
     ],
 )
-async def test_bad_requests_are_400(base: str, http: aiohttp.ClientSession, path: str, body: bytes) -> None:
+async def test_bad_requests_are_400(
+    base: str, http: aiohttp.ClientSession, path: str, body: bytes, kind: str
+) -> None:
     async with http.post(f"{base}{path}", data=body, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 400
         error = (await r.json())["error"]
     assert isinstance(error.pop("message"), str)
-    assert error == {"type": "BadRequestError", "param": None, "code": 400}
+    assert error == {"type": kind, "param": None, "code": 400}
 
 
 async def test_dead_toggles_health_and_completions(base: str, http: aiohttp.ClientSession) -> None:
