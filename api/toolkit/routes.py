@@ -29,6 +29,8 @@ from orchestrator.surfaces.toolkit.tables import TableService
 # Ids outside the column's range are refused with a 400 rather than reaching the database.
 PathId = Annotated[int, Parameter(ge=1, le=s.MAX_ID)]
 
+_PROBED_FOR_READINESS = frozenset({ReplicaStatus.STARTING, ReplicaStatus.UNHEALTHY})
+
 _KEY_MESSAGES = {
     KeyRemoval.DELETED: "API key deleted successfully",
     KeyRemoval.DISABLED: "API key disabled successfully",
@@ -150,10 +152,18 @@ def _replica_out(r: Replica) -> s.ReplicaOut:
         run_command=r.run_command,
         key_name=r.key_name,
         vm_id=r.vm_id,
-        error_message=r.error_message,
+        error_message=_error_message(r),
         status=r.status,
         create_vm=r.create_vm,
     )
+
+
+def _error_message(r: Replica) -> str | None:
+    """Why the replica failed, or, while it is not ready, what its probes find wrong (the toolkit's UI shows this
+    field only)."""
+    if r.error_message or not r.probe_error or r.status not in _PROBED_FOR_READINESS:
+        return r.error_message
+    return f"not ready: {r.probe_error}"
 
 
 def _detail_out(d: ReplicaDetail) -> s.ReplicaDetailOut:
@@ -173,6 +183,9 @@ def _detail_out(d: ReplicaDetail) -> s.ReplicaDetailOut:
         engine=s.EngineOut.of(EngineSpec.from_json(r.engine_spec)) if r.engine_spec else None,
         bootstrap=_bootstrap_steps(d.events),
         engine_log=r.engine_log,
+        probe_error=r.probe_error,
+        probe_error_since=r.probe_error_since,
+        ready_deadline=r.ready_deadline,
         security_rules=[s.SecurityRuleOut.model_validate(rule, from_attributes=True) for rule in d.rules],
         events=[s.EventOut.model_validate(e, from_attributes=True) for e in d.events],
     )

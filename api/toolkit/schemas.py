@@ -322,5 +322,11 @@ class ReplicaDetailOut(ReplicaOut):
     bootstrap: list[BootstrapStepOut]
     engine_log: str | None
     """The engine's last log lines, read over SSH before it closed (secrets redacted)."""
+    probe_error: str | None
+    """What the latest health probe found wrong (which request, what the engine answered); None once one passes."""
+    probe_error_since: datetime | None
+    """Since when the probes fail with `probe_error`."""
+    ready_deadline: datetime | None
+    """STARTING with a failing probe: when the startup grace runs out and the replica is terminated (never_ready)."""
     security_rules: list[SecurityRuleOut]
     events: list[EventOut]

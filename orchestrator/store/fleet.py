@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, exists, func, insert, update
@@ -26,6 +27,7 @@ from orchestrator.store.tables import (
     ReplicaEvent,
     ReplicaSecurityRule,
     row_id,
+    storable,
     utcnow,
 )
 
@@ -245,6 +247,30 @@ class FleetStore:
                 await s.exec(delete(ReplicaSecurityRule).where(col(ReplicaSecurityRule.replica_id) == replica_id))
             await s.commit()
             return moved
+
+    async def note_probe(
+        self,
+        replica_id: int,
+        status: ReplicaStatus,
+        *,
+        probe_error: str | None,
+        probe_error_since: datetime | None,
+        ready_deadline: datetime | None,
+    ) -> bool:
+        """What the health probe found, written only while the replica is still in the `status` it was probed in
+        (a replica moved meanwhile keeps what its move wrote). False if it had moved."""
+        async with self._sessions() as s:
+            result = await s.exec(
+                update(Replica)
+                .where(col(Replica.id) == replica_id, col(Replica.status) == status)
+                .values(
+                    probe_error=storable(probe_error),
+                    probe_error_since=probe_error_since,
+                    ready_deadline=ready_deadline,
+                )
+            )
+            await s.commit()
+            return _rowcount(result) == 1
 
     async def record(self, replica_id: int, reason: str, message: str | None = None) -> None:
         """An event that is not a move (a bootstrap step, re-applied rules): from and to are the current status."""

@@ -132,6 +132,12 @@ class Replica(SQLModel, table=True):
     """The engine spec's secret environment (JSON object), encrypted at rest."""
     engine_log: str | None = Field(default=None, sa_column=Column(Text))
     """Managed: the engine's last log lines, read over SSH before SSH closes (secrets redacted)."""
+    probe_error: str | None = Field(default=None, sa_column=Column(Text))
+    """What the latest health probe found wrong (None once a probe passes, and always when READY)."""
+    probe_error_since: datetime | None = None
+    """Since when the probes fail with `probe_error`: its first probe of a run of the same error."""
+    ready_deadline: datetime | None = None
+    """STARTING with a failing probe: when the startup grace runs out and the replica is terminated (never_ready)."""
     created_at: datetime = Field(default_factory=utcnow)
     delete_requested_at: datetime | None = None
     """Set when an admin deletes the replica: it leaves the toolkit listings at once, the row stays."""
