@@ -465,6 +465,7 @@ def test_command_line_options() -> None:
         "--tokens-per-s",
         "--ttft",
         "--max-tokens",
+        "--max-logprobs",
         "--fail-rate",
         "--hang",
         "--crash-after",
