@@ -297,9 +297,7 @@ async def test_wrong_model_is_404(base: str, http: aiohttp.ClientSession) -> Non
         ("/v1/chat/completions", b'{"messages": [], "max_tokens": 5000}', "BadRequestError"),
     ],
 )
-async def test_bad_requests_are_400(
-    base: str, http: aiohttp.ClientSession, path: str, body: bytes, kind: str
-) -> None:
+async def test_bad_requests_are_400(base: str, http: aiohttp.ClientSession, path: str, body: bytes, kind: str) -> None:
     async with http.post(f"{base}{path}", data=body, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 400
         error = (await r.json())["error"]
