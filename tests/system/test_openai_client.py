@@ -6,6 +6,7 @@ and through the gateway, and the answers (less their ids and times) and the erro
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -192,8 +193,15 @@ GATEWAY_GAPS = {  # case: why the gateway does not answer as vLLM; xfail(strict)
 }
 
 
-def known_gap(request: pytest.FixtureRequest, case: str) -> None:
-    if (reason := GATEWAY_GAPS.get(case)) is not None:
+TOOLKIT_GAPS = {
+    "guided_regex_not_a_string": "the toolkit route checks guided_regex itself: {errors: {guided_regex: [...]}}",
+    "stream_options_without_stream": "the toolkit route answers 200 to stream_options without stream; vLLM 400",
+}
+
+
+def known_gap(request: pytest.FixtureRequest, case: str, alias: Alias | None = None) -> None:
+    reason = GATEWAY_GAPS.get(case) or (TOOLKIT_GAPS.get(case) if alias and alias.name == "toolkit" else None)
+    if reason is not None:
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"gateway: {reason}"))
 
 
@@ -225,6 +233,18 @@ COMPLETION_ERRORS: dict[str, dict[str, Any]] = {
 }
 
 
+_INPUT = re.compile(r", 'input': .*?(?=, 'ctx': |\}(?:, \{|\]$))")
+
+
+def comparable(error: openai.APIStatusError) -> tuple[int, Any]:
+    """Status and body; a validation error's echo of the request ('input') is left out, since a gateway that
+    re-encodes a body (the toolkit route, a model in the path) sends the same request with its keys reordered."""
+    body = error.body
+    if isinstance(body, dict) and body.get("type") == "Bad Request":
+        body = {**body, "message": _INPUT.sub("", body["message"])}
+    return error.status_code, body
+
+
 def refusal(call: Callable[[], Any]) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as caught:
         call()
@@ -246,12 +266,12 @@ def _cases(aliases: list[Any], cases: dict[str, dict[str, Any]]) -> list[Any]:
 
 @pytest.mark.parametrize(("alias", "case"), _cases(CHAT_ALIASES, CHAT_ERRORS))
 def test_chat_refusals(setup: Setup, alias: Alias, case: str, request: pytest.FixtureRequest) -> None:
-    known_gap(request, case)
+    known_gap(request, case, alias)
     extra = CHAT_ERRORS[case]
     engine = refusal(lambda: _chat_error(setup.engine, extra))
     assert isinstance(engine, openai.BadRequestError | openai.NotFoundError)
     gateway = refusal(lambda: _chat_error(setup.gateway(alias), extra))
-    assert (gateway.status_code, gateway.body) == (engine.status_code, engine.body)
+    assert comparable(gateway) == comparable(engine)
     assert type(gateway) is type(engine)
 
 
@@ -267,7 +287,7 @@ def test_completion_refusals(setup: Setup, alias: Alias, case: str, request: pyt
 
     engine = refusal(lambda: call(setup.engine))
     gateway = refusal(lambda: call(setup.gateway(alias)))
-    assert (gateway.status_code, gateway.body) == (engine.status_code, engine.body)
+    assert comparable(gateway) == comparable(engine)
     assert type(gateway) is type(engine)
 
 
