@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -12,13 +12,23 @@ from infra.vm import Rule
 from orchestrator.domain.engine_spec import EngineSpec
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
 from orchestrator.domain.lifecycle import REASON_DELETED
-from orchestrator.fleet.security_rules import ConnectionSources, Phase, rows_of, rule_problems
+from orchestrator.fleet.security_rules import (
+    ConnectionSources,
+    Phase,
+    replaced_message,
+    replaced_rules,
+    rows_of,
+    rule_problems,
+)
 from orchestrator.platform.outbound import OutboundPolicy
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.store.fleet import FleetStore, ReplicaDetail
 from orchestrator.store.tables import Replica, ReplicaSecurityRule
 
 log = structlog.get_logger(__name__)
+
+REASON_RULES_REPLACED = "rules_replaced"
+"""An event naming the admin's world-open rules on a managed port, which the orchestrator's own rules replace."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +108,23 @@ class ReplicaService:
             spec.vm.security_rules, self._network, engine_port=spec.vm.port, ssh_port=self._ssh_port
         ):
             raise InvalidInput("vm_creation_details.security_rules", " ".join(problems))
+        notes: list[tuple[str, str]] = []
+        if spec.vm is not None and (
+            replaced := replaced_rules(spec.vm.security_rules, engine_port=spec.vm.port, ssh_port=self._ssh_port)
+        ):
+            # Written with the replica: an admin reading its rules must learn why theirs are not among them.
+            notes.append((REASON_RULES_REPLACED, replaced_message(replaced, self._network, engine_port=spec.vm.port)))
+            gone = {i for i, _ in replaced}
+            kept = tuple(r for i, r in enumerate(spec.vm.security_rules) if i not in gone)
+            spec = replace(spec, vm=replace(spec.vm, security_rules=kept))
         replica, rules = _rows(model_id, spec)
         if spec.engine_api_key:
             replica.engine_key_sealed = self._box.seal(spec.engine_api_key)
         if spec.vm is not None and spec.vm.engine_secrets:
             replica.engine_secrets_sealed = self._box.seal(json.dumps(dict(spec.vm.engine_secrets)))
         kind = "managed" if spec.vm else "external"
-        replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered")
-        log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind)
+        replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered", notes)
+        log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind, rules_replaced=len(notes))
         self._nudge()
         return replica_id
 

@@ -4,6 +4,8 @@ Bootstrap (and maintenance): SSH open to the orchestrator only, the engine port 
 prober shares the gateway's path). Serving: the engine port to the gateway only, SSH closed. The admin's own
 rules (`vm_creation_details.security_rules`) are kept in every phase, so they are judged by what they open: no
 set of them may open SSH beyond the orchestrator's CIDR or the engine port beyond the gateway's (`rule_problems`).
+A rule opening exactly one of those ports to everyone (what the toolkit's UI always sends) is the exception: it
+is replaced by the orchestrator's own rules for that port, and never stored (`replaced_rules`).
 """
 
 from __future__ import annotations
@@ -101,15 +103,19 @@ def prefix_network(prefix: str, ethertype: str) -> Net:
 def rule_problems(rules: Sequence[Rule], net: ConnectionSources, *, engine_port: int, ssh_port: int) -> list[str]:
     """What is wrong with the admin's `rules` for a replica whose engine listens on `engine_port`: values that no
     firewall would take, and managed ports opened beyond who may reach them (SSH: the orchestrator, the engine
-    port: the gateway). Empty when nothing is. Each rule must stay inside that CIDR, so their union does too."""
+    port: the gateway). Empty when nothing is. Each rule must stay inside that CIDR, so their union does too;
+    `replaced_rules` are not judged, since they are never applied."""
     problems: list[str] = []
     nets: list[Net | None] = []
     for i, rule in enumerate(rules):
         try:
-            nets.append(_checked(rule))
+            net_of_rule = _checked(rule)
         except ValueError as e:
             problems.append(f"security_rules[{i}]: {e}")
             nets.append(None)
+            continue
+        # A replaced rule opens nothing: the orchestrator's own rules govern its port.
+        nets.append(None if _replaced(rule, net_of_rule, (engine_port, ssh_port)) else net_of_rule)
     managed = (
         (ssh_port, f"SSH (port {ssh_port})", "the orchestrator", net.orchestrator_cidr),
         (engine_port, f"The engine port ({engine_port})", "the gateway", net.gateway_cidr),
@@ -127,6 +133,46 @@ def rule_problems(rules: Sequence[Rule], net: ConnectionSources, *, engine_port:
                 f"{what} would be open to {_union(n for _, n in beyond)} by {by}; only {who} ({cidr}) may reach it."
             )
     return problems
+
+
+def replaced_rules(rules: Sequence[Rule], *, engine_port: int, ssh_port: int) -> list[tuple[int, Rule]]:
+    """The admin's rules (with their index) that open one managed port, SSH or the engine port, alone and to
+    everyone (a prefix of length 0, IPv4 or IPv6): the toolkit's UI always sends them, and the toolkit replaces
+    them with its own. So does the orchestrator: its phase rules open those ports to whom they belong, and these
+    are never stored or applied. A rule that opens a managed port to a narrower network, or other ports beside it,
+    is the admin's to fix (`rule_problems`)."""
+    replaced = []
+    for i, rule in enumerate(rules):
+        try:
+            net = _checked(rule)
+        except ValueError:
+            continue
+        if _replaced(rule, net, (engine_port, ssh_port)):
+            replaced.append((i, rule))
+    return replaced
+
+
+def replaced_message(replaced: Sequence[tuple[int, Rule]], net: ConnectionSources, *, engine_port: int) -> str:
+    """What a replica's event says of its `replaced_rules`."""
+    named = ", ".join(
+        f"security_rules[{i}] ({r.direction} {r.protocol} {r.ethertype} {r.remote_ip_prefix} port {r.port_range_min})"
+        for i, r in replaced
+    )
+    return (
+        f"{named}: open to everyone, replaced by the orchestrator's own rules and never applied "
+        f"(SSH is opened to the orchestrator ({net.orchestrator_cidr}) only, while it bootstraps or recovers the VM; "
+        f"the engine port {engine_port} to the gateway ({net.gateway_cidr}) only)."
+    )
+
+
+def _replaced(rule: Rule, net: Net, ports: tuple[int, ...]) -> bool:
+    return (
+        net.prefixlen == 0
+        and rule.direction == "ingress"
+        and rule.protocol in OPENING_PROTOCOLS
+        and rule.port_range_min == rule.port_range_max
+        and rule.port_range_min in ports
+    )
 
 
 def _checked(rule: Rule) -> Net:

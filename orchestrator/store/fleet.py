@@ -164,8 +164,15 @@ class FleetStore:
         async with self._sessions() as s:
             return bool((await s.exec(query)).one())
 
-    async def create_replica(self, replica: Replica, rules: Sequence[ReplicaSecurityRule], message: str) -> int:
-        """Insert a PENDING replica, its desired rules and its first event in one transaction."""
+    async def create_replica(
+        self,
+        replica: Replica,
+        rules: Sequence[ReplicaSecurityRule],
+        message: str,
+        notes: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """Insert a PENDING replica, its desired rules, its first event and its `notes` (events that are not
+        moves, as (reason, message), after the first) in one transaction."""
         async with self._sessions() as s:
             replica.status = ReplicaStatus.PENDING
             s.add(replica)
@@ -177,6 +184,17 @@ class FleetStore:
             s.add(
                 ReplicaEvent(replica_id=replica.id, to_status=ReplicaStatus.PENDING, reason="created", message=message)
             )
+            await s.flush()  # the creation's event first, by id, as the detail lists them
+            for reason, note in notes:
+                s.add(
+                    ReplicaEvent(
+                        replica_id=replica.id,
+                        from_status=ReplicaStatus.PENDING,
+                        to_status=ReplicaStatus.PENDING,
+                        reason=reason,
+                        message=note,
+                    )
+                )
             await s.commit()
             return replica.id
 

@@ -17,6 +17,8 @@ from orchestrator.fleet.security_rules import (
     allows,
     phase_rules,
     prefix_network,
+    replaced_message,
+    replaced_rules,
     rows_of,
     rule_of,
     rule_problems,
@@ -51,9 +53,55 @@ def test_one_half_alone_is_refused_too() -> None:
 
 def test_the_ssh_port_is_the_backends() -> None:
     # The sandbox's sshd listens on 2222: that is the port to guard there, and 22 is just another port.
-    assert problems(tcp("0.0.0.0/0", SANDBOX_SSH))
-    assert problems(tcp("0.0.0.0/0", HYPERSTACK_SSH)) == []
-    assert problems(tcp("0.0.0.0/0", HYPERSTACK_SSH), ssh_port=HYPERSTACK_SSH)
+    assert problems(tcp("8.8.8.0/24", SANDBOX_SSH))
+    assert problems(tcp("8.8.8.0/24", HYPERSTACK_SSH)) == []
+    assert problems(tcp("8.8.8.0/24", HYPERSTACK_SSH), ssh_port=HYPERSTACK_SSH)
+
+
+def test_a_managed_port_opened_to_everyone_alone_is_replaced_not_refused() -> None:
+    # What the toolkit's UI always sends: the engine port and 22, each alone, to 0.0.0.0/0.
+    ui = [tcp("0.0.0.0/0", ENGINE), tcp("0.0.0.0/0", HYPERSTACK_SSH), tcp("203.0.113.7/32", 9400)]
+    assert problems(*ui, ssh_port=HYPERSTACK_SSH) == []
+    assert replaced_rules(ui, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH) == [(0, ui[0]), (1, ui[1])]
+    v6 = tcp("::/0", SANDBOX_SSH, ethertype="IPv6")
+    assert problems(v6) == []
+    assert replaced_rules([v6], engine_port=ENGINE, ssh_port=SANDBOX_SSH) == [(0, v6)]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        tcp("8.8.8.0/24", HYPERSTACK_SSH),  # too wide, but not everyone: the admin meant it
+        tcp("0.0.0.0/1", ENGINE),
+        tcp("0.0.0.0/0", ENGINE, ENGINE + 1),  # another port beside it
+        tcp("0.0.0.0/0", 1, 65535),
+    ],
+)
+def test_a_managed_port_opened_too_wide_otherwise_is_still_refused(rule: Rule) -> None:
+    assert problems(rule, ssh_port=HYPERSTACK_SSH)
+    assert replaced_rules([rule], engine_port=ENGINE, ssh_port=HYPERSTACK_SSH) == []
+
+
+def test_only_tcp_ingress_on_a_managed_port_is_replaced() -> None:
+    others = [
+        Rule("ingress", "udp", "IPv4", "0.0.0.0/0", ENGINE, ENGINE),
+        Rule("egress", "tcp", "IPv4", "0.0.0.0/0", ENGINE, ENGINE),
+        tcp("0.0.0.0/0", 9400),  # not managed: the admin's to open
+        tcp("0.0.0.0/0", HYPERSTACK_SSH),  # 22 is just another port on the sandbox
+        Rule("ingress", "tcp", "IPv6", "0.0.0.0/0", ENGINE, ENGINE),  # no firewall would take it
+    ]
+    assert replaced_rules(others, engine_port=ENGINE, ssh_port=SANDBOX_SSH) == []
+
+
+def test_the_replacement_is_named_in_one_message() -> None:
+    ui = [tcp("0.0.0.0/0", ENGINE), tcp("0.0.0.0/0", HYPERSTACK_SSH)]
+    replaced = replaced_rules(ui, engine_port=ENGINE, ssh_port=HYPERSTACK_SSH)
+    assert replaced_message(replaced, LOCAL, engine_port=ENGINE) == (
+        "security_rules[0] (ingress tcp IPv4 0.0.0.0/0 port 8000), "
+        "security_rules[1] (ingress tcp IPv4 0.0.0.0/0 port 22): open to everyone, replaced by the orchestrator's "
+        "own rules and never applied (SSH is opened to the orchestrator (127.0.0.2/32) only, while it bootstraps or "
+        "recovers the VM; the engine port 8000 to the gateway (127.0.0.1/32) only)."
+    )
 
 
 def test_a_range_covering_both_ports_is_refused_for_each() -> None:
@@ -74,7 +122,7 @@ def test_any_rule_reaching_past_the_orchestrator_is_refused(prefix: str, low: in
 def test_ipv6_halves_are_refused_and_summed_apart_from_ipv4() -> None:
     [problem] = problems(tcp("::/1", ENGINE, ethertype="IPv6"), tcp("8000::/1", ENGINE, ethertype="IPv6"))
     assert problem.startswith("The engine port (8000) would be open to ::/0 by")
-    [both] = problems(tcp("0.0.0.0/0", ENGINE), tcp("::/0", ENGINE, ethertype="IPv6"))
+    [both] = problems(tcp("0.0.0.0/0", ENGINE, ENGINE + 1), tcp("::/0", ENGINE, ENGINE + 1, ethertype="IPv6"))
     assert "open to 0.0.0.0/0, ::/0 by security_rules[0], security_rules[1]" in both
 
 
@@ -147,6 +195,9 @@ _rules = st.builds(
 def test_accepted_rules_together_never_let_a_stranger_reach_either_port(rules: list[Rule], data: st.DataObject) -> None:
     if problems(*rules):
         return
+    # What is applied: the accepted rules less those the orchestrator's own replace.
+    replaced = {i for i, _ in replaced_rules(rules, engine_port=ENGINE, ssh_port=SANDBOX_SSH)}
+    rules = [r for i, r in enumerate(rules) if i not in replaced]
     # Strangers where the rules point: each rule's edges, and anywhere.
     edges = [str(a) for r in rules for n in [ipaddress.ip_network(r.remote_ip_prefix)] for a in (n[0], n[-1])]
     strangers = [*edges, data.draw(st.ip_addresses(v=4).map(str))]
