@@ -1,7 +1,8 @@
 """Request bodies of the gateway: parsed with msgspec, only the fields the gateway needs or must check.
 
 The bytes the client sent are what the replica gets, unless the gateway must change them (the model named
-in the path, usage asked for on a stream); then the body is re-encoded once.
+in the path, usage asked for on a stream); then the body is re-encoded once. The toolkit's route checks every
+field first, as the toolkit does (`api.gateway.toolkit_schema`), and always sends what that check loaded.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from typing import Annotated, Any
 
 import msgspec
 
+from api.gateway.toolkit_schema import Invalid, load_chat
 from orchestrator.billing.records import CallKind
 
 
 class BadBody(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, errors: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.errors = errors
+        """Every error of the body by field, in marshmallow's shape (the toolkit's route); None: only `message`."""
 
 
 class _StreamOptions(msgspec.Struct):
@@ -84,9 +88,14 @@ class Parsed:
     """How many outputs the answer has: `n`, times the prompts of a completion given a list of them."""
     media: int = 0
     """Parts of the messages that are not text (images, audio...): their tokens are not bounded by their bytes."""
+    raw_stream_response: bool | None = None
+    """The toolkit's route: a stream as SSE events (True) or as bare JSON lines (False); None on other routes."""
 
 
 def parse(raw: bytes, kind: CallKind, *, path_model: str | None, toolkit: bool) -> Parsed:
+    raw_stream: bool | None = None
+    if toolkit and kind == "chat":
+        raw_stream, raw = _toolkit_chat(raw)
     try:
         req: _Chat | _Completion = _CHAT.decode(raw) if kind == "chat" else _COMPLETION.decode(raw)
     except msgspec.ValidationError as e:
@@ -122,8 +131,19 @@ def parse(raw: bytes, kind: CallKind, *, path_model: str | None, toolkit: bool) 
         limit = COMPLETION_DEFAULT_MAX_TOKENS
     outputs = (req.n or 1) * (_prompts(req.prompt) if isinstance(req, _Completion) else 1)
     media = sum(_media(m.content) for m in req.messages) if isinstance(req, _Chat) else 0
-    # The toolkit forces usage on its streams; OpenAI-style clients get the usage chunk only if they asked.
-    return Parsed(model, req.stream, wants_usage or toolkit, body, limit, outputs, media)
+    # The toolkit's streams never show the usage chunk (it has no choices); OpenAI-style clients get it if they asked.
+    return Parsed(model, req.stream, wants_usage and not toolkit, body, limit, outputs, media, raw_stream)
+
+
+def _toolkit_chat(raw: bytes) -> tuple[bool, bytes]:
+    """A chat body checked field by field as the toolkit checks it: its `raw_stream_response` and what the replica
+    gets (converted values, without `raw_stream_response`, usage asked for on a stream)."""
+    try:
+        chat = load_chat(_document(raw, any_json=True))
+    except Invalid as e:
+        errors = e.messages if isinstance(e.messages, dict) else {"_schema": e.messages}
+        raise BadBody("Invalid request body.", errors=errors) from None
+    return chat.raw_stream_response, msgspec.json.encode(chat.document)
 
 
 def _prompts(prompt: str | list[Any] | None) -> int:
@@ -151,12 +171,15 @@ def _check_chat(req: _Chat, toolkit: bool) -> None:
         raise BadBody("top_logprobs can only be set if logprobs is True", "top_logprobs")
 
 
-def _document(body: bytes) -> dict[str, Any]:
-    """The whole body as a dict, to change it: its unknown fields are read now, which the typed decode skipped."""
+def _document(body: bytes, *, any_json: bool = False) -> Any:
+    """The whole body as a dict, to change it: its unknown fields are read now, which the typed decode skipped
+    (`any_json`: whatever JSON value it is, for the toolkit's schema to judge)."""
     try:
-        doc: dict[str, Any] = msgspec.json.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        doc = msgspec.json.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as e:
         raise BadBody(f"Invalid JSON body: {type(e).__name__}") from e
+    if not any_json and not isinstance(doc, dict):
+        raise BadBody("Invalid JSON body: not an object")
     return doc
 
 

@@ -94,7 +94,8 @@ def toolkit_error(e: Exception) -> Answer:  # noqa: PLR0911  (one answer per err
         case NoReplica() | UpstreamFailed():
             return Answer(400, b'{"error":"No Replica available / ready."}')
         case BadBody():
-            return Answer(400, msgspec.json.encode({"errors": {e.param or "_schema": [e.message]}}))
+            errors = e.errors if e.errors is not None else {e.param or "_schema": [e.message]}
+            return Answer(400, msgspec.json.encode({"errors": errors}))
         case TooLarge():
             return Answer(413, msgspec.json.encode({"error": str(e)}))
     raise TypeError(f"not a gateway error: {e!r}")

@@ -122,17 +122,84 @@ async def relay_whole(
     return status
 
 
+class OpenAIStream:
+    """The engine's events as they came (OpenAI's SSE); the usage-only chunk only for a client that asked for it.
+    `[DONE]` is held back until the call is accounted for."""
+
+    content_type = b"text/event-stream"
+
+    __slots__ = ("_keep_usage", "_tail")
+
+    def __init__(self, *, keep_usage_chunk: bool) -> None:
+        self._keep_usage, self._tail = keep_usage_chunk, b""
+
+    def frame(self, block: bytes, outcome: Outcome) -> tuple[bytes, bytes]:
+        """(what the client gets, what the record keeps) of a block of whole events; the usage goes to `outcome`."""
+        if b'"usage":{' in block:  # only the final chunk carries usage; find it without parsing the rest
+            block, outcome.usage = _take_usage(block, self._keep_usage)
+        if DONE_EVENT in block:
+            at = block.index(DONE_EVENT)
+            block, self._tail = block[:at], block[at:]
+        return block, block
+
+    def end(self, rest: bytes) -> bytes:
+        """The stream's last bytes, once the call is accounted for (`rest`: what followed the last whole event)."""
+        return self._tail + rest
+
+
+class ToolkitStream:
+    """The toolkit's stream: only the events with choices (no usage-only chunk, no `[DONE]`), each as an SSE event
+    (`raw_stream_response` true) or as its bare JSON on a line of its own (false)."""
+
+    content_type = b"text/event-stream; charset=utf-8"  # what the toolkit's Flask answers a stream with
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, *, raw_stream_response: bool) -> None:
+        self._raw = raw_stream_response
+
+    def frame(self, block: bytes, outcome: Outcome) -> tuple[bytes, bytes]:
+        client, record = bytearray(), bytearray()
+        for event in sse.events(block):
+            doc = sse.document(event)
+            if doc is None:  # [DONE], comments
+                continue
+            try:
+                parsed = _EVENT.decode(doc)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                continue
+            if parsed.usage is not None:
+                outcome.usage = parsed.usage
+            if not parsed.choices:
+                continue
+            record += event + sse.EVENT_END  # the record reads SSE events
+            client += (event + sse.EVENT_END) if self._raw else (doc + b"\n")
+        return bytes(client), bytes(record)
+
+    def end(self, rest: bytes) -> bytes:
+        return b""  # no [DONE]; an unfinished event is no document
+
+
+class _Event(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: Usage | None = None
+
+
+_EVENT = msgspec.json.Decoder(_Event)
+StreamShape = OpenAIStream | ToolkitStream
+
+
 async def relay_stream(
     call: Call,
     send: Send,
     outcome: Outcome,
     commit: Commit,
     *,
-    keep_usage_chunk: bool,
+    shape: StreamShape,
     extra: tuple[tuple[bytes, bytes], ...] = (),
 ) -> int:
-    """Relay the replica's events as they come, filling `outcome` on the way (so a relay cut short by the client
-    leaves what it relayed); the `[DONE]` event and the end of the stream wait for `commit`."""
+    """Relay the replica's events as they come, in `shape`, filling `outcome` on the way (so a relay cut short by
+    the client leaves what it relayed); the end of the stream waits for `commit`."""
     response = call.response
     if response.status != 200:  # an error answers as one JSON document, not a stream
         return await relay_whole(call, send, outcome, commit, extra=extra)
@@ -140,32 +207,30 @@ async def relay_stream(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *extra],
+            "headers": [(b"content-type", shape.content_type), (b"cache-control", b"no-cache"), *extra],
         }
     )
     outcome.status = 200
-    reader, tail = EventReader(), b""
+    reader = EventReader()
     sent: list[bytes] = []  # kept for the call's record, which reads the completion's text off the hot path
     outcome.answer = sent
+    broken = False
     try:
         async for chunk in response.content.iter_any():
-            out = reader.feed(chunk)
-            if not out:
+            block = reader.feed(chunk)
+            if not block:
                 continue
-            if b'"usage":{' in out:  # only the final chunk carries usage; find it without parsing the rest
-                out, outcome.usage = _take_usage(out, keep_usage_chunk)
-            if DONE_EVENT in out:  # the stream's end is held back until the call is accounted for
-                at = out.index(DONE_EVENT)
-                out, tail = out[:at], out[at:]
+            out, record = shape.frame(block, outcome)
+            if record:
+                sent.append(record)
             if out:
                 if outcome.first_byte is None:
                     outcome.first_byte = time.perf_counter()
-                sent.append(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except (aiohttp.ClientError, TimeoutError):
-        outcome.status, reader.rest, tail = 502, b"", b""  # the replica broke off mid-stream: end ours cleanly
+        outcome.status, broken = 502, True  # the replica broke off mid-stream: end ours cleanly
     await commit()
-    await send({"type": "http.response.body", "body": tail + reader.rest, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if broken else shape.end(reader.rest), "more_body": False})
     return outcome.status
 
 

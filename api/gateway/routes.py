@@ -11,7 +11,16 @@ from litestar.types import HTTPScope, Receive, Send
 
 from api.gateway.bodies import BadBody, Parsed, Queued, parse, queue_fields, with_fields
 from api.gateway.envelopes import Answer, TooLarge, openai_error, toolkit_error
-from api.gateway.relay import CLIENT_CLOSED, Settlement, relay_stream, relay_whole, until_disconnected
+from api.gateway.relay import (
+    CLIENT_CLOSED,
+    OpenAIStream,
+    Settlement,
+    StreamShape,
+    ToolkitStream,
+    relay_stream,
+    relay_whole,
+    until_disconnected,
+)
 from orchestrator.billing.records import CallKind
 from orchestrator.gateway.catalog import KeyInfo, ModelInfo
 from orchestrator.gateway.flow import Call, Gateway, GatewayError, Hold, UpstreamFailed
@@ -232,9 +241,7 @@ class GatewayRoutes:
 
         async def relay() -> int:
             if a.parsed.stream:
-                return await relay_stream(
-                    call, send, outcome, commit, keep_usage_chunk=a.parsed.client_wants_usage, extra=extra
-                )
+                return await relay_stream(call, send, outcome, commit, shape=_shape(a.parsed), extra=extra)
             return await relay_whole(call, send, outcome, commit, extra=extra)
 
         try:
@@ -264,6 +271,12 @@ class GatewayRoutes:
             for m in self._gw.visible_models(key)
         ]
         return await answer(send, Answer(200, msgspec.json.encode({"object": "list", "data": data})))
+
+
+def _shape(parsed: Parsed) -> StreamShape:
+    if parsed.raw_stream_response is not None:  # the toolkit's route
+        return ToolkitStream(raw_stream_response=parsed.raw_stream_response)
+    return OpenAIStream(keep_usage_chunk=parsed.client_wants_usage)
 
 
 def _not_allowed(route: Route) -> Answer:

@@ -198,24 +198,39 @@ async def test_toolkit_route_rate_limit_body_is_exact(
 
 
 async def test_toolkit_route_forces_usage_on_streams_and_validates_like_the_toolkit(
-    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, sdk: openai.AsyncOpenAI
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, engine: Engine, deps: Deps
 ) -> None:
     _, key = await issue_key(client, "hank")
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True, "max_tokens": 2}
+    await engine.clear_log()
     r = await anon_client.post("/api/v1/chat/completions", json=body, headers=headers)
     assert r.status_code == 200
-    assert '"usage":{' in r.text
-    assert r.text.rstrip().endswith("data: [DONE]")
-    for bad, field in (
-        ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    # The engine is asked for usage; the toolkit's client sees only events with choices, and no [DONE].
+    [sent] = await engine.chats()
+    assert sent["body"]["stream_options"] == {"include_usage": True}
+    assert '"choices":[]' not in r.text
+    assert "[DONE]" not in r.text
+    assert await deps.records.flush() == 1
+    [row] = (await client.get("/api/v1/tables/metric")).json()["data"]
+    assert row["completion_tokens"] == 2
+    for bad, errors in (
+        ({"model": MODEL, "messages": []}, {"messages": ["Shorter than minimum length 1."]}),
+        (
+            {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+            {"messages": {"0": {"role": ["Must be one of: system, user, assistant."]}}},
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            {"temperature": ["Must be greater than or equal to 0.0 and less than or equal to 2.0."]},
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            {"top_logprobs": ["top_logprobs can only be set if logprobs is True"]},
+        ),
     ):
         r = await anon_client.post("/api/v1/chat/completions", json=bad, headers=headers)
-        assert r.status_code == 400, bad
-        assert list(r.json()["errors"]) == [field]
+        assert (r.status_code, r.json()) == (400, {"errors": errors}), bad
     r = await anon_client.post(
         "/api/v1/chat/completions",
         json={"model": "zzz", "messages": [{"role": "user", "content": "x"}]},
