@@ -13,7 +13,6 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.exceptions import ClientException, HTTPException
-from litestar.openapi import OpenAPIConfig
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -26,6 +25,8 @@ from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
 from api.llmendpoint.tasks import qcompletions_router
 from api.loop_guard import loop_guard
 from api.moonshot.routes import moonshot_router
+from api.openapi.assets import DocsAssets
+from api.openapi.pages import SCHEMA_PATH, openapi_config
 from api.request_log import request_log
 from api.toolkit.routes import toolkit_router
 from orchestrator.domain.errors import Unavailable
@@ -141,6 +142,7 @@ def create_admin_app(runtime: Runtime) -> Litestar:
         finally:
             await runtime.stop()
 
+    assets = DocsAssets.installed(f"{SCHEMA_PATH}/static")
     return Litestar(
         route_handlers=[
             health,
@@ -150,6 +152,7 @@ def create_admin_app(runtime: Runtime) -> Litestar:
             litellm_router(),
             moonshot_router(),
             qcompletions_router(),
+            assets.router(),
         ],
         state=State(app_state(runtime.deps)),
         lifespan=[lifespan],
@@ -160,7 +163,7 @@ def create_admin_app(runtime: Runtime) -> Litestar:
             Exception: _on_unexpected,
         },
         request_max_body_size=runtime.deps.settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="GPU replica orchestrator", version="0.1.0", path="/schema"),
+        openapi_config=openapi_config("GPU replica orchestrator", "0.1.0", assets),
         logging_config=None,
         debug=False,
     )
