@@ -257,13 +257,13 @@ async def test_an_unhealthy_engine_is_restarted_then_given_up(
 @pytest.mark.parametrize(
     "rules",
     [
-        [{"remote_ip_prefix": "0.0.0.0/0", "port_range_min": 2222, "port_range_max": 2222}],
+        [{"remote_ip_prefix": "0.0.0.0/0", "port_range_min": 2222, "port_range_max": 2223}],
         [
             {"remote_ip_prefix": "0.0.0.0/1", "port_range_min": 2222, "port_range_max": 2222},
             {"remote_ip_prefix": "128.0.0.0/1", "port_range_min": 1, "port_range_max": 65535},
         ],
     ],
-    ids=["everyone", "two-halves"],
+    ids=["everyone-on-a-range", "two-halves"],
 )
 async def test_rules_opening_ssh_to_everyone_are_refused_and_nothing_is_made(
     deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend, rules: list[dict[str, object]]
@@ -277,6 +277,26 @@ async def test_rules_opening_ssh_to_everyone_are_refused_and_nothing_is_made(
     assert (await client.get(f"/api/v1/models/{model_id}/replicas")).json() == []
     await step_jobs(deps)
     assert sandbox.owned() == frozenset()
+
+
+async def test_the_toolkit_uis_world_open_rules_are_replaced_and_never_take_effect(
+    deps: Deps, client: httpx.AsyncClient, sandbox: SandboxBackend
+) -> None:
+    """The toolkit UI's deploy form always sends SSH and the engine port open to 0.0.0.0/0."""
+    everyone = [
+        {"remote_ip_prefix": "0.0.0.0/0", "port_range_min": port, "port_range_max": port} for port in (2222, 8000)
+    ]
+    replica_id = await create_managed(client, security_rules=everyone)
+    replica = await drive_to(deps, replica_id, S.READY)
+    address = replica.vm_address or ""
+
+    detail = (await client.get(f"/api/v1/replicas/{replica_id}")).json()
+    assert [e["reason"] for e in detail["events"]].count("rules_replaced") == 1
+    assert {r["remote_ip_prefix"] for r in detail["security_rules"]} == {f"{GATEWAY}/32"}
+    assert connects(address, 8000, GATEWAY)
+    assert not connects(address, 8000, FOREIGN)
+    assert not connects(address, 2222, FOREIGN)
+    assert not connects(address, 2222, ORCHESTRATOR)  # closed once serving
 
 
 class _LeavesEnginePortOpen(SandboxBackend):
