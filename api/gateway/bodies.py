@@ -26,53 +26,26 @@ class BadBody(Exception):
         """Every error of the body by field, in marshmallow's shape (the toolkit's route); None: only `message`."""
 
 
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool | None = None
+class _Body(msgspec.Struct):
+    """What the gateway reads of a chat or completion body. Only `model` and `stream` must be right for it to
+    route the call; the rest bounds the call's worst case when it makes sense, and is the engine's to judge."""
 
-
-class _Message(msgspec.Struct):
-    role: str
-    content: Any = None
-
-
-_Unit = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-_Temp = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-_Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
-_Positive = Annotated[int, msgspec.Meta(ge=1)]
-
-
-class _Common(msgspec.Struct):
     model: str = ""
     stream: bool = False
-    stream_options: _StreamOptions | None = None
-    temperature: _Temp | None = None
-    top_p: _Unit | None = None
-    frequency_penalty: _Penalty | None = None
-    presence_penalty: _Penalty | None = None
-    max_tokens: _Positive | None = None
-    n: _Positive | None = None
-    stop: str | list[str] | None = None
-
-
-class _Chat(_Common):
-    max_completion_tokens: _Positive | None = None
-    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-
-
-class _Completion(_Common):
-    prompt: str | list[Any] | None = None
+    stream_options: Any = None
+    max_tokens: Any = msgspec.UNSET
+    """UNSET: not given (a completion then makes 16 tokens); null asks for as many as the context leaves."""
+    max_completion_tokens: Any = None
+    n: Any = None
+    messages: Any = None
+    prompt: Any = None
 
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """What OpenAI's (and vLLM's) legacy completions generate when `max_tokens` is not given."""
 
-_CHAT = msgspec.json.Decoder(_Chat)
-_COMPLETION = msgspec.json.Decoder(_Completion)
+_BODY = msgspec.json.Decoder(_Body)
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
-_TOOLKIT_ROLES = frozenset({"system", "user", "assistant"})
-_ROLES = _TOOLKIT_ROLES | {"tool", "developer", "function"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,11 +66,13 @@ class Parsed:
 
 
 def parse(raw: bytes, kind: CallKind, *, path_model: str | None, toolkit: bool) -> Parsed:
+    """The body's model, stream and bounds. The values the engine takes or refuses (sampling, lengths, roles,
+    logprobs...) are not judged here, so that a client sees the engine's own answer: vLLM's words and shape."""
     raw_stream: bool | None = None
     if toolkit and kind == "chat":
         raw_stream, raw = _toolkit_chat(raw)
     try:
-        req: _Chat | _Completion = _CHAT.decode(raw) if kind == "chat" else _COMPLETION.decode(raw)
+        req = _BODY.decode(raw)
     except msgspec.ValidationError as e:
         message = str(e)
         found = _AT.search(message)
@@ -108,31 +83,50 @@ def parse(raw: bytes, kind: CallKind, *, path_model: str | None, toolkit: bool) 
         raise BadBody(f"Invalid JSON body: not UTF-8 ({e.reason})") from e
     except RecursionError as e:
         raise BadBody("Invalid JSON body: nested too deeply") from e
-    if isinstance(req, _Chat):
-        _check_chat(req, toolkit)
-    elif req.prompt is None:
-        raise BadBody("Missing required field: prompt", "prompt")
     model = path_model or req.model
     if not model:
         raise BadBody("Model must not be empty.", "model")
-    wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+    options = req.stream_options
+    # vLLM's `stream_options` asks for usage unless it says otherwise (`include_usage` defaults to true there).
+    wants_usage = isinstance(options, dict) and options.get("include_usage", True) is True
     changes: dict[str, Any] = {}
     if model != req.model:
         changes["model"] = model  # the path's model wins over the body's
-    if req.stream and not wants_usage:
-        changes["stream_options"] = {"include_usage": True}  # the gateway needs the usage of every call
+    if req.stream and not wants_usage and (options is None or isinstance(options, dict)):
+        # The gateway needs the usage of every call. Usage in every chunk (continuous_usage_stats) only comes with
+        # include_usage, which this client did not ask for: it is left out, and the client sees no usage as from
+        # the engine.
+        kept = {k: v for k, v in (options or {}).items() if k != "continuous_usage_stats"}
+        changes["stream_options"] = {**kept, "include_usage": True}
     body = raw
     if changes:
         doc = _document(raw)
         doc.update(changes)
         body = msgspec.json.encode(doc)
-    limit = (req.max_completion_tokens if isinstance(req, _Chat) else None) or req.max_tokens
-    if limit is None and isinstance(req, _Completion):
+    chat = kind == "chat"
+    limit = (_count(req.max_completion_tokens) if chat else None) or _count(req.max_tokens)
+    if req.max_tokens is msgspec.UNSET and not chat:
         limit = COMPLETION_DEFAULT_MAX_TOKENS
-    outputs = (req.n or 1) * (_prompts(req.prompt) if isinstance(req, _Completion) else 1)
-    media = sum(_media(m.content) for m in req.messages) if isinstance(req, _Chat) else 0
+    outputs = (_count(req.n) or 1) * (1 if chat else _prompts(req.prompt))
+    media = (
+        sum(_media(m.get("content")) for m in req.messages if isinstance(m, dict))
+        if chat and isinstance(req.messages, list)
+        else 0
+    )
     # The toolkit's streams never show the usage chunk (it has no choices); OpenAI-style clients get it if they asked.
     return Parsed(model, req.stream, wants_usage and not toolkit, body, limit, outputs, media, raw_stream)
+
+
+def _count(value: Any) -> int | None:
+    """A positive count as an engine reads one (vLLM takes 2, 2.0 and "2"); None for anything else, which the
+    engine refuses or reads as not given."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.isascii() and value.strip().isdigit() and len(value) < 20:
+        value = int(value)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _toolkit_chat(raw: bytes) -> tuple[bool, bytes]:
@@ -146,7 +140,7 @@ def _toolkit_chat(raw: bytes) -> tuple[bool, bytes]:
     return chat.raw_stream_response, msgspec.json.encode(chat.document)
 
 
-def _prompts(prompt: str | list[Any] | None) -> int:
+def _prompts(prompt: Any) -> int:
     """A completion's prompts: a list of strings (or of token lists) is one prompt each; a list of ints is one."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
         return len(prompt)
@@ -158,17 +152,6 @@ def _media(content: Any) -> int:
     if not isinstance(content, list):
         return 0
     return sum(1 for part in content if not (isinstance(part, dict) and part.get("type") == "text"))
-
-
-def _check_chat(req: _Chat, toolkit: bool) -> None:
-    if not req.messages:
-        raise BadBody("messages must be a non-empty list", "messages")
-    roles = _TOOLKIT_ROLES if toolkit else _ROLES
-    for i, message in enumerate(req.messages):
-        if message.role not in roles:
-            raise BadBody(f"Must be one of: {', '.join(sorted(roles))}.", f"messages.{i}.role")
-    if req.top_logprobs is not None and not req.logprobs:
-        raise BadBody("top_logprobs can only be set if logprobs is True", "top_logprobs")
 
 
 def _document(body: bytes, *, any_json: bool = False) -> Any:

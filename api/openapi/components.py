@@ -1,8 +1,9 @@
 """The schemas and security schemes of the raw routes' document: OpenAI's request and answer bodies as the gateway
 takes and relays them, LlmEndpoint's, and each surface's error envelope.
 
-The gateway checks only some fields of a body (api/gateway/bodies.py: the bounds here are its bounds) and sends the
-rest to the engine as they came, so every request schema allows other fields.
+The gateway reads only a body's model and stream (api/gateway/bodies.py) and sends the rest to the engine as it came:
+the bounds here are vLLM's, which the engine checks and answers in its own words, and every request schema allows
+other fields. The toolkit's route is the exception: it checks its own schema, field for field.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from orchestrator.surfaces.llmendpoint.completions import Request as LlmEndpoint
 Schema = dict[str, Any]
 
 ROLES = ["system", "user", "assistant", "tool", "developer", "function"]
+"""OpenAI's roles; vLLM takes any other name as well (a model's chat template decides what it means)."""
 TOOLKIT_ROLES = ["system", "user", "assistant"]
 
 
@@ -38,7 +40,7 @@ def _message() -> Schema:
     return {
         "type": "object",
         "properties": {
-            "role": {"enum": ROLES},
+            "role": {"type": "string", "examples": ROLES},
             "content": _nullable({"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}),
             "name": {"type": "string"},
             "tool_calls": {"type": "array", "items": {"type": "object"}},
@@ -58,8 +60,8 @@ _SAMPLING: Schema = {
             "description": "`include_usage`: a last event with the call's usage.",
         }
     ),
-    "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-    "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+    "temperature": _nullable({"type": "number", "minimum": 0}),
+    "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
     "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "max_tokens": _nullable({**_POSITIVE, "description": "The most tokens each output may have."}),
@@ -70,7 +72,10 @@ _SAMPLING: Schema = {
     "logit_bias": _nullable({"type": "object", "additionalProperties": {"type": "number"}}),
 }
 _MODEL = {"type": "string", "minLength": 1, "description": "A model's name, as `/v1/models` lists them."}
-_PASSED_ON = "Fields the gateway does not check are sent to the engine as they came."
+_PASSED_ON = (
+    "The gateway reads `model` and `stream`; every field, these included, is sent to the engine as it came (usage is "
+    "asked for on a stream), and the engine's refusal of a value comes back as the engine gave it."
+)
 
 
 def _chat(*, model_required: bool = True, **extra: Schema) -> Schema:
@@ -80,7 +85,13 @@ def _chat(*, model_required: bool = True, **extra: Schema) -> Schema:
         **_SAMPLING,
         "max_completion_tokens": _nullable({**_POSITIVE, "description": "Wins over `max_tokens`."}),
         "logprobs": _nullable({"type": "boolean"}),
-        "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 20, "description": "Needs logprobs."}),
+        "top_logprobs": _nullable(
+            {
+                "type": "integer",
+                "minimum": 0,
+                "description": "More than 0 needs `logprobs`; at most the engine's `--max-logprobs` (vLLM: 20).",
+            }
+        ),
         "tools": {"type": "array", "items": {"type": "object"}},
         "tool_choice": {"anyOf": [{"type": "string"}, {"type": "object"}]},
         "parallel_tool_calls": {"type": "boolean"},

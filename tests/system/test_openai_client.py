@@ -144,6 +144,29 @@ def test_a_stream_without_usage_asked_gets_none(setup: Setup, alias: Alias) -> N
     assert all(chunk["usage"] is None for chunk in gateway)
 
 
+@pytest.mark.parametrize("alias", STREAM_ALIASES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"include_usage": True, "continuous_usage_stats": True},
+        {"continuous_usage_stats": True},
+        {"include_usage": False, "continuous_usage_stats": True},
+    ],
+    ids=["usage-in-every-chunk", "usage-by-default", "usage-refused"],
+)
+def test_a_streams_usage_options_reach_the_engine(setup: Setup, alias: Alias, options: dict[str, bool]) -> None:
+    def call(client: openai.OpenAI) -> list[dict[str, Any]]:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=3, stream=True, extra_body={"stream_options": options}
+        )
+        return [same(chunk) for chunk in stream]
+
+    engine, gateway = both(setup, alias, call)
+    assert gateway == engine
+    with_usage = [chunk["usage"]["total_tokens"] for chunk in gateway if chunk["usage"] is not None]
+    assert len(with_usage) == (len(gateway) if options.get("include_usage", True) else 0)  # vLLM's default: True
+
+
 @pytest.mark.parametrize("alias", COMPLETION_ALIASES)
 def test_completions_n_stop_echo_and_logprobs(setup: Setup, alias: Alias) -> None:
     def call(client: openai.OpenAI) -> Any:
@@ -173,42 +196,37 @@ def test_completions_stream_with_logprobs(setup: Setup, alias: Alias) -> None:
 
 # --- vLLM's refusals reach the client as vLLM gives them ---
 
-_GATEWAY_CHECKS = (
-    "the gateway's own body check (api/gateway/bodies.py) answers first, in its shape: "
-    "{message: msgspec's words, type: invalid_request_error, param: the field, code: '400' (a string)}"
-)
-GATEWAY_GAPS = {  # case: why the gateway does not answer as vLLM; xfail(strict) until it does
-    "n_0": _GATEWAY_CHECKS,
-    "temperature_negative": _GATEWAY_CHECKS,
-    "top_p_above_1": _GATEWAY_CHECKS,
-    "max_tokens_0": _GATEWAY_CHECKS,
-    "top_logprobs_above_max": _GATEWAY_CHECKS,
-    "top_logprobs_without_logprobs": _GATEWAY_CHECKS,
-    "unknown_model": "the gateway answers 400 'Invalid model name passed in model=...' (LiteLLM's), vLLM 404",
-    "custom_role": "the gateway refuses roles other than system/user/assistant/tool/developer/function; vLLM takes any",
-    "temperature_3": "the gateway refuses temperature > 2; vLLM only refuses a negative one",
-    "top_logprobs_0_without_logprobs": "the gateway refuses any top_logprobs without logprobs; vLLM only one > 0",
-    "prompt_missing": _GATEWAY_CHECKS,
-    "stream_error_event": "the gateway refuses top_logprobs > 20 itself (400) before the stream; vLLM streams an error",
+TOOLKIT_OWN_CHECKS = {  # case: the field the toolkit's own schema refuses, in its shape, before an engine is asked
+    "guided_regex_not_a_string": "guided_regex",
+    "n_0": "n",
+    "temperature_negative": "temperature",
+    "top_p_above_1": "top_p",
+    "max_tokens_0": "max_tokens",
+    "top_logprobs_above_max": "top_logprobs",
+    "top_logprobs_without_logprobs": "top_logprobs",
+    "custom_role": "messages",
+    "temperature_3": "temperature",
+    "top_logprobs_0_without_logprobs": "top_logprobs",
 }
+"""The toolkit's route checks its chat schema as the toolkit's backend does (0 <= temperature <= 2, roles system,
+user or assistant, ...): `{"errors": {field: [...]}}`. Every other route leaves the values to the engine."""
 
 
-TOOLKIT_GAPS = {
-    "guided_regex_not_a_string": "the toolkit route checks guided_regex itself: {errors: {guided_regex: [...]}}",
-    "stream_options_without_stream": "the toolkit route answers 200 to stream_options without stream; vLLM 400",
-}
-
-
-def known_gap(request: pytest.FixtureRequest, case: str, alias: Alias | None = None) -> None:
-    reason = GATEWAY_GAPS.get(case) or (TOOLKIT_GAPS.get(case) if alias and alias.name == "toolkit" else None)
-    if reason is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"gateway: {reason}"))
+def toolkits_own_refusal(setup: Setup, alias: Alias, case: str, extra: dict[str, Any]) -> bool:
+    """Whether the toolkit's route refuses this case itself; if so, checks that it does, in the toolkit's shape."""
+    field = TOOLKIT_OWN_CHECKS.get(case) if alias.name == "toolkit" else None
+    if field is None:
+        return False
+    refused = refusal(lambda: _chat_error(setup.gateway(alias), extra))
+    assert isinstance(refused, openai.BadRequestError)
+    assert isinstance(refused.body, dict)
+    assert list(refused.body["errors"]) == [field]
+    return True
 
 
 PATH_MODEL = {"engines", "deployments"}  # the model in the path wins over the body's: no unknown model there
 
 CHAT_ERRORS: dict[str, dict[str, Any]] = {
-    "unknown_model": {"model": "nope"},
     "stream_options_without_stream": {"stream_options": {"include_usage": True}},
     "seed_too_big": {"seed": 2**63},
     "tool_choice_without_tools": {"tool_choice": {"type": "function", "function": {"name": "f"}}},
@@ -224,7 +242,6 @@ CHAT_ERRORS: dict[str, dict[str, Any]] = {
     "stop_empty": {"stop": ["a", ""]},
 }
 COMPLETION_ERRORS: dict[str, dict[str, Any]] = {
-    "unknown_model": {"model": "nope"},
     "prompt_missing": {"prompt": None},
     "n_0": {"n": 0},
     "logprobs_above_max": {"logprobs": 21},
@@ -256,18 +273,17 @@ def _chat_error(client: openai.OpenAI, extra: dict[str, Any]) -> Any:
 
 
 def _cases(aliases: list[Any], cases: dict[str, dict[str, Any]]) -> list[Any]:
-    return [
-        pytest.param(a.values[0], case, id=f"{case}-{a.id}")
-        for case in cases
-        for a in aliases
-        if not (case == "unknown_model" and a.id in PATH_MODEL)
-    ]
+    return [pytest.param(a.values[0], case, id=f"{case}-{a.id}") for case in cases for a in aliases]
 
 
 @pytest.mark.parametrize(("alias", "case"), _cases(CHAT_ALIASES, CHAT_ERRORS))
-def test_chat_refusals(setup: Setup, alias: Alias, case: str, request: pytest.FixtureRequest) -> None:
-    known_gap(request, case, alias)
+def test_chat_refusals(setup: Setup, alias: Alias, case: str) -> None:
     extra = CHAT_ERRORS[case]
+    if toolkits_own_refusal(setup, alias, case, extra):
+        return
+    if alias.name == "toolkit" and case == "stream_options_without_stream":
+        assert _chat_error(setup.gateway(alias), extra).choices  # the toolkit drops it from a call that does not stream
+        return
     engine = refusal(lambda: _chat_error(setup.engine, extra))
     assert isinstance(engine, openai.BadRequestError | openai.NotFoundError)
     gateway = refusal(lambda: _chat_error(setup.gateway(alias), extra))
@@ -276,8 +292,7 @@ def test_chat_refusals(setup: Setup, alias: Alias, case: str, request: pytest.Fi
 
 
 @pytest.mark.parametrize(("alias", "case"), _cases(COMPLETION_ALIASES, COMPLETION_ERRORS))
-def test_completion_refusals(setup: Setup, alias: Alias, case: str, request: pytest.FixtureRequest) -> None:
-    known_gap(request, case)
+def test_completion_refusals(setup: Setup, alias: Alias, case: str) -> None:
     body: dict[str, Any] = {"model": MODEL, "prompt": "one two", **COMPLETION_ERRORS[case]}
     if body["prompt"] is None:
         del body["prompt"]  # the SDK's create() insists on one
@@ -292,11 +307,7 @@ def test_completion_refusals(setup: Setup, alias: Alias, case: str, request: pyt
 
 
 @pytest.mark.parametrize("alias", STREAM_ALIASES)
-def test_too_many_logprobs_in_a_stream_is_an_error_event(
-    setup: Setup, alias: Alias, request: pytest.FixtureRequest
-) -> None:
-    known_gap(request, "stream_error_event")
-
+def test_too_many_logprobs_in_a_stream_is_an_error_event(setup: Setup, alias: Alias) -> None:
     def call(client: openai.OpenAI) -> None:
         stream = client.chat.completions.create(
             model=MODEL, messages=MESSAGES, logprobs=True, top_logprobs=21, stream=True
@@ -325,10 +336,28 @@ def test_too_many_logprobs_in_a_stream_is_an_error_event(
 def test_what_vllm_accepts_the_gateway_accepts(
     setup: Setup, alias: Alias, extra: dict[str, Any], request: pytest.FixtureRequest
 ) -> None:
-    known_gap(request, request.node.callspec.id.split("-")[0])
+    if toolkits_own_refusal(setup, alias, request.node.callspec.id.split("-")[0], extra):
+        return
 
     def call(client: openai.OpenAI) -> Any:
         return client.chat.completions.create(**{"model": MODEL, "messages": MESSAGES, "max_tokens": 2, **extra})
 
     engine, gateway = both(setup, alias, call)
     assert same(gateway) == same(engine)
+
+
+# --- where the gateway answers as LiteLLM's proxy and the toolkit do, not as one engine ---
+
+
+@pytest.mark.parametrize("alias", [a for a in CHAT_ALIASES if a.id not in {"engines", "deployments"}])
+def test_an_unknown_model_is_the_gateways_400_not_the_engines_404(setup: Setup, alias: Alias) -> None:
+    """The gateway serves many models: a name it does not serve is LiteLLM's 400 (the toolkit's on its route),
+    where one engine answers 404 for a name other than its own. A model in the path is always the one asked for."""
+    assert isinstance(refusal(lambda: _chat_error(setup.engine, {"model": "nope"})), openai.NotFoundError)
+    refused = refusal(lambda: _chat_error(setup.gateway(alias), {"model": "nope"}))
+    assert isinstance(refused, openai.BadRequestError)
+    if alias.name == "toolkit":
+        assert refused.body == "Invalid Model"  # the SDK shows the body's "error"
+    else:
+        assert isinstance(refused.body, dict)
+        assert refused.body["message"].startswith("Invalid model name passed in model=nope.")
