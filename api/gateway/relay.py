@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
-from orchestrator.billing.records import CallKind, relayed_tokens
+from orchestrator.billing.records import CallKind, refused_in_stream, relayed_tokens
 from orchestrator.gateway.flow import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, counted_prompt, usage_of
 from orchestrator.platform import sse
 from orchestrator.platform.sse import DONE_EVENT, EventReader
@@ -85,11 +85,13 @@ class Settlement:
         self._done = True
         outcome = self.outcome
         try:
-            if outcome.usage is None and isinstance(outcome.answer, list) and outcome.first_byte is not None:
-                completion = relayed_tokens(outcome.answer)  # a token per relayed event with text
+            answer = outcome.answer
+            if outcome.usage is None and isinstance(answer, list) and outcome.first_byte is not None:
+                completion = relayed_tokens(answer)  # a token per relayed event with text
                 outcome.usage = Usage(0, completion, completion)  # kept if the count of the prompt is cut short
-                prompt = await counted_prompt(self._kind, self._request)
-                outcome.usage = Usage(prompt, completion, prompt + completion)
+                if completion or not refused_in_stream(answer):  # an engine's refusal costs nothing
+                    prompt = await counted_prompt(self._kind, self._request)
+                    outcome.usage = Usage(prompt, completion, prompt + completion)
         finally:  # even cancelled, the call gives its slot back and is charged
             durable = self._finish(outcome)
         if durable is not None:

@@ -251,6 +251,7 @@ class _Choice(msgspec.Struct):
 
 class _Answer(msgspec.Struct):
     choices: list[_Choice] = []
+    error: Any = None
 
 
 _CHAT = msgspec.json.Decoder(_ChatRequest)
@@ -305,6 +306,19 @@ def relayed_tokens(answer: list[bytes]) -> int:
                 continue
             tokens += sum(1 for c in choices if (c.delta.content if c.delta is not None else c.text))
     return tokens
+
+
+def refused_in_stream(answer: list[bytes]) -> bool:
+    """Whether a stream's events carry the engine's error (vLLM refuses some requests, too many logprobs, only
+    after its 200: an error event, then `[DONE]`)."""
+    for chunk in answer:
+        for document in documents(chunk):
+            try:
+                if _ANSWER.decode(document).error is not None:
+                    return True
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                continue
+    return False
 
 
 def _choice_text(document: bytes, field: Literal["message", "delta"]) -> str | None:

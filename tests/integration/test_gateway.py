@@ -71,6 +71,21 @@ async def test_stream_without_usage_gets_no_usage_chunk_but_is_billed(
     assert isinstance(row["created"], int)
 
 
+async def test_a_stream_the_engine_refuses_in_an_error_event_is_recorded_without_tokens(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, deps: Deps
+) -> None:
+    """vLLM checks logprobs only once the stream has begun: a 200, then an error event and no text."""
+    stream = await sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True, logprobs=True, top_logprobs=21
+    )
+    with pytest.raises(openai.APIError, match="greater than max allowed: 20"):
+        async for _ in stream:
+            pass
+    assert await deps.records.flush() == 1
+    [row] = (await client.get("/api/v1/tables/metric")).json()["data"]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["status_code"]) == (0, 0, 200)
+
+
 async def test_completions_stream_and_not(sdk: openai.AsyncOpenAI) -> None:
     answer = await sdk.completions.create(model=MODEL, prompt="Once upon", max_tokens=3)
     assert answer.object == "text_completion"
