@@ -40,7 +40,7 @@ class Route:
     """`/queue/chat/completions`: waits its turn in the model's priority queue."""
 
 
-_EXACT = {
+EXACT_ROUTES = {
     "/v1/chat/completions": Route("chat"),
     "/chat/completions": Route("chat"),
     "/api/v1/chat/completions": Route("chat", toolkit=True),
@@ -50,18 +50,18 @@ _EXACT = {
     "/v1/models": Route(None),
     "/models": Route(None),
 }
-_PREFIXES = ("/engines/", "/openai/deployments/")
-_TAILS: tuple[tuple[str, CallKind], ...] = (("/chat/completions", "chat"), ("/completions", "completions"))
+MODEL_PREFIXES = ("/engines/", "/openai/deployments/")
+MODEL_TAILS: tuple[tuple[str, CallKind], ...] = (("/chat/completions", "chat"), ("/completions", "completions"))
 
 
 def match(path: str) -> Route | None:
-    route = _EXACT.get(path)
+    route = EXACT_ROUTES.get(path)
     if route is not None:
         return route
-    for prefix in _PREFIXES:
+    for prefix in MODEL_PREFIXES:
         if path.startswith(prefix):
             rest = path[len(prefix) :]
-            for tail, kind in _TAILS:
+            for tail, kind in MODEL_TAILS:
                 if rest.endswith(tail) and len(rest) > len(tail):
                     return Route(kind, path_model=rest[: -len(tail)])
     return None

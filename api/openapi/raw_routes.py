@@ -62,10 +62,10 @@ _AUTH_ONLY = {Unauthorized, IpRefused}
 def raw_paths() -> dict[str, dict[str, Schema]]:
     """Path -> path item, for every path the raw routes answer."""
     paths: dict[str, dict[str, Schema]] = {}
-    for path, route in gateway._EXACT.items():
+    for path, route in gateway.EXACT_ROUTES.items():
         paths[path] = _gateway_item(path, route)
-    for prefix in gateway._PREFIXES:
-        for tail, kind in gateway._TAILS:
+    for prefix in gateway.MODEL_PREFIXES:
+        for tail, kind in gateway.MODEL_TAILS:
             path = f"{prefix}{MODEL_IN_PATH}{tail}"
             paths[path] = _gateway_item(path, Route(kind, path_model=MODEL_IN_PATH))
     paths[COMPLETIONS_PATH] = {"post": _llmendpoint_operation()}

@@ -101,8 +101,20 @@ class SecurityRuleIn(_In):
 _VM_NAME = re.compile(r"^[^ ][\w -]*[^ ]$")
 
 
-EnvName = Annotated[str, Field(min_length=1, max_length=128)]
-EnvValue = Annotated[str, Field(max_length=4096)]
+def _env_sizes(env: dict[str, str]) -> dict[str, str]:
+    """At most 64 variables, each name of 1 to 128 characters, each value of at most 4,096. (Checked here rather
+    than by the field's constraints, which Litestar's OpenAPI document turns into an array's.)"""
+    if len(env) > 64:
+        raise PydanticCustomError("invalid", "at most 64 variables")
+    for name, value in env.items():
+        if not 1 <= len(name) <= 128:
+            raise PydanticCustomError("invalid", "a variable's name has 1 to 128 characters: {name}", {"name": name})
+        if len(value) > 4096:
+            raise PydanticCustomError("invalid", "{name}'s value is over 4096 characters", {"name": name})
+    return env
+
+
+Env = Annotated[dict[str, str], AfterValidator(_env_sizes)]
 
 
 class EngineSpecIn(_In):
@@ -114,8 +126,8 @@ class EngineSpecIn(_In):
     max_model_len: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
     extra_args: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=64)] = []
-    env: Annotated[dict[EnvName, EnvValue], Field(max_length=64)] = {}
-    secret_env: Annotated[dict[EnvName, EnvValue], Field(max_length=64)] = {}
+    env: Env = {}
+    secret_env: Env = {}
     """Sealed at rest like the engine key, never shown (an HF token)."""
 
     @model_validator(mode="after")

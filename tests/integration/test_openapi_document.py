@@ -4,6 +4,7 @@ and its answers; what it says of an answer is what the route answers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -31,9 +32,9 @@ async def document(anon_client: httpx.AsyncClient) -> dict[str, Any]:
 
 def raw_operations() -> list[tuple[str, str]]:
     """(method, path) of every route the gateway's table and LlmEndpoint's completions serve, as OpenAPI paths."""
-    ops = [("get" if route.kind is None else "post", path) for path, route in gateway_routes._EXACT.items()]
-    for prefix in gateway_routes._PREFIXES:
-        ops += [("post", f"{prefix}{{model}}{tail}") for tail, _ in gateway_routes._TAILS]
+    ops = [("get" if route.kind is None else "post", path) for path, route in gateway_routes.EXACT_ROUTES.items()]
+    for prefix in gateway_routes.MODEL_PREFIXES:
+        ops += [("post", f"{prefix}{{model}}{tail}") for tail, _ in gateway_routes.MODEL_TAILS]
     return [*ops, ("post", COMPLETIONS_PATH)]
 
 
@@ -195,3 +196,29 @@ def test_the_toolkit_body_is_documented_field_for_field() -> None:
     for schema, checked in ((request, toolkit_schema.CHAT_REQUEST), (message, toolkit_schema._MESSAGE)):
         assert schema["additionalProperties"] is False
         assert set(schema["required"]) == {name for name, field in checked.fields.items() if field.required}
+
+
+def _nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _nodes(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _nodes(value)
+
+
+async def test_no_schema_contradicts_its_type(document: dict[str, Any]) -> None:
+    """A map's constraints once came out as an array's (`type: array`, `maxLength`, a default of {}): each keyword
+    fits the schema's type, and a default is of that type."""
+    by_type = {"array": {"maxLength", "minLength", "maxProperties"}, "object": {"maxLength", "maxItems"}}
+    python_type = {"array": list, "object": dict, "string": str}
+    for node in _nodes(document["components"]["schemas"]):
+        kind = node.get("type")
+        if not isinstance(kind, str):
+            continue
+        assert not by_type.get(kind, set()) & set(node), node
+        if "default" in node and kind in python_type:
+            assert isinstance(node["default"], python_type[kind]), node
+    env = document["components"]["schemas"]["EngineSpecIn"]["properties"]["env"]
+    assert (env["type"], env["additionalProperties"]) == ("object", {"type": "string"})
