@@ -154,6 +154,12 @@ class VmCreationIn(_In):
     assign_floating_ip: bool = True
     security_rules: Annotated[list[SecurityRuleIn], Field(max_length=64)] = []
 
+    @field_validator("run_command", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: object) -> object:
+        """The toolkit's UI sends its empty command box as "": no command, so the engine spec says what runs."""
+        return None if isinstance(v, str) and not v.strip() else v
+
     @model_validator(mode="after")
     def _one_engine(self) -> Self:
         if self.run_command is not None and self.engine is not None:

@@ -187,3 +187,25 @@ async def test_deploy_new_replica_on_hyperstack_with_the_uis_rules(client: httpx
     assert "security_rules[0]" in replaced["message"]
     assert "security_rules[1]" in replaced["message"]
     assert "0.0.0.0/0" in replaced["message"]
+
+
+async def test_deploy_with_the_command_box_left_empty_runs_the_engine_spec(client: httpx.AsyncClient) -> None:
+    """The UI's command box is empty by default and is sent as "": the replica runs the default engine spec."""
+    model_id = await create_model(client, MODEL)
+    details = {
+        "name": "llama-replica",
+        "environment_name": "default-CANADA-1",
+        "image_name": "Ubuntu Server 22.04 LTS R535 CUDA 12.2",
+        "flavor_name": "n3-A100x1",
+        "run_command": "",
+        "key_name": "ops",
+        "port": ENGINE_PORT,
+        "security_rules": [],
+    }
+    r = await client.post(
+        f"/api/v1/models/{model_id}/replicas", json={"create_vm": True, "vm_creation_details": details}
+    )
+    assert r.status_code == 201, r.text
+    detail = (await client.get(f"/api/v1/replicas/{r.json()['replica_id']}")).json()
+    assert detail["run_command"] is None
+    assert detail["engine"]["image"].startswith("vllm/vllm-openai")
