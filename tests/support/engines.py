@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 from aiohttp import web
 
@@ -96,3 +97,9 @@ def engine_process(model: str, *args: str) -> Iterator[tuple[Engine, subprocess.
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+async def post_json(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    """A JSON body posted; the answer's status and JSON."""
+    async with http.post(url, json=body) as r:
+        return r.status, await r.json()

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.enginesim.server import SimConfig, build_app, engine_sim_command
-from tests.support.engines import app_in_process
+from tests.support.engines import app_in_process, post_json
 
 MODEL = "sim-model"
 KEY = "sk-sim-test-key"
@@ -43,28 +43,17 @@ async def running(config: SimConfig) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def base() -> AsyncIterator[str]:
     async with running(SimConfig(model=MODEL)) as url:
         yield url
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with http.post(url, json=body) as r:
-        return r.status, await r.json()
-
-
 async def chat(http: aiohttp.ClientSession, base: str, **extra: Any) -> tuple[int, Any]:
-    return await post(http, f"{base}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **extra})
+    return await post_json(http, f"{base}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **extra})
 
 
 async def set_faults(http: aiohttp.ClientSession, base: str, **faults: Any) -> Any:
-    status, body = await post(http, f"{base}/sim/faults", faults)
+    status, body = await post_json(http, f"{base}/sim/faults", faults)
     assert status == 200
     return body
 
@@ -167,7 +156,7 @@ async def test_completion_length_comes_from_the_request_or_the_config(http: aioh
 
 
 async def test_text_completion_shape(base: str, http: aiohttp.ClientSession) -> None:
-    status, body = await post(
+    status, body = await post_json(
         http, f"{base}/v1/completions", {"model": MODEL, "prompt": "one two three four", "max_tokens": 3}
     )
     assert status == 200
@@ -182,7 +171,7 @@ async def test_text_completion_shape(base: str, http: aiohttp.ClientSession) -> 
         "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
     }
     # Token-id prompts count one token per id; a list of prompts is a choice each; the model may be left out.
-    status, body = await post(http, f"{base}/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 2})
+    status, body = await post_json(http, f"{base}/v1/completions", {"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 2})
     assert status == 200
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
@@ -218,7 +207,7 @@ async def test_chat_stream(base: str, http: aiohttp.ClientSession, include_usage
 @pytest.mark.parametrize("include_usage", [False, True])
 async def test_text_completion_stream(base: str, http: aiohttp.ClientSession, include_usage: bool) -> None:
     request = {"model": MODEL, "prompt": "one two three", "max_tokens": 4}
-    _, reference = await post(http, f"{base}/v1/completions", request)
+    _, reference = await post_json(http, f"{base}/v1/completions", request)
     options = {"stream_options": {"include_usage": include_usage}}
     async with http.post(f"{base}/v1/completions", json={**request, "stream": True, **options}) as r:
         chunks = await read_stream(r)
@@ -236,18 +225,18 @@ async def test_text_completion_stream(base: str, http: aiohttp.ClientSession, in
 
 
 async def test_tokenize_counts_like_the_completions(base: str, http: aiohttp.ClientSession) -> None:
-    status, body = await post(http, f"{base}/tokenize", {"model": MODEL, "messages": MESSAGES})
+    status, body = await post_json(http, f"{base}/tokenize", {"model": MODEL, "messages": MESSAGES})
     assert status == 200
     assert body["count"] == len(body["tokens"]) == CHAT_PROMPT_TOKENS
     assert body["max_model_len"] == 4096
     assert all(isinstance(t, int) for t in body["tokens"])
-    _, prompt = await post(http, f"{base}/tokenize", {"prompt": "one two three"})
-    _, again = await post(http, f"{base}/tokenize", {"prompt": "one two three"})
+    _, prompt = await post_json(http, f"{base}/tokenize", {"prompt": "one two three"})
+    _, again = await post_json(http, f"{base}/tokenize", {"prompt": "one two three"})
     assert prompt["count"] == 3
     assert prompt["tokens"] == again["tokens"]
-    status, body = await post(http, f"{base}/tokenize", {"model": "other", "prompt": "x"})
+    status, body = await post_json(http, f"{base}/tokenize", {"model": "other", "prompt": "x"})
     assert status == 404
-    status, body = await post(http, f"{base}/tokenize", {})
+    status, body = await post_json(http, f"{base}/tokenize", {})
     assert status == 400
     assert body["error"]["type"] == "BadRequestError"
 
@@ -276,8 +265,11 @@ async def test_wrong_model_is_404(base: str, http: aiohttp.ClientSession) -> Non
     not_found = {
         "error": {"message": "The model `other` does not exist.", "type": "NotFoundError", "param": None, "code": 404}
     }
-    assert await post(http, f"{base}/v1/chat/completions", {"model": "other", "messages": MESSAGES}) == (404, not_found)
-    assert await post(http, f"{base}/v1/completions", {"model": "other", "prompt": "x"}) == (404, not_found)
+    assert await post_json(http, f"{base}/v1/chat/completions", {"model": "other", "messages": MESSAGES}) == (
+        404,
+        not_found,
+    )
+    assert await post_json(http, f"{base}/v1/completions", {"model": "other", "prompt": "x"}) == (404, not_found)
 
 
 @pytest.mark.parametrize(
@@ -328,7 +320,7 @@ async def test_fault_patches_are_validated(base: str, http: aiohttp.ClientSessio
         {"hang": "yes"},
         {"tokens_per_s": -1},
     ):
-        status, _ = await post(http, f"{base}/sim/faults", patch)
+        status, _ = await post_json(http, f"{base}/sim/faults", patch)
         assert status == 400, patch
     async with http.get(f"{base}/sim/faults") as r:
         assert await r.json() == DEFAULT_FAULTS
@@ -435,7 +427,7 @@ async def test_metrics_count_tokens_requests_and_latencies(base: str, http: aioh
     ):
         assert before[name] == 0, name
     await chat(http, base, max_tokens=5)
-    await post(http, f"{base}/v1/completions", {"prompt": "one two", "max_tokens": 3})
+    await post_json(http, f"{base}/v1/completions", {"prompt": "one two", "max_tokens": 3})
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "stream": True}
     async with http.post(f"{base}/v1/chat/completions", json=body) as r:
         await read_stream(r)

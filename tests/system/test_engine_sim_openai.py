@@ -9,17 +9,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.engines import engine_in_process
+from tests.support.engines import engine_in_process, post_json
 
 MODEL = "sim-model"
 MESSAGES = [{"role": "user", "content": "one two three"}]
 CHAT_PROMPT_TOKENS = 3 + 3 + 3
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -28,17 +22,12 @@ async def base() -> AsyncIterator[str]:
         yield engine.url
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with http.post(url, json=body) as r:
-        return r.status, await r.json()
-
-
 async def chat(http: aiohttp.ClientSession, base: str, **extra: Any) -> tuple[int, Any]:
-    return await post(http, f"{base}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **extra})
+    return await post_json(http, f"{base}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **extra})
 
 
 async def complete(http: aiohttp.ClientSession, base: str, **extra: Any) -> tuple[int, Any]:
-    return await post(http, f"{base}/v1/completions", {"model": MODEL, "prompt": "one two", **extra})
+    return await post_json(http, f"{base}/v1/completions", {"model": MODEL, "prompt": "one two", **extra})
 
 
 async def chunks(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -78,7 +67,7 @@ async def test_chat_logprobs_shape(base: str, http: aiohttp.ClientSession) -> No
 
 async def test_chat_stream_logprobs_match_the_whole_answer(base: str, http: aiohttp.ClientSession) -> None:
     request = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "logprobs": True, "top_logprobs": 2}
-    _, whole = await post(http, f"{base}/v1/chat/completions", request)
+    _, whole = await post_json(http, f"{base}/v1/chat/completions", request)
     stream = await chunks(http, f"{base}/v1/chat/completions", request)
     assert stream[0]["choices"][0]["logprobs"] is None  # the role chunk
     entries = [e for c in stream[1:] for e in c["choices"][0]["logprobs"]["content"]]
@@ -207,8 +196,8 @@ async def test_the_general_path_answers_like_the_plain_one(base: str, http: aioh
         ("/v1/completions", {"prompt": "one two", "max_tokens": 4}),
     ):
         url = f"{base}{path}"
-        _, plain = await post(http, url, request)
-        _, general = await post(http, url, {**request, "stop": "zzz"})
+        _, plain = await post_json(http, url, request)
+        _, general = await post_json(http, url, {**request, "stop": "zzz"})
         assert without_ids(plain) == without_ids(general)
         with_usage = {**request, "stream_options": {"include_usage": True}}
         plain_stream = [without_ids(c) for c in await chunks(http, url, with_usage)]
@@ -276,7 +265,7 @@ BAD = [  # the serving code's: "BadRequestError", vLLM's exact words
 async def test_the_request_models_refusals(
     base: str, http: aiohttp.ClientSession, path: str, body: dict[str, Any], words: str
 ) -> None:
-    status, answer = await post(http, f"{base}{path}", body)
+    status, answer = await post_json(http, f"{base}{path}", body)
     assert status == 400
     error = answer["error"]
     assert words in error.pop("message")
@@ -287,7 +276,7 @@ async def test_the_request_models_refusals(
 async def test_the_serving_codes_refusals(
     base: str, http: aiohttp.ClientSession, path: str, body: dict[str, Any], message: str
 ) -> None:
-    status, answer = await post(http, f"{base}{path}", body)
+    status, answer = await post_json(http, f"{base}{path}", body)
     assert (status, answer) == (
         400,
         {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}},
@@ -311,5 +300,5 @@ async def test_the_serving_codes_refusals(
     ],
 )
 async def test_what_vllm_accepts(base: str, http: aiohttp.ClientSession, extra: dict[str, Any]) -> None:
-    status, body = await post(http, f"{base}/v1/chat/completions", {"messages": MESSAGES, **extra})
+    status, body = await post_json(http, f"{base}/v1/chat/completions", {"messages": MESSAGES, **extra})
     assert status == 200, body

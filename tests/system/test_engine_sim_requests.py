@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.engines import engine_in_process
+from tests.support.engines import engine_in_process, post_json
 
 MODEL = "sim-model"
 KEY = "sk-sim-log-test-key"
@@ -20,24 +20,13 @@ CHAT_PROMPT_TOKENS = 6 + 3 + 3  # the words, the message's template tokens, the 
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
 async def base() -> AsyncIterator[str]:
     async with engine_in_process(MODEL) as engine:
         yield engine.url
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with http.post(url, json=body) as r:
-        return r.status, await r.json()
-
-
 async def chat(http: aiohttp.ClientSession, base: str, **extra: Any) -> tuple[int, Any]:
-    return await post(http, f"{base}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **extra})
+    return await post_json(http, f"{base}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, **extra})
 
 
 async def stream_text(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[list[str], Any]:
@@ -79,7 +68,7 @@ async def test_truncation_lowers_the_prompt_count(base: str, http: aiohttp.Clien
     _, body = await chat(http, base, max_tokens=2, truncate_prompt_tokens=1000)  # a longer limit cuts nothing
     assert body["usage"]["prompt_tokens"] == CHAT_PROMPT_TOKENS
     request = {"prompt": "one two three four five", "max_tokens": 3, "truncate_prompt_tokens": 2}
-    status, body = await post(http, f"{base}/v1/completions", request)
+    status, body = await post_json(http, f"{base}/v1/completions", request)
     assert status == 200
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
     tokens, usage = await stream_text(http, f"{base}/v1/completions", request)
@@ -114,7 +103,7 @@ async def test_truncation_must_be_a_positive_int(base: str, http: aiohttp.Client
     status, body = await chat(http, base, truncate_prompt_tokens=value)
     assert status == 400
     assert "truncate_prompt_tokens" in body["error"]["message"]
-    status, _ = await post(http, f"{base}/v1/completions", {"prompt": "x", "truncate_prompt_tokens": value})
+    status, _ = await post_json(http, f"{base}/v1/completions", {"prompt": "x", "truncate_prompt_tokens": value})
     assert status == 400
 
 
@@ -143,7 +132,7 @@ async def test_json_formats_answer_a_json_object(
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 4, 12, 40])
 async def test_json_answers_parse_at_every_length(base: str, http: aiohttp.ClientSession, max_tokens: int) -> None:
     request = {"messages": MESSAGES, "max_tokens": max_tokens, "response_format": {"type": "json_object"}}
-    status, body = await post(http, f"{base}/v1/chat/completions", request)
+    status, body = await post_json(http, f"{base}/v1/chat/completions", request)
     assert status == 200
     content = body["choices"][0]["message"]["content"]
     parsed = json.loads(content)
@@ -163,7 +152,7 @@ async def test_text_format_and_text_completions(base: str, http: aiohttp.ClientS
     _, text = await chat(http, base, max_tokens=3, response_format={"type": "text"})
     assert text["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"] == " the quick brown"
     request = {"prompt": "hi", "max_tokens": 4, "response_format": {"type": "json_object"}}
-    status, body = await post(http, f"{base}/v1/completions", request)
+    status, body = await post_json(http, f"{base}/v1/completions", request)
     assert status == 200
     assert json.loads(body["choices"][0]["text"]) == {"text": "the quick"}
     tokens, _ = await stream_text(http, f"{base}/v1/completions", request)
@@ -187,14 +176,14 @@ async def test_the_log_keeps_each_completion_request_as_received(base: str, http
     assert await requests_log(http, base) == {"requests": [], "peak_running": 0}
     before = time.time()
     chat_body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0.3, "x_extra": [1, {"a": 2}]}
-    assert (await post(http, f"{base}/v1/chat/completions", chat_body))[0] == 200
+    assert (await post_json(http, f"{base}/v1/chat/completions", chat_body))[0] == 200
     text_body = {"prompt": "hi", "stream": True}
     async with http.post(f"{base}/v1/completions", json=text_body) as r:
         await r.read()
-    assert (await post(http, f"{base}/v1/completions", {"model": "other", "prompt": "x"}))[0] == 404
+    assert (await post_json(http, f"{base}/v1/completions", {"model": "other", "prompt": "x"}))[0] == 404
     async with http.post(f"{base}/v1/chat/completions", data=b"{not json") as r:
         assert r.status == 400
-    await post(http, f"{base}/tokenize", {"prompt": "not a completion"})
+    await post_json(http, f"{base}/tokenize", {"prompt": "not a completion"})
     after = time.time()
 
     log = await requests_log(http, base)
@@ -226,7 +215,7 @@ async def test_the_log_leaves_headers_out(http: aiohttp.ClientSession) -> None:
 async def test_the_log_is_bounded(http: aiohttp.ClientSession) -> None:
     async with engine_in_process(MODEL, request_log=3) as engine:
         for n in range(5):
-            assert (await post(http, f"{engine.url}/v1/completions", {"prompt": f"p{n}"}))[0] == 200
+            assert (await post_json(http, f"{engine.url}/v1/completions", {"prompt": f"p{n}"}))[0] == 200
         log = await requests_log(http, engine.url)
         assert [e["body"]["prompt"] for e in log["requests"]] == ["p2", "p3", "p4"]
 
