@@ -16,12 +16,20 @@ from orchestrator.runtime.container import Deps
 from orchestrator.store.db import make_engine, upgrade
 from tests.support.aio import run_in_thread
 from tests.support.postgres import PostgresServer
+from tests.support.redis import RedisServer
 from tests.support.settings import ADMIN_KEY, instance_settings
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     with PostgresServer.serving() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """The session's Redis (Debian's redis-server on a Unix socket of its own), for the shared limits."""
+    with RedisServer.serving() as server:
         yield server
 
 

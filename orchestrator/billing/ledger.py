@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Iterable
 
 from orchestrator.domain.spend import Account
+from orchestrator.platform.redis_limits import SharedLimits
 
 
 class Ledger:
@@ -101,3 +102,75 @@ class Ledger:
             else:
                 pending.pop(key_id, None)
         self._accounts.update(fresh)
+
+
+class SharedLedger(Ledger):
+    """The ledger of one instance among several (`ORCH_REDIS_URL`): a metered key's holds, and the fees of its calls
+    made here and not yet written, are also counted in the shared store, and a call is admitted only if its worst
+    case fits in what the key has left after those of every instance. What each instance has written is in the
+    accounts every instance reads (at its next catalog reload). While the store is out of reach, the in-memory rule
+    of `Ledger` applies, to this instance's calls alone.
+    """
+
+    def __init__(self, shared: SharedLimits) -> None:
+        super().__init__()
+        self._shared = shared
+        self._held_shared: dict[int, int] = {}
+        """What this instance holds in the shared store, per key: holds and fees not yet written."""
+        self._fees_shared: dict[int, int] = {}
+        """The part of `_held_shared` that is fees (in `_pending` too): left out of the budget sent along."""
+
+    def reserve(self, key_id: int, worst: int, month: int) -> int | None:
+        account = self._accounts.get(key_id)
+        if account is None or not account.metered or not worst:
+            return super().reserve(key_id, worst, month)
+        # What the key has left before any hold or fee counted in the shared store (this instance's included).
+        month_fee, balance = account.after(self._pending.get(key_id, 0) - self._fees_shared.get(key_id, 0), month)
+        budget = max(account.month_quota - month_fee, 0) + balance - self._debits.get(key_id, 0)
+        fits = self._shared.reserve(key_id, worst, budget)
+        if fits is None:
+            return super().reserve(key_id, worst, month)
+        if not fits:
+            return None
+        self._holds[key_id] = self._holds.get(key_id, 0) + worst
+        _add(self._held_shared, key_id, worst)
+        return worst
+
+    def unreserve(self, key_id: int, held: int) -> None:
+        super().unreserve(key_id, held)
+        self._give_back(key_id, min(held, self._held_shared.get(key_id, 0) - self._fees_shared.get(key_id, 0)))
+
+    def charge(self, key_id: int, fee: int, *, on_balance: bool = False) -> None:
+        super().charge(key_id, fee, on_balance=on_balance)
+        account = self._accounts.get(key_id)
+        metered = account is not None and account.metered
+        # Until it is written, the fee is counted for every instance as a hold of this one, which always fits.
+        if fee > 0 and not on_balance and metered and self._shared.reserve(key_id, fee, _UNBOUNDED):
+            _add(self._held_shared, key_id, fee)
+            _add(self._fees_shared, key_id, fee)
+
+    def settle(self, written: Iterable[tuple[int, int, bool]], fresh: dict[int, Account]) -> None:
+        written = list(written)
+        super().settle(written, fresh)
+        for key_id, fee, on_balance in written:
+            if not on_balance and fee > 0:
+                fees = min(fee, self._fees_shared.get(key_id, 0))
+                _add(self._fees_shared, key_id, -fees)
+                self._give_back(key_id, fees)
+
+    def _give_back(self, key_id: int, amount: int) -> None:
+        if amount > 0:
+            _add(self._held_shared, key_id, -amount)
+            self._shared.unreserve(key_id, amount)
+
+
+_UNBOUNDED = 2**62
+"""A budget that always fits: what has been spent is counted whatever is left."""
+
+
+def _add(counts: dict[int, int], key_id: int, amount: int) -> None:
+    left = counts.get(key_id, 0) + amount
+    if left:
+        counts[key_id] = left
+    else:
+        counts.pop(key_id, None)

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator.platform.redis_limits import SharedLimits
+
 
 @dataclass(slots=True)
 class _Window:
@@ -40,6 +42,19 @@ class RpmLimiter:
             return False
         w.current += 1
         return True
+
+
+class SharedRpmLimiter(RpmLimiter):
+    """The same window, counted for every instance at once in a shared store (`ORCH_REDIS_URL`); this instance's
+    own window while the store is out of reach."""
+
+    def __init__(self, shared: SharedLimits, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.shared = shared
+
+    def allow(self, key_id: int, rpm: int) -> bool:
+        allowed = self.shared.allow_rpm(key_id, rpm)
+        return super().allow(key_id, rpm) if allowed is None else allowed
 
 
 @dataclass(slots=True)

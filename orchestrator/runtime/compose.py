@@ -17,7 +17,7 @@ from orchestrator.billing.accounts import AccountService
 from orchestrator.billing.api_keys import ApiKeyService
 from orchestrator.billing.history import CallRecordService
 from orchestrator.billing.journal import Journal
-from orchestrator.billing.ledger import Ledger
+from orchestrator.billing.ledger import Ledger, SharedLedger
 from orchestrator.billing.records import CallRecord, CallRecords
 from orchestrator.fleet.backend import VmBackend
 from orchestrator.fleet.engine_plans import cloud_plans, sandbox_plans
@@ -29,10 +29,12 @@ from orchestrator.fleet.security_rules import ConnectionSources
 from orchestrator.fleet.ssh_access import AccessPolicy, EngineAccess, PlanMaker
 from orchestrator.gateway.catalog import Catalog
 from orchestrator.gateway.flow import Gateway
+from orchestrator.gateway.limits import SharedRpmLimiter
 from orchestrator.gateway.priority import PriorityQueues
 from orchestrator.gateway.upstream import Upstream
 from orchestrator.platform.guarded_resolver import GuardedResolver
 from orchestrator.platform.outbound import OutboundPolicy
+from orchestrator.platform.redis_limits import RedisLimits
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.platform.settings import Settings
 from orchestrator.platform.state_dir import ServerKeys, ensure_server_keys
@@ -67,7 +69,9 @@ def build_deps(settings: Settings) -> Deps:
     store = FleetStore(sessions)
     nudge, probe_nudge = Nudge(), Nudge()
     box = SecretBox(keys.secret_key)
-    ledger = Ledger()
+    # ORCH_REDIS_URL: each key's requests per minute and a metered key's holds are counted over every instance.
+    shared = RedisLimits(settings.redis_url, namespace=settings.deployment) if settings.redis_url else None
+    ledger = Ledger() if shared is None else SharedLedger(shared)
     # A draining replica's last call ended: the reconcile job moves it on now.
     catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge)
     outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
@@ -119,6 +123,8 @@ def build_deps(settings: Settings) -> Deps:
         on_released=queues.wake,
         hold_tokens=settings.hold_tokens,
     )
+    if shared is not None:  # the gateway builds its own in-memory limiter; Gateway takes no limiter argument yet
+        gateway._limiter = SharedRpmLimiter(shared)
 
     async def in_use(key_id: int) -> bool:
         catalog.refuse(key_id)  # no call starts while this looks: one admitted meanwhile would lose its record

@@ -1,0 +1,163 @@
+"""Limits every instance and worker shares through Redis (`ORCH_REDIS_URL`): each key's requests-per-minute window,
+and the spend a metered key has held for its calls in flight. Each check is one Lua script: one round trip, atomic
+over every instance.
+
+The gateway checks its limits synchronously (an admission and its hold are one step on the event loop), so the calls
+here block for their round trip, bounded by a short socket timeout. A Redis that cannot be reached is never an error
+to a caller: each method answers None ("not shared right now"), the caller falls back to its own in-memory limits,
+and the outage is logged once (`redis.unreachable`) with its end (`redis.reachable`); Redis is tried again every
+`retry_after_s` meanwhile, not on every call.
+
+Holds die with their instance: each instance keeps a liveness key alive from a thread of its own, and a hold whose
+instance's liveness key has expired is dropped by the next reservation of its key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import uuid
+from typing import Any, Protocol
+
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_RPM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local w = redis.call('HMGET', KEYS[1], 's', 'c', 'p')
+local start, current, previous = tonumber(w[1]), tonumber(w[2]) or 0, tonumber(w[3]) or 0
+if not start then start = now end
+local elapsed = now - start
+if elapsed >= 120 then
+  start, current, previous, elapsed = now, 0, 0, 0
+elseif elapsed >= 60 then
+  start, previous, current, elapsed = start + 60, current, 0, elapsed - 60
+end
+local allowed = previous * (1 - elapsed / 60) + current < tonumber(ARGV[1])
+if allowed then current = current + 1 end
+redis.call('HSET', KEYS[1], 's', string.format('%.6f', start), 'c', current, 'p', previous)
+redis.call('PEXPIRE', KEYS[1], 120000)
+return allowed and 1 or 0
+"""
+"""`RpmLimiter`'s sliding window (orchestrator.gateway.limits), on Redis's clock so that every instance agrees."""
+
+_RESERVE = """
+local me, worst, budget, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local held = 0
+local holds = redis.call('HGETALL', KEYS[1])
+for i = 1, #holds, 2 do
+  if holds[i] == me or redis.call('EXISTS', alive .. holds[i]) == 1 then
+    held = held + tonumber(holds[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], holds[i])
+  end
+end
+if held + worst > budget then return 0 end
+redis.call('HINCRBY', KEYS[1], me, worst)
+redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
+return 1
+"""
+"""Hold `worst` if every live instance's holds of the key plus `worst` fit in `budget`."""
+
+_UNRESERVE = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2])) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+class SharedLimits(Protocol):
+    """What the gateway's limiter and the ledger need of a shared store (a fake in unit tests)."""
+
+    def allow_rpm(self, key_id: int, rpm: int) -> bool | None: ...
+
+    def reserve(self, key_id: int, worst: int, budget: int) -> bool | None: ...
+
+    def unreserve(self, key_id: int, amount: int) -> None: ...
+
+
+class RedisLimits:
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str,
+        timeout_s: float = 0.25,
+        retry_after_s: float = 1.0,
+        alive_ttl_s: float = 15.0,
+    ) -> None:
+        self._client: redis.Redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
+        )
+        self._prefix = f"orch:{namespace}:"
+        self.instance = uuid.uuid4().hex
+        """This process's name in the holds of every key (a new one per process: a restart's holds are new)."""
+        self._rpm = self._client.register_script(_RPM)
+        self._reserve = self._client.register_script(_RESERVE)
+        self._unreserve = self._client.register_script(_UNRESERVE)
+        self._retry_after_s = retry_after_s
+        self._alive_ttl_ms = int(alive_ttl_s * 1000)
+        self._down_until: float | None = None
+        """While set, Redis is not tried before this monotonic time (and the outage has been logged)."""
+        self._heartbeat: threading.Thread | None = None
+        self._heartbeat_pid = 0
+        self._closed = threading.Event()
+
+    def allow_rpm(self, key_id: int, rpm: int) -> bool | None:
+        """Count a request of the key in its minute window if it fits under `rpm`: whether it did, or None."""
+        answer = self._run(self._rpm, [f"{self._prefix}rpm:{key_id}"], [rpm])
+        return None if answer is None else bool(answer)
+
+    def reserve(self, key_id: int, worst: int, budget: int) -> bool | None:
+        """Hold `worst` for the key if the holds of every instance plus `worst` fit in `budget` (what the key has
+        left before any hold): whether it was held, or None."""
+        self._keep_alive()
+        alive = f"{self._prefix}alive:"
+        args = [self.instance, worst, budget, alive, self._alive_ttl_ms]
+        answer = self._run(self._reserve, [f"{self._prefix}holds:{key_id}"], args)
+        return None if answer is None else bool(answer)
+
+    def unreserve(self, key_id: int, amount: int) -> None:
+        """Give back `amount` held here (a Redis out of reach drops it when this instance's liveness key expires)."""
+        self._run(self._unreserve, [f"{self._prefix}holds:{key_id}"], [self.instance, amount])
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(redis.RedisError):
+            self._client.delete(f"{self._prefix}alive:{self.instance}")  # this instance's holds end with it
+        self._client.close()
+
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> int | None:
+        now = time.monotonic()
+        if self._down_until is not None and now < self._down_until:
+            return None
+        try:
+            answer = int(script(keys=keys, args=args))
+        except redis.RedisError as e:
+            if self._down_until is None:
+                log.warning("redis.unreachable", error=type(e).__name__, detail=str(e), fallback="in-memory limits")
+            self._down_until = now + self._retry_after_s
+            return None
+        if self._down_until is not None:
+            self._down_until = None
+            log.warning("redis.reachable", limits="shared again")
+        return answer
+
+    def _keep_alive(self) -> None:
+        """Start the liveness thread in this process (again after a fork: threads do not survive one)."""
+        if self._heartbeat is not None and self._heartbeat_pid == os.getpid():
+            return
+        self._heartbeat_pid = os.getpid()
+        self._heartbeat = threading.Thread(target=self._beat, name="redis-alive", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        key = f"{self._prefix}alive:{self.instance}"
+        while not self._closed.is_set():
+            with contextlib.suppress(redis.RedisError):  # the calls on the event loop log an outage
+                self._client.set(key, 1, px=self._alive_ttl_ms)
+            self._closed.wait(self._alive_ttl_ms / 3000)
