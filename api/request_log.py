@@ -13,6 +13,8 @@ import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from orchestrator.platform.logs import info_direct
+
 log = structlog.get_logger("api.request")
 _stdlib = logging.getLogger("api.request")
 _CLIENT_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
@@ -46,14 +48,15 @@ def request_log(app: ASGIApp) -> ASGIApp:
             structlog.contextvars.reset_contextvars(**tokens)
             if _stdlib.isEnabledFor(logging.INFO):
                 # The path only: a query string may carry a key.
-                log.info(
-                    "request",
-                    request_id=request_id,
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                )
+                fields = {
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                }
+                if not info_direct("api.request", "request", fields):
+                    log.info("request", **fields)
 
     return middleware
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -31,6 +34,63 @@ def _dumps(event: Any, **_: Any) -> str:
     return _encoder.encode(event).decode()
 
 
+class _Direct:
+    """Where `info_direct` writes: the JSON handler and the processor list `configure_logging` installed."""
+
+    handler: logging.StreamHandler[Any] | None = None
+    processors: list[Any] = []
+
+
+_STRUCTLOG_PREFIX = "structlog_"  # the names of structlog's context variables (`structlog.contextvars`)
+
+
+def info_direct(logger: str, event: str, fields: dict[str, Any]) -> bool:
+    """Write an INFO event exactly as the JSON configuration renders it (the same keys in the same order: the
+    fields, `event`, the bound context, `level`, `logger`, `timestamp`), without structlog's processor chain and the
+    two stdlib records it makes: about a tenth of the cost, for the request event written on every gateway call.
+    Returns False, having written nothing, where this is not that configuration (console format, another handler,
+    logs captured by a test): the caller then logs the usual way. The caller checks the level first."""
+    handler = _Direct.handler
+    processors = _Direct.processors
+    if handler is None or logging.root.handlers != [handler] or processors[-1] is not _WRAP:
+        return False
+    fields["event"] = event
+    bound = False
+    for var, value in contextvars.copy_context().items():  # as merge_contextvars does
+        if var.name.startswith(_STRUCTLOG_PREFIX) and value is not Ellipsis:
+            fields.setdefault(var.name[len(_STRUCTLOG_PREFIX) :], value)
+            bound = True
+    fields["level"] = "info"
+    fields["logger"] = logger
+    fields["timestamp"] = _iso_now()
+    if bound:  # only a bound value can be unknown here
+        redact_secrets(None, "", fields)
+    line = _encoder.encode(fields).decode() + "\n"
+    with handler.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+        handler.stream.write(line)
+        handler.stream.flush()
+    return True
+
+
+_WRAP = structlog.stdlib.ProcessorFormatter.wrap_for_formatter
+_second: tuple[int, str] = (-1, "")
+"""The last whole second `_iso_now` formatted, and its text (replaced whole: safe from any thread)."""
+
+
+def _iso_now() -> str:
+    """Now, as structlog's ISO UTC timestamper writes it (`datetime.isoformat`, `Z` for UTC), the second's text
+    made once per second."""
+    global _second  # noqa: PLW0603  (a cache of one value)
+    now = time.time()
+    second = int(now)
+    cached, text = _second
+    if second != cached:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (second, text)
+    micro = int((now - second) * 1_000_000)
+    return f"{text}.{micro:06d}Z" if micro else f"{text}Z"
+
+
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
@@ -40,9 +100,10 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
     ]
+    # Level first: an event below the level costs one check, not a pass through every processor.
+    processors = [structlog.stdlib.filter_by_level, *shared, _WRAP]
     structlog.configure(
-        # Level first: an event below the level costs one check, not a pass through every processor.
-        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=processors,
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -66,6 +127,8 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers = [handler]
+    # capture_logs() (tests) changes this very list in place, which `info_direct` sees.
+    _Direct.handler, _Direct.processors = (handler, processors) if as_json else (None, [])
     root.setLevel(level.upper())
     # Interval jobs would log every second; our own request events replace the access log.
     for noisy in ("apscheduler.executors.default", "uvicorn.access", "httpx", "alembic.runtime.plugins"):
