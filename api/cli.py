@@ -1,9 +1,10 @@
-"""The `orchestrator` command: serve the API, migrate the database."""
+"""The `orchestrator` command: serve the API, run the jobs as a worker, migrate the database."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -30,21 +31,36 @@ def main() -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [ORCH_HOST, default 127.0.0.1].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port [ORCH_PORT, default 8000].")
-@click.option("--no-scheduler", is_flag=True, help="Do not run the scheduled jobs in this process.")
+@click.option(
+    "--no-scheduler", is_flag=True, help="Only serve: never lead the fleet's jobs (another instance or a worker does)."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="HTTP worker processes [ORCH_WORKERS, default 1]; more than one needs ORCH_REDIS_URL.",
+)
 @click.option(
     "--server", type=click.Choice(["granian", "uvicorn"]), default=None, help="HTTP server [ORCH_SERVER, granian]."
 )
-def serve(host: str | None, port: int | None, no_scheduler: bool, server: str | None) -> None:
-    """Run the admin API, the gateway and (unless told not to) the scheduler."""
+def serve(host: str | None, port: int | None, no_scheduler: bool, workers: int | None, server: str | None) -> None:
+    """Run the admin API, the gateway and (unless told not to) the jobs: the instance's own, and the fleet's while
+    this instance leads."""
     from orchestrator.platform.state_dir import ensure_server_keys  # noqa: PLC0415
 
-    # Flags become the environment the server process builds its settings from.
-    for name, value in (("ORCH_HOST", host), ("ORCH_PORT", port), ("ORCH_SERVER", server)):
+    # Flags become the environment the server process (and each of its workers) builds its settings from.
+    for name, value in (("ORCH_HOST", host), ("ORCH_PORT", port), ("ORCH_SERVER", server), ("ORCH_WORKERS", workers)):
         if value is not None:
             os.environ[name] = str(value)
     if no_scheduler:
-        os.environ["ORCH_SCHEDULER"] = "false"
+        os.environ["ORCH_LEAD"] = "false"
     settings = Settings()
+    if settings.workers > 1 and not settings.redis_url:
+        # Each worker would keep its own RPM windows, spend reservations and endpoint gates: N times the limits.
+        raise click.UsageError(
+            f"--workers {settings.workers} needs ORCH_REDIS_URL: without Redis each worker process would keep its "
+            "own rate limits and spend reservations, so every key could use its limits once per worker"
+        )
     configure_logging(settings.log_level, settings.log_format)
     _announce_admin_key(ensure_server_keys(settings))
     if settings.server == "granian":
@@ -56,7 +72,7 @@ def serve(host: str | None, port: int | None, no_scheduler: bool, server: str | 
             address=settings.host,
             port=settings.port,
             interface=Interfaces.ASGI,
-            workers=1,
+            workers=settings.workers,
             loop=Loops.uvloop,
             factory=True,
             log_enabled=False,
@@ -69,10 +85,40 @@ def serve(host: str | None, port: int | None, no_scheduler: bool, server: str | 
             factory=True,
             host=settings.host,
             port=settings.port,
+            workers=settings.workers,
             log_config=None,
             access_log=False,
             server_header=False,
         )
+
+
+@main.command()
+def worker() -> None:
+    """Run only the jobs, no HTTP listener: the instance's own, and the fleet's while this process leads (it
+    competes for the lead with every `serve` that may lead). SIGTERM or SIGINT stop it cleanly."""
+    from orchestrator.platform.state_dir import ensure_server_keys  # noqa: PLC0415
+
+    os.environ["ORCH_SCHEDULER"] = "true"  # what a worker is for: ORCH_SCHEDULER and ORCH_LEAD cannot turn it off
+    os.environ["ORCH_LEAD"] = "true"
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    _announce_admin_key(ensure_server_keys(settings))
+    asyncio.run(_work(settings))
+
+
+async def _work(settings: Settings) -> None:
+    from orchestrator.runtime.compose import Runtime, build_deps  # noqa: PLC0415
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    runtime = Runtime(build_deps(settings))
+    await runtime.start()
+    try:
+        await stopping.wait()
+    finally:
+        await runtime.stop()
 
 
 def _announce_admin_key(keys: ServerKeys) -> None:

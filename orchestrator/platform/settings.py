@@ -105,7 +105,16 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
 
     scheduler: bool = True
-    """Run the jobs in this process (the embedded default); `serve --no-scheduler` turns it off."""
+    """Run scheduled jobs in this process: the instance's own (records flush, catalog refresh) and, while it leads,
+    the fleet's. Off only where the caller runs the jobs itself (tests); `serve --no-scheduler` turns off `lead`."""
+    lead: bool = True
+    """Compete to lead the fleet's jobs (reconcile, probes, sweeps, the task queue), which exactly one instance runs
+    at a time: a PostgreSQL advisory lock, or a file lock beside a SQLite file. `serve --no-scheduler` turns it off
+    (the instance only serves)."""
+    lead_retry_s: float = Field(default=1.0, gt=0, le=60)
+    """How often an instance that does not lead tries to, and the leader checks it still does."""
+    workers: int = Field(default=1, ge=1, le=256)
+    """`serve`: HTTP worker processes; more than one needs `redis_url` (limits must be shared between them)."""
 
     reconcile_interval_s: float = Field(default=1.0, gt=0)
     drain_timeout_s: float = Field(default=60.0, ge=0)

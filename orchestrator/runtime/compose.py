@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,8 @@ from orchestrator.platform.secrets import SecretBox
 from orchestrator.platform.settings import Settings
 from orchestrator.platform.state_dir import ServerKeys, ensure_server_keys
 from orchestrator.runtime.container import Deps, Nudge
-from orchestrator.runtime.jobs import build_scheduler
+from orchestrator.runtime.jobs import add_leader_jobs, build_scheduler, remove_leader_jobs
+from orchestrator.runtime.leader import Leadership, instance_id, lease_for
 from orchestrator.runtime.metrics import ServerMetrics
 from orchestrator.store.accounts import AccountStore
 from orchestrator.store.api_keys import ApiKeyStore
@@ -250,22 +252,37 @@ def machine_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, P
 
 
 class Runtime:
-    """What runs beside the HTTP server: migrations at start, then the scheduler when enabled."""
+    """What runs beside the HTTP server: migrations at start, the instance's own jobs, and the fleet's jobs while
+    this instance leads (`orchestrator/runtime/leader.py`)."""
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._scheduler: AsyncIOScheduler | None = None
+        self._leadership: Leadership | None = None
+        self._term: Deps | None = None
+        """What the leader's jobs run with while this instance leads; None while it does not."""
+        self._terms = 0
+
+    @property
+    def leading(self) -> bool:
+        return self._leadership is not None and self._leadership.leading
+
+    def scheduled_jobs(self) -> set[str]:
+        """The ids of the jobs this instance runs now."""
+        return {job.id for job in self._scheduler.get_jobs()} if self._scheduler is not None else set()
 
     async def start(self) -> None:
         await upgrade(self.deps.engine)
         # Calls a crashed process answered but never wrote, before any account is read.
         await self.deps.records.replay()
         await self.deps.catalog.reload()
+        settings = self.deps.settings
         log.info(
             "orchestrator.started",
             database=self.deps.engine.url.render_as_string(hide_password=True),
-            infra_backend=self.deps.settings.infra_backend,
-            scheduler=self.deps.settings.scheduler,
+            infra_backend=settings.infra_backend,
+            scheduler=settings.scheduler,
+            lead=settings.scheduler and settings.lead,
         )
         reason = getattr(self.deps.managed.backend, "not_enforced_reason", None)
         if reason is not None:
@@ -274,17 +291,68 @@ class Runtime:
                 reason=reason,
                 consequence="sandbox security rules are recorded but NOT enforced: every port is open to anyone",
             )
-        if self.deps.settings.scheduler:
-            # Only where the jobs run: an API-only instance must not take back tasks a worker is running.
-            await self.deps.tasks.recover()
-            self._scheduler = build_scheduler(self.deps)
-            self._scheduler.start()
+        if not settings.scheduler:
+            return
+        self._scheduler = build_scheduler(self.deps, leading=False)
+        self._scheduler.start()
+        if settings.lead:
+            identity = instance_id()
+            self._leadership = Leadership(
+                lease_for(self.deps.engine, settings.state_dir, identity),
+                identity=identity,
+                on_acquired=self._lead,
+                on_lost=self._follow,
+                interval_s=settings.lead_retry_s,
+            )
+            await self._leadership.start()  # a lone instance leads from here, as before there were leaders
+
+    async def _lead(self) -> None:
+        # The first term runs on the services the API shares (a submitted task is claimed at once); a term after a
+        # lost one gets fresh VM work and task runners, since stopping the last ones closed them for good.
+        term = self.deps if self._terms == 0 else self._fresh_term()
+        self._terms += 1
+        # Only the leader: what a dead leader left `processing` is taken back, never what a live one runs.
+        await term.tasks.recover()
+        self._term = term
+        assert self._scheduler is not None
+        add_leader_jobs(self._scheduler, term)
+
+    async def _follow(self) -> None:
+        """The lead is gone (or being given back): no job of the leader's may run here a moment longer."""
+        term, self._term = self._term, None
+        if self._scheduler is not None:
+            remove_leader_jobs(self._scheduler, self.deps)
+        if term is not None:
+            await term.tasks.close()  # calls cancelled, uncharged; their tasks go back to the queue
+            await term.managed.close()  # VM work resumes from the stored status on the next leader
+
+    def _fresh_term(self) -> Deps:
+        deps, old = self.deps, self.deps.managed
+
+        async def on_moved() -> None:
+            await deps.catalog.reload()
+            deps.nudge()
+            deps.probe_nudge()
+
+        managed = ManagedReplicas(
+            old.store,
+            old.backend,
+            box=deps.box,
+            network=old.network,
+            access=old.access,
+            pool=ThreadPoolExecutor(deps.settings.provision_workers, thread_name_prefix="vm-work"),
+            policy=old.policy,
+            on_moved=on_moved,
+        )
+        tasks = TaskRunner(deps.tasks.store, deps.gateway, deps.tasks.policy)
+        return dataclasses.replace(deps, managed=managed, tasks=tasks)
 
     async def stop(self) -> None:
         await self.deps.feishu_receiver.close()  # the answers under way are cancelled (their calls still accounted for)
+        if self._leadership is not None:
+            await self._leadership.stop()  # the leader's jobs stop before the lease is given back
+            self._leadership = None
         if self._scheduler is not None:
-            self.deps.nudge.connect(None)
-            self.deps.probe_nudge.connect(None)
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
         await self.deps.tasks.close()  # calls cancelled, uncharged; their tasks run again at the next start

@@ -1,4 +1,5 @@
-"""The one module that registers the scheduled jobs (APScheduler 3.11, in-process, memory job store)."""
+"""The one module that registers the scheduled jobs (APScheduler 3.11, in-process, memory job store): the
+instance's own, which every instance runs, and the leader's, which one instance at a time runs (`runtime.leader`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ Job = Callable[[Deps], Awaitable[None]]
 RECONCILE = "reconcile"
 PROBE = "probe"
 TASKS = "tasks"
+LEADER_JOBS = (RECONCILE, PROBE, "rules_drift", "orphan_sweep", TASKS)
+"""The jobs only the leader runs: they act on the fleet and the task queue, which one actor at a time must do."""
 
 
 def _job_context(name: str) -> None:
@@ -103,35 +106,62 @@ def quiet(job: Job, name: str) -> Job:
     return run
 
 
-def build_scheduler(deps: Deps) -> AsyncIOScheduler:
-    """Register every job; `deps.nudge` is connected so admin actions run the reconciler at once."""
+def build_scheduler(deps: Deps, *, leading: bool = True) -> AsyncIOScheduler:
+    """Register the instance's own jobs, and the leader's too when `leading` (a lone instance); `deps.nudge` is
+    connected so admin actions run the reconciler at once."""
     scheduler = AsyncIOScheduler(
         timezone=UTC,
         # A job that falls behind runs once, never as a burst; one instance of each at a time.
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
     )
     settings = deps.settings
-    now = datetime.now(UTC)
-    jobs = (
+    # Every instance: each has its own journal to write and its own catalog to keep fresh.
+    instance_jobs = (
+        (records_flush_job, "records_flush", settings.usage_flush_interval_s),
+        (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
+    )
+    _add(scheduler, deps, instance_jobs)
+    if leading:
+        add_leader_jobs(scheduler, deps)
+    return scheduler
+
+
+def add_leader_jobs(scheduler: AsyncIOScheduler, deps: Deps) -> None:
+    """The jobs that act on the fleet and the task queue, which exactly one instance (the leader) runs, each at
+    once and then at its interval."""
+    settings = deps.settings
+    leader_jobs = (
         (reconcile_job, RECONCILE, settings.reconcile_interval_s),
         # Ticks often; each replica is only probed when its own interval is due.
         (probe_job, PROBE, min(1.0, max(0.1, settings.probe_starting_interval_s))),
-        (records_flush_job, "records_flush", settings.usage_flush_interval_s),
-        (catalog_refresh_job, "catalog_refresh", settings.catalog_refresh_interval_s),
         (rules_drift_job, "rules_drift", settings.rules_drift_interval_s),
         (orphan_sweep_job, "orphan_sweep", settings.orphan_sweep_interval_s),
         (tasks_job, TASKS, settings.task_interval_s),
     )
-    for job, job_id, seconds in jobs:
-        scheduler.add_job(quiet(job, job_id), "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)
+    _add(scheduler, deps, leader_jobs)
 
     def waker(job_id: str) -> Callable[[], None]:
         def wake() -> None:
-            with contextlib.suppress(JobLookupError):  # shutting down
+            with contextlib.suppress(JobLookupError):  # shutting down, or no longer leading
                 scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
 
         return wake
 
     deps.nudge.connect(waker(RECONCILE))
     deps.probe_nudge.connect(waker(PROBE))
-    return scheduler
+
+
+def remove_leader_jobs(scheduler: AsyncIOScheduler, deps: Deps) -> None:
+    """No more runs of the leader's jobs here (a run under way ends by itself; the caller stops the work it
+    started)."""
+    deps.nudge.connect(None)
+    deps.probe_nudge.connect(None)
+    for job_id in LEADER_JOBS:
+        with contextlib.suppress(JobLookupError):
+            scheduler.remove_job(job_id)
+
+
+def _add(scheduler: AsyncIOScheduler, deps: Deps, jobs: tuple[tuple[Job, str, float], ...]) -> None:
+    now = datetime.now(UTC)
+    for job, job_id, seconds in jobs:
+        scheduler.add_job(quiet(job, job_id), "interval", seconds=seconds, args=[deps], id=job_id, next_run_time=now)

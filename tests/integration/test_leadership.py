@@ -1,0 +1,164 @@
+"""One leader for the fleet's jobs, on both databases: contenders racing for the lease never both win, the lead
+passes on when the leader goes (or its connection dies), and a runtime runs the leader's jobs only while it leads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.compose import Runtime, build_deps
+from orchestrator.runtime.jobs import LEADER_JOBS
+from orchestrator.runtime.leader import Leadership, Lease, lease_for
+from orchestrator.store.db import make_engine
+
+INSTANCE_JOBS = {"records_flush", "catalog_refresh"}
+
+
+@pytest.fixture
+async def engines(database_url: str) -> AsyncIterator[Callable[[], AsyncEngine]]:
+    """Engines on the test's database, one per contender, as separate processes would have."""
+    made: list[AsyncEngine] = []
+
+    def make() -> AsyncEngine:
+        made.append(make_engine(database_url))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        await engine.dispose()
+
+
+def contender(engines: Callable[[], AsyncEngine], tmp_path: Path, name: str) -> Lease:
+    return lease_for(engines(), tmp_path, name)
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "gave up waiting"
+        await asyncio.sleep(0.01)
+
+
+async def test_contenders_racing_for_the_lease_never_both_win(
+    engines: Callable[[], AsyncEngine], tmp_path: Path
+) -> None:
+    leases = [contender(engines, tmp_path, f"host:{n}") for n in range(6)]
+    for _ in range(3):
+        won = await asyncio.gather(*(lease.acquire() for lease in leases))
+        assert won.count(True) == 1, won
+        leader = leases[won.index(True)]
+        assert await leader.held()
+        # Nobody takes it while it is held, however often they try.
+        assert [await lease.acquire() for lease in leases if lease is not leader] == [False] * 5
+        await leader.release()
+        assert not await leader.held()
+
+
+async def test_the_lead_passes_on_when_the_leader_stops(engines: Callable[[], AsyncEngine], tmp_path: Path) -> None:
+    events: list[str] = []
+
+    def leadership(name: str) -> Leadership:
+        async def acquired() -> None:
+            events.append(f"{name} leads")
+
+        async def lost() -> None:
+            events.append(f"{name} stops")
+
+        lease = contender(engines, tmp_path, name)
+        return Leadership(lease, identity=name, on_acquired=acquired, on_lost=lost, interval_s=0.05)
+
+    first, second = leadership("a"), leadership("b")
+    await first.start()
+    await second.start()
+    try:
+        assert (first.leading, second.leading) == (True, False)
+        await second.tick()
+        assert not second.leading
+        await first.stop()  # its jobs stop before the lease is given back
+        await until(lambda: second.leading)
+        assert events == ["a leads", "a stops", "b leads"]
+    finally:
+        await first.stop()
+        await second.stop()
+    assert events == ["a leads", "a stops", "b leads", "b stops"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_leader_whose_connection_dies_stops_leading_and_another_takes_over(
+    engines: Callable[[], AsyncEngine], tmp_path: Path
+) -> None:
+    lost: list[str] = []
+
+    async def nothing() -> None:
+        pass
+
+    async def on_lost() -> None:
+        lost.append("a")
+
+    first = Leadership(
+        contender(engines, tmp_path, "a"), identity="a", on_acquired=nothing, on_lost=on_lost, interval_s=0.05
+    )
+    second = Leadership(
+        contender(engines, tmp_path, "b"), identity="b", on_acquired=nothing, on_lost=nothing, interval_s=0.05
+    )
+    await first.start()
+    await second.start()
+    try:
+        assert first.leading
+        async with engines().connect() as conn:
+            # What a broken network or a restarted server does to the leader's session.
+            killed = await conn.scalar(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'orchestrator-leader a'"
+                )
+            )
+        assert killed is True
+        await until(lambda: second.leading)
+        await until(lambda: lost == ["a"])
+        assert not first.leading
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_only_the_leading_runtime_runs_the_leaders_jobs_and_the_other_takes_them_over(
+    settings: Settings,
+) -> None:
+    scheduled = settings.model_copy(update={"scheduler": True, "lead_retry_s": 0.05})
+    first, second = Runtime(build_deps(scheduled)), Runtime(build_deps(scheduled))
+    await first.start()
+    first_running = True
+    try:
+        await second.start()
+        try:
+            assert (first.leading, second.leading) == (True, False)
+            assert first.scheduled_jobs() == INSTANCE_JOBS | set(LEADER_JOBS)
+            assert second.scheduled_jobs() == INSTANCE_JOBS
+            first_running = False
+            await first.stop()
+            await until(lambda: second.leading)
+            assert second.scheduled_jobs() == INSTANCE_JOBS | set(LEADER_JOBS)
+        finally:
+            await second.stop()
+    finally:
+        if first_running:
+            await first.stop()
+
+
+async def test_an_instance_that_may_not_lead_never_does(settings: Settings) -> None:
+    serving_only = Runtime(build_deps(settings.model_copy(update={"scheduler": True, "lead": False})))
+    await serving_only.start()
+    try:
+        assert not serving_only.leading
+        assert serving_only.scheduled_jobs() == INSTANCE_JOBS
+    finally:
+        await serving_only.stop()
