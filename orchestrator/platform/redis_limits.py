@@ -19,10 +19,12 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import redis
 import structlog
+
+if TYPE_CHECKING:
+    import redis
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +92,9 @@ class RedisLimits:
         retry_after_s: float = 1.0,
         alive_ttl_s: float = 15.0,
     ) -> None:
+        import redis  # noqa: PLC0415 (half a second of imports, paid only by an instance that uses Redis)
+
+        self._errors = redis.RedisError
         self._client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
         )
@@ -127,7 +132,7 @@ class RedisLimits:
 
     def close(self) -> None:
         self._closed.set()
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(self._errors):
             self._client.delete(f"{self._prefix}alive:{self.instance}")  # this instance's holds end with it
         self._client.close()
 
@@ -137,7 +142,7 @@ class RedisLimits:
             return None
         try:
             answer = int(script(keys=keys, args=args))
-        except redis.RedisError as e:
+        except self._errors as e:
             if self._down_until is None:
                 log.warning("redis.unreachable", error=type(e).__name__, detail=str(e), fallback="in-memory limits")
             self._down_until = now + self._retry_after_s
@@ -158,6 +163,6 @@ class RedisLimits:
     def _beat(self) -> None:
         key = f"{self._prefix}alive:{self.instance}"
         while not self._closed.is_set():
-            with contextlib.suppress(redis.RedisError):  # the calls on the event loop log an outage
+            with contextlib.suppress(self._errors):  # the calls on the event loop log an outage
                 self._client.set(key, 1, px=self._alive_ttl_ms)
             self._closed.wait(self._alive_ttl_ms / 3000)
