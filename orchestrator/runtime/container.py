@@ -26,6 +26,7 @@ from orchestrator.platform.state_dir import ServerKeys
 from orchestrator.runtime.metrics import ServerMetrics
 from orchestrator.store.call_records import RecordStore
 from orchestrator.store.fleet import FleetStore
+from orchestrator.store.notify import ChangeFeed
 from orchestrator.surfaces.feishu.bots import BotService
 from orchestrator.surfaces.feishu.receiver import FeishuReceiver
 from orchestrator.surfaces.litellm.token_counter import TokenCounter
@@ -78,6 +79,9 @@ class Deps:
     box: SecretBox
     catalog: Catalog
     """The gateway's memory: keys, models, the replicas and endpoints serving each, the ledger."""
+    changes: ChangeFeed
+    """Every instance on one PostgreSQL told of the others' changes at once: each change announced, the others'
+    heard (the catalog reloads, the reconcile job is nudged)."""
     upstream: Upstream
     records: CallRecords
     """Gateway calls waiting to be written (with their sessions and fees)."""
