@@ -52,6 +52,7 @@ from orchestrator.store.db import make_engine, make_sessions, upgrade
 from orchestrator.store.external_endpoints import ExternalEndpointStore
 from orchestrator.store.fleet import FleetStore
 from orchestrator.store.gateway_view import GatewayViewStore
+from orchestrator.store.notify import Change, ChangeFeed
 from orchestrator.store.tasks import TaskStore
 from orchestrator.surfaces.feishu.bots import BotService
 from orchestrator.surfaces.feishu.client import FeishuClient
@@ -76,6 +77,9 @@ def build_deps(settings: Settings) -> Deps:
     ledger = Ledger() if shared is None else SharedLedger(shared)
     # A draining replica's last call ended: the reconcile job moves it on now.
     catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge)
+    # Every change below is announced to the other instances on the same PostgreSQL before it reloads this one.
+    changes = ChangeFeed(engine, catalog.reload, nudge)
+    moved = changes.made(Change.MOVES)
     outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
     upstream = Upstream(resolver=GuardedResolver(outbound.allowed))  # names judged again at every connect
     record_store = RecordStore(sessions)
@@ -90,11 +94,11 @@ def build_deps(settings: Settings) -> Deps:
         startup_grace_s=settings.startup_grace_s,
         timeout_s=settings.probe_timeout_s,
     )
-    health = HealthMonitor(store, upstream, box, policy, on_change=catalog.reload, wake=probe_nudge)
+    health = HealthMonitor(store, upstream, box, policy, on_change=moved, wake=probe_nudge)
     backend, network, plans = build_backend(settings, keys)
 
     async def on_moved() -> None:
-        await catalog.reload()
+        await moved()
         nudge()
         probe_nudge()
 
@@ -143,6 +147,7 @@ def build_deps(settings: Settings) -> Deps:
         probe_nudge=probe_nudge,
         box=box,
         catalog=catalog,
+        changes=changes,
         upstream=upstream,
         records=records,
         record_store=record_store,
@@ -151,18 +156,28 @@ def build_deps(settings: Settings) -> Deps:
         gateway=gateway,
         queues=queues,
         metrics=ServerMetrics(),
-        models=ModelService(store, nudge, on_change=catalog.reload),
+        models=ModelService(store, nudge, on_change=changes.made(Change.MODELS)),
         replicas=ReplicaService(
-            store, nudge, box, on_change=catalog.reload, network=network, ssh_port=backend.ssh_port, outbound=outbound
+            store,
+            nudge,
+            box,
+            on_change=changes.made(Change.REPLICAS),
+            network=network,
+            ssh_port=backend.ssh_port,
+            outbound=outbound,
         ),
-        api_keys=ApiKeyService(ApiKeyStore(sessions), keys.secret_key, on_change=catalog.reload, in_use=in_use),
+        api_keys=ApiKeyService(
+            ApiKeyStore(sessions), keys.secret_key, on_change=changes.made(Change.KEYS), in_use=in_use
+        ),
         tables=TableService(TableBrowser(sessions)),
         managed=managed,
-        accounts=AccountService(AccountStore(sessions), ledger, keys.secret_key, on_change=catalog.reload),
+        accounts=AccountService(
+            AccountStore(sessions), ledger, keys.secret_key, on_change=changes.made(Change.ACCOUNTS)
+        ),
         bots=bots,
         feishu_receiver=FeishuReceiver(bots, gateway, FeishuClient(settings.feishu_base_url)),
         external_endpoints=ExternalEndpointService(
-            ExternalEndpointStore(sessions), box, on_change=catalog.reload, outbound=outbound
+            ExternalEndpointStore(sessions), box, on_change=changes.made(Change.ENDPOINTS), outbound=outbound
         ),
         tasks=TaskRunner(
             TaskStore(sessions),
@@ -275,6 +290,7 @@ class Runtime:
         await upgrade(self.deps.engine)
         # Calls a crashed process answered but never wrote, before any account is read.
         await self.deps.records.replay()
+        await self.deps.changes.start()  # listening before the first read: no change falls between the two
         await self.deps.catalog.reload()
         settings = self.deps.settings
         log.info(
@@ -363,4 +379,5 @@ class Runtime:
             log.exception("records.final_flush_failed")  # they stay in the journal, replayed at the next start
         self.deps.records.close()
         await self.deps.upstream.close()
+        await self.deps.changes.stop()
         await self.deps.engine.dispose()
