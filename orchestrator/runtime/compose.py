@@ -41,7 +41,7 @@ from orchestrator.platform.settings import Settings
 from orchestrator.platform.state_dir import ServerKeys, ensure_server_keys
 from orchestrator.runtime.container import Deps, Nudge
 from orchestrator.runtime.jobs import add_leader_jobs, build_scheduler, remove_leader_jobs
-from orchestrator.runtime.leader import Leadership, instance_id, lease_for
+from orchestrator.runtime.leader import Leadership, instance_id, lease_for, one_at_a_time
 from orchestrator.runtime.metrics import ServerMetrics
 from orchestrator.store.accounts import AccountStore
 from orchestrator.store.api_keys import ApiKeyStore
@@ -287,7 +287,8 @@ class Runtime:
         return {job.id for job in self._scheduler.get_jobs()} if self._scheduler is not None else set()
 
     async def start(self) -> None:
-        await upgrade(self.deps.engine)
+        async with one_at_a_time(self.deps.engine, self.deps.settings.state_dir):  # workers starting together
+            await upgrade(self.deps.engine)
         # Calls a crashed process answered but never wrote, before any account is read.
         await self.deps.records.replay()
         await self.deps.changes.start()  # listening before the first read: no change falls between the two

@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 LOCK_KEY = 0x6F72_6368_6C65_6164
 """The advisory lock's key ("orchlead"); advisory locks are per database, so deployments never share one."""
+MIGRATE_KEY = 0x6F72_6368_6D69_6772
+"""The advisory lock the migrations run under ("orchmigr")."""
 CHECK_TIMEOUT_S = 5.0
 """A lock connection that does not answer a ping within this is taken as lost (a leader must know it leads)."""
 
@@ -140,6 +142,31 @@ def lease_for(engine: AsyncEngine, state_dir: Path, identity: str) -> Lease:
         path = Path(database)
         return FileLease(path.with_name(f"{path.name}.leader"), identity)
     return FileLease(state_dir / "leader.lock", identity)
+
+
+@contextlib.asynccontextmanager
+async def one_at_a_time(engine: AsyncEngine, state_dir: Path) -> AsyncIterator[None]:
+    """The block runs in one process at a time among those on the database (waiting for the others): the
+    migrations at start, which two processes (two granian workers on a fresh database) must not run together."""
+    url = make_url(engine.url)
+    if url.get_backend_name() != "sqlite":
+        async with engine.connect() as pooled:
+            conn = await pooled.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_KEY})
+            try:
+                yield
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATE_KEY})
+        return
+    database = url.database
+    path = Path(f"{database}.migrate") if database and database != ":memory:" else state_dir / "migrate.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 Hook = Callable[[], Awaitable[None]]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.platform.settings import Settings
@@ -17,6 +20,8 @@ from orchestrator.runtime.compose import Runtime, build_deps
 from orchestrator.runtime.jobs import LEADER_JOBS
 from orchestrator.runtime.leader import Leadership, Lease, lease_for
 from orchestrator.store.db import make_engine
+from tests.support.postgres import PostgresServer
+from tests.support.settings import instance_settings
 
 INSTANCE_JOBS = {"records_flush", "catalog_refresh"}
 
@@ -162,3 +167,33 @@ async def test_an_instance_that_may_not_lead_never_does(settings: Settings) -> N
         assert serving_only.scheduled_jobs() == INSTANCE_JOBS
     finally:
         await serving_only.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def fresh_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database with no schema yet, as a first start finds it."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"fresh_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(make_url(server.admin_url).set(drivername="postgresql").render_as_string(False))
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return server.url_for(name)
+
+
+async def test_processes_starting_together_on_a_fresh_database_migrate_it_once(
+    fresh_database: str, tmp_path: Path
+) -> None:
+    """Two granian workers start at the same moment: one migrates, the other waits and finds the schema made."""
+    settings = instance_settings(tmp_path / "state", fresh_database)
+    runtimes = [Runtime(build_deps(settings)) for _ in range(3)]
+    try:
+        await asyncio.gather(*(runtime.start() for runtime in runtimes))
+        async with runtimes[0].deps.engine.connect() as conn:
+            assert await conn.scalar(text("SELECT version_num FROM alembic_version")) is not None
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
