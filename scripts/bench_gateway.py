@@ -1,10 +1,13 @@
-"""Gateway benchmark: the same fast upstream direct, through this gateway, and through the LiteLLM proxy,
-side by side in one run, with wrk as the load generator.
+"""Gateway benchmark: the same fast upstream direct, through vLLM's Rust router, through this gateway (one worker
+at the default log level and at WARNING, two workers sharing their limits through Redis), and through the LiteLLM
+proxy, side by side in one run, with wrk as the load generator.
 
-    uv run python scripts/bench_gateway.py [--duration 10] [--litellm /path/to/venv/bin/litellm]
+    uv run python scripts/bench_gateway.py [--duration 10] [--rounds 3] [--only direct,router,info,...]
 
-Prints a markdown table (req/s, p50, p99) for non-streaming calls at concurrency 32 and 1, and 20-chunk
-streams at concurrency 32. Everything runs on loopback and stops by itself.
+Prints a markdown table per round (req/s, p50, p99) for non-streaming calls at concurrency 32 and 1, and 20-chunk
+streams at concurrency 32, then the ratios the targets are stated in, over the rounds. Everything runs on loopback
+and stops by itself. vllm-router (a binary wheel on PyPI) is installed into a venv under ~/.cache when it is not on
+PATH; a target that cannot run (no LiteLLM, no redis-server) has a row saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,18 +110,26 @@ def wrk(url: str, body: str, key: str | None, *, connections: int, duration: int
     return Result(rps, p50, p99, errors)
 
 
-def start_gateway(workdir: Path, upstream: str) -> tuple[str, str, contextlib.ExitStack]:
+def start_gateway(
+    workdir: Path, upstream: str, *, level: str, workers: int = 1, redis_url: str | None = None
+) -> tuple[str, str, contextlib.ExitStack]:
     port = free_port()
     stack = contextlib.ExitStack()
     env = {
         **os.environ,
-        "ORCH_STATE_DIR": str(workdir / "state"),
+        "ORCH_STATE_DIR": str(workdir / f"state-{port}"),
         "ORCH_ADMIN_API_KEY": ADMIN,
-        "ORCH_LOG_LEVEL": "WARNING",
+        "ORCH_LOG_LEVEL": level,
         "ORCH_LOG_FORMAT": "json",
     }
+    if redis_url is not None:
+        env["ORCH_REDIS_URL"] = redis_url
     stack.enter_context(
-        process([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env, workdir / "gateway.log")
+        process(
+            [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--workers", str(workers)],
+            env,
+            workdir / f"gateway-{port}.log",
+        )
     )
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/health")
@@ -139,7 +150,79 @@ def start_gateway(workdir: Path, upstream: str) -> tuple[str, str, contextlib.Ex
     ).json()["data"]
     bind = {"key_id": applied["id"], "model_id": model_id}
     httpx.post(f"{base}/admin/api-key/bind-or-unbind-model", json=bind, headers=admin)
+    if workers > 1:
+        # Every worker must know the key and the READY replica (they learn it from the change feed or their
+        # periodic reload): wait until a call through each of several connections is answered.
+        key_headers = {"Authorization": f"Bearer {applied['api_key']}"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        deadline = time.monotonic() + 30
+        answered = 0
+        while answered < 4 * workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("not every worker answered the bench key")
+            with httpx.Client() as fresh:  # a new connection: granian spreads them over the workers
+                ok = fresh.post(f"{base}/v1/chat/completions", json=body, headers=key_headers).status_code == 200
+            answered = answered + 1 if ok else 0
+            if not ok:
+                time.sleep(0.1)
     return base, applied["api_key"], stack
+
+
+def start_redis(workdir: Path) -> tuple[str, contextlib.ExitStack]:
+    """A private Redis on loopback that keeps nothing on disk."""
+    port = free_port()
+    stack = contextlib.ExitStack()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    stack.enter_context(process([*args, "--dir", str(workdir)], log=workdir / "redis.log"))
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                break
+        if time.monotonic() > deadline:
+            raise RuntimeError("redis-server did not come up")
+        time.sleep(0.1)
+    return f"redis://127.0.0.1:{port}/0", stack
+
+
+ROUTER_VERSION = "0.1.17"
+ROUTER_VENV = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / f"orchestrator-bench/vllm-router-{ROUTER_VERSION}"
+)
+
+
+def find_vllm_router(explicit: str | None) -> tuple[str | None, str]:
+    """(the vllm-router binary, or None and why): `explicit`, PATH, or the bench's own venv, installed from PyPI
+    (a binary wheel) when missing."""
+    if explicit:
+        return (explicit, "") if Path(explicit).exists() else (None, f"not found at {explicit}")
+    found = shutil.which("vllm-router")
+    if found:
+        return found, ""
+    binary = ROUTER_VENV / "bin" / "vllm-router"
+    if not binary.exists():
+        print(f"installing vllm-router=={ROUTER_VERSION} into {ROUTER_VENV}", file=sys.stderr)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(ROUTER_VENV)], check=True)
+            pip = [str(ROUTER_VENV / "bin" / "python"), "-m", "pip", "install", "-q", f"vllm-router=={ROUTER_VERSION}"]
+            subprocess.run(pip, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            return None, f"could not be installed ({e})"
+    return str(binary), ""
+
+
+def start_vllm_router(binary: str, workdir: Path, upstream: str) -> tuple[str, contextlib.ExitStack]:
+    port = free_port()
+    stack = contextlib.ExitStack()
+    args = [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", upstream]
+    # Its metrics listener takes a fixed port unless told otherwise.
+    args += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    stack.enter_context(
+        process([*args, "--policy", "round_robin", "--log-level", "warning"], log=workdir / "vllm-router.log")
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", seconds=60)
+    return f"http://127.0.0.1:{port}", stack
 
 
 LITELLM_KEY = "sk-litellm-bench-master-key-0123456789"
@@ -174,13 +257,79 @@ def start_litellm(binary: str, workdir: Path, upstream: str) -> tuple[str, conte
     return f"http://127.0.0.1:{port}", stack
 
 
-def main() -> None:
+Start = Callable[[], tuple[str, str | None, contextlib.ExitStack]]
+
+
+@dataclass
+class Target:
+    key: str
+    """What `--only` names it by."""
+    name: str
+    start: Start | None
+    """None: it cannot run here (`why`)."""
+    why: str = ""
+
+
+def cells(url: str, api_key: str | None, bodies: tuple[str, str], duration: int, workdir: Path) -> dict[str, Result]:
+    plain, stream = bodies
+    # Warm up: connection pools, caches, the first-call imports of each server.
+    wrk(url, plain, api_key, connections=8, duration=2, workdir=workdir)
+    return {
+        "c32": wrk(url, plain, api_key, connections=32, duration=duration, workdir=workdir),
+        "c1": wrk(url, plain, api_key, connections=1, duration=duration, workdir=workdir),
+        "stream": wrk(url, stream, api_key, connections=32, duration=duration, workdir=workdir),
+    }
+
+
+def table(targets: list[Target], rows: dict[str, dict[str, Result]]) -> None:
+    print(
+        "| target | non-stream req/s (c=32) | p50 / p99 ms (c=32) | p50 ms (c=1) | 20-chunk streams/s (c=32) | errors |"
+    )
+    print("|---|---|---|---|---|---|")
+    for t in targets:
+        r = rows.get(t.key)
+        if r is None:
+            print(f"| {t.name} | not run: {t.why} | | | | |")
+            continue
+        errors = r["c32"].errors + r["c1"].errors + r["stream"].errors
+        print(
+            f"| {t.name} | {r['c32'].rps:,.0f} | {r['c32'].p50_ms:.2f} / {r['c32'].p99_ms:.2f} | {r['c1'].p50_ms:.2f} "
+            f"| {r['stream'].rps:,.0f} | {errors} |"
+        )
+
+
+RATIOS = (
+    ("gateway INFO / WARNING, non-stream", "info", "warning", "c32"),
+    ("gateway 2 workers / 1 worker, non-stream", "workers", "info", "c32"),
+    ("gateway 2 workers / vllm-router, non-stream", "workers", "router", "c32"),
+    ("gateway 1 worker / vllm-router, non-stream", "info", "router", "c32"),
+    ("gateway / LiteLLM, non-stream", "info", "litellm", "c32"),
+    ("gateway / LiteLLM, streams", "info", "litellm", "stream"),
+)
+
+
+def ratios(rounds: list[dict[str, dict[str, Result]]]) -> None:
+    for label, top, bottom, cell in RATIOS:
+        seen = [r[top][cell].rps / r[bottom][cell].rps for r in rounds if top in r and bottom in r]
+        if seen:
+            print(f"{label}: " + ", ".join(f"{x:.2f}x" for x in seen))
+    for r in rounds:
+        if "info" in r and "direct" in r:
+            print(f"added p50 latency at c=1: {r['info']['c1'].p50_ms - r['direct']['c1'].p50_ms:.2f} ms")
+
+
+def main() -> None:  # noqa: PLR0915  (the run's order, start to end)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per cell")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every target this many times, in turn")
+    parser.add_argument("--workers", type=int, default=2, help="the gateway's workers in its multi-worker row")
+    parser.add_argument("--only", default="", help="comma-separated: direct,router,info,warning,workers,litellm")
     parser.add_argument("--litellm", default=shutil.which("litellm") or "/opt/litellm-venv/bin/litellm")
+    parser.add_argument("--vllm-router", default=None, help="the vllm-router binary (default: PATH, or installed)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
+    only = set(filter(None, args.only.split(",")))
     workdir = Path(tempfile.mkdtemp(prefix="orch-bench-"))
     plain = f'{{"model":"{MODEL}","messages":[{{"role":"user","content":"hello there"}}],"max_tokens":16}}'
     stream = (
@@ -189,57 +338,78 @@ def main() -> None:
     )
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
-    rows: dict[str, dict[str, Result]] = {}
+    router, router_why = find_vllm_router(args.vllm_router) if not only or "router" in only else (None, "")
+    redis = shutil.which("redis-server")
+
+    def direct() -> tuple[str, str | None, contextlib.ExitStack]:
+        return f"{upstream}/v1/chat/completions", None, contextlib.ExitStack()
+
+    def vllm_router() -> tuple[str, str | None, contextlib.ExitStack]:
+        assert router is not None
+        base, stack = start_vllm_router(router, workdir, upstream)
+        return f"{base}/v1/chat/completions", None, stack
+
+    def gateway(level: str, workers: int = 1) -> Start:
+        def start() -> tuple[str, str | None, contextlib.ExitStack]:
+            stack = contextlib.ExitStack()
+            redis_url = None
+            if workers > 1:
+                redis_url, redis_stack = start_redis(workdir)
+                stack.enter_context(redis_stack)
+            base, key, gateway_stack = start_gateway(
+                workdir, upstream, level=level, workers=workers, redis_url=redis_url
+            )
+            stack.enter_context(gateway_stack)
+            return f"{base}/v1/chat/completions", key, stack
+
+        return start
+
+    def litellm() -> tuple[str, str | None, contextlib.ExitStack]:
+        lite, stack = start_litellm(args.litellm, workdir, upstream)
+        return f"{lite}/v1/chat/completions", LITELLM_KEY, stack
+
+    many = f"this gateway, {args.workers} workers (Redis), INFO"
+    targets = [
+        Target("direct", "direct to the engine", direct),
+        Target(
+            "router",
+            f"vllm-router {ROUTER_VERSION} (Rust, round robin, no auth, no billing)",
+            vllm_router if router else None,
+            router_why,
+        ),
+        Target("info", "this gateway, 1 worker, INFO (the default)", gateway("INFO")),
+        Target("warning", "this gateway, 1 worker, WARNING", gateway("WARNING")),
+        Target("workers", many, gateway("INFO", args.workers) if redis else None, "redis-server is not installed"),
+        Target(
+            "litellm",
+            "LiteLLM proxy (1 worker)",
+            litellm if Path(args.litellm).exists() else None,
+            f"not found at {args.litellm}",
+        ),
+    ]
+    targets = [t for t in targets if not only or t.key in only]
+    rounds: list[dict[str, dict[str, Result]]] = []
     with process(
         [sys.executable, "-m", "orchestrator.enginesim", "--model", MODEL, "--port", str(upstream_port)],
         log=workdir / "engine.log",
     ):
         wait_http(f"{upstream}/health")
-
-        # Each target runs alone: started, measured, stopped, so no idle proxy takes CPU from another's cells.
-        def direct() -> tuple[str, str | None, contextlib.ExitStack]:
-            return f"{upstream}/v1/chat/completions", None, contextlib.ExitStack()
-
-        def gateway() -> tuple[str, str | None, contextlib.ExitStack]:
-            base, key, stack = start_gateway(workdir, upstream)
-            return f"{base}/v1/chat/completions", key, stack
-
-        def litellm() -> tuple[str, str | None, contextlib.ExitStack]:
-            lite, stack = start_litellm(args.litellm, workdir, upstream)
-            return f"{lite}/v1/chat/completions", LITELLM_KEY, stack
-
-        targets = [("direct to the engine", direct), ("this gateway", gateway)]
-        if Path(args.litellm).exists():
-            targets.append(("LiteLLM proxy (1 worker)", litellm))
-        else:
-            print(f"(LiteLLM not found at {args.litellm}: its row is left out)", file=sys.stderr)
-        for name, start in targets:
-            url, api_key, stack = start()
-            with stack:
-                # Warm up: connection pools, caches, the first-call imports of each server.
-                wrk(url, plain, api_key, connections=8, duration=2, workdir=workdir)
-                rows[name] = {
-                    "c32": wrk(url, plain, api_key, connections=32, duration=args.duration, workdir=workdir),
-                    "c1": wrk(url, plain, api_key, connections=1, duration=args.duration, workdir=workdir),
-                    "stream": wrk(url, stream, api_key, connections=32, duration=args.duration, workdir=workdir),
-                }
-    print(f"nproc={os.cpu_count()}, wrk {args.duration} s per cell, engine simulator as the upstream\n")
-    print(
-        "| target | non-stream req/s (c=32) | p50 / p99 ms (c=32) | p50 ms (c=1) | 20-chunk streams/s (c=32) | errors |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        errors = r["c32"].errors + r["c1"].errors + r["stream"].errors
-        print(
-            f"| {name} | {r['c32'].rps:,.0f} | {r['c32'].p50_ms:.2f} / {r['c32'].p99_ms:.2f} | {r['c1'].p50_ms:.2f} "
-            f"| {r['stream'].rps:,.0f} | {errors} |"
-        )
-    direct, ours = rows["direct to the engine"], rows["this gateway"]
-    print(f"\nadded p50 latency at c=1: {ours['c1'].p50_ms - direct['c1'].p50_ms:.2f} ms")
-    if "LiteLLM proxy (1 worker)" in rows:
-        lite = rows["LiteLLM proxy (1 worker)"]
-        print(f"gateway / LiteLLM, non-stream: {ours['c32'].rps / lite['c32'].rps:.1f}x")
-        print(f"gateway / LiteLLM, streams: {ours['stream'].rps / lite['stream'].rps:.1f}x")
+        for n in range(args.rounds):
+            rows: dict[str, dict[str, Result]] = {}
+            # Each target runs alone: started, measured, stopped, so no idle proxy takes CPU from another's cells.
+            for t in targets:
+                if t.start is None:
+                    continue
+                url, api_key, stack = t.start()
+                with stack:
+                    rows[t.key] = cells(url, api_key, (plain, stream), args.duration, workdir)
+            rounds.append(rows)
+            print(f"\nround {n + 1} of {args.rounds}: nproc={os.cpu_count()}, wrk {args.duration} s per cell\n")
+            table(targets, rows)
+            sys.stdout.flush()
+    print()
+    ratios(rounds)
+    print(f"\n(wrk output and server logs: {workdir})")
 
 
 if __name__ == "__main__":
