@@ -152,11 +152,15 @@ class SharedLedger(Ledger):
     def settle(self, written: Iterable[tuple[int, int, bool]], fresh: dict[int, Account]) -> None:
         written = list(written)
         super().settle(written, fresh)
+        given: dict[int, int] = {}
         for key_id, fee, on_balance in written:
-            if not on_balance and fee > 0:
-                fees = min(fee, self._fees_shared.get(key_id, 0))
+            fees = min(fee, self._fees_shared.get(key_id, 0)) if not on_balance else 0
+            if fees > 0:
                 _add(self._fees_shared, key_id, -fees)
-                self._give_back(key_id, fees)
+                _add(self._held_shared, key_id, -fees)
+                _add(given, key_id, fees)
+        if given:  # one round trip for the whole batch
+            self._shared.unreserve_many(given)
 
     def _give_back(self, key_id: int, amount: int) -> None:
         if amount > 0:

@@ -15,10 +15,12 @@ instance's liveness key has expired is dropped by the next reservation of its ke
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -28,7 +30,17 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-_RPM = """
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())  # noqa: S324 (Redis's name)
+
+
+_RPM = _Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local w = redis.call('HMGET', KEYS[1], 's', 'c', 'p')
@@ -45,10 +57,10 @@ if allowed then current = current + 1 end
 redis.call('HSET', KEYS[1], 's', string.format('%.6f', start), 'c', current, 'p', previous)
 redis.call('PEXPIRE', KEYS[1], 120000)
 return allowed and 1 or 0
-"""
+""")
 """`RpmLimiter`'s sliding window (orchestrator.gateway.limits), on Redis's clock so that every instance agrees."""
 
-_RESERVE = """
+_RESERVE = _Script("""
 local me, worst, budget, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local held = 0
 local holds = redis.call('HGETALL', KEYS[1])
@@ -63,13 +75,13 @@ if held + worst > budget then return 0 end
 redis.call('HINCRBY', KEYS[1], me, worst)
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 return 1
-"""
+""")
 """Hold `worst` if every live instance's holds of the key plus `worst` fit in `budget`."""
 
-_UNRESERVE = """
+_UNRESERVE = _Script("""
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2])) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
-"""
+""")
 
 
 class SharedLimits(Protocol):
@@ -80,6 +92,8 @@ class SharedLimits(Protocol):
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None: ...
 
     def unreserve(self, key_id: int, amount: int) -> None: ...
+
+    def unreserve_many(self, amounts: dict[int, int]) -> None: ...
 
 
 class RedisLimits:
@@ -95,15 +109,17 @@ class RedisLimits:
         import redis  # noqa: PLC0415 (half a second of imports, paid only by an instance that uses Redis)
 
         self._errors = redis.RedisError
+        self._no_script = redis.exceptions.NoScriptError
+        self._answered_error = redis.exceptions.ResponseError
         self._client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
         )
+        self._conn: Any = None  # a redis.connection.AbstractConnection, whose methods redis-py leaves untyped
+        """The event loop's own connection, used below the client's API: a check costs a third of the CPU."""
+        self._conn_pid = 0
         self._prefix = f"orch:{namespace}:"
         self.instance = uuid.uuid4().hex
         """This process's name in the holds of every key (a new one per process: a restart's holds are new)."""
-        self._rpm = self._client.register_script(_RPM)
-        self._reserve = self._client.register_script(_RESERVE)
-        self._unreserve = self._client.register_script(_UNRESERVE)
         self._retry_after_s = retry_after_s
         self._alive_ttl_ms = int(alive_ttl_s * 1000)
         self._down_until: float | None = None
@@ -114,35 +130,44 @@ class RedisLimits:
 
     def allow_rpm(self, key_id: int, rpm: int) -> bool | None:
         """Count a request of the key in its minute window if it fits under `rpm`: whether it did, or None."""
-        answer = self._run(self._rpm, [f"{self._prefix}rpm:{key_id}"], [rpm])
-        return None if answer is None else bool(answer)
+        answers = self._run(_RPM, [(f"{self._prefix}rpm:{key_id}", rpm)])
+        return None if answers is None else bool(answers[0])
 
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None:
         """Hold `worst` for the key if the holds of every instance plus `worst` fit in `budget` (what the key has
         left before any hold): whether it was held, or None."""
         self._keep_alive()
-        alive = f"{self._prefix}alive:"
-        args = [self.instance, worst, budget, alive, self._alive_ttl_ms]
-        answer = self._run(self._reserve, [f"{self._prefix}holds:{key_id}"], args)
-        return None if answer is None else bool(answer)
+        holds, alive = f"{self._prefix}holds:{key_id}", f"{self._prefix}alive:"
+        answers = self._run(_RESERVE, [(holds, self.instance, worst, budget, alive, self._alive_ttl_ms)])
+        return None if answers is None else bool(answers[0])
 
     def unreserve(self, key_id: int, amount: int) -> None:
         """Give back `amount` held here (a Redis out of reach drops it when this instance's liveness key expires)."""
-        self._run(self._unreserve, [f"{self._prefix}holds:{key_id}"], [self.instance, amount])
+        self.unreserve_many({key_id: amount})
+
+    def unreserve_many(self, amounts: dict[int, int]) -> None:
+        """`unreserve` for several keys in one round trip."""
+        self._run(_UNRESERVE, [(f"{self._prefix}holds:{k}", self.instance, n) for k, n in amounts.items()])
 
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(self._errors):
             self._client.delete(f"{self._prefix}alive:{self.instance}")  # this instance's holds end with it
+        if self._conn is not None:
+            self._conn.disconnect()
         self._client.close()
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> int | None:
+    def _run(self, script: _Script, calls: list[tuple[Any, ...]]) -> list[int] | None:
+        """Run `script` once for each of `calls` (its key, then its arguments), in one round trip: the answers, or
+        None when Redis cannot be reached (or is not tried for now)."""
         now = time.monotonic()
         if self._down_until is not None and now < self._down_until:
             return None
         try:
-            answer = int(script(keys=keys, args=args))
+            answers = self._send(script, calls)
         except self._errors as e:
+            if self._conn is not None:
+                self._conn.disconnect()  # connected again at the next try
             if self._down_until is None:
                 log.warning("redis.unreachable", error=type(e).__name__, detail=str(e), fallback="in-memory limits")
             self._down_until = now + self._retry_after_s
@@ -150,7 +175,35 @@ class RedisLimits:
         if self._down_until is not None:
             self._down_until = None
             log.warning("redis.reachable", limits="shared again")
-        return answer
+        return answers
+
+    def _send(self, script: _Script, calls: list[tuple[Any, ...]]) -> list[int]:
+        if self._conn is None or self._conn_pid != os.getpid():  # a forked worker makes its own
+            self._conn, self._conn_pid = self._client.connection_pool.make_connection(), os.getpid()
+        conn = self._conn
+        conn.send_packed_command(
+            [part for call in calls for part in conn.pack_command("EVALSHA", script.sha, 1, *call)], check_health=False
+        )
+        answers = [self._read(conn) for _ in calls]
+        missing = [i for i, answer in enumerate(answers) if isinstance(answer, self._no_script)]
+        if missing:  # a Redis that has not seen the script yet (or was restarted): sent whole, then cached
+            conn.send_packed_command(
+                [part for i in missing for part in conn.pack_command("EVAL", script.text, 1, *calls[i])],
+                check_health=False,
+            )
+            for i in missing:
+                answers[i] = self._read(conn)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return [int(answer) for answer in answers]
+
+    def _read(self, conn: Any) -> Any:
+        """The next answer, or the error Redis answered (each answer is read whole: the next one is read right)."""
+        try:
+            return conn.read_response(disable_decoding=True)
+        except self._answered_error as e:
+            return e
 
     def _keep_alive(self) -> None:
         """Start the liveness thread in this process (again after a fork: threads do not survive one)."""
