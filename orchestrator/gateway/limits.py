@@ -45,8 +45,8 @@ class RpmLimiter:
 
 
 class SharedRpmLimiter(RpmLimiter):
-    """The same window, counted for every instance at once in a shared store (`ORCH_REDIS_URL`); this instance's
-    own window while the store is out of reach."""
+    """The same window, counted for every instance at once in a shared store (`ORCH_REDIS_URL`); while the store is
+    out of reach, this instance's own window (of its own calls) decides."""
 
     def __init__(self, shared: SharedLimits, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
@@ -54,7 +54,11 @@ class SharedRpmLimiter(RpmLimiter):
 
     def allow(self, key_id: int, rpm: int) -> bool:
         allowed = self.shared.allow_rpm(key_id, rpm)
-        return super().allow(key_id, rpm) if allowed is None else allowed
+        if allowed is None:
+            return super().allow(key_id, rpm)
+        if allowed:  # counted here too, so that an outage goes on from this instance's own calls, not from zero
+            super().allow(key_id, rpm)
+        return allowed
 
 
 @dataclass(slots=True)

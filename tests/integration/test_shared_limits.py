@@ -118,9 +118,11 @@ def test_a_redis_that_goes_away_and_comes_back() -> None:
             assert a.allow(KEY, 1)
             assert SharedRpmLimiter(other).allow(KEY, 1)  # another deployment on the same Redis counts its own
             assert not SharedRpmLimiter(shared).allow(KEY, 1)  # this one's window is in Redis, not in `a`
+            assert a.allow(OTHER, 2)
             server.pause()
-            assert a.allow(KEY, 1)  # this instance's own window, which has not counted the call above
-            assert not a.allow(KEY, 1)
+            assert not a.allow(KEY, 1)  # this instance's own window, which counted its own call above
+            assert a.allow(OTHER, 2)
+            assert not a.allow(OTHER, 2)
             server.resume()
             assert a.allow(KEY, 1)  # a new Redis (nothing saved): a new window
             assert not a.allow(KEY, 1)
