@@ -282,6 +282,11 @@ class Runtime:
     def leading(self) -> bool:
         return self._leadership is not None and self._leadership.leading
 
+    @property
+    def term(self) -> Deps | None:
+        """What the leader's jobs run with while this instance leads (None while it does not)."""
+        return self._term
+
     def scheduled_jobs(self) -> set[str]:
         """The ids of the jobs this instance runs now."""
         return {job.id for job in self._scheduler.get_jobs()} if self._scheduler is not None else set()
@@ -345,9 +350,10 @@ class Runtime:
 
     def _fresh_term(self) -> Deps:
         deps, old = self.deps, self.deps.managed
+        moved = deps.changes.made(Change.MOVES)
 
-        async def on_moved() -> None:
-            await deps.catalog.reload()
+        async def on_moved() -> None:  # as the first term's: the other instances told, the jobs run again
+            await moved()
             deps.nudge()
             deps.probe_nudge()
 

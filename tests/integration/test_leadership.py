@@ -14,7 +14,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
+from orchestrator.fleet.replicas import ReplicaSpec
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.compose import Runtime, build_deps
 from orchestrator.runtime.jobs import LEADER_JOBS
@@ -197,3 +199,56 @@ async def test_processes_starting_together_on_a_fresh_database_migrate_it_once(
     finally:
         for runtime in runtimes:
             await runtime.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_runtime_that_lost_the_lead_stops_its_jobs_and_leads_again_with_fresh_ones(
+    settings: Settings,
+) -> None:
+    runtime = Runtime(build_deps(settings.model_copy(update={"scheduler": True, "lead_retry_s": 0.05})))
+    await runtime.start()
+    try:
+        first_managed = runtime.deps.managed
+        assert runtime.term is runtime.deps  # the first term runs on the objects the API shares
+        with capture_logs() as logs:
+            async with runtime.deps.engine.connect() as conn:
+                killed = await conn.scalar(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'orchestrator-leader %'"
+                    )
+                )
+            assert killed is True
+            await until(
+                lambda: [e["event"] for e in logs if e["event"].startswith("leader.")][-1:] == ["leader.acquired"]
+            )
+        assert [e["event"] for e in logs if e["event"].startswith("leader.")] == [
+            "leader.connection_lost",
+            "leader.lost",
+            "leader.acquired",
+        ]
+        await until(lambda: runtime.leading)  # the new term's jobs are in place
+        assert runtime.scheduled_jobs() == INSTANCE_JOBS | set(LEADER_JOBS)
+        # The new term's jobs work: a new replica is taken to STARTING by the reconcile job, on its own.
+        model = await runtime.deps.models.create("after-the-loss")
+        assert model.id is not None
+        replica_id = await runtime.deps.replicas.create(model.id, ReplicaSpec(endpoint="http://127.0.0.1:99/v1"))
+
+        async def status() -> str | None:
+            replica = await runtime.deps.store.replica(replica_id)
+            return None if replica is None else replica.status
+
+        deadline = time.monotonic() + 10
+        while await status() != "STARTING":
+            assert time.monotonic() < deadline, "the new term never reconciled"
+            await asyncio.sleep(0.02)
+        # The first term's VM work was stopped for good; the new one has its own, which works.
+        term = runtime.term
+        assert term is not None
+        assert term.managed is not first_managed
+        assert await term.managed.in_thread(lambda: 42) == 42
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            await first_managed.in_thread(lambda: 42)
+    finally:
+        await runtime.stop()
