@@ -31,6 +31,8 @@ LOCK_KEY = 0x6F72_6368_6C65_6164
 """The advisory lock's key ("orchlead"); advisory locks are per database, so deployments never share one."""
 MIGRATE_KEY = 0x6F72_6368_6D69_6772
 """The advisory lock the migrations run under ("orchmigr")."""
+SILENT_AFTER_S = 10.0
+"""PostgreSQL ends the lock's session after this long without a word from the leader (`idle_session_timeout`)."""
 CHECK_TIMEOUT_S = 5.0
 """A lock connection that does not answer a ping within this is taken as lost (a leader must know it leads)."""
 
@@ -54,9 +56,10 @@ class Lease(Protocol):
 class PgLease:
     """A session-level `pg_try_advisory_lock` on a connection kept out of the pool while it is held."""
 
-    def __init__(self, engine: AsyncEngine, identity: str) -> None:
+    def __init__(self, engine: AsyncEngine, identity: str, *, silent_after_s: float = SILENT_AFTER_S) -> None:
         self._engine = engine
         self._identity = identity
+        self._silent_after_s = silent_after_s
         self._conn: AsyncConnection | None = None
 
     async def acquire(self) -> bool:
@@ -68,6 +71,10 @@ class PgLease:
                 # Named, so that an operator (and a test) can see who leads in pg_stat_activity.
                 name = f"orchestrator-leader {self._identity}"
                 await conn.execute(text("SELECT set_config('application_name', :name, false)"), {"name": name})
+                # A leader whose machine vanishes closes nothing: PostgreSQL ends its session (and frees the lock)
+                # once it has been silent this long. A live leader checks its lease every second.
+                timeout = f"{int(self._silent_after_s * 1000)}ms"
+                await conn.execute(text("SELECT set_config('idle_session_timeout', :t, false)"), {"t": timeout})
         except BaseException:
             await conn.invalidate()
             await conn.close()

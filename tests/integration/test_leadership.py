@@ -20,7 +20,7 @@ from orchestrator.fleet.replicas import ReplicaSpec
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.compose import Runtime, build_deps
 from orchestrator.runtime.jobs import LEADER_JOBS
-from orchestrator.runtime.leader import Leadership, Lease, lease_for
+from orchestrator.runtime.leader import Leadership, Lease, PgLease, lease_for
 from orchestrator.store.db import make_engine
 from tests.support.postgres import PostgresServer
 from tests.support.settings import instance_settings
@@ -252,3 +252,21 @@ async def test_a_runtime_that_lost_the_lead_stops_its_jobs_and_leads_again_with_
             await first_managed.in_thread(lambda: 42)
     finally:
         await runtime.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_leader_gone_silent_without_closing_its_connection_loses_the_lock(
+    engines: Callable[[], AsyncEngine],
+) -> None:
+    """A leader's machine that vanishes (power, network) closes nothing: the database lets its lock go anyway."""
+    silent = PgLease(engines(), "vanished:1", silent_after_s=0.5)
+    other = PgLease(engines(), "other:2")
+    assert await silent.acquire()
+    assert not await other.acquire()
+    deadline = time.monotonic() + 10
+    while not await other.acquire():  # the silent one never checks its lease again
+        assert time.monotonic() < deadline, "the silent leader's lock was never let go"
+        await asyncio.sleep(0.05)
+    assert not await silent.held()
+    await other.release()
