@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 from structlog.testing import capture_logs
 
 from orchestrator.billing.ledger import SharedLedger
@@ -131,3 +132,18 @@ def test_a_redis_that_goes_away_and_comes_back() -> None:
         other.close()
     finally:
         server.stop()
+
+
+def test_holds_as_large_as_a_balance_may_be_are_given_back_exactly(redis_server: RedisServer) -> None:
+    big = 10**18 + 1  # a million dollars and a unit: past what a double holds exactly
+    namespace = RedisServer.new_namespace()
+    shared = RedisLimits(redis_server.url, namespace=namespace)
+    try:
+        ledger = ledger_of(shared, key=balance(4 * big))
+        assert [ledger.reserve(KEY, big, MAY) for _ in range(5)] == [big, big, big, big, None]
+        for _ in range(4):
+            ledger.unreserve(KEY, big)
+        with redis.Redis.from_url(redis_server.url) as client:
+            assert not client.exists(f"orch:{namespace}:holds:{KEY}")  # every unit given back: nothing left held
+    finally:
+        shared.close()
