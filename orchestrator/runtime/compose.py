@@ -156,10 +156,10 @@ def build_deps(settings: Settings) -> Deps:
         gateway=gateway,
         queues=queues,
         metrics=ServerMetrics(),
-        models=ModelService(store, nudge, on_change=changes.made(Change.MODELS)),
+        models=ModelService(store, changes.wake, on_change=changes.made(Change.MODELS)),
         replicas=ReplicaService(
             store,
-            nudge,
+            changes.wake,
             box,
             on_change=changes.made(Change.REPLICAS),
             network=network,

@@ -49,10 +49,11 @@ class Change(StrEnum):
     ENDPOINTS = "endpoints"
     MOVES = "moves"
     """A replica moved by a job (its health, its VM work): the routing pools change."""
+    WORK = "work"
+    """Work for the jobs (a replica registered or deleted, a model deleted): the reconcile job runs now wherever the
+    jobs run; nothing to reload for it."""
 
 
-FLEET = frozenset({Change.MODELS, Change.REPLICAS})
-"""Changes the jobs act on (a replica made or deleted, a model deleted): they nudge the reconcile job."""
 EVERYTHING = frozenset(Change)
 """What an instance assumes changed after it could not listen for a while."""
 
@@ -64,8 +65,7 @@ class ChangeFeed:
     """Announces this instance's changes and hears the others'.
 
     `reload` makes this instance's memory follow the database (after its own changes, and when another instance
-    changed something); `nudge` asks the reconcile job to run now (a no-op where the jobs do not run), when another
-    instance changed what the jobs act on."""
+    changed something); `nudge` asks the reconcile job here to run now (a no-op where the jobs do not run)."""
 
     def __init__(self, engine: AsyncEngine, reload: Reload, nudge: Callable[[], None]) -> None:
         self.instance = uuid.uuid4().hex[:12]
@@ -77,6 +77,7 @@ class ChangeFeed:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._conn: Any = None  # asyncpg.Connection while listening
+        self._announcing: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> frozenset[Change]:
@@ -91,6 +92,25 @@ class ChangeFeed:
             await self._reload()
 
         return changed
+
+    def wake(self) -> None:
+        """Asks the reconcile job to run now, here and wherever the jobs run: the services' `nudge`. The
+        announcement goes out in the background, as the caller cannot wait for it."""
+        self._nudge()
+        if not self._shared:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._announce_work())
+        except RuntimeError:  # no event loop: nothing is served here either
+            return
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce_work(self) -> None:
+        try:
+            await self.announce(Change.WORK)
+        except Exception:  # nobody awaits this: the jobs' own interval catches up
+            log.exception("changes.not_announced", kind=Change.WORK.value)
 
     async def announce(self, kind: Change) -> None:
         """Tell every listening instance that `kind` changed (after the change committed). A database that cannot
@@ -123,6 +143,7 @@ class ChangeFeed:
         ]
 
     async def stop(self) -> None:
+        await asyncio.gather(*self._announcing, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -149,10 +170,12 @@ class ChangeFeed:
             await self._wake.wait()
             self._wake.clear()
             kinds, self._pending = frozenset(self._pending), set()
-            if kinds & FLEET:
-                self._nudge()
+            log.debug("changes.heard", kinds=sorted(kinds))
             try:
-                await self._reload()
+                if Change.WORK in kinds:
+                    self._nudge()
+                if kinds - {Change.WORK}:
+                    await self._reload()
             except Exception as e:  # an item boundary: the periodic refresh catches up
                 if not unreachable(e):
                     log.exception("changes.apply_failed", kinds=sorted(kinds))

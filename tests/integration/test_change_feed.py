@@ -83,8 +83,20 @@ async def test_a_change_made_on_one_instance_reloads_the_other_at_once_and_never
 
     await b.feed.made(Change.REPLICAS)()
     await until(lambda: a.reloads == 2)
-    assert a.nudges == 1  # a replica made or deleted: the reconcile job runs now where the jobs run
     assert b.reloads == 2  # its own, once: what it announced came back to it and was ignored
+
+
+@pytest.mark.postgres
+async def test_work_for_the_jobs_nudges_the_reconcile_job_here_and_on_every_other_instance(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    a.feed.wake()  # a service's nudge: a replica registered
+    assert a.nudges == 1
+    await until(lambda: b.nudges == 1)
+    await a.feed.announce(Change.KEYS)  # heard after the nudge: b has acted on it
+    await until(lambda: b.reloads == 1)
+    assert (a.reloads, a.nudges, b.nudges) == (0, 1, 1)  # and nothing was reloaded for the nudge itself
 
 
 @pytest.mark.postgres
@@ -97,7 +109,7 @@ async def test_a_burst_of_changes_is_one_reload_behind_the_one_under_way(
     await asyncio.wait_for(b.reloading.wait(), 10)  # b reloads, and stays in it
     for _ in range(20):
         await a.feed.announce(Change.ACCOUNTS)
-    await a.feed.announce(Change.MODELS)
+    await a.feed.announce(Change.WORK)
     conn = await asyncpg.connect(_dsn(engine))
     try:  # the last one, from a third party, says b heard everything before the gate opens
         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps({"from": "x", "kind": "endpoints"}))
@@ -108,7 +120,7 @@ async def test_a_burst_of_changes_is_one_reload_behind_the_one_under_way(
     assert b.reloads == 0
     b.gate.set()
     await until(lambda: b.reloads == 2)
-    assert b.nudges == 1  # the model among them
+    assert b.nudges == 1  # the work among them
     assert not b.feed.pending  # and nothing more to act on: 23 notifications, 2 reloads
 
 
@@ -166,7 +178,8 @@ async def test_on_sqlite_a_change_only_reloads_here(tmp_path: Path) -> None:
     try:
         await it.feed.start()
         await it.feed.made(Change.MODELS)()
-        assert (it.reloads, it.nudges) == (1, 0)
+        it.feed.wake()
+        assert (it.reloads, it.nudges) == (1, 1)
     finally:
         await it.feed.stop()
         await engine.dispose()

@@ -30,6 +30,8 @@ ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 BOUND_S = 0.1
 """The issue's bound: an admin change on one instance is seen by the other within 100 ms."""
 KEYS = 10
+DEAD_ENGINE = "http://127.0.0.1:9/v1"
+"""No engine answers there: its replica stays STARTING, probed in vain, which is all this needs."""
 
 
 def _issue(first: httpx.Client) -> tuple[int, str]:
@@ -99,6 +101,7 @@ def two_instances(tmp_path: Path, postgres: PostgresServer) -> Iterator[Instance
         "ORCH_ADMIN_API_KEY": ADMIN,
         "ORCH_SECRET_KEY": "shared-secret-of-both-instances-0123456789",
         "ORCH_CATALOG_REFRESH_INTERVAL_S": "3600",  # only a notification can tell the second in time
+        "ORCH_RECONCILE_INTERVAL_S": "3600",  # the first's reconcile job runs at its start, then only when nudged
     }
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with (
@@ -124,6 +127,13 @@ def test_changes_on_one_instance_reach_the_other_within_100_ms_and_after_its_lis
         poll(lambda: _listeners(it.dsn), lambda pids: len(pids) == 2 and not pids & old)
         seen, refused = _issue_and_delete(it.first, it.second, keys=2)
         print("after the cut (ms):", _summary(seen), _summary(refused))
+
+        # A replica registered on the instance that runs no jobs is moved by the other's reconcile job at once.
+        model = it.second.post("/api/v1/models", json={"name": "m"}, headers=ADMIN_HEADERS).json()["id"]
+        r = it.second.post(f"/api/v1/models/{model}/replicas", json={"endpoint": DEAD_ENGINE}, headers=ADMIN_HEADERS)
+        replica = r.json()["replica_id"]
+        detail = lambda: it.second.get(f"/api/v1/replicas/{replica}", headers=ADMIN_HEADERS).json()  # noqa: E731
+        poll(detail, lambda d: d["status"] == "STARTING")  # PENDING -> STARTING is the reconcile job's move
     events = [json.loads(line).get("event") for line in "".join(it.second_output).splitlines() if line.startswith("{")]
     assert events.count("changes.listener_down") == 1  # once per outage
     assert events.count("changes.listener_back") == 1
