@@ -90,14 +90,14 @@ def working(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Po
     with log.open("w") as out:
         proc = subprocess.Popen(
             [*ORCHESTRATOR, "worker"],
-            # Each line as it is logged (a file is block-buffered otherwise): the test reads it as it runs.
-            env=orch_env(tmp_path / "state") | env | {"ORCH_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"},
+            env=orch_env(tmp_path / "state") | env | {"ORCH_LOG_LEVEL": "INFO"},
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )
     try:
+        # Up before the test goes on: a worker still importing (30 s on a busy machine) could not take over in time.
         poll(lambda: proc.poll() is None and '"orchestrator.started"' in log.read_text(), bool, START_TIMEOUT_S)
         yield proc, log
     finally:
