@@ -99,6 +99,9 @@ class SharedLimits(Protocol):
 
 
 class RedisLimits:
+    """`SharedLimits` in Redis. Its methods are called from one thread, the event loop's (they share a connection);
+    only its liveness thread runs beside it, on connections of its own."""
+
     def __init__(
         self,
         url: str,
