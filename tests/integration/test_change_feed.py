@@ -1,18 +1,21 @@
 """The change feed on a real PostgreSQL, two feeds standing for two instances: one's announcement makes the other
 reload (and nudge the jobs for fleet changes), never itself; a burst is acted on together; a listening connection
-ended by the server comes back and hears again, having reloaded for what it missed. On SQLite nothing is sent."""
+ended by the server, or lost to an outage, comes back and hears again, having reloaded for what it missed. On SQLite
+nothing is sent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -183,3 +186,34 @@ async def test_on_sqlite_a_change_only_reloads_here(tmp_path: Path) -> None:
     finally:
         await it.feed.stop()
         await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_database_outage_is_one_warning_and_one_line_at_its_end_and_then_changes_are_heard_again() -> None:
+    with PostgresServer.serving(private=True) as server:
+        engine = make_engine(await server.new_database())
+        a, b = Instance(), Instance()
+        with structlog.testing.capture_logs() as logs:
+            try:
+                for it in (a, b):
+                    it.feed = ChangeFeed(engine, it.reload, it.nudge)
+                    await it.feed.start()
+                server.pause()
+                try:
+                    await until(lambda: _count(logs, "changes.listener_down") == 2)
+                finally:
+                    server.resume()
+                await until(lambda: _count(logs, "changes.listener_back") == 2, timeout_s=30)
+                await until(lambda: a.reloads == b.reloads == 1)  # what changed meanwhile was not heard
+                await a.feed.made(Change.KEYS)()
+                await until(lambda: b.reloads == 2)
+            finally:
+                for it in (a, b):
+                    await it.feed.stop()
+                await engine.dispose()
+    assert _count(logs, "changes.listener_down") == 2  # one per listener, however many attempts failed
+    assert not [e for e in logs if e["log_level"] in {"error", "critical"}], logs
+
+
+def _count(logs: list[MutableMapping[str, Any]], event: str) -> int:
+    return len([e for e in logs if e["event"] == event])
