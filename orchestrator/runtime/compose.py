@@ -73,7 +73,10 @@ def build_deps(settings: Settings) -> Deps:
     nudge, probe_nudge = Nudge(), Nudge()
     box = SecretBox(keys.secret_key)
     # ORCH_REDIS_URL: each key's requests per minute and a metered key's holds are counted over every instance.
-    shared = RedisLimits(settings.redis_url, namespace=settings.deployment) if settings.redis_url else None
+    shared = None
+    if settings.redis_url:  # a fee written stays counted until every instance has reloaded (the periodic net)
+        written_ttl_s = 2 * settings.catalog_refresh_interval_s + 1
+        shared = RedisLimits(settings.redis_url, namespace=settings.deployment, written_ttl_s=written_ttl_s)
     ledger = Ledger() if shared is None else SharedLedger(shared)
     # A draining replica's last call ended: the reconcile job moves it on now.
     catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge)
@@ -320,7 +323,7 @@ class Runtime:
         if settings.lead:
             identity = instance_id()
             self._leadership = Leadership(
-                lease_for(self.deps.engine, settings.state_dir, identity),
+                lease_for(self.deps.engine, settings.state_dir, identity, check_every_s=settings.lead_retry_s),
                 identity=identity,
                 on_acquired=self._lead,
                 on_lost=self._follow,

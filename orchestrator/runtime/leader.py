@@ -5,6 +5,8 @@ instance leads: when the leader dies, its connection closes and the lock goes wi
 try takes it. Losing that connection while alive is losing the lead: the caller stops the leader's jobs at once.
 On SQLite (one machine) an exclusive `flock` on a file beside the database plays the same role, so two processes
 (or two granian workers) on one SQLite file never both lead.
+
+The same locks, waited for, keep processes that start together from running the migrations at the same time.
 """
 
 from __future__ import annotations
@@ -139,11 +141,12 @@ class FileLease:
             os.close(fd)  # closing the descriptor releases its flock
 
 
-def lease_for(engine: AsyncEngine, state_dir: Path, identity: str) -> Lease:
-    """The database's own lease: an advisory lock on PostgreSQL, a file lock beside a SQLite file."""
+def lease_for(engine: AsyncEngine, state_dir: Path, identity: str, *, check_every_s: float = 1.0) -> Lease:
+    """The database's own lease: an advisory lock on PostgreSQL, a file lock beside a SQLite file. A leader checks
+    it every `check_every_s`, so its lock's session is never silent for long enough to be ended."""
     url = make_url(engine.url)
     if url.get_backend_name() != "sqlite":
-        return PgLease(engine, identity)
+        return PgLease(engine, identity, silent_after_s=max(SILENT_AFTER_S, 5 * check_every_s))
     database = url.database
     if database and database != ":memory:":
         path = Path(database)
