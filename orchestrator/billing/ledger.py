@@ -107,9 +107,10 @@ class Ledger:
 class SharedLedger(Ledger):
     """The ledger of one instance among several (`ORCH_REDIS_URL`): a metered key's holds, and the fees of its calls
     made here and not yet written, are also counted in the shared store, and a call is admitted only if its worst
-    case fits in what the key has left after those of every instance. What each instance has written is in the
-    accounts every instance reads (at its next catalog reload). While the store is out of reach, the in-memory rule
-    of `Ledger` applies, to this instance's calls alone.
+    case fits in what the key has left after those of every instance. Fees written stay counted in the store until
+    every instance has read the accounts that carry them (at its next catalog reload): until then an instance that
+    wrote them counts them twice, which refuses a call that would just fit rather than let one take the key below
+    zero. While the store is out of reach, the in-memory rule of `Ledger` applies, to this instance's calls alone.
     """
 
     def __init__(self, shared: SharedLimits) -> None:
@@ -160,7 +161,7 @@ class SharedLedger(Ledger):
                 _add(self._held_shared, key_id, -fees)
                 _add(given, key_id, fees)
         if given:  # one round trip for the whole batch
-            self._shared.unreserve_many(given)
+            self._shared.written(given)
 
     def _give_back(self, key_id: int, amount: int) -> None:
         if amount > 0:

@@ -80,6 +80,15 @@ return 1
 (exact to $9,000 in units of 10^-12 $, within a millionth of a cent beyond); the holds themselves are Redis's
 64-bit integers, added and taken back exactly."""
 
+_WRITTEN = _Script("""
+if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('HINCRBY', KEYS[1], ARGV[3], ARGV[2])
+redis.call('SET', ARGV[4] .. ARGV[3], 1, 'PX', ARGV[5])
+return 1
+""")
+"""Fees written to the database: no longer this instance's, they are counted under a name of their own until every
+instance has read the accounts again (its liveness key expires), since until then another may not know of them."""
+
 _UNRESERVE = _Script("""
 if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
@@ -95,7 +104,7 @@ class SharedLimits(Protocol):
 
     def unreserve(self, key_id: int, amount: int) -> None: ...
 
-    def unreserve_many(self, amounts: dict[int, int]) -> None: ...
+    def written(self, amounts: dict[int, int]) -> None: ...
 
 
 class RedisLimits:
@@ -110,6 +119,7 @@ class RedisLimits:
         timeout_s: float = 0.25,
         retry_after_s: float = 1.0,
         alive_ttl_s: float = 15.0,
+        written_ttl_s: float = 11.0,
     ) -> None:
         import redis  # noqa: PLC0415 (half a second of imports, paid only by an instance that uses Redis)
 
@@ -127,6 +137,7 @@ class RedisLimits:
         """This process's name in the holds of every key (a new one per process: a restart's holds are new)."""
         self._retry_after_s = retry_after_s
         self._alive_ttl_ms = int(alive_ttl_s * 1000)
+        self._written_ttl_ms = int(written_ttl_s * 1000)
         self._down_until: float | None = None
         """While set, Redis is not tried before this monotonic time (and the outage has been logged)."""
         self._heartbeat: threading.Thread | None = None
@@ -148,11 +159,17 @@ class RedisLimits:
 
     def unreserve(self, key_id: int, amount: int) -> None:
         """Give back `amount` held here (a Redis out of reach drops it when this instance's liveness key expires)."""
-        self.unreserve_many({key_id: amount})
+        self._run(_UNRESERVE, [(f"{self._prefix}holds:{key_id}", self.instance, amount)])
 
-    def unreserve_many(self, amounts: dict[int, int]) -> None:
-        """`unreserve` for several keys in one round trip."""
-        self._run(_UNRESERVE, [(f"{self._prefix}holds:{k}", self.instance, n) for k, n in amounts.items()])
+    def written(self, amounts: dict[int, int]) -> None:
+        """Fees held here (per key) are written to the database: counted for `written_ttl_s` more, which is how long
+        every instance may take to read the accounts that carry them. One round trip for them all."""
+        batch, alive = f"w:{uuid.uuid4().hex}", f"{self._prefix}alive:"
+        calls = [
+            (f"{self._prefix}holds:{k}", self.instance, n, batch, alive, self._written_ttl_ms)
+            for k, n in amounts.items()
+        ]
+        self._run(_WRITTEN, calls)
 
     def close(self) -> None:
         self._closed.set()
