@@ -152,6 +152,7 @@ class Gateway:
         on_unreachable: Callable[[int], None],
         on_released: Callable[[str], None] | None = None,
         hold_tokens: int = 4096,
+        limiter: RpmLimiter | None = None,
     ) -> None:
         self.catalog = catalog
         self._upstream = upstream
@@ -162,7 +163,8 @@ class Gateway:
         self.hold_tokens = hold_tokens
         """The completion tokens held for a call that names no max_tokens (the engine's context bounds it; the
         request is not changed, since a max_tokens the model's context cannot take would be refused)."""
-        self._limiter = RpmLimiter()
+        self._limiter = limiter or RpmLimiter()
+        """Each key's requests-per-minute window: this process's, or every instance's (SharedRpmLimiter)."""
         self._calls_of: Counter[int] = Counter()
         """Calls in flight per key (admitted and not yet accounted for)."""
         self.on_released = on_released

@@ -131,9 +131,8 @@ def build_deps(settings: Settings) -> Deps:
         on_unreachable=health.report_unreachable,
         on_released=queues.wake,
         hold_tokens=settings.hold_tokens,
+        limiter=None if shared is None else SharedRpmLimiter(shared),
     )
-    if shared is not None:  # the gateway builds its own in-memory limiter; Gateway takes no limiter argument yet
-        gateway._limiter = SharedRpmLimiter(shared)
 
     async def in_use(key_id: int) -> bool:
         catalog.refuse(key_id)  # no call starts while this looks: one admitted meanwhile would lose its record
@@ -193,6 +192,7 @@ def build_deps(settings: Settings) -> Deps:
             ),
         ),
         token_counter=TokenCounter(catalog, upstream),
+        shared_limits=shared,
     )
 
 
@@ -388,6 +388,8 @@ class Runtime:
         except Exception:
             log.exception("records.final_flush_failed")  # they stay in the journal, replayed at the next start
         self.deps.records.close()
+        if self.deps.shared_limits is not None:
+            self.deps.shared_limits.close()  # after the last flush, which gives its written fees back in Redis
         await self.deps.upstream.close()
         await self.deps.changes.stop()
         await self.deps.engine.dispose()

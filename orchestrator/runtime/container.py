@@ -20,6 +20,7 @@ from orchestrator.gateway.catalog import Catalog
 from orchestrator.gateway.flow import Gateway
 from orchestrator.gateway.priority import PriorityQueues
 from orchestrator.gateway.upstream import Upstream
+from orchestrator.platform.redis_limits import RedisLimits
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.platform.settings import Settings
 from orchestrator.platform.state_dir import ServerKeys
@@ -114,3 +115,6 @@ class Deps:
     """LlmEndpoint's durable queue of completions (`/api/v1/qcompletions`) and its runner."""
     token_counter: TokenCounter
     """LiteLLM's `/utils/token_counter`: by a replica of the model, or by OpenAI's rule."""
+    shared_limits: RedisLimits | None = None
+    """With ORCH_REDIS_URL: the limits and holds every instance counts together (closed at the stop, so that this
+    instance's holds end at once rather than when its liveness key expires)."""
