@@ -2,8 +2,8 @@
 used from and what they may still spend), live models with their prices and credit rates, and what serves each
 model: its READY replicas, and the external llm_endpoint named like it.
 
-Reloaded from the store whenever an admin action or a health move changes it (and periodically, for changes
-made by another instance). Reloads keep the Target objects of replicas that stay, so in-flight counts survive.
+Reloaded from the store whenever an admin action or a health move changes it, here or in another process (the
+change feed, orchestrator.store.notify), and periodically as a net. Reloads keep the Target objects of replicas that stay, so in-flight counts survive.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from tests.support.server import ORCHESTRATOR, orch_env, serving
 
 def test_help_lists_the_commands() -> None:
     out = subprocess.run([*ORCHESTRATOR, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("serve", "db"):
+    for command in ("serve", "worker", "db"):
         assert command in out
     out = subprocess.run([*ORCHESTRATOR, "serve", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--host", "--port", "--no-scheduler"):
+    for flag in ("--host", "--port", "--no-scheduler", "--workers"):
         assert flag in out
 
 
