@@ -3,7 +3,8 @@ used from and what they may still spend), live models with their prices and cred
 model: its READY replicas, and the external llm_endpoint named like it.
 
 Reloaded from the store whenever an admin action or a health move changes it, here or in another process (the
-change feed, orchestrator.store.notify), and periodically as a net. Reloads keep the Target objects of replicas that stay, so in-flight counts survive.
+change feed, orchestrator.store.notify), and periodically as a net. Reloads keep the Target objects of replicas
+that stay, so in-flight counts survive.
 """
 
 from __future__ import annotations
