@@ -13,7 +13,9 @@ PATH; a target that cannot run (no LiteLLM, no redis-server) has a row saying so
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, cast
 
 import httpx
 
@@ -318,6 +321,106 @@ def ratios(rounds: list[dict[str, dict[str, Result]]]) -> None:
             print(f"added p50 latency at c=1: {r['info']['c1'].p50_ms - r['direct']['c1'].p50_ms:.2f} ms")
 
 
+# -- the canned upstream: a fixed answer from a minimal server, so the proxies are measured, not the engine ----
+
+
+def _chat_answer() -> bytes:
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
+    text = " ".join(words[i % len(words)] for i in range(16))
+    return json.dumps(
+        {
+            "id": "chatcmpl-canned",
+            "object": "chat.completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 16, "total_tokens": 26},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _chat_stream() -> bytes:
+    def event(doc: dict[str, object]) -> bytes:
+        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+    head = {"id": "chatcmpl-canned", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+    events = [
+        event({**head, "choices": [{"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}]})
+        for i in range(20)
+    ]
+    events.append(
+        event({**head, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 20, "total_tokens": 27}})
+    )
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
+def _http(status: str, content_type: bytes, body: bytes) -> bytes:
+    head = f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\n".encode()
+    return head + b"content-type: " + content_type + b"\r\n\r\n" + body
+
+
+class CannedUpstream(asyncio.Protocol):
+    """An OpenAI-compatible engine that answers every call at once with the same bytes: `/health`, `/v1/models`,
+    completions (the readiness probe), and chat, whole or streamed (20 chunks, then usage and `[DONE]`). HTTP/1.1
+    keep-alive, bodies by Content-Length (what every client measured here sends)."""
+
+    ANSWERS: ClassVar[dict[bytes, bytes]] = {
+        b"GET /health": _http("200 OK", b"application/json", b"{}"),
+        b"GET /v1/models": _http(
+            "200 OK", b"application/json", json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode()
+        ),
+        b"POST /v1/completions": _http(
+            "200 OK",
+            b"application/json",
+            b'{"choices":[{"index":0,"text":" ok","finish_reason":"length"}],'
+            b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}',
+        ),
+        b"POST /v1/chat/completions": _http("200 OK", b"application/json", _chat_answer()),
+        b"stream": _http("200 OK", b"text/event-stream", _chat_stream()),
+    }
+    NOT_FOUND = _http("404 Not Found", b"application/json", b'{"detail":"Not Found"}')
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end].lower()
+            at = head.find(b"\r\ncontent-length:")
+            length = int(head[at + 17 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
+            method, path = self.buffer_line(head)
+            route = method + b" " + path
+            if route == b"POST /v1/chat/completions" and b'"stream":true' in body.replace(b" ", b""):
+                route = b"stream"
+            self.transport.write(self.ANSWERS.get(route, self.NOT_FOUND))
+
+    @staticmethod
+    def buffer_line(head: bytes) -> tuple[bytes, bytes]:
+        method, path, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
+        return method.upper(), path.split(b"?", 1)[0]
+
+
+def serve_canned(port: int) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(CannedUpstream, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
 def main() -> None:  # noqa: PLR0915  (the run's order, start to end)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per cell")
@@ -326,7 +429,18 @@ def main() -> None:  # noqa: PLR0915  (the run's order, start to end)
     parser.add_argument("--only", default="", help="comma-separated: direct,router,info,warning,workers,litellm")
     parser.add_argument("--litellm", default=shutil.which("litellm") or "/opt/litellm-venv/bin/litellm")
     parser.add_argument("--vllm-router", default=None, help="the vllm-router binary (default: PATH, or installed)")
+    parser.add_argument(
+        "--upstream",
+        choices=["canned", "enginesim"],
+        default="canned",
+        help="canned: a fixed answer from a minimal server (fast enough not to be the limit); enginesim: the engine "
+        "simulator (vLLM's request checks and token generation, a few thousand requests/s)",
+    )
+    parser.add_argument("--serve-canned", type=int, default=None, help=argparse.SUPPRESS)  # the upstream process
     args = parser.parse_args()
+    if args.serve_canned is not None:
+        serve_canned(args.serve_canned)
+        return
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     only = set(filter(None, args.only.split(",")))
@@ -370,7 +484,7 @@ def main() -> None:  # noqa: PLR0915  (the run's order, start to end)
 
     many = f"this gateway, {args.workers} workers (Redis), INFO"
     targets = [
-        Target("direct", "direct to the engine", direct),
+        Target("direct", "the upstream direct", direct),
         Target(
             "router",
             f"vllm-router {ROUTER_VERSION} (Rust, round robin, no auth, no billing)",
@@ -389,10 +503,11 @@ def main() -> None:  # noqa: PLR0915  (the run's order, start to end)
     ]
     targets = [t for t in targets if not only or t.key in only]
     rounds: list[dict[str, dict[str, Result]]] = []
-    with process(
-        [sys.executable, "-m", "orchestrator.enginesim", "--model", MODEL, "--port", str(upstream_port)],
-        log=workdir / "engine.log",
-    ):
+    if args.upstream == "canned":
+        upstream_args = [sys.executable, str(Path(__file__).resolve()), "--serve-canned", str(upstream_port)]
+    else:
+        upstream_args = [sys.executable, "-m", "orchestrator.enginesim", "--model", MODEL, "--port", str(upstream_port)]
+    with process(upstream_args, log=workdir / "upstream.log"):
         wait_http(f"{upstream}/health")
         for n in range(args.rounds):
             rows: dict[str, dict[str, Result]] = {}
@@ -404,7 +519,10 @@ def main() -> None:  # noqa: PLR0915  (the run's order, start to end)
                 with stack:
                     rows[t.key] = cells(url, api_key, (plain, stream), args.duration, workdir)
             rounds.append(rows)
-            print(f"\nround {n + 1} of {args.rounds}: nproc={os.cpu_count()}, wrk {args.duration} s per cell\n")
+            print(
+                f"\nround {n + 1} of {args.rounds}: nproc={os.cpu_count()}, wrk {args.duration} s per cell, "
+                f"upstream: {args.upstream}\n"
+            )
             table(targets, rows)
             sys.stdout.flush()
     print()
