@@ -1,6 +1,7 @@
 """Limits every instance and worker shares through Redis (`ORCH_REDIS_URL`): each key's requests-per-minute window,
-and the spend a metered key has held for its calls in flight. Each check is one Lua script: one round trip, atomic
-over every instance.
+the spend a metered key has held for its calls in flight, the LlmEndpoint credits taken for calls in flight, and
+which instances have calls of a key in flight or not yet written (a key being deleted asks). Each check is one Lua
+script: one round trip, atomic over every instance.
 
 The gateway checks its limits synchronously (an admission and its hold are one step on the event loop), so the calls
 here block for their round trip, bounded by a short socket timeout. A Redis that cannot be reached is never an error
@@ -8,8 +9,8 @@ to a caller: each method answers None ("not shared right now"), the caller falls
 and the outage is logged once (`redis.unreachable`) with its end (`redis.reachable`); Redis is tried again every
 `retry_after_s` meanwhile, not on every call.
 
-Holds die with their instance: each instance keeps a liveness key alive from a thread of its own, and a hold whose
-instance's liveness key has expired is dropped by the next reservation of its key.
+Holds, credits and busy marks die with their instance: each instance keeps a liveness key alive from a thread of its
+own, and an entry whose instance's liveness key has expired is dropped by the next check of its key.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 
@@ -32,15 +33,19 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class _Script:
+class Script:
+    """A Lua script, sent by its SHA (and whole only to a Redis that has not seen it)."""
+
     text: str
+    keys: int = 1
+    """How many of a call's first values are Redis keys (the rest are its arguments)."""
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())  # noqa: S324 (Redis's name)
 
 
-_RPM = _Script("""
+_RPM = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local w = redis.call('HMGET', KEYS[1], 's', 'c', 'p')
@@ -60,27 +65,81 @@ return allowed and 1 or 0
 """)
 """`RpmLimiter`'s sliding window (orchestrator.gateway.limits), on Redis's clock so that every instance agrees."""
 
-_RESERVE = _Script("""
-local me, worst, budget, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local held = 0
-local holds = redis.call('HGETALL', KEYS[1])
-for i = 1, #holds, 2 do
-  if holds[i] == me or redis.call('EXISTS', alive .. holds[i]) == 1 then
-    held = held + tonumber(holds[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], holds[i])
+_LIVE = """
+local function live(key, me, alive)
+  local sum = 0
+  local entries = redis.call('HGETALL', key)
+  for i = 1, #entries, 2 do
+    if entries[i] == me or redis.call('EXISTS', alive .. entries[i]) == 1 then
+      sum = sum + tonumber(entries[i + 1])
+    else
+      redis.call('HDEL', key, entries[i])
+    end
   end
+  return sum
 end
-if held + worst > budget then return 0 end
+"""
+"""The sum of a hash's amounts whose owner (an instance, or a batch of written fees) is alive; the dead are dropped."""
+
+_RESERVE = Script(
+    _LIVE
+    + """
+local me, worst, budget, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if live(KEYS[1], me, alive) + live(KEYS[2], me, alive) + worst > budget then return 0 end
 redis.call('HINCRBY', KEYS[1], me, ARGV[2])
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 return 1
-""")
-"""Hold `worst` if every live instance's holds of the key plus `worst` fit in `budget`. The sums are Lua's doubles
-(exact to $9,000 in units of 10^-12 $, within a millionth of a cent beyond); the holds themselves are Redis's
-64-bit integers, added and taken back exactly."""
+""",
+    keys=2,
+)
+"""Hold `worst` if every live instance's holds of the key (KEYS[1]) and the credits they took of it (KEYS[2]), plus
+`worst`, fit in `budget`. The sums are Lua's doubles (exact to $9,000 in units of 10^-12 $, within a millionth of a
+cent beyond); the holds themselves are Redis's 64-bit integers, added and taken back exactly."""
 
-_WRITTEN = _Script("""
+_CREDITS = Script(
+    _LIVE
+    + """
+local me, price, balance, quota, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local past_quota = live(KEYS[2], me, alive) - quota
+if past_quota < 0 then past_quota = 0 end
+if live(KEYS[1], me, alive) + past_quota + price > balance then return 0 end
+redis.call('HINCRBY', KEYS[1], me, ARGV[2])
+redis.call('SET', alive .. me, 1, 'PX', ARGV[6])
+return 1
+""",
+    keys=2,
+)
+"""Take `price` credits (KEYS[1]) if they fit in the balance after the credits every live instance took and the part
+of a metered key's holds and fees (KEYS[2]) past what is left of its month's quota: credits come off the balance
+alone, fees off the quota first. With `_RESERVE`, a key's holds, fees and credits together never exceed its quota
+and balance, nor its credits its balance."""
+
+_BUSY = Script("""
+redis.call('HSET', KEYS[1], ARGV[1], 1)
+redis.call('SET', ARGV[2] .. ARGV[1], 1, 'PX', ARGV[3])
+return 1
+""")
+"""This instance has calls of the key in flight or not yet written."""
+
+_IDLE = Script("""
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+""")
+
+_BUSY_ELSEWHERE = Script("""
+local busy = 0
+for _, owner in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[2] .. owner) == 0 then
+    redis.call('HDEL', KEYS[1], owner)
+  elseif owner ~= ARGV[1] then
+    busy = busy + 1
+  end
+end
+return busy
+""")
+"""How many other live instances have calls of the key in flight or not yet written (the dead are dropped)."""
+
+_WRITTEN = Script("""
 if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 redis.call('HINCRBY', KEYS[1], ARGV[3], ARGV[2])
 redis.call('SET', ARGV[4] .. ARGV[3], 1, 'PX', ARGV[5])
@@ -89,10 +148,14 @@ return 1
 """Fees written to the database: no longer this instance's, they are counted under a name of their own until every
 instance has read the accounts again (its liveness key expires), since until then another may not know of them."""
 
-_UNRESERVE = _Script("""
+_UNRESERVE = Script("""
 if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
 """)
+
+
+Pool = Literal["holds", "credits"]
+"""A key's amounts counted per instance: a metered key's holds and unwritten fees, or LlmEndpoint credits taken."""
 
 
 class SharedLimits(Protocol):
@@ -102,9 +165,17 @@ class SharedLimits(Protocol):
 
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None: ...
 
-    def unreserve(self, key_id: int, amount: int) -> None: ...
+    def take_credits(self, key_id: int, price: int, balance: int, quota_left: int) -> bool | None: ...
 
-    def written(self, amounts: dict[int, int]) -> None: ...
+    def unreserve(self, key_id: int, amount: int, *, pool: Pool = "holds") -> None: ...
+
+    def written(self, amounts: dict[int, int], *, pool: Pool = "holds") -> None: ...
+
+    def mark_busy(self, key_id: int) -> bool | None: ...
+
+    def unmark_busy(self, key_ids: list[int]) -> bool: ...
+
+    def busy_elsewhere(self, key_id: int) -> bool | None: ...
 
 
 class RedisLimits:
@@ -146,30 +217,69 @@ class RedisLimits:
 
     def allow_rpm(self, key_id: int, rpm: int) -> bool | None:
         """Count a request of the key in its minute window if it fits under `rpm`: whether it did, or None."""
-        answers = self._run(_RPM, [(f"{self._prefix}rpm:{key_id}", rpm)])
+        answers = self.run(_RPM, [(f"{self._prefix}rpm:{key_id}", rpm)])
         return None if answers is None else bool(answers[0])
 
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None:
-        """Hold `worst` for the key if the holds of every instance plus `worst` fit in `budget` (what the key has
-        left before any hold): whether it was held, or None."""
-        self._keep_alive()
-        holds, alive = f"{self._prefix}holds:{key_id}", f"{self._prefix}alive:"
-        answers = self._run(_RESERVE, [(holds, self.instance, worst, budget, alive, self._alive_ttl_ms)])
+        """Hold `worst` for the key if the holds and credits of every instance plus `worst` fit in `budget` (what
+        the key has left before any of them): whether it was held, or None."""
+        self.keep_alive()
+        holds, credits, alive = self._pool(key_id, "holds"), self._pool(key_id, "credits"), self.alive_prefix
+        answers = self.run(_RESERVE, [(holds, credits, self.instance, worst, budget, alive, self._alive_ttl_ms)])
         return None if answers is None else bool(answers[0])
 
-    def unreserve(self, key_id: int, amount: int) -> None:
-        """Give back `amount` held here (a Redis out of reach drops it when this instance's liveness key expires)."""
-        self._run(_UNRESERVE, [(f"{self._prefix}holds:{key_id}", self.instance, amount)])
+    def take_credits(self, key_id: int, price: int, balance: int, quota_left: int) -> bool | None:
+        """Take `price` credits of the key if they fit in `balance` (its balance before any instance's credits,
+        holds or fees) after every instance's credits and the holds and fees past `quota_left`: whether they were
+        taken, or None."""
+        self.keep_alive()
+        credits, holds, alive = self._pool(key_id, "credits"), self._pool(key_id, "holds"), self.alive_prefix
+        call = (credits, holds, self.instance, price, balance, quota_left, alive, self._alive_ttl_ms)
+        answers = self.run(_CREDITS, [call])
+        return None if answers is None else bool(answers[0])
 
-    def written(self, amounts: dict[int, int]) -> None:
-        """Fees held here (per key) are written to the database: counted for `written_ttl_s` more, which is how long
-        every instance may take to read the accounts that carry them. One round trip for them all."""
-        batch, alive = f"w:{uuid.uuid4().hex}", f"{self._prefix}alive:"
+    def unreserve(self, key_id: int, amount: int, *, pool: Pool = "holds") -> None:
+        """Give back `amount` held (or credits taken) here (a Redis out of reach drops it when this instance's
+        liveness key expires)."""
+        self.run(_UNRESERVE, [(self._pool(key_id, pool), self.instance, amount)])
+
+    def written(self, amounts: dict[int, int], *, pool: Pool = "holds") -> None:
+        """Fees (or credits) held here, per key, are written to the database: counted for `written_ttl_s` more,
+        which is how long every instance may take to read the accounts that carry them. One round trip for them
+        all."""
+        batch, alive = f"w:{uuid.uuid4().hex}", self.alive_prefix
         calls = [
-            (f"{self._prefix}holds:{k}", self.instance, n, batch, alive, self._written_ttl_ms)
-            for k, n in amounts.items()
+            (self._pool(k, pool), self.instance, n, batch, alive, self._written_ttl_ms) for k, n in amounts.items()
         ]
-        self._run(_WRITTEN, calls)
+        self.run(_WRITTEN, calls)
+
+    def mark_busy(self, key_id: int) -> bool | None:
+        """This instance has calls of the key in flight or not yet written (until `unmark_busy`, or its death):
+        whether that is known to every instance, or None."""
+        self.keep_alive()
+        answers = self.run(_BUSY, [(self.key(f"busy:{key_id}"), self.instance, self.alive_prefix, self._alive_ttl_ms)])
+        return None if answers is None else True
+
+    def unmark_busy(self, key_ids: list[int]) -> bool:
+        """No call of these keys is in flight or unwritten here any more (one round trip): whether Redis heard it."""
+        return self.run(_IDLE, [(self.key(f"busy:{k}"), self.instance) for k in key_ids]) is not None
+
+    def busy_elsewhere(self, key_id: int) -> bool | None:
+        """Whether another live instance has calls of the key in flight or not yet written, or None."""
+        answers = self.run(_BUSY_ELSEWHERE, [(self.key(f"busy:{key_id}"), self.instance, self.alive_prefix)])
+        return None if answers is None else answers[0] > 0
+
+    def _pool(self, key_id: int, pool: Pool) -> str:
+        return f"{self._prefix}{pool}:{key_id}"
+
+    def key(self, name: str) -> str:
+        """The Redis key `name` of this deployment."""
+        return self._prefix + name
+
+    @property
+    def alive_prefix(self) -> str:
+        """What an instance's liveness key is named after (its `instance` follows)."""
+        return f"{self._prefix}alive:"
 
     def close(self) -> None:
         self._closed.set()
@@ -179,7 +289,7 @@ class RedisLimits:
             self._conn.disconnect()
         self._client.close()
 
-    def _run(self, script: _Script, calls: list[tuple[Any, ...]]) -> list[int] | None:
+    def run(self, script: Script, calls: list[tuple[Any, ...]]) -> list[int] | None:
         """Run `script` once for each of `calls` (its key, then its arguments), in one round trip: the answers, or
         None when Redis cannot be reached (or is not tried for now)."""
         now = time.monotonic()
@@ -199,18 +309,19 @@ class RedisLimits:
             log.warning("redis.reachable", limits="shared again")
         return answers
 
-    def _send(self, script: _Script, calls: list[tuple[Any, ...]]) -> list[int]:
+    def _send(self, script: Script, calls: list[tuple[Any, ...]]) -> list[int]:
         if self._conn is None or self._conn_pid != os.getpid():  # a forked worker makes its own
             self._conn, self._conn_pid = self._client.connection_pool.make_connection(), os.getpid()
         conn = self._conn
         conn.send_packed_command(
-            [part for call in calls for part in conn.pack_command("EVALSHA", script.sha, 1, *call)], check_health=False
+            [part for call in calls for part in conn.pack_command("EVALSHA", script.sha, script.keys, *call)],
+            check_health=False,
         )
         answers = [self._read(conn) for _ in calls]
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, self._no_script)]
         if missing:  # a Redis that has not seen the script yet (or was restarted): sent whole, then cached
             conn.send_packed_command(
-                [part for i in missing for part in conn.pack_command("EVAL", script.text, 1, *calls[i])],
+                [part for i in missing for part in conn.pack_command("EVAL", script.text, script.keys, *calls[i])],
                 check_health=False,
             )
             for i in missing:
@@ -227,7 +338,7 @@ class RedisLimits:
         except self._answered_error as e:
             return e
 
-    def _keep_alive(self) -> None:
+    def keep_alive(self) -> None:
         """Start the liveness thread in this process (again after a fork: threads do not survive one)."""
         if self._heartbeat is not None and self._heartbeat_pid == os.getpid():
             return

@@ -77,7 +77,12 @@ def build_deps(settings: Settings) -> Deps:
     if settings.redis_url:  # a fee written stays counted until every instance has reloaded (the periodic net)
         written_ttl_s = 2 * settings.catalog_refresh_interval_s + 1
         shared = RedisLimits(settings.redis_url, namespace=settings.deployment, written_ttl_s=written_ttl_s)
-    ledger = Ledger() if shared is None else SharedLedger(shared)
+
+    def unwritten(key_id: int) -> bool:  # the records, made below on this ledger
+        return records.unwritten(key_id)
+
+    # With Redis, a key's calls in flight or unwritten here are known to the others (`in_use` below asks them).
+    ledger = Ledger() if shared is None else SharedLedger(shared, unwritten=unwritten)
     # A draining replica's last call ended: the reconcile job moves it on now.
     catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge)
     # Every change below is announced to the other instances on the same PostgreSQL before it reloads this one.
@@ -137,7 +142,10 @@ def build_deps(settings: Settings) -> Deps:
     async def in_use(key_id: int) -> bool:
         catalog.refuse(key_id)  # no call starts while this looks: one admitted meanwhile would lose its record
         await records.flush()
-        return gateway.busy(key_id) or records.unwritten(key_id)
+        if gateway.busy(key_id) or records.unwritten(key_id):
+            return True
+        # Another instance's calls of the key, in flight or unwritten (Redis out of reach: this instance's alone).
+        return shared is not None and bool(shared.busy_elsewhere(key_id))
 
     bots = BotService(BotStore(sessions), box, keys.secret_key)
     return Deps(

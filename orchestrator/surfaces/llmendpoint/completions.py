@@ -1,8 +1,9 @@
 """LlmEndpoint's completions: its request, its credit price, and a call made through the gateway.
 
 A call costs (characters of the user's messages x the model's input rate + max_tokens x its output rate),
-known before the call, checked against the key's balance (402 when short) and taken off it when the call
-succeeds. The request becomes an OpenAI chat request for the replica: `num_context`, when given, as vLLM's
+known before the call, reserved off the key's balance in the same step as its check (402 when short: with several
+instances, against every instance's credits taken), kept when the call delivers and given back once otherwise. The
+request becomes an OpenAI chat request for the replica: `num_context`, when given, as vLLM's
 `truncate_prompt_tokens` (the prompt keeps its last num_context tokens, as a context window does) and
 `output_format: "json"` as `response_format: {"type": "json_object"}`.
 
@@ -212,8 +213,9 @@ class Completions:
     def admit(self, key: KeyInfo, req: Valid, *, reserve: bool = True) -> tuple[ModelInfo, int]:
         """(the model, the call's cost in units), or the refusal; nothing is sent anywhere yet.
 
-        `reserve`: the cost is taken off the key's balance now (in memory), so that concurrent calls cannot spend
-        the same credits; `finish` keeps it when the call delivered, `open` and `finish` give it back otherwise."""
+        `reserve`: the cost is taken off the key's balance now, in the same step as its check, so that concurrent
+        calls (on every instance) cannot spend the same credits; `finish` keeps it when the call delivered, and `open`
+        or `finish` (whichever ends the call) gives it back otherwise."""
         gw = self._gw
         rate = gw.catalog.rates.get(req.model)
         if rate is None:
@@ -229,16 +231,14 @@ class Completions:
             raise LlmEndpointError(Refusal.NO_HOST, NO_HOSTS, f"no model named {req.model} is served") from e
         price = cost(req, rate.input, rate.output)
         if key is not SERVER_ADMIN:
-            ledger = gw.catalog.ledger
-            if ledger.balance(key.id, money.month_of()) < price:
+            ledger, month = gw.catalog.ledger, money.month_of()
+            if not (ledger.take_credits(key.id, price, month) if reserve else ledger.balance(key.id, month) >= price):
                 raise LlmEndpointError(Refusal.NO_CREDITS, NO_CREDITS)
-            if reserve:
-                ledger.charge(key.id, price, on_balance=True)
         return model, price
 
     def _refund(self, key: KeyInfo, price: int) -> None:
         if key is not SERVER_ADMIN:
-            self._gw.catalog.ledger.charge(key.id, -price, on_balance=True)
+            self._gw.catalog.ledger.give_credits(key.id, price)
 
     async def open(self, key: KeyInfo, model: ModelInfo, req: Valid, price: int) -> Call:
         """The call to a replica, once admitted (and reserved); the reservation is given back if none answers."""
