@@ -148,11 +148,14 @@ class SharedLedger(Ledger):
         """Calls in flight here per key (each `reserve` until its `unreserve`)."""
         self._marked: set[int] = set()
         """Keys marked busy in the shared store by this instance."""
+        self._idle: set[int] = set()
+        """Marked keys with no call in flight here: their marks are lifted once their records are written."""
 
     def reserve(self, key_id: int, worst: int, month: int) -> int | None:
         held = self._reserve(key_id, worst, month)
         if held is not None:
             _add(self._calls, key_id, 1)
+            self._idle.discard(key_id)
             if key_id not in self._marked and self._shared.mark_busy(key_id):
                 self._marked.add(key_id)
         return held
@@ -176,6 +179,8 @@ class SharedLedger(Ledger):
     def unreserve(self, key_id: int, held: int) -> None:
         super().unreserve(key_id, held)
         _add(self._calls, key_id, -1)
+        if key_id not in self._calls and key_id in self._marked:
+            self._idle.add(key_id)
         self._give_back(key_id, min(held, self._held_shared.get(key_id, 0) - self._fees_shared.get(key_id, 0)))
 
     def take_credits(self, key_id: int, price: int, month: int) -> bool:
@@ -233,10 +238,12 @@ class SharedLedger(Ledger):
         return self._shared.busy_elsewhere(key_id)
 
     def _unmark_idle(self) -> None:
-        """Lift the busy marks of the keys with nothing in flight or unwritten here (after a flush wrote a batch)."""
-        idle = [k for k in self._marked if k not in self._calls and not self._unwritten(k)]
+        """Lift the busy marks of the keys with nothing in flight or unwritten here (after a flush wrote a batch):
+        only those whose calls ended are looked at, so a flush costs nothing for the keys in use."""
+        idle = [k for k in self._idle if not self._unwritten(k)]
         if idle and self._shared.unmark_busy(idle):
             self._marked.difference_update(idle)
+            self._idle.difference_update(idle)
 
     def _debits_unshared(self, key_id: int) -> int:
         """Credits taken here and not counted in the shared store (taken while it was out of reach)."""
