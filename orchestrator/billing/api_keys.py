@@ -36,7 +36,8 @@ class ApiKeyService:
         self._secret = secret_key
         self._on_change = on_change
         self._in_use = in_use
-        """Whether a key has calls not yet written (it writes what it can first)."""
+        """Whether a key has calls in flight or not yet written, here (it writes what it can first) or, with
+        Redis, on another instance."""
 
     async def issue(
         self, user_id: str, *, allowed_rpm: int | None = None, name: str | None = None, allowed_ips: str = ""
