@@ -4,8 +4,10 @@ replica's VM is destroyed).
 
 New calls stop at once: the catalog drops a replica from its pools when it reloads, and it reloads on every admin
 action and lifecycle move. The calls already running are counted by the catalog; the reconcile job looks at the
-count on each pass (every second, and at once when the last call on such a replica ends). The count is this
-process's: an instance that serves the gateway without running the jobs (`serve --no-scheduler`) is not waited for.
+count on each pass (every second, and at once when the last call here on such a replica ends). Without a shared count
+the count is this process's, so the calls of an instance that serves without running the jobs (`serve
+--no-scheduler`, another worker) are not waited for; with `ORCH_REDIS_URL` it is every live instance's (the catalog's
+`calls_on`), and a call ending elsewhere is seen at the next pass. A timeout cuts this instance's calls only.
 """
 
 from __future__ import annotations

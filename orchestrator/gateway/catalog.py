@@ -4,7 +4,8 @@ model: its READY replicas, and the external llm_endpoint named like it.
 
 Reloaded from the store whenever an admin action or a health move changes it, here or in another process (the
 change feed, orchestrator.store.notify), and periodically as a net. Reloads keep the Target objects of replicas
-that stay, so in-flight counts survive.
+that stay, so in-flight counts survive. With a shared count (`ORCH_REDIS_URL`, orchestrator.platform.redis_flight)
+every call picked and released is counted over every instance too, and endpoints' gates are shared.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import structlog
 from orchestrator.billing.ledger import Ledger
 from orchestrator.domain.spend import CONNECTOR, Account
 from orchestrator.gateway.engine_urls import engine_urls, external_api_base
-from orchestrator.gateway.limits import Gate, TokenBucket
+from orchestrator.gateway.limits import Gate, SharedGate, TokenBucket
 from orchestrator.platform.outbound import IpNetwork
+from orchestrator.platform.redis_flight import SharedFlight
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.store.gateway_view import GatewayView, GatewayViewStore
 from orchestrator.store.tables import ApiKey, ExternalEndpoint, LlmModel, row_id
@@ -122,6 +124,11 @@ class Target:
     def available(self, now: float) -> bool:
         return self.ejected_until <= now and (self.bucket is None or self.bucket.has_token(now))
 
+    @property
+    def flight_name(self) -> str:
+        """Its name in the shared count of calls: the replica's id, or the endpoint's."""
+        return f"r{self.replica_id}" if self.replica_id is not None else f"e{self.endpoint_id}"
+
 
 @dataclass(slots=True, frozen=True)
 class Calls:
@@ -151,8 +158,11 @@ class Catalog:
         ledger: Ledger,
         *,
         on_drained: Callable[[], None] | None = None,
+        flight: SharedFlight | None = None,
     ) -> None:
         self._views = views
+        self.flight = flight
+        """Calls in flight counted over every instance (`ORCH_REDIS_URL`); None: this process's alone."""
         self._box = box
         self.ledger = ledger
         self.keys: dict[str, KeyInfo] = {}
@@ -242,6 +252,8 @@ class Catalog:
             if (old.api_base, old.headers, old.params) == (api_base, headers, params or None):
                 return old
             gate = old.gate  # the calls in flight hold its slots: the limits stay whole across the change
+        if gate is None and self.flight is not None and any(limits):
+            gate = SharedGate(ep.max_concurrency, ep.max_calls_per_second, self.flight, ep.id)
         return Target(
             replica_id=None,
             model=ep.id,
@@ -270,24 +282,45 @@ class Catalog:
         if chosen.bucket is not None:
             chosen.bucket.take()
         chosen.inflight += 1
+        if self.flight is not None:
+            self.flight.started(chosen.flight_name)
         return chosen
 
     def release(self, target: Target) -> None:
         target.inflight -= 1
+        if self.flight is not None:
+            self.flight.ended(target.flight_name)
         if target.inflight == 0 and self._left and self.on_drained is not None and target.replica_id is not None:
             left = self._left.get(target.replica_id)
             if left is not None and left.target is target:
                 self.on_drained()
 
+    def in_flight(self, targets: Sequence[Target]) -> list[int]:
+        """The calls in flight on each target: over every instance with a shared count that answers, else here."""
+        if self.flight is not None:
+            names = [t.flight_name for t in targets]
+            others = self.flight.others(names)
+            if others is not None:
+                return [self.flight.mine(name) + n for name, n in zip(names, others, strict=True)]
+        return [t.inflight for t in targets]
+
     def calls_on(self, replica_id: int) -> Calls:
-        """A replica's calls: routed to it still, or in flight since it left the pool."""
+        """A replica's calls: routed to it still, or in flight since it left the pool (at any instance, with a shared
+        count; `waited_for` is this instance's)."""
         target = self._targets.get(replica_id)
         if target is not None:
             return Calls(routed=True, in_flight=target.inflight, waited_for=0)
         left = self._left.get(replica_id)
+        here = max(0, left.target.inflight) if left is not None else 0
+        elsewhere = 0
+        if self.flight is not None:
+            name = f"r{replica_id}"
+            others = self.flight.others([name])
+            elsewhere = others[0] if others is not None else 0
+            here = max(here, self.flight.mine(name))
         if left is None:
-            return Calls(routed=False, in_flight=0, waited_for=0)
-        return Calls(routed=False, in_flight=max(0, left.target.inflight), waited_for=left.calls)
+            return Calls(routed=False, in_flight=here + elsewhere, waited_for=0)
+        return Calls(routed=False, in_flight=here + elsewhere, waited_for=left.calls)
 
     def refuse(self, key_id: int) -> None:
         """Refuse the key from now on (it is being deleted); the next reload installs what the database says."""

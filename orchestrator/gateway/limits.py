@@ -1,14 +1,20 @@
-"""In-memory rate limits: a sliding-window requests-per-minute counter per API key, a token bucket per replica,
-and the gate of an external endpoint (at most so many calls at once, started so far apart)."""
+"""Rate limits: a sliding-window requests-per-minute counter per API key, a token bucket per replica, and the gate
+of an external endpoint (at most so many calls at once, started so far apart); the window and the gate in memory, or
+counted over every instance (`ORCH_REDIS_URL`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from orchestrator.platform.redis_flight import FULL, SharedFlight
 from orchestrator.platform.redis_limits import SharedLimits
+
+GATE_POLL_S = 0.02
+"""How often a gate with calls waiting tries the shared store again (a slot freed on another instance)."""
 
 
 @dataclass(slots=True)
@@ -111,3 +117,76 @@ class Gate:
     def leave(self) -> None:
         if self._slots is not None:
             self._slots.release()
+
+
+class SharedGate(Gate):
+    """The same gate over every instance (`ORCH_REDIS_URL`): a call takes a slot when the calls inside on every
+    instance are fewer than `concurrency`, and its start is spaced from the last start on any instance. A call that
+    finds no slot waits in this instance's line, tried again whenever a call here leaves and every GATE_POLL_S while
+    any waits (a slot freed on another instance is noticed by the poll: no subscription to keep, nothing lost when
+    Redis restarts, and nothing sent while nobody waits). While the store is out of reach, this instance's own calls
+    inside and its own spacing decide."""
+
+    def __init__(self, concurrency: int, per_second: int, shared: SharedFlight, name: str) -> None:
+        super().__init__(concurrency, per_second)
+        self._shared = shared
+        self._name = name
+        self._line: deque[asyncio.Future[float]] = deque()
+        self._poller: asyncio.Task[None] | None = None
+
+    async def enter(self) -> None:
+        delay = self._try() if not self._line else None
+        if delay is None:
+            turn = asyncio.get_running_loop().create_future()
+            self._line.append(turn)
+            self._poll()
+            try:
+                delay = await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():  # let in, then cancelled: the slot goes to the next
+                    self.leave()
+                raise
+        if delay > 0:
+            try:
+                await asyncio.sleep(delay)
+            except BaseException:
+                self.leave()
+                raise
+
+    def leave(self) -> None:
+        self._shared.left_slot(self._name)
+        self._admit()
+
+    def _try(self) -> float | None:
+        """Let a call in now if it may: the seconds until its start, or None (no slot)."""
+        answer = self._shared.take_slot(self._name, self.concurrency, self._spacing)
+        if answer is None:  # the store is out of reach: this instance's calls alone
+            if self.concurrency and self._shared.inside(self._name) >= self.concurrency:
+                return None
+            self._shared.took_slot(self._name)
+            now = time.monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + self._spacing
+            return start - now
+        return None if answer == FULL else answer
+
+    def _admit(self) -> None:
+        while self._line:
+            turn = self._line[0]
+            if turn.done():  # cancelled while waiting
+                self._line.popleft()
+                continue
+            delay = self._try()
+            if delay is None:
+                return
+            self._line.popleft()
+            turn.set_result(delay)
+
+    def _poll(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._polling(), name=f"gate-{self._name}")
+
+    async def _polling(self) -> None:
+        while any(not turn.done() for turn in self._line):
+            await asyncio.sleep(GATE_POLL_S)
+            self._admit()

@@ -6,6 +6,11 @@ has one). A request let through is `admitted` until the gateway picks its replic
 in-flight calls instead). Waiters are woken by every finished call, every admission that ends, every arrival, and
 every catalog reload (at least every ORCH_CATALOG_REFRESH_INTERVAL_S, which is when a replica back from an ejection
 or a refilled rate bucket is noticed); they wait on futures.
+
+With a shared count of calls (`ORCH_REDIS_URL`), a replica's room counts its calls in flight at every instance, so
+the queue lets a call through only when the replica has room over all of them; a call ending on another instance is
+noticed by a poll every POLL_S while anyone waits here (no subscription to keep, and nothing sent while nobody
+waits). Calls let through and not yet picked are counted by their own instance only: they are picked at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from dataclasses import dataclass, field
 
 from orchestrator.gateway.catalog import Catalog, Target
 from orchestrator.gateway.flow import GatewayError, NoReplica
+
+POLL_S = 0.05
+"""With a shared count: how often waiters look for room freed at another instance."""
 
 
 class QueueTimeout(GatewayError):
@@ -48,6 +56,7 @@ class PriorityQueues:
         self._admitted: dict[str, int] = {}
         """Let through, and not yet counted in a replica's in-flight calls."""
         self._seq = itertools.count()
+        self._poller: asyncio.Task[None] | None = None
 
     def waiting(self, model: str) -> int:
         line = self._lines.get(model)
@@ -60,10 +69,25 @@ class PriorityQueues:
 
     def _room(self, model: str) -> int:
         now = time.monotonic()
-        free = sum(
-            max(0, self._capacity(t) - t.inflight) for t in self._catalog.pools.get(model, ()) if t.available(now)
-        )
+        if self._catalog.flight is None:
+            free = sum(
+                max(0, self._capacity(t) - t.inflight) for t in self._catalog.pools.get(model, ()) if t.available(now)
+            )
+        else:
+            targets = [t for t in self._catalog.pools.get(model, ()) if t.available(now)]
+            counts = self._catalog.in_flight(targets)
+            free = sum(max(0, self._capacity(t) - n) for t, n in zip(targets, counts, strict=True))
         return free - self._admitted.get(model, 0)
+
+    def _poll(self) -> None:
+        """With a shared count, look for room every POLL_S while anyone waits (a call ended at another instance)."""
+        if self._catalog.flight is not None and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.get_running_loop().create_task(self._polling(), name="priority-poll")
+
+    async def _polling(self) -> None:
+        while any(line.live for line in self._lines.values()):
+            await asyncio.sleep(POLL_S)
+            self.wake_all()
 
     async def wait_turn(self, model: str, priority: int, timeout_s: float | None = None) -> None:
         """Return once the request may be sent; the caller then calls `sent(model)` exactly once, as soon as its
@@ -78,6 +102,8 @@ class PriorityQueues:
         heapq.heappush(line.heap, waiter)
         line.live += 1
         self.wake(model)  # room now, and nobody ahead: let through at once
+        if not waiter.turn.done():
+            self._poll()
         try:
             async with asyncio.timeout(timeout_s):
                 await waiter.turn

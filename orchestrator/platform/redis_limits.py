@@ -281,6 +281,11 @@ class RedisLimits:
         """What an instance's liveness key is named after (its `instance` follows)."""
         return f"{self._prefix}alive:"
 
+    @property
+    def alive_ttl_ms(self) -> int:
+        """How long an instance's liveness key lasts unless renewed (what a script that writes for it renews it by)."""
+        return self._alive_ttl_ms
+
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(self._errors):

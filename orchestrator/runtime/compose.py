@@ -35,6 +35,7 @@ from orchestrator.gateway.priority import PriorityQueues
 from orchestrator.gateway.upstream import Upstream
 from orchestrator.platform.guarded_resolver import GuardedResolver
 from orchestrator.platform.outbound import OutboundPolicy
+from orchestrator.platform.redis_flight import RedisFlight
 from orchestrator.platform.redis_limits import RedisLimits
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.platform.settings import Settings
@@ -84,7 +85,9 @@ def build_deps(settings: Settings) -> Deps:
     # With Redis, a key's calls in flight or unwritten here are known to the others (`in_use` below asks them).
     ledger = Ledger() if shared is None else SharedLedger(shared, unwritten=unwritten)
     # A draining replica's last call ended: the reconcile job moves it on now.
-    catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge)
+    # ORCH_REDIS_URL: calls in flight per replica and endpoint gates are counted over every instance as well.
+    flight = None if shared is None else RedisFlight(shared)
+    catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge, flight=flight)
     # Every change below is announced to the other instances on the same PostgreSQL before it reloads this one.
     changes = ChangeFeed(engine, catalog.reload, nudge)
     moved = changes.made(Change.MOVES)

@@ -24,7 +24,9 @@ class Replica:
 
 
 def queues(replica: Replica, slots: int = 1) -> PriorityQueues:
-    return PriorityQueues(cast(Catalog, SimpleNamespace(pools={"m": [replica]})), slots=slots, timeout_s=60)
+    return PriorityQueues(
+        cast(Catalog, SimpleNamespace(pools={"m": [replica]}, flight=None)), slots=slots, timeout_s=60
+    )
 
 
 async def test_the_lowest_priority_goes_first_and_ties_keep_their_order() -> None:
