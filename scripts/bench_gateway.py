@@ -129,7 +129,16 @@ def start_gateway(
         env["ORCH_REDIS_URL"] = redis_url
     stack.enter_context(
         process(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--workers", str(workers)],
+            # `--workers` only when more than one: the script also measures older trees, for a before and after.
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "serve",
+                "--port",
+                str(port),
+                *(["--workers", str(workers)] if workers > 1 else []),
+            ],
             env,
             workdir / f"gateway-{port}.log",
         )
