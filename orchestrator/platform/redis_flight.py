@@ -8,10 +8,11 @@ writes it whole (never an increment): a write lost while Redis was out of reach 
 field whose instance's liveness key (kept alive by `RedisLimits`) has expired is dropped by the next read, so the
 calls of a killed instance stop counting within the liveness TTL, and its gate slots are free again.
 
-In-flight counts are written once per turn of the event loop, for every target whose count changed, in one round
-trip after the calls that changed them have gone on: never on a call's own path. A gate's slot is taken on the call's
-path (one script: a slot if the calls inside on every instance are fewer than the limit, and the start time after
-the last one taken); a slot given back is written with the in-flight counts.
+In-flight counts are written at most every WRITE_EVERY_S, for every target whose count changed, in one round trip
+after the calls that changed them have gone on: never on a call's own path, and a few hundred round trips a second
+at most however many calls a process serves (the others see a count that much later). A gate's slot is taken on the
+call's path (one script: a slot if the calls inside on every instance are fewer than the limit, and the start time
+after the last one taken); a slot given back is written with the in-flight counts.
 
 While Redis cannot be reached, every read answers None and the callers count this instance's calls alone (the outage
 is logged once, by `RedisLimits`); the counts not written are written once it answers again.
@@ -25,6 +26,9 @@ from collections import Counter
 from typing import Protocol
 
 from orchestrator.platform.redis_limits import RedisLimits, Script
+
+WRITE_EVERY_S = 0.005
+"""How long changed in-flight counts wait to be written together."""
 
 RETRY_S = 1.0
 """How soon counts that could not be written are tried again when nothing else changes."""
@@ -184,7 +188,7 @@ class RedisFlight:
         self._dirty.add(key)
         if self._flushing is None:
             try:
-                self._flushing = asyncio.get_running_loop().call_soon(self._flush)
+                self._flushing = asyncio.get_running_loop().call_later(WRITE_EVERY_S, self._flush)
             except RuntimeError:  # no loop (a caller outside one): written now
                 self._flush()
 
