@@ -132,6 +132,11 @@ async def test_a_queued_call_waits_for_the_room_the_other_instance_holds(pair: P
             return len(await engine.chats()) == 1
 
         await until(running, "the first call to reach the engine")
+
+        async def seen_by_b() -> bool:  # `a` writes its count a few milliseconds after the call's start
+            return b.deps.catalog.in_flight(b.deps.catalog.pools[MODEL]) == [1]
+
+        await until(seen_by_b, "`b` to see the call in flight on `a`")
         queued = asyncio.create_task(b.chat(key, MODEL, path="/queue/chat/completions", max_tokens=2))
 
         async def waiting() -> bool:
@@ -158,6 +163,11 @@ async def test_a_drain_waits_for_a_call_in_flight_on_the_other_instance(pair: Pa
             return len(await engine.chats()) == 1
 
         await until(running, "the call to reach the engine")
+
+        async def seen_by_a() -> bool:  # `b` writes its count a few milliseconds after the call's start
+            return a.deps.catalog.in_flight(a.deps.catalog.pools[MODEL]) == [1]
+
+        await until(seen_by_a, "`a` to see the call in flight on `b`")
         assert (await a.admin.delete(f"/api/v1/replicas/{rid}")).status_code in {200, 204}
         drain = Drain(a.deps.catalog, timeout_s=60)  # the leader's reconcile job, as the scheduler calls it
         await reconcile(a.deps.store, None, drain)

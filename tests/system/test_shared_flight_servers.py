@@ -92,11 +92,12 @@ async def _drain_under_a_stream(deployment: Deployment, engine: Engine, rid: int
         stream = await client.send(request, stream=True)  # 30 tokens at 10 a second, on the second server
         try:
             assert stream.status_code == 200
-            r = await client.delete(f"{deployment.first}/api/v1/replicas/{rid}", headers=ADMIN_HEADERS)
-            assert r.status_code == 204, r.text
             chunks = 0
             async for _ in stream.aiter_lines():  # the leader's reconcile job passes each second meanwhile
                 chunks += 1
+                if chunks == 4:  # a few tokens in: the second server has written its count (within 5 ms)
+                    r = await client.delete(f"{deployment.first}/api/v1/replicas/{rid}", headers=ADMIN_HEADERS)
+                    assert r.status_code == 204, r.text
                 if chunks == 40:  # well into the stream, seconds after the deletion
                     assert await _status_async(client, deployment.first, rid) == "DRAINING"
             assert chunks > 40
