@@ -21,6 +21,11 @@ from orchestrator.store.tables import Replica, row_id
 
 S = ReplicaStatus
 
+SETTLE_S = 0.1
+"""With a shared count: how long a replica stays DRAINING at least, so that a call another instance picked just before
+it heard of the drain is counted (its count is written within a few milliseconds) before "no call is left" is
+believed."""
+
 
 class Drain:
     """The DRAINING step of the reconcile job (both external and managed replicas take it)."""
@@ -38,6 +43,8 @@ class Drain:
         # Timed from the stored move, so the timeout holds across a restart (which leaves no calls to wait for).
         waited = (datetime.now(UTC) - replica.status_changed_at).total_seconds()
         if not calls.routed and calls.in_flight == 0:
+            if self._catalog.flight is not None and waited < SETTLE_S:
+                return False  # the reconcile job's next pass looks again
             reason = "drained"
             message = f"drained: {_calls(calls.waited_for)} finished in {waited:.1f} s"
             if not calls.waited_for:
