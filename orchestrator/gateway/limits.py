@@ -5,6 +5,7 @@ counted over every instance (`ORCH_REDIS_URL`)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable
@@ -184,7 +185,8 @@ class SharedGate(Gate):
 
     def _poll(self) -> None:
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._polling(), name=f"gate-{self._name}")
+            loop = asyncio.get_running_loop()  # a context of its own: it polls for every waiter, not one request
+            self._poller = loop.create_task(self._polling(), name=f"gate-{self._name}", context=contextvars.Context())
 
     async def _polling(self) -> None:
         while any(not turn.done() for turn in self._line):

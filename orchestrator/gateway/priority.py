@@ -16,6 +16,7 @@ waits). Calls let through and not yet picked are counted by their own instance o
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import time
@@ -82,7 +83,8 @@ class PriorityQueues:
     def _poll(self) -> None:
         """With a shared count, look for room every POLL_S while anyone waits (a call ended at another instance)."""
         if self._catalog.flight is not None and (self._poller is None or self._poller.done()):
-            self._poller = asyncio.get_running_loop().create_task(self._polling(), name="priority-poll")
+            loop = asyncio.get_running_loop()  # a context of its own: it polls for every waiter, not one request
+            self._poller = loop.create_task(self._polling(), name="priority-poll", context=contextvars.Context())
 
     async def _polling(self) -> None:
         while any(line.live for line in self._lines.values()):

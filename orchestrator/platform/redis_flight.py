@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections import Counter
 from typing import Protocol
 
@@ -188,7 +189,9 @@ class RedisFlight:
         self._dirty.add(key)
         if self._flushing is None:
             try:
-                self._flushing = asyncio.get_running_loop().call_later(WRITE_EVERY_S, self._flush)
+                # A context of its own: what it logs (an outage) is no request's.
+                loop = asyncio.get_running_loop()
+                self._flushing = loop.call_later(WRITE_EVERY_S, self._flush, context=contextvars.Context())
             except RuntimeError:  # no loop (a caller outside one): written now
                 self._flush()
 
@@ -208,7 +211,8 @@ class RedisFlight:
         if self._limits.run(_WRITE, calls) is None:
             self._dirty |= dirty
             with contextlib.suppress(RuntimeError):  # no loop: the next change writes them
-                self._flushing = asyncio.get_running_loop().call_later(RETRY_S, self._flush)
+                loop = asyncio.get_running_loop()
+                self._flushing = loop.call_later(RETRY_S, self._flush, context=contextvars.Context())
         for counts in (self._calls, self._inside):
             for name in [n for n, c in counts.items() if c <= 0]:
                 del counts[name]
