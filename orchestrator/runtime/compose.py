@@ -410,4 +410,3 @@ class Runtime:
         await self.deps.upstream.close()
         await self.deps.changes.stop()
         await self.deps.engine.dispose()
-        gc.unfreeze()  # what `start` froze is the collector's again (a process that starts runtimes one after another)
