@@ -84,8 +84,9 @@ def test_a_keys_requests_per_minute_hold_over_both_instances(deployment: Deploym
     answered = asyncio.run(burst())
     assert sum(n for (_, status), n in answered.items() if status == 200) == RPM
     assert sum(n for (_, status), n in answered.items() if status == 429) == 200 - RPM
-    assert answered[first, 200]  # both instances answered some of the fifty
-    assert answered[second, 200]
+    # Each instance took its hundred calls (alone, each would have answered fifty of them): which one answered the
+    # fifty depends on which calls reached Redis first (once, in CI, all fifty were the first instance's).
+    assert answered[first, 200] + answered[first, 429] == answered[second, 200] + answered[second, 429] == 100
 
 
 def test_a_metered_keys_holds_hold_over_both_instances(deployment: Deployment) -> None:
