@@ -141,6 +141,58 @@ class Replica(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     delete_requested_at: datetime | None = None
     """Set when an admin deletes the replica: it leaves the toolkit listings at once, the row stays."""
+    deployment_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("deployments.id"), nullable=True, index=True)
+    )
+    """The deployment that made this replica and keeps it; None for a replica made by hand (never touched by one)."""
+    deployment_generation: int | None = None
+    """The deployment's `generation` (its replica template) this replica was made from: an older one is rolled."""
+
+
+class Deployment(SQLModel, table=True):
+    """A model's desired replicas, kept by the reconcile job: how many (a fixed count, or bounds and targets for
+    the autoscaler) and what each is made from (a managed replica's template). One live deployment per model."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        Index(
+            "uq_deployments_live_model",
+            "model_id",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+        NEVER_REUSED,
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_id: int = Field(sa_column=Column(Integer, ForeignKey("llm_models.id"), nullable=False))
+    template: str = Field(sa_column=Column(Text, nullable=False))
+    """Every replica's template, JSON: the VM creation details (or engine spec), port and rate limit."""
+    template_secrets_sealed: str | None = Field(default=None, sa_column=Column(Text, **SECRET))
+    """The engine spec's secret environment (JSON object), encrypted at rest."""
+    replicas: int | None = None
+    """A fixed count; None when `autoscale` is set."""
+    autoscale: str | None = Field(default=None, sa_column=Column(Text))
+    """The autoscaling policy (JSON of `orchestrator.domain.autoscale.AutoscalePolicy`); None for a fixed count."""
+    desired: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    """How many replicas the deployment wants now (the fixed count, or the autoscaler's last decision)."""
+    max_surge: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
+    """New replicas a roll brings up beyond `desired` before any old one is drained."""
+    generation: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
+    """Bumped whenever the template (or its secrets) changes: replicas of an older one are rolled."""
+    spec_hash: str = Field(max_length=64)
+    """SHA-256 of the template's JSON, shown to the admin (secrets are not in it; `generation` counts them)."""
+    status: str = Field(default="steady", max_length=16)
+    """`steady`, `scaling`, `rolling`, `rollout_failed` or `failing` (see `orchestrator.fleet.deployments`)."""
+    message: str | None = Field(default=None, sa_column=Column(Text))
+    """Why the deployment is in its status: the last decision, or the failure that stopped it."""
+    attempts_since: datetime = Field(default_factory=utcnow)
+    """Replicas made before this do not count towards `failing` (set when the spec changes or an admin retries)."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = None
+    """Set when an admin stops keeping it: its replicas are drained, the row stays for their audit."""
 
 
 class ReplicaEvent(SQLModel, table=True):
