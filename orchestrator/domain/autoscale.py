@@ -6,6 +6,7 @@ Pure (no clock, no I/O): the caller passes `now`, so the reconcile job, the test
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -49,12 +50,100 @@ class Decision:
 
 @dataclass
 class Autoscaler:
-    """Keeps, per deployment, since when the load has been above or below its target (the delays' memory)."""
+    """Keeps, per deployment, since when the load has been above or below its target (the delays' memory), and
+    how many calls one replica was seen to run at once when calls waited (what one replica fewer would lose).
+
+    Rules, in order: the bounds first (`current` outside [min, max] is brought back at once); from zero, any call
+    that found no replica (or waits) asks for one replica at once; with no READY replica yet, nothing moves (those
+    wanted are starting). Then waiting per READY replica above `target_waiting` for `scale_up_delay_s` adds enough
+    replicas to bring it under the target; the load still under the target with one replica fewer for
+    `scale_down_delay_s` removes one. Each move restarts both delays, so one burst is one step up, and a step down
+    is never followed by a step up unless the load itself grows: one replica fewer must carry what runs now.
+    """
 
     _above_since: dict[int, float] = field(default_factory=dict)
     _below_since: dict[int, float] = field(default_factory=dict)
+    _per_replica: dict[int, float] = field(default_factory=dict)
+    """Calls one replica ran at once while calls waited (it was full): the most seen, per deployment."""
 
     def decide(self, key: int, policy: AutoscalePolicy, current: int, load: Load | None, now: float) -> Decision:
         """The replica count deployment `key` should have; `current` is how many it wants now (not how many are
         READY). Without a load report (no READY replica scraped yet) the count stays where it is, within bounds."""
-        raise NotImplementedError  # filled in by the autoscaling work of this issue
+        lo, hi = policy.min_replicas, max(policy.min_replicas, policy.max_replicas)
+        if current < lo or current > hi:
+            self._restart(key)
+            bound = lo if current < lo else hi
+            return Decision(bound, f"{current} wanted is outside [{lo}, {hi}]: {bound}")
+        if load is None:
+            return Decision(current, "no load report yet: kept")
+        if current == 0:
+            return self._from_zero(key, policy, load, hi)
+        return self._measured(key, policy, current, load, now)
+
+    def _measured(self, key: int, policy: AutoscalePolicy, current: int, load: Load, now: float) -> Decision:
+        """`current` replicas wanted, at least one: up, down or kept on what the READY ones report."""
+        if load.ready == 0:
+            self._restart(key)
+            return Decision(current, f"no READY replica yet: waiting for the {current} wanted")
+        if load.waiting > 0:
+            full = load.running / load.ready
+            self._per_replica[key] = max(self._per_replica.get(key, 0.0), full)
+        per = load.waiting / load.ready
+        if per > policy.target_waiting:
+            return self._up(key, policy, current, load, now)
+        self._above_since.pop(key, None)
+        if current > policy.min_replicas and self._fewer_would_carry(key, policy, current, load):
+            return self._down(key, policy, current, load, now)
+        self._below_since.pop(key, None)
+        return Decision(current, f"steady: waiting {load.waiting:.1f} for {load.ready} ready")
+
+    def forget(self, key: int) -> None:
+        """Deployment `key` is gone (or no longer autoscaled): its memory goes too."""
+        self._restart(key)
+        self._per_replica.pop(key, None)
+
+    def _restart(self, key: int) -> None:
+        self._above_since.pop(key, None)
+        self._below_since.pop(key, None)
+
+    def _from_zero(self, key: int, policy: AutoscalePolicy, load: Load, hi: int) -> Decision:
+        self._restart(key)
+        if hi == 0 or (load.unserved <= 0 and load.waiting <= 0):
+            return Decision(0, "scaled to zero: no call waiting")
+        wanted = max(1, policy.min_replicas)
+        asked = f"{load.unserved} call(s) found no replica" if load.unserved else f"{load.waiting:.0f} waiting"
+        return Decision(wanted, f"{asked}: waking from zero")
+
+    def _up(self, key: int, policy: AutoscalePolicy, current: int, load: Load, now: float) -> Decision:
+        hi = max(policy.min_replicas, policy.max_replicas)
+        self._below_since.pop(key, None)
+        since = self._above_since.setdefault(key, now)
+        over = f"waiting {load.waiting:.1f} > {policy.target_waiting:g} x {load.ready} ready"
+        if now - since < policy.scale_up_delay_s:
+            return Decision(current, f"{over} for {now - since:.0f} s of {policy.scale_up_delay_s:g}: kept")
+        needed = math.ceil(load.waiting / policy.target_waiting) if policy.target_waiting > 0 else hi
+        desired = min(hi, max(current + 1, needed))
+        if desired == current:
+            return Decision(current, f"{over}: already at max {hi}")
+        self._restart(key)
+        return Decision(desired, f"{over} for {now - since:.0f} s: {desired}")
+
+    def _fewer_would_carry(self, key: int, policy: AutoscalePolicy, current: int, load: Load) -> bool:
+        """Whether one replica fewer than `current` would still have its waiting calls under the target: what
+        runs now past what the remaining replicas were seen to run at once would wait too."""
+        fewer = current - 1
+        if load.unserved > 0:
+            return False
+        if fewer == 0:
+            return load.running <= 0 and load.waiting <= 0
+        full = self._per_replica.get(key)
+        waiting = load.waiting if full is None else max(0.0, load.running + load.waiting - full * fewer)
+        return waiting <= 0 or waiting / fewer < policy.target_waiting
+
+    def _down(self, key: int, policy: AutoscalePolicy, current: int, load: Load, now: float) -> Decision:
+        since = self._below_since.setdefault(key, now)
+        under = f"{load.running:.0f} running, {load.waiting:.1f} waiting would fit {current - 1}"
+        if now - since < policy.scale_down_delay_s:
+            return Decision(current, f"{under} for {now - since:.0f} s of {policy.scale_down_delay_s:g}: kept")
+        self._restart(key)
+        return Decision(current - 1, f"{under} for {now - since:.0f} s: {current - 1}")
