@@ -48,6 +48,7 @@ class EngineMetrics:
         self.labels = f'model_name="{_escape_label(model)}"'
         self.kv_capacity = max_model_len * _KV_CACHE_SEQUENCES
         self.running = 0
+        self.waiting = 0
         self.running_tokens = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -76,7 +77,7 @@ class EngineMetrics:
         lines: list[str] = []
         for kind, name, help_, value in (
             ("gauge", "vllm:num_requests_running", "Requests in model execution batches.", self.running),
-            ("gauge", "vllm:num_requests_waiting", "Requests waiting to be processed.", 0),
+            ("gauge", "vllm:num_requests_waiting", "Requests waiting to be processed.", self.waiting),
             ("gauge", "vllm:kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.", kv_usage),
             ("counter", "vllm:prompt_tokens_total", "Prefill tokens processed.", self.prompt_tokens_total),
             ("counter", "vllm:generation_tokens_total", "Generation tokens processed.", self.generation_tokens_total),

@@ -18,7 +18,7 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Final, TypeVar
 
@@ -62,6 +62,7 @@ class SimConfig:
     crash_after: int | None = None  # the request after this many completion requests exits the process
     stall_after_chunks: int | None = None  # streams go silent after this many events, connection kept open
     request_log: int = 1000  # completion requests kept for GET /sim/requests (bodies as received)
+    max_num_seqs: int | None = None  # like vLLM --max-num-seqs: requests run at once; the rest wait (FIFO)
 
 
 _Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -122,6 +123,8 @@ class _Sim:
         self.completion_requests = 0
         self.fail_credit = 0.0
         self.metrics = EngineMetrics(config.model, config.max_model_len)
+        self.seqs = asyncio.Semaphore(config.max_num_seqs) if config.max_num_seqs else None
+        """The batch's room: a request past `max_num_seqs` waits here, counted in `vllm:num_requests_waiting`."""
         self.ids = itertools.count()
         self.id_base = secrets.token_hex(8).encode()
         self.texts = Texts()
@@ -249,6 +252,26 @@ class _Sim:
             events = [b"data: " + msgspec.json.encode(error) + b"\n\n", _DONE]
             return await self._stream(request, events, first=0, end=0, completion=0, start=time.perf_counter())
         start = time.perf_counter()
+        async with self._batch_room():
+            return await self._generate(request, kind, plan, start)
+
+    @contextlib.asynccontextmanager
+    async def _batch_room(self) -> AsyncIterator[None]:
+        """A place in the running batch, waited for (as vLLM's scheduler queues) when `max_num_seqs` are running."""
+        if self.seqs is None:
+            yield
+            return
+        self.metrics.waiting += 1
+        try:
+            await self.seqs.acquire()
+        finally:
+            self.metrics.waiting -= 1
+        try:
+            yield
+        finally:
+            self.seqs.release()
+
+    async def _generate(self, request: web.Request, kind: AnswerShape, plan: Plan, start: float) -> web.StreamResponse:
         self.metrics.admitted(plan.prompt, plan.completion)
         try:
             if self.faults.hang:
@@ -457,6 +480,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--crash-after", type=click.IntRange(min=0), default=None, help="Exit(1) on the next request.")
 @click.option("--stall-after-chunks", type=click.IntRange(min=0), default=None, help="Streams go silent.")
 @click.option(
+    "--max-num-seqs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Requests run at once (as vLLM's); the rest wait, counted in vllm:num_requests_waiting. Default: no limit.",
+)
+@click.option(
     "--request-log",
     type=click.IntRange(min=0),
     default=1000,
@@ -480,6 +509,7 @@ def engine_sim_command(
     crash_after: int | None,
     stall_after_chunks: int | None,
     request_log: int,
+    max_num_seqs: int | None,
 ) -> None:
     config = SimConfig(
         model=model,
@@ -497,6 +527,7 @@ def engine_sim_command(
         crash_after=crash_after,
         stall_after_chunks=stall_after_chunks,
         request_log=request_log,
+        max_num_seqs=max_num_seqs,
     )
     click.echo(f"engine-sim: loading {model!r} for {startup_delay}s, then serving on {host}:{port}", err=True)
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -524,3 +524,17 @@ async def test_crash_after_exits_the_process(http: aiohttp.ClientSession) -> Non
         with pytest.raises(aiohttp.ClientConnectionError):
             await chat(http, base)
         assert await asyncio.wait_for(proc.wait(), 10) == 1
+
+
+async def test_max_num_seqs_makes_a_queue_counted_as_waiting(http: aiohttp.ClientSession) -> None:
+    """As vLLM's --max-num-seqs: two run at once, the other three wait (FIFO) and are counted until they run."""
+    async with running(SimConfig(model=MODEL, max_num_seqs=2, tokens_per_s=20)) as url:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10}
+        calls = [asyncio.create_task(post_json(http, f"{url}/v1/chat/completions", body)) for _ in range(5)]
+        async with asyncio.timeout(5):
+            while (metrics := await scrape(http, url))["vllm:num_requests_waiting"] < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert metrics["vllm:num_requests_running"] == 2
+        assert [status for status, _ in await asyncio.gather(*calls)] == [200] * 5
+        after = await scrape(http, url)
+        assert (after["vllm:num_requests_waiting"], after["vllm:num_requests_running"]) == (0, 0)
