@@ -455,3 +455,44 @@ class JournalSegment(SQLModel, table=True):
 
     name: str = Field(sa_column=Column(String(128), primary_key=True))
     written_at: datetime = Field(default_factory=utcnow)
+
+
+class Host(SQLModel, table=True):
+    """A GPU server the team already owns, registered by an admin: replicas of its pool are placed on it and
+    bootstrapped over SSH as a VM is (the `hosts` backend)."""
+
+    __tablename__ = "hosts"
+    __table_args__ = NEVER_REUSED
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    pool: str = Field(sa_column=Column(String(255), nullable=False, index=True))
+    """Replicas whose `environment_name` is this pool may be placed here."""
+    address: str = Field(max_length=255)
+    ssh_port: int = Field(default=22)
+    ssh_user: str = Field(max_length=64)
+    """A login with passwordless sudo; each replica's own key is authorised for it while the replica lives."""
+    ssh_key_sealed: str = Field(sa_column=Column(Text, nullable=False, **SECRET))
+    """The admin's private key for the login (OpenSSH PEM), encrypted at rest; never returned or logged."""
+    host_key: str = Field(sa_column=Column(Text, nullable=False))
+    """The server's SSH host key (an OpenSSH public line), pinned before first contact."""
+    gpus: int = Field(default=0)
+    """GPUs 0 .. gpus-1 are the orchestrator's to hand out (CUDA_VISIBLE_DEVICES of each replica)."""
+    disabled: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false")))
+    """No new replica is placed on a disabled host; those on it stay."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class HostPlacement(SQLModel, table=True):
+    """Where a replica runs on a host: which GPUs and which engine port. It holds them until the replica is
+    TERMINATED (a placement of a terminated replica counts for nothing and is removed by the next placement)."""
+
+    __tablename__ = "host_placements"
+    __table_args__ = (UniqueConstraint("host_id", "engine_port", name="uq_host_placements_port"),)
+
+    replica_id: int = Field(sa_column=Column(Integer, ForeignKey("replicas.id"), primary_key=True))
+    host_id: int = Field(sa_column=Column(Integer, ForeignKey("hosts.id"), nullable=False, index=True))
+    gpus: str = Field(default="", max_length=255)
+    """The GPU indices, comma-separated ("0,1"); empty for a replica that needs none."""
+    engine_port: int
+    placed_at: datetime = Field(default_factory=utcnow)
