@@ -93,7 +93,38 @@ class ReplicaService:
             raise NotFound("Model not found")
         return await self._store.list_replicas(model_id)
 
-    async def create(self, model_id: int, spec: ReplicaSpec) -> int:
+    async def check(self, model_id: int, spec: ReplicaSpec) -> None:
+        """Refuses what `create` refuses (NotFound, InvalidInput, Conflict) without making anything: a deployment's
+        replica template is judged once, when an admin sets it."""
+        await self._prepared(model_id, spec)
+
+    async def create(self, model_id: int, spec: ReplicaSpec, *, deployment: tuple[int, int] | None = None) -> int:
+        """A PENDING replica; `deployment` is (id, generation) of the deployment that makes it (None: by hand)."""
+        spec, notes = await self._prepared(model_id, spec)
+        replica, rules = _rows(model_id, spec)
+        if deployment is not None:
+            replica.deployment_id, replica.deployment_generation = deployment
+        if spec.engine_api_key:
+            replica.engine_key_sealed = self._box.seal(spec.engine_api_key)
+        if spec.vm is not None and spec.vm.engine_secrets:
+            replica.engine_secrets_sealed = self._box.seal(json.dumps(dict(spec.vm.engine_secrets)))
+        kind = "managed" if spec.vm else "external"
+        message = f"{kind} replica registered" + ("" if deployment is None else f" by deployment {deployment[0]}")
+        replica_id = await self._store.create_replica(replica, rules, message, notes)
+        log.info(
+            "replica.created",
+            replica_id=replica_id,
+            model_id=model_id,
+            kind=kind,
+            rules_replaced=len(notes),
+            deployment_id=replica.deployment_id,
+        )
+        self._nudge()
+        return replica_id
+
+    async def _prepared(self, model_id: int, spec: ReplicaSpec) -> tuple[ReplicaSpec, Sequence[tuple[str, str]]]:
+        """The spec checked, with the admin's world-open rules on a managed port set aside, and the notes (events)
+        that say so."""
         if await self._store.model(model_id) is None:
             raise NotFound("Model not found")
         if spec.vm is None:
@@ -117,16 +148,7 @@ class ReplicaService:
             gone = {i for i, _ in replaced}
             kept = tuple(r for i, r in enumerate(spec.vm.security_rules) if i not in gone)
             spec = replace(spec, vm=replace(spec.vm, security_rules=kept))
-        replica, rules = _rows(model_id, spec)
-        if spec.engine_api_key:
-            replica.engine_key_sealed = self._box.seal(spec.engine_api_key)
-        if spec.vm is not None and spec.vm.engine_secrets:
-            replica.engine_secrets_sealed = self._box.seal(json.dumps(dict(spec.vm.engine_secrets)))
-        kind = "managed" if spec.vm else "external"
-        replica_id = await self._store.create_replica(replica, rules, f"{kind} replica registered", notes)
-        log.info("replica.created", replica_id=replica_id, model_id=model_id, kind=kind, rules_replaced=len(notes))
-        self._nudge()
-        return replica_id
+        return spec, notes
 
     async def set_rate_limit(self, replica_id: int, rate_limit: int) -> None:
         await self._store.set_rate_limit(replica_id, rate_limit)
