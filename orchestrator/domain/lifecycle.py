@@ -52,10 +52,25 @@ TRANSITIONS: dict[ReplicaStatus, frozenset[ReplicaStatus]] = {
 # Statuses a deletion request moves to DRAINING; the others are already on their way out.
 DELETABLE: frozenset[ReplicaStatus] = frozenset(s for s, nxt in TRANSITIONS.items() if S.DRAINING in nxt)
 
-# Reasons recorded as `termination_reason`; anything but these two counts as a failure.
+# Reasons recorded as `termination_reason`; anything but these counts as a failure.
 REASON_DELETED = "deleted"
 REASON_MODEL_DELETED = "model_deleted"
-_NOT_FAILURES = frozenset({REASON_DELETED, REASON_MODEL_DELETED})
+# A deployment's own drains (`orchestrator.fleet.deployments`): a replica beyond its count, one a roll replaced,
+# a new one a failed roll gave up, every one of a deployment an admin stopped keeping.
+REASON_SCALED_DOWN = "scaled_down"
+REASON_ROLLED = "rolled"
+REASON_ROLLOUT_STOPPED = "rollout_stopped"
+REASON_DEPLOYMENT_DELETED = "deployment_deleted"
+NOT_FAILURES = frozenset(
+    {
+        REASON_DELETED,
+        REASON_MODEL_DELETED,
+        REASON_SCALED_DOWN,
+        REASON_ROLLED,
+        REASON_ROLLOUT_STOPPED,
+        REASON_DEPLOYMENT_DELETED,
+    }
+)
 
 
 def can_move(src: ReplicaStatus, dst: ReplicaStatus) -> bool:
@@ -74,6 +89,6 @@ def vm_status(status: ReplicaStatus, termination_reason: str | None) -> VmStatus
     """The Hyperstack toolkit's three-value view: SUCCESS when serving, FAILED when it ended badly."""
     if status is S.READY:
         return "SUCCESS"
-    if status is S.TERMINATED and termination_reason not in _NOT_FAILURES:
+    if status is S.TERMINATED and termination_reason not in NOT_FAILURES:
         return "FAILED"
     return "PENDING"
