@@ -155,10 +155,15 @@ class ReplicaService:
         await self._on_change()
         log.info("replica.rate_limit_set", replica_id=replica_id, rate_limit=rate_limit)
 
-    async def delete(self, replica_id: int) -> None:
-        await self._store.delete_replica(replica_id, REASON_DELETED)
+    async def delete(self, replica_id: int, reason: str = REASON_DELETED, message: str | None = None) -> None:
+        """Drain the replica and tear it down; `reason` and `message` say who asked and why (an admin by default,
+        or a deployment's keeper)."""
+        if message is None:
+            await self._store.delete_replica(replica_id, reason)
+        else:
+            await self._store.delete_replica(replica_id, reason, message)
         await self._on_change()  # out of the routing pool before the answer
-        log.info("replica.delete_requested", replica_id=replica_id)
+        log.info("replica.delete_requested", replica_id=replica_id, reason=reason)
         self._nudge()
 
     async def detail(self, replica_id: int) -> ReplicaDetail:

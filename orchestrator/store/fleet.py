@@ -32,6 +32,7 @@ from orchestrator.store.tables import (
 )
 
 _ENDING = frozenset({ReplicaStatus.DRAINING, ReplicaStatus.TERMINATING, ReplicaStatus.TERMINATED})
+_BY_ADMIN = "deletion requested by an admin"
 
 
 @dataclass(frozen=True)
@@ -209,12 +210,12 @@ class FleetStore:
                 raise NotFound("Replica not found")
             await s.commit()
 
-    async def delete_replica(self, replica_id: int, reason: str) -> None:
+    async def delete_replica(self, replica_id: int, reason: str, message: str = _BY_ADMIN) -> None:
         async with self._sessions() as s:
             replica = (await s.exec(_live_replicas().where(col(Replica.id) == replica_id))).first()
             if replica is None:
                 raise NotFound("Replica not found")
-            await _request_deletion(s, replica, reason)
+            await _request_deletion(s, replica, reason, message)
             await s.commit()
 
     async def replicas_with_model(self, statuses: Sequence[ReplicaStatus]) -> list[tuple[Replica, str]]:
@@ -369,7 +370,7 @@ async def _move(
     return True
 
 
-async def _request_deletion(s: AsyncSession, replica: Replica, reason: str) -> None:
+async def _request_deletion(s: AsyncSession, replica: Replica, reason: str, message: str = _BY_ADMIN) -> None:
     """Mark the replica deleted and start draining it; statuses already on the way out stay."""
     assert replica.id is not None
     status = ReplicaStatus(replica.status)
@@ -377,6 +378,4 @@ async def _request_deletion(s: AsyncSession, replica: Replica, reason: str) -> N
     s.add(replica)
     await s.flush()
     if status in DELETABLE:
-        await _move(
-            s, replica.id, status, ReplicaStatus.DRAINING, reason=reason, message="deletion requested by an admin"
-        )
+        await _move(s, replica.id, status, ReplicaStatus.DRAINING, reason=reason, message=message)
