@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     startup_grace_s: float = Field(default=600.0, gt=0)
     """A replica STARTING for longer is a configuration error: terminated with reason `never_ready`."""
     probe_timeout_s: float = Field(default=5.0, gt=0)
+    engine_load_interval_s: float = Field(default=3.0, gt=0, le=300)
+    """How often the leader scrapes every READY replica's `/metrics` (requests running and waiting, KV-cache usage)
+    for the autoscaler."""
+    engine_load_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """How long one replica's `/metrics` may take; a replica that does not answer in time has no load sample."""
 
     usage_flush_interval_s: float = Field(default=1.0, gt=0)
     journal_fsync: bool = True

@@ -22,6 +22,7 @@ from orchestrator.billing.journal import Journal
 from orchestrator.billing.ledger import Ledger, SharedLedger
 from orchestrator.billing.records import CallRecord, CallRecords
 from orchestrator.fleet.backend import VmBackend
+from orchestrator.fleet.engine_load import EngineLoad, ObservedAutoscaler
 from orchestrator.fleet.engine_plans import cloud_plans, sandbox_plans
 from orchestrator.fleet.health import HealthMonitor, HealthPolicy
 from orchestrator.fleet.managed import ManagedPolicy, ManagedReplicas
@@ -152,6 +153,17 @@ def build_deps(settings: Settings) -> Deps:
         return shared is not None and bool(shared.busy_elsewhere(key_id))
 
     bots = BotService(BotStore(sessions), box, keys.secret_key)
+    metrics = ServerMetrics()
+    # The gateway's queue waits count as the engines' own waiting calls; calls refused for want of a READY
+    # replica are not counted by the gateway yet, so nothing wakes a deployment from zero but its queue.
+    engine_load = EngineLoad(
+        store,
+        upstream,
+        box,
+        queued=queues.waiting,
+        timeout_s=settings.engine_load_timeout_s,
+        on_scraped=metrics.engines_scraped,
+    )
     return Deps(
         settings=settings,
         keys=keys,
@@ -169,7 +181,7 @@ def build_deps(settings: Settings) -> Deps:
         health=health,
         gateway=gateway,
         queues=queues,
-        metrics=ServerMetrics(),
+        metrics=metrics,
         models=ModelService(store, changes.wake, on_change=changes.made(Change.MODELS)),
         replicas=ReplicaService(
             store,
@@ -204,6 +216,8 @@ def build_deps(settings: Settings) -> Deps:
             ),
         ),
         token_counter=TokenCounter(catalog, upstream),
+        engine_load=engine_load,
+        autoscaler=ObservedAutoscaler(on_decision=metrics.autoscale_decided),
         shared_limits=shared,
     )
 

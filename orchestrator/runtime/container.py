@@ -12,6 +12,7 @@ from orchestrator.billing.accounts import AccountService
 from orchestrator.billing.api_keys import ApiKeyService
 from orchestrator.billing.history import CallRecordService
 from orchestrator.billing.records import CallRecords
+from orchestrator.fleet.engine_load import EngineLoad, ObservedAutoscaler
 from orchestrator.fleet.health import HealthMonitor
 from orchestrator.fleet.managed import ManagedReplicas
 from orchestrator.fleet.models import ModelService
@@ -115,6 +116,10 @@ class Deps:
     """LlmEndpoint's durable queue of completions (`/api/v1/qcompletions`) and its runner."""
     token_counter: TokenCounter
     """LiteLLM's `/utils/token_counter`: by a replica of the model, or by OpenAI's rule."""
+    engine_load: EngineLoad
+    """The READY replicas' engines' `/metrics`, scraped by the leader's `engine_load` job, and each model's load."""
+    autoscaler: ObservedAutoscaler
+    """The deployments' autoscaling decisions (their delays' memory), logged and counted in the metrics."""
     shared_limits: RedisLimits | None = None
     """With ORCH_REDIS_URL: the limits and holds every instance counts together (closed at the stop, so that this
     instance's holds end at once rather than when its liveness key expires)."""

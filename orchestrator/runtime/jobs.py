@@ -24,7 +24,8 @@ Job = Callable[[Deps], Awaitable[None]]
 RECONCILE = "reconcile"
 PROBE = "probe"
 TASKS = "tasks"
-LEADER_JOBS = (RECONCILE, PROBE, "rules_drift", "orphan_sweep", TASKS)
+ENGINE_LOAD = "engine_load"
+LEADER_JOBS = (RECONCILE, PROBE, "rules_drift", "orphan_sweep", TASKS, ENGINE_LOAD)
 """The jobs only the leader runs: they act on the fleet and the task queue, which one actor at a time must do."""
 
 
@@ -53,6 +54,12 @@ async def probe_job(deps: Deps) -> None:
         moved |= await deps.health.run()
     if moved:
         deps.nudge()  # a replica that passed its probes may have VM work next (SECURING)
+
+
+async def engine_load_job(deps: Deps) -> None:
+    """Scrapes every READY replica's `/metrics`: the load the autoscaler reads at the next reconcile."""
+    _job_context(ENGINE_LOAD)
+    await deps.engine_load.scrape()
 
 
 async def records_flush_job(deps: Deps) -> None:
@@ -137,6 +144,7 @@ def add_leader_jobs(scheduler: AsyncIOScheduler, deps: Deps) -> None:
         (rules_drift_job, "rules_drift", settings.rules_drift_interval_s),
         (orphan_sweep_job, "orphan_sweep", settings.orphan_sweep_interval_s),
         (tasks_job, TASKS, settings.task_interval_s),
+        (engine_load_job, ENGINE_LOAD, settings.engine_load_interval_s),
     )
     _add(scheduler, deps, leader_jobs)
 
