@@ -20,6 +20,7 @@ from api.brconnector.envelope import failure
 from api.brconnector.routes import connector_routers
 from api.deps import SERVICES, app_state
 from api.gateway.routes import GatewayRoutes, match
+from api.hosts.routes import hosts_router
 from api.litellm.token_counter import litellm_router
 from api.llmendpoint.completions import COMPLETIONS_PATH, CompletionRoute
 from api.llmendpoint.tasks import qcompletions_router
@@ -148,6 +149,7 @@ def create_admin_app(runtime: Runtime) -> Litestar:
             health,
             metrics,
             toolkit_router(),
+            hosts_router(),
             *connector_routers(),
             litellm_router(),
             moonshot_router(),

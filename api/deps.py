@@ -50,6 +50,7 @@ SERVICES = {
     "gateway": _service(lambda d: d.gateway),
     "token_counter": _service(lambda d: d.token_counter),
     "metrics": _service(lambda d: d.metrics),
+    "hosts": _service(lambda d: d.hosts),
 }
 """Every service a route may name, by the name it takes it as; a route is given only those it names."""
 

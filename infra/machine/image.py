@@ -42,6 +42,7 @@ PACKAGES = (
     "iproute2",
     "procps",
     "curl",
+    "nftables",  # a GPU server registered as a host enforces each replica's rules itself (`infra/hosts`)
 )
 
 # Files the image holds beyond its packages: path -> (content, mode).

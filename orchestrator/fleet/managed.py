@@ -22,6 +22,7 @@ import structlog
 from infra.vm import BackendError, Rule, VmRequest
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.backend import VmBackend
+from orchestrator.fleet.hosts import HostPlacer
 from orchestrator.fleet.security_rules import ConnectionSources, Phase, phase_rules, rows_of, rule_of
 from orchestrator.fleet.ssh_access import EngineAccess
 from orchestrator.platform.secrets import SecretBox, new_api_key
@@ -58,8 +59,11 @@ class ManagedReplicas:
         pool: ThreadPoolExecutor,
         policy: ManagedPolicy,
         on_moved: Callable[[], Awaitable[None]],
+        placer: HostPlacer | None = None,
     ) -> None:
         self.store = store
+        self.placer = placer
+        """The `hosts` backend's: each replica is first placed on a registered host (see `_place`)."""
         self.backend = backend
         self._box = box
         self.network = network
@@ -105,6 +109,8 @@ class ManagedReplicas:
     async def _drive(self, rid: int) -> None:
         moved = False
         try:
+            if self.placer is not None:
+                await self.placer.refresh()  # the backend's book, as the database has it now
             while (row := await self.store.replica_with_model(rid)) is not None:
                 replica, model = row
                 step = self._steps.get(S(replica.status))
@@ -138,8 +144,15 @@ class ManagedReplicas:
     async def _pending(self, replica: Replica, _model: str) -> bool:
         # Keys are made and stored before the VM exists: a retried `up` sends the very same request.
         rid = row_id(replica.id)
-        host_private, host_public = generate_keypair(f"replica-{rid}-host")
         ssh_private, _ = generate_keypair(f"orchestrator@replica-{rid}")
+        keys = {"ssh_key_sealed": self._box.seal(ssh_private), "engine_key_sealed": self._box.seal(new_api_key())}
+        if self.placer is not None:
+            placed = await self._place(replica)
+            if placed is None:
+                return False
+            message, changes = placed
+            return await self.store.move(rid, S.PENDING, S.PROVISIONING, "placed", message, **keys, **changes)
+        host_private, host_public = generate_keypair(f"replica-{rid}-host")
         return await self.store.move(
             rid,
             S.PENDING,
@@ -148,9 +161,35 @@ class ManagedReplicas:
             f"creating the VM (backend {type(self.backend).__name__})",
             host_key=host_public,
             host_key_sealed=self._box.seal(host_private),
-            ssh_key_sealed=self._box.seal(ssh_private),
-            engine_key_sealed=self._box.seal(new_api_key()),
+            **keys,
         )
+
+    async def _place(self, replica: Replica) -> tuple[str, dict[str, Any]] | None:
+        """A host, GPUs and engine port for the replica (the event's message and the row's changes: the host's
+        own key is the one pinned, the engine's port is the placed one), or None while none has room: the
+        replica waits in PENDING, saying why (an event and its probe_error, once per change), and is placed by a
+        later pass once a replica on a host of its pool is TERMINATED."""
+        assert self.placer is not None
+        rid = row_id(replica.id)
+        spot = await self.placer.place(replica)
+        if isinstance(spot, str):
+            if replica.probe_error != spot:
+                log.info("replica.waiting_for_host", replica_id=rid, reason=spot)
+                await self.store.record(rid, "waiting_for_host", spot)
+                await self.store.note_probe(
+                    rid, S.PENDING, probe_error=spot, probe_error_since=datetime.now(UTC), ready_deadline=None
+                )
+            return None
+        gpus = ",".join(map(str, spot.gpus)) or "none"
+        message = f"placed on host {spot.host_name}: GPUs {gpus}, engine port {spot.engine_port}"
+        changes = {
+            "host_key": await self.placer.host_key(rid),
+            "host_key_sealed": None,
+            "port": spot.engine_port,
+            "probe_error": None,
+            "probe_error_since": None,
+        }
+        return message, changes
 
     async def _provisioning(self, replica: Replica, _model: str) -> bool:
         rid = row_id(replica.id)
@@ -197,7 +236,9 @@ class ManagedReplicas:
         except SshError as e:
             log_tail = None
             await self.store.record(row_id(replica.id), "engine_log_unavailable", f"{type(e).__name__}: {e}")
-        rules = await self._set_phase(replica, Phase.SERVING, replica.ssh_port or self.backend.ssh_port)
+        # A host's SSH is the host's, shared by its replicas and its admin: a replica placed there never closes it.
+        phase = Phase.SERVING if self.placer is None else Phase.BOOTSTRAP
+        rules = await self._set_phase(replica, phase, replica.ssh_port or self.backend.ssh_port)
         try:
             await self.in_thread(self.backend.apply_rules, self.request(replica, ()), rules)
         except BackendError as e:
@@ -264,6 +305,6 @@ class ManagedReplicas:
             engine_port=replica.port or 0,
             ssh_public_key=self.access.client_public_key(replica),
             host_public_key=replica.host_key or "",
-            host_private_key=self._box.open(replica.host_key_sealed or ""),
+            host_private_key=self._box.open(replica.host_key_sealed) if replica.host_key_sealed else "",
             rules=tuple(rules),
         )

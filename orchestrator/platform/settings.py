@@ -37,9 +37,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    infra_backend: Literal["local", "machine", "hyperstack"] = "local"
+    infra_backend: Literal["local", "machine", "hyperstack", "hosts"] = "local"
     """Where managed replicas get their VMs: `local` sandboxes (instant), `machine` (booted Debian machines, as
-    root), `hyperstack` (GPU VMs on Hyperstack through Pulumi)."""
+    root), `hyperstack` (GPU VMs on Hyperstack through Pulumi), `hosts` (GPU servers registered at
+    `/api/v1/hosts`: no VM is made, each replica is placed on a host of its pool)."""
+    host_port_min: int = Field(default=8100, ge=1024, le=65535)
+    """`hosts` backend: the lowest engine port a replica placed on a host may get."""
+    host_port_max: int = Field(default=8199, ge=1024, le=65535)
+    """`hosts` backend: the highest (each host's firewall must let the gateway reach this range)."""
 
     sandbox_subnet: str = "127.77.0.0/16"
     """`local` backend: replica N's sandbox VM listens on the N-th address of this loopback subnet."""

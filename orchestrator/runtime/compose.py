@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from infra.hosts import HostBook, HostsBackend
 from infra.machine import MachineBackend, MachineConfig
 from infra.sandbox import SandboxBackend, SandboxConfig
 from orchestrator import enginesim
@@ -23,8 +24,9 @@ from orchestrator.billing.ledger import Ledger, SharedLedger
 from orchestrator.billing.records import CallRecord, CallRecords
 from orchestrator.fleet.backend import VmBackend
 from orchestrator.fleet.engine_load import EngineLoad, ObservedAutoscaler
-from orchestrator.fleet.engine_plans import cloud_plans, sandbox_plans
+from orchestrator.fleet.engine_plans import cloud_plans, host_plans, sandbox_plans
 from orchestrator.fleet.health import HealthMonitor, HealthPolicy
+from orchestrator.fleet.hosts import HostPlacer, HostService
 from orchestrator.fleet.managed import ManagedPolicy, ManagedReplicas
 from orchestrator.fleet.models import ModelService
 from orchestrator.fleet.replicas import ReplicaService
@@ -55,6 +57,7 @@ from orchestrator.store.db import make_engine, make_sessions, upgrade
 from orchestrator.store.external_endpoints import ExternalEndpointStore
 from orchestrator.store.fleet import FleetStore
 from orchestrator.store.gateway_view import GatewayViewStore
+from orchestrator.store.hosts import HostStore
 from orchestrator.store.notify import Change, ChangeFeed
 from orchestrator.store.tasks import TaskStore
 from orchestrator.surfaces.feishu.bots import BotService
@@ -109,6 +112,11 @@ def build_deps(settings: Settings) -> Deps:
     )
     health = HealthMonitor(store, upstream, box, policy, on_change=moved, wake=probe_nudge)
     backend, network, plans = build_backend(settings, keys)
+    host_store = HostStore(sessions)
+    # `hosts`: each replica is placed on a registered server first; the backend reads where from the placer's book.
+    placer = None
+    if isinstance(backend, HostsBackend):
+        placer = HostPlacer(host_store, box, backend.book, range(settings.host_port_min, settings.host_port_max + 1))
 
     async def on_moved() -> None:
         await moved()
@@ -128,6 +136,7 @@ def build_deps(settings: Settings) -> Deps:
             recover_after_s=settings.recover_after_s,
         ),
         on_moved=on_moved,
+        placer=placer,
     )
     queues = PriorityQueues(catalog, slots=settings.queue_slots_per_replica, timeout_s=settings.queue_timeout_s)
     # The one callback set after construction: the queues are built on the catalog, which tells them of its reloads.
@@ -216,6 +225,7 @@ def build_deps(settings: Settings) -> Deps:
             ),
         ),
         token_counter=TokenCounter(catalog, upstream),
+        hosts=HostService(host_store, box, placer),
         engine_load=engine_load,
         autoscaler=ObservedAutoscaler(on_decision=metrics.autoscale_decided),
         shared_limits=shared,
@@ -246,6 +256,8 @@ def build_backend(settings: Settings, keys: ServerKeys) -> tuple[VmBackend, Conn
         return sandbox, network, sandbox_plans(sandbox.work_dir)
     if settings.infra_backend == "machine":
         return machine_backend(settings)
+    if settings.infra_backend == "hosts":
+        return hosts_backend(settings)
     from infra.hyperstack import HyperstackBackend, HyperstackConfig  # noqa: PLC0415 (Pulumi loads only when used)
 
     if not settings.orchestrator_cidr or not settings.gateway_cidr:
@@ -293,6 +305,23 @@ def machine_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, P
         )
     )
     return machine, network, cloud_plans()
+
+
+def hosts_backend(settings: Settings) -> tuple[VmBackend, ConnectionSources, PlanMaker]:
+    # The hosts are the admin's servers, reached over their own network: the CIDRs say where the orchestrator's SSH
+    # and the gateway's calls come from, as on a cloud.
+    if not settings.orchestrator_cidr or not settings.gateway_cidr:
+        raise ValueError("ORCH_INFRA_BACKEND=hosts needs ORCH_ORCHESTRATOR_CIDR and ORCH_GATEWAY_CIDR")
+    if settings.host_port_min > settings.host_port_max:
+        raise ValueError("ORCH_HOST_PORT_MIN must not be above ORCH_HOST_PORT_MAX")
+    network = ConnectionSources(
+        settings.orchestrator_cidr,
+        settings.gateway_cidr,
+        settings.ssh_source_address,
+        settings.foreign_source_address,
+    )
+    book = HostBook()
+    return HostsBackend(book, source_address=settings.ssh_source_address), network, host_plans(book)
 
 
 class Runtime:
@@ -400,6 +429,7 @@ class Runtime:
             pool=ThreadPoolExecutor(deps.settings.provision_workers, thread_name_prefix="vm-work"),
             policy=old.policy,
             on_moved=on_moved,
+            placer=old.placer,
         )
         tasks = TaskRunner(deps.tasks.store, deps.gateway, deps.tasks.policy)
         return dataclasses.replace(deps, managed=managed, tasks=tasks)

@@ -14,6 +14,7 @@ from orchestrator.billing.history import CallRecordService
 from orchestrator.billing.records import CallRecords
 from orchestrator.fleet.engine_load import EngineLoad, ObservedAutoscaler
 from orchestrator.fleet.health import HealthMonitor
+from orchestrator.fleet.hosts import HostService
 from orchestrator.fleet.managed import ManagedReplicas
 from orchestrator.fleet.models import ModelService
 from orchestrator.fleet.replicas import ReplicaService
@@ -116,6 +117,8 @@ class Deps:
     """LlmEndpoint's durable queue of completions (`/api/v1/qcompletions`) and its runner."""
     token_counter: TokenCounter
     """LiteLLM's `/utils/token_counter`: by a replica of the model, or by OpenAI's rule."""
+    hosts: HostService
+    """The GPU servers registered at `/api/v1/hosts`, on which the `hosts` backend places replicas."""
     engine_load: EngineLoad
     """The READY replicas' engines' `/metrics`, scraped by the leader's `engine_load` job, and each model's load."""
     autoscaler: ObservedAutoscaler

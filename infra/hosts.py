@@ -1,0 +1,346 @@
+"""The `hosts` backend: replicas on GPU servers the team already owns, reached over SSH with the admin's key.
+
+No VM is made: `up` logs in to the replica's host (the admin's key, the host key pinned), authorises the
+replica's own SSH key for the host's login (the line tagged `orchestrator-replica-<id>`, so `destroy` removes
+exactly it), and enforces the replica's rules; the orchestrator then bootstraps the replica as it does a VM,
+with its engine under a unit, in a directory and on a port of its own (`unit_name`, `work_dir`).
+
+The rules live in an nftables table per replica on the host (`orch_replica_<id>`, `sudo -n nft`): its accept
+lines are the rule set, and its one reject covers the replica's engine port alone. Other replicas' ports and
+the host's own SSH are never refused by it, so replicas on one host do not touch each other and no rule set
+can lock the orchestrator (or the admin) out of the server.
+
+Which host a replica is on, and its GPUs, come from a `HostBook` the orchestrator keeps current from its
+database (the backend's methods take replica ids, and infra never reads the database).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import logging
+import re
+import shlex
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import astuple, dataclass, field
+
+import paramiko
+
+from infra.vm import BackendError, Rule, VmHandle, VmRequest
+
+log = logging.getLogger(__name__)
+
+KEY_TAG = "orchestrator-replica-"
+TABLE_PREFIX = "orch_replica_"
+UNIT_PREFIX = "orchestrator-engine-r"
+WORK_ROOT = "/opt/orchestrator-engine"
+_RULE = "orchestrator: "
+_DENY = "orchestrator: default deny"
+OPEN_TO_ALL = Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 0, 65535)
+"""What a missing or foreign table means for drift: assume the worst."""
+_KEY_TYPES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+
+
+def unit_name(replica_id: int) -> str:
+    return f"{UNIT_PREFIX}{replica_id}"
+
+
+def work_dir(replica_id: int) -> str:
+    return f"{WORK_ROOT}/replica-{replica_id}"
+
+
+def table_name(replica_id: int) -> str:
+    return f"{TABLE_PREFIX}{replica_id}"
+
+
+@dataclass(frozen=True)
+class HostLogin:
+    """How the orchestrator logs in to a registered host as its admin."""
+
+    name: str
+    address: str
+    ssh_port: int
+    ssh_user: str
+    ssh_private_key: str = field(repr=False)
+    """OpenSSH PEM (Ed25519, ECDSA or RSA), unencrypted."""
+    host_public_key: str
+    """The host's own key, an OpenSSH public line: pinned."""
+
+
+@dataclass(frozen=True)
+class Seat:
+    """A replica's place on a host."""
+
+    host: HostLogin
+    gpus: tuple[int, ...]
+    engine_port: int
+
+
+class HostBook:
+    """The registered hosts and where each replica sits, as the orchestrator last read them. Thread-safe: the
+    orchestrator replaces the whole picture, the backend's worker threads read it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hosts: tuple[HostLogin, ...] = ()
+        self._seats: dict[int, Seat] = {}
+        self.loaded = False
+
+    def replace(self, hosts: Sequence[HostLogin], seats: Mapping[int, Seat]) -> None:
+        with self._lock:
+            self._hosts, self._seats, self.loaded = tuple(hosts), dict(seats), True
+
+    def hosts(self) -> tuple[HostLogin, ...]:
+        with self._lock:
+            return self._hosts
+
+    def seat(self, replica_id: int) -> Seat | None:
+        with self._lock:
+            return self._seats.get(replica_id)
+
+
+class HostsBackend:
+    def __init__(
+        self, book: HostBook, *, source_address: str | None = None, ssh_port: int = 22, timeout_s: float = 20.0
+    ) -> None:
+        self.book = book
+        self.ssh_port = ssh_port
+        """Only for the bootstrap rules' SSH line: each host's own port is in its registration."""
+        self._source = source_address
+        self._timeout_s = timeout_s
+
+    # -- the backend interface ----------------------------------------------------------------
+
+    def up(self, request: VmRequest) -> VmHandle:
+        rid = request.replica_id
+        seat = self._seat(rid)
+        line = " ".join([*request.ssh_public_key.split()[:2], f"{KEY_TAG}{rid}"])
+        with self._session(seat.host) as ssh:
+            ssh.run(_authorise(rid, line), "authorising the replica's key")
+            ssh.run("sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(rid, seat, request.rules))
+        host = seat.host
+        return VmHandle(rid, f"{host.name}/replica-{rid}", host.address, host.ssh_port, host.ssh_user)
+
+    def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
+        seat = self._seat(request.replica_id)
+        with self._session(seat.host) as ssh:
+            ssh.run(
+                "sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(request.replica_id, seat, rules)
+            )
+
+    def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
+        seat = self._seat(handle.replica_id)
+        with self._session(seat.host) as ssh:
+            status, out = ssh.call(f"sudo -n nft -j list table inet {table_name(handle.replica_id)}")
+        return frozenset({OPEN_TO_ALL}) if status != 0 else read_rules(out)
+
+    def destroy(self, replica_id: int) -> None:
+        seat = self.book.seat(replica_id)
+        if seat is None and not self.book.loaded:
+            raise BackendError("the registered hosts are not loaded yet; try again")
+        for host in [seat.host] if seat is not None else self.book.hosts():
+            with self._session(host) as ssh:
+                ssh.run(_remove(replica_id), f"removing replica {replica_id} from host {host.name}")
+
+    def owned(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for host in self.book.hosts():
+            try:
+                with self._session(host) as ssh:
+                    _, out = ssh.call(_INVENTORY)
+            except BackendError as e:  # one host out of reach hides only its own replicas
+                log.warning("hosts.inventory_failed host=%s error=%s", host.name, e)
+                continue
+            ids |= inventory_ids(out)
+        return frozenset(ids)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _seat(self, replica_id: int) -> Seat:
+        seat = self.book.seat(replica_id)
+        if seat is None:
+            raise BackendError(f"replica {replica_id} is placed on no registered host")
+        return seat
+
+    @contextlib.contextmanager
+    def _session(self, host: HostLogin) -> Iterator[_Shell]:
+        client = _login(host, self._source, self._timeout_s)
+        try:
+            yield _Shell(client, host.name, self._timeout_s)
+        finally:
+            client.close()
+
+
+class _Shell:
+    def __init__(self, client: paramiko.SSHClient, host: str, timeout_s: float) -> None:
+        self._client, self._host, self._timeout_s = client, host, timeout_s
+
+    def call(self, command: str, stdin: str | None = None) -> tuple[int, str]:
+        try:
+            chan_in, chan_out, _ = self._client.exec_command(command, timeout=self._timeout_s)
+            if stdin is not None:
+                chan_in.write(stdin)
+            chan_in.channel.shutdown_write()
+            chan_out.channel.set_combine_stderr(True)
+            out = chan_out.read().decode(errors="replace")
+            return chan_out.channel.recv_exit_status(), out
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise BackendError(f"host {self._host}: the SSH session failed: {type(e).__name__}: {e}") from e
+
+    def run(self, command: str, what: str, stdin: str | None = None) -> str:
+        status, out = self.call(command, stdin)
+        if status != 0:
+            raise BackendError(f"host {self._host}: {what} failed (exit {status}): {out.strip()[-500:]}")
+        return out
+
+
+def _login(host: HostLogin, source: str | None, timeout_s: float) -> paramiko.SSHClient:
+    pinned = public_key(host.host_public_key)
+    client = paramiko.SSHClient()
+    known_as = host.address if host.ssh_port == 22 else f"[{host.address}]:{host.ssh_port}"
+    client.get_host_keys().add(known_as, pinned.get_name(), pinned)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        sock = socket.create_connection(
+            (host.address, host.ssh_port), timeout=timeout_s, source_address=(source, 0) if source else None
+        )
+        client.connect(
+            host.address,
+            port=host.ssh_port,
+            username=host.ssh_user,
+            pkey=private_key(host.ssh_private_key),
+            sock=sock,
+            timeout=timeout_s,
+            banner_timeout=timeout_s,
+            auth_timeout=timeout_s,
+            allow_agent=False,
+            look_for_keys=False,
+        )
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        raise BackendError(f"host {host.name} presented a host key other than the pinned one") from e
+    except paramiko.AuthenticationException as e:
+        client.close()
+        raise BackendError(f"host {host.name} refused the registered key for {host.ssh_user!r}") from e
+    except paramiko.SSHException as e:
+        client.close()  # RejectPolicy's refusal of an unknown key type lands here too
+        raise BackendError(f"host {host.name}: SSH failed: {e}") from e
+    except OSError as e:
+        client.close()
+        raise BackendError(f"host {host.name} ({host.address}:{host.ssh_port}) unreachable: {e}") from e
+    return client
+
+
+def private_key(pem: str) -> paramiko.PKey:
+    """The admin's key for a host; BackendError (never quoting the key) when it is no unencrypted OpenSSH key."""
+    for kind in _KEY_TYPES:
+        with contextlib.suppress(paramiko.SSHException, ValueError):
+            return kind.from_private_key(io.StringIO(pem))
+    raise BackendError("the host's registered key is not an unencrypted Ed25519, ECDSA or RSA private key")
+
+
+def public_key(line: str) -> paramiko.PKey:
+    parts = line.split()
+    try:
+        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1], validate=True))
+    except (IndexError, ValueError, paramiko.SSHException) as e:
+        raise BackendError("the host's pinned key is not an OpenSSH public key line") from e
+
+
+# -- what runs on the host --------------------------------------------------------------------------
+
+
+def _authorise(replica_id: int, line: str) -> str:
+    """The replica's key line, tagged, in the login's authorized_keys: an older line of the same replica goes."""
+    tag, q_line = shlex.quote(f"{KEY_TAG}{replica_id}"), shlex.quote(line)
+    return (
+        'set -e; umask 077; mkdir -p ~/.ssh; f=~/.ssh/authorized_keys; touch "$f";'
+        f' grep -qxF {q_line} "$f" && exit 0;'
+        f' awk -v t={tag} \'$NF != t\' "$f" > "$f.orch"; echo {q_line} >> "$f.orch"; mv "$f.orch" "$f"'
+    )
+
+
+def _remove(replica_id: int) -> str:
+    """Stops and removes the replica's unit, its files, its key line and its rules; nothing there is fine."""
+    unit, wd = shlex.quote(unit_name(replica_id)), shlex.quote(work_dir(replica_id))
+    tag = shlex.quote(f"{KEY_TAG}{replica_id}")
+    return (
+        f"sudo -n systemctl disable --now {unit} >/dev/null 2>&1; sudo -n rm -f /etc/systemd/system/{unit}.service"
+        f" && sudo -n systemctl daemon-reload && {{ sudo -n systemctl reset-failed {unit} 2>/dev/null; true; }}"
+        f" && sudo -n rm -rf {wd}"
+        f' && f=~/.ssh/authorized_keys && {{ ! [ -f "$f" ] || {{ awk -v t={tag} \'$NF != t\' "$f" > "$f.orch"'
+        f' && mv "$f.orch" "$f"; }}; }}'
+        f" && sudo -n nft -f - <<'EOF'\nadd table inet {table_name(replica_id)}\ndelete table inet "
+        f"{table_name(replica_id)}\nEOF"
+    )
+
+
+_INVENTORY = (
+    "awk '{print $NF}' ~/.ssh/authorized_keys 2>/dev/null; ls -1 " + WORK_ROOT + " 2>/dev/null;"
+    " ls -1 /etc/systemd/system 2>/dev/null; sudo -n nft list tables 2>/dev/null; true"
+)
+_OWNED = re.compile(
+    rf"^(?:{KEY_TAG}(\d+)|replica-(\d+)|{UNIT_PREFIX}(\d+)\.service|table inet {TABLE_PREFIX}(\d+))$", re.MULTILINE
+)
+
+
+def inventory_ids(out: str) -> set[int]:
+    """The replica ids that `_INVENTORY`'s output shows something of (a key, a directory, a unit, a table)."""
+    return {int(next(g for g in m.groups() if g)) for m in _OWNED.finditer(out)}
+
+
+def rules_script(replica_id: int, seat: Seat, rules: Sequence[Rule]) -> str:
+    """The replica's table, replaced atomically: every rule as an accept line (its comment encodes it, for
+    drift), then the one reject, of the engine port alone."""
+    name = table_name(replica_id)
+    ingress = [_line(r) for r in sorted(set(rules)) if r.direction == "ingress"]
+    egress = [_line(r) for r in sorted(set(rules)) if r.direction == "egress"]
+    port = seat.engine_port
+    ingress.append(f'tcp dport {port} reject with tcp reset comment "{_DENY}"')
+    body = [
+        "  chain ingress { type filter hook input priority 0; policy accept;",
+        *(f"    {line}" for line in ingress),
+        "  }",
+        "  chain egress { type filter hook output priority 0; policy accept;",
+        *(f"    {line}" for line in egress),
+        "  }",
+    ]
+    return f"add table inet {name}\ndelete table inet {name}\ntable inet {name} {{\n" + "\n".join(body) + "\n}\n"
+
+
+def _line(rule: Rule) -> str:
+    family = "ip" if rule.ethertype == "IPv4" else "ip6"
+    peer = "saddr" if rule.direction == "ingress" else "daddr"
+    ports = f"{rule.port_range_min}-{rule.port_range_max}"
+    comment = _RULE + " ".join(map(str, astuple(rule)))
+    return f'{family} {peer} {rule.remote_ip_prefix} {rule.protocol} dport {ports} accept comment "{comment}"'
+
+
+def read_rules(listing: str) -> frozenset[Rule]:
+    """The rules of a replica's table (`nft -j list table`); a missing reject or a line this module did not
+    write reads as open to all."""
+    rules: set[Rule] = set()
+    denied = False
+    for item in json.loads(listing).get("nftables", []):
+        if "rule" not in item:
+            continue
+        comment = str(item["rule"].get("comment", ""))
+        if comment == _DENY:
+            denied = True
+            continue
+        rules.add(_decode(comment) or OPEN_TO_ALL)
+    return frozenset(rules if denied else {*rules, OPEN_TO_ALL})
+
+
+def _decode(comment: str) -> Rule | None:
+    parts = comment.removeprefix(_RULE).split()
+    if not comment.startswith(_RULE) or len(parts) != 6:
+        return None
+    direction, protocol, ethertype, prefix, low, high = parts
+    if direction not in {"ingress", "egress"} or protocol not in {"tcp", "udp"} or ethertype not in {"IPv4", "IPv6"}:
+        return None
+    return Rule(direction, protocol, ethertype, prefix, int(low), int(high))  # type: ignore[arg-type]
