@@ -56,9 +56,10 @@ class Autoscaler:
     Rules, in order: the bounds first (`current` outside [min, max] is brought back at once); from zero, any call
     that found no replica (or waits) asks for one replica at once; with no READY replica yet, nothing moves (those
     wanted are starting). Then waiting per READY replica above `target_waiting` for `scale_up_delay_s` adds enough
-    replicas to bring it under the target; the load still under the target with one replica fewer for
-    `scale_down_delay_s` removes one. Each move restarts both delays, so one burst is one step up, and a step down
-    is never followed by a step up unless the load itself grows: one replica fewer must carry what runs now.
+    replicas to bring it under the target (each new one running what a full one was seen to run; at most twice as
+    many as wanted), unless some wanted are still starting; the load still under the target with one replica fewer
+    for `scale_down_delay_s` removes one. Each move restarts both delays, so one burst is one step up, and a step
+    down is never followed by a step up unless the load itself grows: one replica fewer must carry what runs now.
     """
 
     _above_since: dict[int, float] = field(default_factory=dict)
@@ -119,14 +120,28 @@ class Autoscaler:
         self._below_since.pop(key, None)
         since = self._above_since.setdefault(key, now)
         over = f"waiting {load.waiting:.1f} > {policy.target_waiting:g} x {load.ready} ready"
+        if current > load.ready:
+            # What waited while they start is no measure of the load they will meet: the line drains once they
+            # are READY. Judged again a whole delay after, or a slow boot would ask for replicas at every delay.
+            self._above_since[key] = now
+            return Decision(current, f"{over}: {current - load.ready} starting, judged once READY")
         if now - since < policy.scale_up_delay_s:
             return Decision(current, f"{over} for {now - since:.0f} s of {policy.scale_up_delay_s:g}: kept")
-        needed = math.ceil(load.waiting / policy.target_waiting) if policy.target_waiting > 0 else hi
-        desired = min(hi, max(current + 1, needed))
+        # At most double: a line that built up while replicas started drains long before the next ones start.
+        desired = min(hi, 2 * current, max(current + 1, self._needed(key, policy, load)))
         if desired == current:
             return Decision(current, f"{over}: already at max {hi}")
         self._restart(key)
         return Decision(desired, f"{over} for {now - since:.0f} s: {desired}")
+
+    def _needed(self, key: int, policy: AutoscalePolicy, load: Load) -> int:
+        """Replicas that would run what runs and waits now with at most `target_waiting` left waiting on each:
+        each runs what one was seen to run when full, and lets the target wait (`ceil(demand / (full + target))`).
+        """
+        per_replica = self._per_replica.get(key, 0.0) + policy.target_waiting
+        if per_replica <= 0:  # nothing seen running and no waiting allowed: one more at a time
+            return 0
+        return math.ceil((load.running + load.waiting) / per_replica)
 
     def _fewer_would_carry(self, key: int, policy: AutoscalePolicy, current: int, load: Load) -> bool:
         """Whether one replica fewer than `current` would still have its waiting calls under the target: what

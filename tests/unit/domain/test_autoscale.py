@@ -35,7 +35,8 @@ def test_without_a_load_report_nothing_moves() -> None:
 def test_waiting_above_target_adds_enough_replicas_after_the_delay_only() -> None:
     busy = Load(ready=2, running=16, waiting=9)  # 4.5 per replica > 2
     counts = walk(POLICY, 2, [(0, busy), (10, busy), (29, busy), (30, busy)])
-    assert counts == [2, 2, 2, 5]  # ceil(9 / 2) = 5: under the target once they are READY
+    # 8 run on each when full: 3 replicas run 24 of the 25 and leave 1 waiting (under 2 each); 2 leave 9.
+    assert counts == [2, 2, 2, 3]
 
 
 def test_scale_up_is_capped_by_max_and_says_so() -> None:
@@ -43,8 +44,8 @@ def test_scale_up_is_capped_by_max_and_says_so() -> None:
     flood = Load(ready=2, running=16, waiting=100)
     scaler.decide(1, POLICY, 2, flood, 0.0)
     first = scaler.decide(1, POLICY, 2, flood, 30.0)
-    assert first.desired == 5
-    assert first.reason == "waiting 100.0 > 2 x 2 ready for 30 s: 5"
+    assert first.desired == 4  # ceil(116 / (8 + 2)) = 12, but at most twice as many at a time
+    assert first.reason == "waiting 100.0 > 2 x 2 ready for 30 s: 4"
     scaler.decide(1, POLICY, 5, Load(ready=5, running=40, waiting=100), 31.0)
     at_max = scaler.decide(1, POLICY, 5, Load(ready=5, running=40, waiting=100), 70.0)
     assert at_max.desired == 5
@@ -52,19 +53,25 @@ def test_scale_up_is_capped_by_max_and_says_so() -> None:
 
 
 def test_a_dip_under_the_target_restarts_the_scale_up_delay() -> None:
-    busy, calm = Load(ready=1, running=8, waiting=5), Load(ready=1, running=8, waiting=1)
-    counts = walk(POLICY, 1, [(0, busy), (20, calm), (25, busy), (50, busy), (55, busy)])
-    assert counts == [1, 1, 1, 1, 3]  # above since 25: 30 s later, not at 30 or 50
+    busy, calm = Load(ready=2, running=16, waiting=15), Load(ready=2, running=16, waiting=1)
+    counts = walk(POLICY, 2, [(0, busy), (20, calm), (25, busy), (50, busy), (55, busy)])
+    assert counts == [2, 2, 2, 2, 4]  # above since 25: 30 s later, not at 30 or 50; ceil(31 / (8 + 2)) = 4
 
 
 def test_one_burst_is_one_step_up_while_the_new_replicas_start() -> None:
-    busy = Load(ready=1, running=8, waiting=6)
+    busy = Load(ready=2, running=16, waiting=16)
     scaler = Autoscaler()
-    scaler.decide(1, POLICY, 1, busy, 0.0)
-    assert scaler.decide(1, POLICY, 1, busy, 30.0).desired == 3
+    scaler.decide(1, POLICY, 2, busy, 0.0)
+    assert scaler.decide(1, POLICY, 2, busy, 30.0).desired == 4  # ceil(32 / (8 + 2))
     # The two new replicas are starting: not READY, so the same waiting calls must not ask for more yet.
-    assert scaler.decide(1, POLICY, 3, busy, 31.0).desired == 3
-    assert scaler.decide(1, POLICY, 3, busy, 59.0).desired == 3
+    assert scaler.decide(1, POLICY, 4, busy, 31.0).desired == 4
+    assert scaler.decide(1, POLICY, 4, busy, 59.0).desired == 4
+    held = scaler.decide(1, POLICY, 4, Load(ready=2, running=16, waiting=60), 200.0)  # a slow boot, a longer line
+    assert (held.desired, held.reason) == (4, "waiting 60.0 > 2 x 2 ready: 2 starting, judged once READY")
+    # READY at last, and still too few: judged a whole delay after the last look while they started.
+    still = Load(ready=4, running=32, waiting=40)
+    assert scaler.decide(1, POLICY, 4, still, 210.0).desired == 4
+    assert scaler.decide(1, POLICY, 4, still, 230.0).desired == 5  # ceil(72 / (8 + 2)) = 8, capped by max
 
 
 def test_scale_down_by_one_after_the_delay_then_the_delay_again() -> None:
@@ -130,9 +137,9 @@ def test_no_ready_replica_yet_keeps_the_count() -> None:
 
 
 def test_deployments_are_kept_apart() -> None:
-    scaler, busy = Autoscaler(), Load(ready=1, running=8, waiting=5)
+    scaler, busy = Autoscaler(), Load(ready=1, running=8, waiting=15)
     scaler.decide(1, POLICY, 1, busy, 0.0)
     assert scaler.decide(2, POLICY, 1, busy, 30.0).desired == 1  # 2 was first seen above the target at 30
-    assert scaler.decide(1, POLICY, 1, busy, 30.0).desired == 3
+    assert scaler.decide(1, POLICY, 1, busy, 30.0).desired == 2
     scaler.forget(1)
     assert scaler.decide(1, POLICY, 1, busy, 31.0).desired == 1
