@@ -39,6 +39,7 @@ def _service(pick: Callable[[Deps], Any]) -> Provide:
 SERVICES = {
     "models": _service(lambda d: d.models),
     "replicas": _service(lambda d: d.replicas),
+    "deployments": _service(lambda d: d.deployments),
     "api_keys": _service(lambda d: d.api_keys),
     "tables": _service(lambda d: d.tables),
     "accounts": _service(lambda d: d.accounts),

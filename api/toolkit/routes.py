@@ -13,6 +13,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT, HTTP_400_BAD
 from api.deps import SERVICES
 from api.toolkit import schemas as s
 from api.toolkit.auth import admin_only
+from api.toolkit.deployments import DeploymentController
 from api.toolkit.errors import HANDLERS
 from orchestrator.billing.api_keys import ApiKeyService
 from orchestrator.domain.engine_spec import EngineSpec
@@ -38,6 +39,7 @@ _KEY_MESSAGES = {
 
 
 class ApiKeyController(Controller):
+    dependencies = SERVICES
     tags = ["api keys"]
 
     @post("/generate_api_key", status_code=HTTP_200_OK)
@@ -61,6 +63,7 @@ class ApiKeyController(Controller):
 
 
 class TableController(Controller):
+    dependencies = SERVICES
     path = "/tables"
     tags = ["tables"]
 
@@ -74,6 +77,7 @@ class TableController(Controller):
 
 
 class ModelController(Controller):
+    dependencies = SERVICES
     path = "/models"
     tags = ["models"]
 
@@ -125,6 +129,7 @@ class ModelController(Controller):
 
 
 class ReplicaController(Controller):
+    dependencies = SERVICES
     path = "/replicas"
     tags = ["replicas"]
 
@@ -205,8 +210,7 @@ def _bootstrap_steps(events: Sequence[ReplicaEvent]) -> list[s.BootstrapStepOut]
 def toolkit_router() -> Router:
     return Router(
         path="/api/v1",
-        route_handlers=[ApiKeyController, TableController, ModelController, ReplicaController],
+        route_handlers=[ApiKeyController, TableController, ModelController, ReplicaController, DeploymentController],
         guards=[admin_only],
-        dependencies=SERVICES,
         exception_handlers=dict(HANDLERS),
     )

@@ -11,7 +11,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 
 from infra.vm import Rule
+from orchestrator.domain.autoscale import AutoscalePolicy
 from orchestrator.domain.engine_spec import VLLM_IMAGE, EngineSpec
+from orchestrator.fleet.deployments import DeploymentSpec
 from orchestrator.fleet.replicas import ReplicaSpec, VmSpec
 from orchestrator.fleet.security_rules import prefix_network
 from orchestrator.gateway.engine_urls import is_http_url
@@ -348,3 +350,108 @@ class ReplicaDetailOut(ReplicaOut):
     """STARTING with a failing probe: when the startup grace runs out and the replica is terminated (never_ready)."""
     security_rules: list[SecurityRuleOut]
     events: list[EventOut]
+
+
+# -- deployments --------------------------------------------------------------------------------
+
+Count = Annotated[int, Field(ge=0, le=1000)]
+
+
+class AutoscaleIn(_In):
+    """Bounds and targets of the autoscaler (`orchestrator.domain.autoscale.AutoscalePolicy`)."""
+
+    min_replicas: Count
+    """0 allows scaling to zero."""
+    max_replicas: Annotated[int, Field(ge=1, le=1000)]
+    target_waiting: Annotated[float, Field(gt=0, le=100_000)] = 2.0
+    """Requests waiting per READY replica above which the deployment grows."""
+    scale_up_delay_s: Annotated[float, Field(ge=0, le=86_400)] = 30.0
+    scale_down_delay_s: Annotated[float, Field(ge=0, le=86_400)] = 300.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise field_error("min_replicas", "min_replicas must not be above max_replicas.")
+        return self
+
+    def policy(self) -> AutoscalePolicy:
+        return AutoscalePolicy(**self.model_dump())
+
+
+class DeploymentIn(_In):
+    """A model's desired replicas: the template each is made from, and a fixed count or an autoscaling policy."""
+
+    template: ReplicaIn
+    """A managed replica's body, as `POST /api/v1/models/{id}/replicas` takes it (`create_vm` true)."""
+    replicas: Count | None = None
+    autoscale: AutoscaleIn | None = None
+    max_surge: Annotated[int, Field(ge=1, le=1000)] = 1
+    """New replicas a roll brings up beyond the count before it drains an old one."""
+
+    @model_validator(mode="after")
+    def _one_count(self) -> Self:
+        if self.replicas is not None and self.autoscale is not None:
+            raise field_error("autoscale", "Give replicas (a fixed count) or autoscale, not both.")
+        if self.replicas is None and self.autoscale is None:
+            raise field_error("replicas", "Give replicas (a fixed count) or autoscale (the autoscaler's bounds).")
+        if not self.template.create_vm:
+            raise field_error("template", "A deployment's replicas are made from a VM template: create_vm true.")
+        return self
+
+    def spec(self) -> DeploymentSpec:
+        return DeploymentSpec(
+            template=self.template.spec(),
+            replicas=self.replicas,
+            autoscale=None if self.autoscale is None else self.autoscale.policy(),
+            max_surge=self.max_surge,
+        )
+
+
+class DeploymentMemberOut(BaseModel):
+    """One replica the deployment made."""
+
+    id: int
+    status: str
+    generation: int | None
+    """Its template's generation: older than the deployment's while a roll replaces it."""
+    termination_reason: str | None
+    created_at: datetime
+
+
+class RollOut(BaseModel):
+    """A roll under way: replicas of an older template alive beside the current one's."""
+
+    generation: int
+    new: int
+    """Replicas of the current template alive."""
+    new_ready: int
+    old: int
+    """Replicas of older templates alive (serving until a new READY one stands for each)."""
+
+
+class DeploymentOut(BaseModel):
+    id: int
+    model_id: int
+    template: dict[str, object]
+    """The template as set, secret values left out (`engine.secret_env` lists their names)."""
+    replicas: int | None
+    autoscale: dict[str, float] | None
+    desired: int
+    """How many replicas the deployment wants now (the count, or the autoscaler's last decision)."""
+    max_surge: int
+    generation: int
+    spec_hash: str
+    status: Literal["steady", "scaling", "rolling", "rollout_failed", "failing"]
+    message: str | None
+    """Why it is in its status."""
+    roll: RollOut | None
+    members: list[DeploymentMemberOut]
+    """Its replicas alive, and those of the current attempts that ended."""
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeploymentDeletedOut(BaseModel):
+    message: str
+    drained: list[int]
+    """The replicas now DRAINING: each takes no new calls, ends its calls in flight, then is torn down."""

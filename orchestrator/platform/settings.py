@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     """How long a new VM may take to accept SSH with its pinned host key."""
     max_recoveries: int = Field(default=2, ge=0)
     """Engine restarts tried on an UNHEALTHY managed replica before it is terminated."""
+    deployment_max_failed_starts: int = Field(default=3, ge=1)
+    """Replicas of a deployment that may end in a row without ever being READY before it makes no more (`failing`)
+    until its template changes or an admin retries."""
     recover_after_s: float = Field(default=30.0, ge=0)
     """How long a managed replica stays UNHEALTHY (it may recover by itself) before the engine is restarted."""
     provision_workers: int = Field(default=32, ge=1)

@@ -23,6 +23,7 @@ from orchestrator.billing.journal import Journal
 from orchestrator.billing.ledger import Ledger, SharedLedger
 from orchestrator.billing.records import CallRecord, CallRecords
 from orchestrator.fleet.backend import VmBackend
+from orchestrator.fleet.deployments import DeploymentKeeper, DeploymentService
 from orchestrator.fleet.engine_load import EngineLoad, ObservedAutoscaler
 from orchestrator.fleet.engine_plans import cloud_plans, host_plans, sandbox_plans
 from orchestrator.fleet.health import HealthMonitor, HealthPolicy
@@ -54,6 +55,7 @@ from orchestrator.store.bots import BotStore
 from orchestrator.store.browse import TableBrowser
 from orchestrator.store.call_records import RecordStore
 from orchestrator.store.db import make_engine, make_sessions, upgrade
+from orchestrator.store.deployments import DeploymentStore
 from orchestrator.store.external_endpoints import ExternalEndpointStore
 from orchestrator.store.fleet import FleetStore
 from orchestrator.store.gateway_view import GatewayViewStore
@@ -173,6 +175,18 @@ def build_deps(settings: Settings) -> Deps:
         timeout_s=settings.engine_load_timeout_s,
         on_scraped=metrics.engines_scraped,
     )
+    replicas = ReplicaService(
+        store,
+        changes.wake,
+        box,
+        on_change=changes.made(Change.REPLICAS),
+        network=network,
+        ssh_port=backend.ssh_port,
+        outbound=outbound,
+    )
+    # A deployment's replicas are made and drained through the replicas' service: the very checks and events.
+    deployment_store = DeploymentStore(sessions)
+    autoscaler = ObservedAutoscaler(on_decision=metrics.autoscale_decided)
     return Deps(
         settings=settings,
         keys=keys,
@@ -192,14 +206,15 @@ def build_deps(settings: Settings) -> Deps:
         queues=queues,
         metrics=metrics,
         models=ModelService(store, changes.wake, on_change=changes.made(Change.MODELS)),
-        replicas=ReplicaService(
-            store,
-            changes.wake,
+        replicas=replicas,
+        deployments=DeploymentService(deployment_store, replicas, store, box, changes.wake),
+        keeper=DeploymentKeeper(
+            deployment_store,
+            replicas,
             box,
-            on_change=changes.made(Change.REPLICAS),
-            network=network,
-            ssh_port=backend.ssh_port,
-            outbound=outbound,
+            max_failed_starts=settings.deployment_max_failed_starts,
+            autoscaler=autoscaler,
+            load_of=lambda deployment: engine_load.load_of(deployment.model_id),
         ),
         api_keys=ApiKeyService(
             ApiKeyStore(sessions), keys.secret_key, on_change=changes.made(Change.KEYS), in_use=in_use
@@ -227,7 +242,7 @@ def build_deps(settings: Settings) -> Deps:
         token_counter=TokenCounter(catalog, upstream),
         hosts=HostService(host_store, box, placer),
         engine_load=engine_load,
-        autoscaler=ObservedAutoscaler(on_decision=metrics.autoscale_decided),
+        autoscaler=autoscaler,
         shared_limits=shared,
     )
 

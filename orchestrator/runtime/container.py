@@ -12,6 +12,7 @@ from orchestrator.billing.accounts import AccountService
 from orchestrator.billing.api_keys import ApiKeyService
 from orchestrator.billing.history import CallRecordService
 from orchestrator.billing.records import CallRecords
+from orchestrator.fleet.deployments import DeploymentKeeper, DeploymentService
 from orchestrator.fleet.engine_load import EngineLoad, ObservedAutoscaler
 from orchestrator.fleet.health import HealthMonitor
 from orchestrator.fleet.hosts import HostService
@@ -99,6 +100,10 @@ class Deps:
     metrics: ServerMetrics
     models: ModelService
     replicas: ReplicaService
+    deployments: DeploymentService
+    """Models' deployments, as an admin sets them."""
+    keeper: DeploymentKeeper
+    """Keeps each deployment's replicas: the reconcile job's first step, on the leader."""
     api_keys: ApiKeyService
     """The toolkit's client keys."""
     tables: TableService

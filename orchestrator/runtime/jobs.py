@@ -39,8 +39,10 @@ async def reconcile_job(deps: Deps) -> None:
     _job_context(RECONCILE)
     deps.nudge.take()
     drain = Drain(deps.catalog, deps.settings.drain_timeout_s)
+    await deps.keeper.keep()  # the replicas it makes or drains are moved on by the reconcile below
     moved = await reconcile(deps.store, deps.managed, drain)
     while deps.nudge.take():  # nudged while running
+        await deps.keeper.keep()
         moved |= await reconcile(deps.store, deps.managed, drain)
     if moved:
         deps.probe_nudge()  # a replica that reached STARTING is probed at once, not at the next tick
