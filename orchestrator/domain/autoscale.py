@@ -60,6 +60,9 @@ class Autoscaler:
     many as wanted), unless some wanted are still starting; the load still under the target with one replica fewer
     for `scale_down_delay_s` removes one. Each move restarts both delays, so one burst is one step up, and a step
     down is never followed by a step up unless the load itself grows: one replica fewer must carry what runs now.
+
+    A hold's reason stays the same from one look to the next while the situation does (it is written where it
+    changes: a deployment's message, a log line); a move's reason carries the numbers that made it.
     """
 
     _above_since: dict[int, float] = field(default_factory=dict)
@@ -96,7 +99,7 @@ class Autoscaler:
         if current > policy.min_replicas and self._fewer_would_carry(key, policy, current, load):
             return self._down(key, policy, current, load, now)
         self._below_since.pop(key, None)
-        return Decision(current, f"steady: waiting {load.waiting:.1f} for {load.ready} ready")
+        return Decision(current, f"steady: at most {policy.target_waiting:g} waiting per READY replica")
 
     def forget(self, key: int) -> None:
         """Deployment `key` is gone (or no longer autoscaled): its memory goes too."""
@@ -120,17 +123,18 @@ class Autoscaler:
         self._below_since.pop(key, None)
         since = self._above_since.setdefault(key, now)
         over = f"waiting {load.waiting:.1f} > {policy.target_waiting:g} x {load.ready} ready"
+        above = f"more than {policy.target_waiting:g} waiting per READY replica"
         if current > load.ready:
             # What waited while they start is no measure of the load they will meet: the line drains once they
             # are READY. Judged again a whole delay after, or a slow boot would ask for replicas at every delay.
             self._above_since[key] = now
-            return Decision(current, f"{over}: {current - load.ready} starting, judged once READY")
+            return Decision(current, f"{current - load.ready} starting: judged again once READY")
         if now - since < policy.scale_up_delay_s:
-            return Decision(current, f"{over} for {now - since:.0f} s of {policy.scale_up_delay_s:g}: kept")
+            return Decision(current, f"{above}: more after {policy.scale_up_delay_s:g} s of it")
         # At most double: a line that built up while replicas started drains long before the next ones start.
         desired = min(hi, 2 * current, max(current + 1, self._needed(key, policy, load)))
         if desired == current:
-            return Decision(current, f"{over}: already at max {hi}")
+            return Decision(current, f"{above}: already at max {hi}")
         self._restart(key)
         return Decision(desired, f"{over} for {now - since:.0f} s: {desired}")
 
@@ -159,6 +163,6 @@ class Autoscaler:
         since = self._below_since.setdefault(key, now)
         under = f"{load.running:.0f} running, {load.waiting:.1f} waiting would fit {current - 1}"
         if now - since < policy.scale_down_delay_s:
-            return Decision(current, f"{under} for {now - since:.0f} s of {policy.scale_down_delay_s:g}: kept")
+            return Decision(current, f"{current - 1} would do: fewer after {policy.scale_down_delay_s:g} s of it")
         self._restart(key)
         return Decision(current - 1, f"{under} for {now - since:.0f} s: {current - 1}")

@@ -49,7 +49,7 @@ def test_scale_up_is_capped_by_max_and_says_so() -> None:
     scaler.decide(1, POLICY, 5, Load(ready=5, running=40, waiting=100), 31.0)
     at_max = scaler.decide(1, POLICY, 5, Load(ready=5, running=40, waiting=100), 70.0)
     assert at_max.desired == 5
-    assert "already at max 5" in at_max.reason
+    assert at_max.reason == "more than 2 waiting per READY replica: already at max 5"
 
 
 def test_a_dip_under_the_target_restarts_the_scale_up_delay() -> None:
@@ -67,7 +67,7 @@ def test_one_burst_is_one_step_up_while_the_new_replicas_start() -> None:
     assert scaler.decide(1, POLICY, 4, busy, 31.0).desired == 4
     assert scaler.decide(1, POLICY, 4, busy, 59.0).desired == 4
     held = scaler.decide(1, POLICY, 4, Load(ready=2, running=16, waiting=60), 200.0)  # a slow boot, a longer line
-    assert (held.desired, held.reason) == (4, "waiting 60.0 > 2 x 2 ready: 2 starting, judged once READY")
+    assert (held.desired, held.reason) == (4, "2 starting: judged again once READY")
     # READY at last, and still too few: judged a whole delay after the last look while they started.
     still = Load(ready=4, running=32, waiting=40)
     assert scaler.decide(1, POLICY, 4, still, 210.0).desired == 4
@@ -143,3 +143,17 @@ def test_deployments_are_kept_apart() -> None:
     assert scaler.decide(1, POLICY, 1, busy, 30.0).desired == 2
     scaler.forget(1)
     assert scaler.decide(1, POLICY, 1, busy, 31.0).desired == 1
+
+
+def test_a_hold_says_the_same_words_while_the_situation_lasts() -> None:
+    """A deployment's message is written when it changes: holds must not change with every number scraped."""
+    scaler = Autoscaler()
+    above = {
+        scaler.decide(1, POLICY, 2, Load(ready=2, running=16, waiting=w), t).reason for t, w in enumerate((9, 11, 7))
+    }
+    assert above == {"more than 2 waiting per READY replica: more after 30 s of it"}
+    scaler = Autoscaler()
+    below = {scaler.decide(1, POLICY, 3, Load(ready=3, running=r), float(t)).reason for t, r in enumerate((0, 1, 2))}
+    assert below == {"2 would do: fewer after 300 s of it"}
+    steady = {scaler.decide(1, POLICY, 1, Load(ready=1, running=r), 10.0).reason for r in (3, 5)}
+    assert steady == {"steady: at most 2 waiting per READY replica"}
