@@ -1,7 +1,7 @@
 """vLLM-compatible engine simulator: OpenAI endpoints, /tokenize, /metrics, fault knobs and a request log, no GPU.
 
 Beside vLLM's API, for tests: GET/POST /sim/faults reads and sets the fault knobs (and the pace, `tokens_per_s`,
-so that an engine started by someone else can be made slow); GET /sim/requests answers
+and the batch's size, `max_num_seqs`, so that an engine started by someone else can be made slow or a queue); GET /sim/requests answers
 {"requests": [{"received": unix time, "finished": unix time or null while running, "path": "/v1/...",
 "body": the request's JSON (its text if it was not JSON)}, ... oldest first], "peak_running": the most
 completion requests in flight at once since start or the last clear}, and DELETE /sim/requests clears both.
@@ -10,6 +10,7 @@ completion requests in flight at once since start or the last clear}, and DELETE
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import importlib
@@ -68,6 +69,7 @@ class SimConfig:
 _Rate = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 _Pace = Annotated[float, msgspec.Meta(ge=0.0)]
 _Count = Annotated[int, msgspec.Meta(ge=0)]
+_Seqs = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class _Faults(msgspec.Struct):
@@ -76,6 +78,7 @@ class _Faults(msgspec.Struct):
     stall_after_chunks: _Count | None = None
     dead: bool = False
     tokens_per_s: _Pace = 0.0
+    max_num_seqs: _Seqs | None = None
 
 
 class _FaultPatch(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,6 +87,7 @@ class _FaultPatch(msgspec.Struct, forbid_unknown_fields=True):
     stall_after_chunks: _Count | msgspec.UnsetType | None = msgspec.UNSET
     dead: bool | msgspec.UnsetType = msgspec.UNSET
     tokens_per_s: _Pace | msgspec.UnsetType = msgspec.UNSET
+    max_num_seqs: _Seqs | msgspec.UnsetType | None = msgspec.UNSET
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
@@ -116,15 +120,21 @@ class _Sim:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.faults = _Faults(
-            config.fail_rate, config.hang, config.stall_after_chunks, tokens_per_s=config.tokens_per_s
+            config.fail_rate,
+            config.hang,
+            config.stall_after_chunks,
+            tokens_per_s=config.tokens_per_s,
+            max_num_seqs=config.max_num_seqs,
         )
         self.model_json = msgspec.json.encode(config.model)
         self.closing = False
         self.completion_requests = 0
         self.fail_credit = 0.0
         self.metrics = EngineMetrics(config.model, config.max_model_len)
-        self.seqs = asyncio.Semaphore(config.max_num_seqs) if config.max_num_seqs else None
-        """The batch's room: a request past `max_num_seqs` waits here, counted in `vllm:num_requests_waiting`."""
+        self.batch = 0
+        """Requests in the running batch: at most `max_num_seqs`, the others wait in `line`."""
+        self.line: collections.deque[asyncio.Future[None]] = collections.deque()
+        """Requests waiting for room in the batch, first come first (`vllm:num_requests_waiting`)."""
         self.ids = itertools.count()
         self.id_base = secrets.token_hex(8).encode()
         self.texts = Texts()
@@ -169,6 +179,7 @@ class _Sim:
             if (value := getattr(patch, field)) is not msgspec.UNSET:
                 setattr(self.faults, field, value)
         self.fail_credit = 0.0  # a new fail_rate starts its own sequence
+        self._let_in()  # a larger max_num_seqs, or none, lets the line in at once
         return _json(msgspec.json.encode(self.faults))
 
     async def get_requests(self, _request: web.Request) -> web.Response:
@@ -257,19 +268,40 @@ class _Sim:
 
     @contextlib.asynccontextmanager
     async def _batch_room(self) -> AsyncIterator[None]:
-        """A place in the running batch, waited for (as vLLM's scheduler queues) when `max_num_seqs` are running."""
-        if self.seqs is None:
-            yield
-            return
-        self.metrics.waiting += 1
+        """A place in the running batch, waited for in line (as vLLM's scheduler queues) while `max_num_seqs`
+        requests run; a request that leaves while waiting gives its turn to the next."""
+        if self.line or not self._has_room():
+            turn = asyncio.get_running_loop().create_future()
+            self.line.append(turn)
+            self.metrics.waiting += 1
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # let in as it left: the place goes to the next
+                    self.batch -= 1
+                    self._let_in()
+                else:
+                    self.line.remove(turn)
+                raise
+            finally:
+                self.metrics.waiting -= 1
+        else:
+            self.batch += 1
         try:
-            await self.seqs.acquire()
-        finally:
-            self.metrics.waiting -= 1
-        try:
             yield
         finally:
-            self.seqs.release()
+            self.batch -= 1
+            self._let_in()
+
+    def _has_room(self) -> bool:
+        limit = self.faults.max_num_seqs
+        return limit is None or self.batch < limit
+
+    def _let_in(self) -> None:
+        """The first in line into the batch while it has room (after a request ends, or a larger limit)."""
+        while self.line and self._has_room():
+            self.batch += 1
+            self.line.popleft().set_result(None)
 
     async def _generate(self, request: web.Request, kind: AnswerShape, plan: Plan, start: float) -> web.StreamResponse:
         self.metrics.admitted(plan.prompt, plan.completion)

@@ -33,7 +33,14 @@ MESSAGES: list[dict[str, Any]] = [
     },
 ]
 CHAT_PROMPT_TOKENS = 15
-DEFAULT_FAULTS = {"fail_rate": 0.0, "hang": False, "stall_after_chunks": None, "dead": False, "tokens_per_s": 0.0}
+DEFAULT_FAULTS = {
+    "fail_rate": 0.0,
+    "hang": False,
+    "stall_after_chunks": None,
+    "dead": False,
+    "tokens_per_s": 0.0,
+    "max_num_seqs": None,
+}
 
 
 @asynccontextmanager
@@ -527,7 +534,7 @@ async def test_crash_after_exits_the_process(http: aiohttp.ClientSession) -> Non
 
 
 async def test_max_num_seqs_makes_a_queue_counted_as_waiting(http: aiohttp.ClientSession) -> None:
-    """As vLLM's --max-num-seqs: two run at once, the other three wait (FIFO) and are counted until they run."""
+    """As vLLM's --max-num-seqs: two run at once, the other three wait (first come first) until they run."""
     async with running(SimConfig(model=MODEL, max_num_seqs=2, tokens_per_s=20)) as url:
         body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10}
         calls = [asyncio.create_task(post_json(http, f"{url}/v1/chat/completions", body)) for _ in range(5)]
@@ -538,3 +545,18 @@ async def test_max_num_seqs_makes_a_queue_counted_as_waiting(http: aiohttp.Clien
         assert [status for status, _ in await asyncio.gather(*calls)] == [200] * 5
         after = await scrape(http, url)
         assert (after["vllm:num_requests_waiting"], after["vllm:num_requests_running"]) == (0, 0)
+
+
+async def test_max_num_seqs_set_at_run_time_makes_and_lets_go_a_queue(base: str, http: aiohttp.ClientSession) -> None:
+    """An engine started by someone else (a managed replica's) can be made a queue, and its line let in at once."""
+    assert (await set_faults(http, base, max_num_seqs=1, tokens_per_s=10))["max_num_seqs"] == 1
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 50}  # 5 s each, paced
+    calls = [asyncio.create_task(post_json(http, f"{base}/v1/chat/completions", body)) for _ in range(4)]
+    async with asyncio.timeout(5):
+        while (await scrape(http, base))["vllm:num_requests_waiting"] < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await set_faults(http, base, max_num_seqs=None, tokens_per_s=0)  # no limit: the three waiting run at once
+    await until_running(http, base, 0)
+    assert [status for status, _ in await asyncio.gather(*calls)] == [200] * 4
+    status, _ = await post_json(http, f"{base}/sim/faults", {"max_num_seqs": 0})
+    assert status == 400
