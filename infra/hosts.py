@@ -255,13 +255,19 @@ def public_key(line: str) -> paramiko.PKey:
 
 
 def _authorise(replica_id: int, line: str) -> str:
-    """The replica's key line, tagged, in the login's authorized_keys: an older line of the same replica goes."""
+    """The replica's key line, tagged, in the login's authorized_keys: an older line of the same replica goes.
+    Under a lock, since replicas placed on one host at once edit the same file (and the admin's own line in it
+    must survive every edit)."""
     tag, q_line = shlex.quote(f"{KEY_TAG}{replica_id}"), shlex.quote(line)
     return (
-        'set -e; umask 077; mkdir -p ~/.ssh; f=~/.ssh/authorized_keys; touch "$f";'
+        f'set -e; umask 077; mkdir -p ~/.ssh; f=~/.ssh/authorized_keys; touch "$f"; {_LOCK};'
         f' grep -qxF {q_line} "$f" && exit 0;'
-        f' awk -v t={tag} \'$NF != t\' "$f" > "$f.orch"; echo {q_line} >> "$f.orch"; mv "$f.orch" "$f"'
+        f' awk -v t={tag} \'$NF != t\' "$f" > "$f.$$"; echo {q_line} >> "$f.$$"; mv "$f.$$" "$f"'
     )
+
+
+_LOCK = "exec 9>>~/.ssh/.orchestrator.lock && flock -w 30 9"
+"""Serialises the edits of authorized_keys (`flock` is in util-linux, on every distribution)."""
 
 
 def _remove(replica_id: int) -> str:
@@ -272,8 +278,8 @@ def _remove(replica_id: int) -> str:
         f"sudo -n systemctl disable --now {unit} >/dev/null 2>&1; sudo -n rm -f /etc/systemd/system/{unit}.service"
         f" && sudo -n systemctl daemon-reload && {{ sudo -n systemctl reset-failed {unit} 2>/dev/null; true; }}"
         f" && sudo -n rm -rf {wd}"
-        f' && f=~/.ssh/authorized_keys && {{ ! [ -f "$f" ] || {{ awk -v t={tag} \'$NF != t\' "$f" > "$f.orch"'
-        f' && mv "$f.orch" "$f"; }}; }}'
+        f' && f=~/.ssh/authorized_keys && {{ ! [ -f "$f" ] || {{ {_LOCK} && awk -v t={tag} \'$NF != t\' "$f" > "$f.$$"'
+        f' && mv "$f.$$" "$f"; }}; }}'
         f" && sudo -n nft -f - <<'EOF'\nadd table inet {table_name(replica_id)}\ndelete table inet "
         f"{table_name(replica_id)}\nEOF"
     )

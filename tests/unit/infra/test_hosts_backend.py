@@ -1,0 +1,60 @@
+"""The `hosts` backend's pure parts: a replica's nft table (rules kept, its engine port alone refused), read back
+for drift, and the inventory of what a host holds for which replica."""
+
+from __future__ import annotations
+
+import json
+
+from infra.hosts import OPEN_TO_ALL, HostLogin, Seat, inventory_ids, read_rules, rules_script
+from infra.vm import Rule
+
+LOGIN = HostLogin("gpu-1", "192.0.2.10", 22, "ubuntu", "unused", "ssh-ed25519 AAAA")
+SEAT = Seat(LOGIN, (0,), 8101)
+GATEWAY = Rule("ingress", "tcp", "IPv4", "10.0.0.1/32", 8101, 8101)
+SSH = Rule("ingress", "tcp", "IPv4", "10.0.0.2/32", 22, 22)
+
+
+def test_the_table_refuses_only_the_replicas_engine_port_and_never_ssh() -> None:
+    script = rules_script(5, SEAT, [SSH, GATEWAY])
+
+    assert script.startswith("add table inet orch_replica_5\ndelete table inet orch_replica_5\n")
+    rejects = [line.strip() for line in script.splitlines() if "reject" in line]
+    assert rejects == ['tcp dport 8101 reject with tcp reset comment "orchestrator: default deny"']
+    assert "ip saddr 10.0.0.1/32 tcp dport 8101-8101 accept" in script
+    assert "ip saddr 10.0.0.2/32 tcp dport 22-22 accept" in script  # kept, so drift reads the whole set
+
+
+def listing(*comments: str) -> str:
+    rules = [{"rule": {"comment": c}} for c in comments]
+    return json.dumps({"nftables": [{"metainfo": {}}, {"table": {"name": "orch_replica_5"}}, *rules]})
+
+
+def test_the_table_reads_back_as_the_rules_it_was_written_from() -> None:
+    comments = [
+        "orchestrator: ingress tcp IPv4 10.0.0.2/32 22 22",
+        "orchestrator: ingress tcp IPv4 10.0.0.1/32 8101 8101",
+        "orchestrator: default deny",
+    ]
+    assert read_rules(listing(*comments)) == {SSH, GATEWAY}
+
+
+def test_a_table_without_its_reject_or_with_a_foreign_rule_reads_as_open() -> None:
+    assert OPEN_TO_ALL in read_rules(listing("orchestrator: ingress tcp IPv4 10.0.0.1/32 8101 8101"))
+    assert OPEN_TO_ALL in read_rules(listing("someone's rule", "orchestrator: default deny"))
+
+
+def test_the_inventory_finds_each_replicas_key_directory_unit_and_table() -> None:
+    out = "\n".join(
+        [
+            "admin@laptop",
+            "orchestrator-replica-3",
+            "replica-4",
+            "lost+found",
+            "orchestrator-engine-r5.service",
+            "ssh.service",
+            "table inet orch_replica_6",
+            "table inet filter",
+            "orchestrator-replica-12x",
+        ]
+    )
+    assert inventory_ids(out) == {3, 4, 5, 6}
