@@ -109,8 +109,6 @@ class ManagedReplicas:
     async def _drive(self, rid: int) -> None:
         moved = False
         try:
-            if self.placer is not None:
-                await self.placer.refresh()  # the backend's book, as the database has it now
             while (row := await self.store.replica_with_model(rid)) is not None:
                 replica, model = row
                 step = self._steps.get(S(replica.status))
@@ -130,6 +128,11 @@ class ManagedReplicas:
         self._retry[rid] = (failures, time.monotonic() + pause)
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking VM work (a backend call, SSH) in the pool. On `hosts`, the backend's book is read from the
+        database first (one query; the work is SSH), so it is never stale: not after a restart, nor after a host
+        registered through another instance, and the jobs that call the backend directly (the sweeps) see it too."""
+        if self.placer is not None:
+            await self.placer.refresh()
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _fail(self, replica: Replica, reason: str, message: str, *, src: ReplicaStatus | None = None) -> bool:

@@ -20,9 +20,10 @@ import pytest
 
 from infra.hosts import HostsBackend
 from infra.machine import MachineBackend
-from infra.vm import Rule
+from infra.vm import Rule, VmHandle
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.reconcile import reconcile
+from orchestrator.fleet.security_rules import rule_of
 from orchestrator.fleet.sweeps import orphan_sweep, rules_drift
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.compose import machine_backend
@@ -191,6 +192,11 @@ async def test_replicas_are_placed_on_a_registered_host_serve_and_are_released_o
         assert f"a foreign source ({STRANGER})" in secured
     assert connects(address, 22, ORCHESTRATOR)  # a replica never closes the host's SSH
     assert await rules_drift(deps.managed) == []  # each table read back from the host is its stored set
+    # A restarted leader knows nothing of the hosts until it reads them: every backend call reads them first.
+    deps.managed.backend.book.replace([], {})
+    stored = {rule_of(r) for r in await deps.store.security_rules(first)}
+    handle = VmHandle(first, "", address, 22, "ubuntu")
+    assert await deps.managed.in_thread(deps.managed.backend.enforced_rules, handle) == stored
     assert await orphan_sweep(deps.managed) == []  # and what the host holds is theirs
     assert {f"orch_replica_{first}", f"orch_replica_{second}"} <= host_tables(machines)
 
