@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from orchestrator.platform.secrets import SecretBox, hash_api_key
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
+from provisioning.ssh_keys import generate_keypair
 from tests.support.engines import Engine, engine_in_process
 from tests.support.gateway import make_ready
 from tests.support.settings import instance_settings
@@ -138,6 +139,11 @@ async def world(transport: httpx.ASGITransport, deps: Deps, engine: Engine, reco
     config = {"appId": "cli_1", "appSecret": app_secret, "encryptKey": encrypt_key, "apiKey": keys["jack"]["api_key"]}
     bot = await _ok(admin, "POST", "/admin/bot/feishu/save", {"name": "helper", "provider": "feishu", "config": config})
     made += [Secret("feishu app secret", app_secret), Secret("feishu encrypt key", encrypt_key)]
+
+    (host_private, _), (_, host_public) = generate_keypair("admin@laptop"), generate_keypair("root@gpu-1")
+    host = {"name": "gpu-1", "pool": "rack-a", "address": "192.0.2.10", "ssh_user": "ubuntu", "gpus": 2}
+    await _ok(admin, "POST", "/api/v1/hosts", {**host, "ssh_private_key": host_private, "host_key": host_public})
+    made.append(Secret("host's SSH key", host_private.splitlines()[1]))  # a PEM line: no JSON escape in it
 
     clients = {
         "admin": admin,
