@@ -185,7 +185,7 @@ class GatewayRoutes:
         gw = self._gw
         raw_key, session = credentials(scope)
         key = gw.authenticate(raw_key, client_address(scope))
-        gw.admit(key)
+        await gw.admit(key)
         if session is not None and len(session) > MAX_SESSION_ID:
             raise BadBody(f"Session-Id must be at most {MAX_SESSION_ID} characters.")
         raw = await read_body(receive)
@@ -197,7 +197,7 @@ class GatewayRoutes:
             body = queued.body
         # The body's bytes bound its prompt tokens (a token is at least a byte, and the JSON around the texts
         # outweighs a chat template's tokens).
-        hold = gw.hold(
+        hold = await gw.hold(
             key,
             model,
             prompt_bound=len(body),

@@ -81,13 +81,13 @@ _CALLER = "token_counter_caller"
 """Where the guard leaves the admitted key for the handler (the request's scope state)."""
 
 
-def client_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def client_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Runs before the body is read: a call without a valid key is a 401 whatever its body. The key is admitted
     here, once per call: a count may ask a replica, so it takes one unit of the key's rate limit."""
     gateway = gateway_of(connection)
     scope: HTTPScope = connection.scope  # type: ignore[assignment]
     key = gateway.authenticate(credentials(scope)[0], client_address(scope))
-    gateway.admit(key, spend=False)
+    await gateway.admit(key, spend=False)
     connection.scope.setdefault("state", {})[_CALLER] = key
 
 

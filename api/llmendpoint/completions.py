@@ -109,7 +109,7 @@ class CompletionRoute:
             if not req.stream:
                 text = await self._completions.complete(key, req)
                 return await answer(send, Answer(200, msgspec.json.encode({"success": True, "response": text})))
-            model, price = self._completions.admit(key, req)
+            model, price = await self._completions.admit(key, req)
             call = await self._completions.open(key, model, req, price)
         except LlmEndpointError as e:
             return await answer(send, refused(e))

@@ -57,6 +57,10 @@ class Ledger:
             self._holds[key_id] = self._holds.get(key_id, 0) + worst
         return worst
 
+    async def reserve_async(self, key_id: int, worst: int, month: int) -> int | None:
+        """`reserve`, for a caller on the event loop (a shared store's round trip does not block it)."""
+        return self.reserve(key_id, worst, month)
+
     def unreserve(self, key_id: int, held: int) -> None:
         if held:
             left = self._holds.get(key_id, 0) - held
@@ -152,29 +156,40 @@ class SharedLedger(Ledger):
         """Marked keys with no call in flight here: their marks are lifted once their records are written."""
 
     def reserve(self, key_id: int, worst: int, month: int) -> int | None:
-        held = self._reserve(key_id, worst, month)
+        budget = self._budget(key_id, worst, month)
+        fits = None if budget is None else self._shared.reserve(key_id, worst, budget)
+        return self._reserved(key_id, worst, month, fits)
+
+    async def reserve_async(self, key_id: int, worst: int, month: int) -> int | None:
+        budget = self._budget(key_id, worst, month)
+        fits = None if budget is None else await self._shared.reserve_async(key_id, worst, budget)
+        return self._reserved(key_id, worst, month, fits)
+
+    def _budget(self, key_id: int, worst: int, month: int) -> int | None:
+        """What a metered key has left before any hold, fee or credits counted in the shared store (this instance's
+        too); None when the shared store has no say (a key that is not metered, a call that costs nothing)."""
+        account = self._accounts.get(key_id)
+        if account is None or not account.metered or not worst:
+            return None
+        month_fee, balance = account.after(self._pending.get(key_id, 0) - self._fees_shared.get(key_id, 0), month)
+        return max(account.month_quota - month_fee, 0) + balance - self._debits_unshared(key_id)
+
+    def _reserved(self, key_id: int, worst: int, month: int, fits: bool | None) -> int | None:
+        """The hold, from the shared store's answer (None: the in-memory rule decides)."""
+        if fits is None:
+            held = super().reserve(key_id, worst, month)
+        elif fits:
+            self._holds[key_id] = self._holds.get(key_id, 0) + worst
+            _add(self._held_shared, key_id, worst)
+            held = worst
+        else:
+            return None
         if held is not None:
             _add(self._calls, key_id, 1)
             self._idle.discard(key_id)
             if key_id not in self._marked and self._shared.mark_busy(key_id):
                 self._marked.add(key_id)
         return held
-
-    def _reserve(self, key_id: int, worst: int, month: int) -> int | None:
-        account = self._accounts.get(key_id)
-        if account is None or not account.metered or not worst:
-            return super().reserve(key_id, worst, month)
-        # What the key has left before any hold, fee or credits counted in the shared store (this instance's too).
-        month_fee, balance = account.after(self._pending.get(key_id, 0) - self._fees_shared.get(key_id, 0), month)
-        budget = max(account.month_quota - month_fee, 0) + balance - self._debits_unshared(key_id)
-        fits = self._shared.reserve(key_id, worst, budget)
-        if fits is None:
-            return super().reserve(key_id, worst, month)
-        if not fits:
-            return None
-        self._holds[key_id] = self._holds.get(key_id, 0) + worst
-        _add(self._held_shared, key_id, worst)
-        return worst
 
     def unreserve(self, key_id: int, held: int) -> None:
         super().unreserve(key_id, held)
@@ -210,7 +225,8 @@ class SharedLedger(Ledger):
         account = self._accounts.get(key_id)
         metered = account is not None and account.metered
         # Until it is written, the fee is counted for every instance as a hold of this one, which always fits.
-        if fee > 0 and not on_balance and metered and self._shared.reserve(key_id, fee, _UNBOUNDED):
+        if fee > 0 and not on_balance and metered:
+            self._shared.hold_fee(key_id, fee)
             _add(self._held_shared, key_id, fee)
             _add(self._fees_shared, key_id, fee)
 

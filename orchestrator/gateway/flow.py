@@ -185,16 +185,16 @@ class Gateway:
             raise IpRefused
         return key
 
-    def admit(self, key: KeyInfo, *, spend: bool = True) -> None:
+    async def admit(self, key: KeyInfo, *, spend: bool = True) -> None:
         """The key's rate limit, then (`spend`) its quota and balance: refused before anything is sent upstream."""
         if key is SERVER_ADMIN:
             return
-        if not self._limiter.allow(key.id, key.allowed_rpm):
+        if not await self._limiter.allow_async(key.id, key.allowed_rpm):
             raise RateLimited(key.allowed_rpm)
         if spend and not self.catalog.ledger.may_spend(key.id, money.month_of()):
             raise PaymentRequired
 
-    def hold(
+    async def hold(
         self,
         key: KeyInfo,
         model: ModelInfo,
@@ -216,7 +216,7 @@ class Gateway:
         prompt = prompt_bound + media * self.hold_tokens
         completion = (self.hold_tokens if max_tokens is None else max_tokens) * outputs
         worst = money.fee(prompt, completion, model.price_in, model.price_out)
-        held = self.catalog.ledger.reserve(key.id, worst, money.month_of())
+        held = await self.catalog.ledger.reserve_async(key.id, worst, money.month_of())
         if held is None:
             raise PaymentRequired
         self._calls_of[key.id] += 1

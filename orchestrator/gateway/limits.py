@@ -50,6 +50,10 @@ class RpmLimiter:
         w.current += 1
         return True
 
+    async def allow_async(self, key_id: int, rpm: int) -> bool:
+        """`allow`, for a caller on the event loop (a shared window's round trip does not block it)."""
+        return self.allow(key_id, rpm)
+
 
 class SharedRpmLimiter(RpmLimiter):
     """The same window, counted for every instance at once in a shared store (`ORCH_REDIS_URL`); while the store is
@@ -60,7 +64,12 @@ class SharedRpmLimiter(RpmLimiter):
         self.shared = shared
 
     def allow(self, key_id: int, rpm: int) -> bool:
-        allowed = self.shared.allow_rpm(key_id, rpm)
+        return self._decided(self.shared.allow_rpm(key_id, rpm), key_id, rpm)
+
+    async def allow_async(self, key_id: int, rpm: int) -> bool:
+        return self._decided(await self.shared.allow_rpm_async(key_id, rpm), key_id, rpm)
+
+    def _decided(self, allowed: bool | None, key_id: int, rpm: int) -> bool:
         if allowed is None:
             return super().allow(key_id, rpm)
         if allowed:  # counted here too, so that an outage goes on from this instance's own calls, not from zero

@@ -3,8 +3,11 @@ the spend a metered key has held for its calls in flight, the LlmEndpoint credit
 which instances have calls of a key in flight or not yet written (a key being deleted asks). Each check is one Lua
 script: one round trip, atomic over every instance.
 
-The gateway checks its limits synchronously (an admission and its hold are one step on the event loop), so the calls
-here block for their round trip, bounded by a short socket timeout. A Redis that cannot be reached is never an error
+The gateway's own calls check their rate limit and hold their spend without blocking the event loop
+(`allow_rpm_async`, `reserve_async`, over `RedisPipe`: the checks of concurrent calls share round trips). What only
+gives back or adds an amount nobody waits to read (a hold ended, a call's fee) is sent with the next batch, its answer
+unread. The other surfaces' checks, and the records' and liveness writes, block for their round trip on a connection
+of their own, bounded by a short socket timeout. A Redis that cannot be reached is never an error
 to a caller: each method answers None ("not shared right now"), the caller falls back to its own in-memory limits,
 and the outage is logged once (`redis.unreachable`) with its end (`redis.reachable`); Redis is tried again every
 `retry_after_s` meanwhile, not on every call.
@@ -15,6 +18,7 @@ own, and an entry whose instance's liveness key has expired is dropped by the ne
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -24,7 +28,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import hiredis
 import structlog
+
+from orchestrator.platform.redis_pipe import PipeBroken, RedisPipe
 
 if TYPE_CHECKING:
     import redis
@@ -154,6 +161,13 @@ return 1
 """)
 
 
+_ADD = Script("""
+redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SET', ARGV[3] .. ARGV[1], 1, 'PX', ARGV[4])
+return 1
+""")
+"""Count `amount` more for this instance (a fee held until it is written: never refused, so never checked)."""
+
 Pool = Literal["holds", "credits"]
 """A key's amounts counted per instance: a metered key's holds and unwritten fees, or LlmEndpoint credits taken."""
 
@@ -163,11 +177,17 @@ class SharedLimits(Protocol):
 
     def allow_rpm(self, key_id: int, rpm: int) -> bool | None: ...
 
+    async def allow_rpm_async(self, key_id: int, rpm: int) -> bool | None: ...
+
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None: ...
+
+    async def reserve_async(self, key_id: int, worst: int, budget: int) -> bool | None: ...
 
     def take_credits(self, key_id: int, price: int, balance: int, quota_left: int) -> bool | None: ...
 
     def unreserve(self, key_id: int, amount: int, *, pool: Pool = "holds") -> None: ...
+
+    def hold_fee(self, key_id: int, fee: int) -> None: ...
 
     def written(self, amounts: dict[int, int], *, pool: Pool = "holds") -> None: ...
 
@@ -197,6 +217,7 @@ class RedisLimits:
         self._errors = redis.RedisError
         self._no_script = redis.exceptions.NoScriptError
         self._answered_error = redis.exceptions.ResponseError
+        self._closed_error = redis.exceptions.ConnectionError
         self._client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
         )
@@ -214,19 +235,40 @@ class RedisLimits:
         self._heartbeat: threading.Thread | None = None
         self._heartbeat_pid = 0
         self._closed = threading.Event()
+        connect = self._client.connection_pool.connection_kwargs
+        self._pipe = RedisPipe(
+            {k: connect[k] for k in ("path", "host", "port", "db", "username", "password") if connect.get(k)},
+            timeout_s=timeout_s,
+        )
 
     def allow_rpm(self, key_id: int, rpm: int) -> bool | None:
         """Count a request of the key in its minute window if it fits under `rpm`: whether it did, or None."""
-        answers = self.run(_RPM, [(f"{self._prefix}rpm:{key_id}", rpm)])
+        answers = self.run(_RPM, [self._rpm_call(key_id, rpm)])
         return None if answers is None else bool(answers[0])
+
+    async def allow_rpm_async(self, key_id: int, rpm: int) -> bool | None:
+        """`allow_rpm` without blocking the event loop."""
+        answer = await self.run_async(_RPM, self._rpm_call(key_id, rpm))
+        return None if answer is None else bool(answer)
+
+    def _rpm_call(self, key_id: int, rpm: int) -> tuple[Any, ...]:
+        return (f"{self._prefix}rpm:{key_id}", rpm)
 
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None:
         """Hold `worst` for the key if the holds and credits of every instance plus `worst` fit in `budget` (what
         the key has left before any of them): whether it was held, or None."""
+        answers = self.run(_RESERVE, [self._reserve_call(key_id, worst, budget)])
+        return None if answers is None else bool(answers[0])
+
+    async def reserve_async(self, key_id: int, worst: int, budget: int) -> bool | None:
+        """`reserve` without blocking the event loop."""
+        answer = await self.run_async(_RESERVE, self._reserve_call(key_id, worst, budget))
+        return None if answer is None else bool(answer)
+
+    def _reserve_call(self, key_id: int, worst: int, budget: int) -> tuple[Any, ...]:
         self.keep_alive()
         holds, credits, alive = self._pool(key_id, "holds"), self._pool(key_id, "credits"), self.alive_prefix
-        answers = self.run(_RESERVE, [(holds, credits, self.instance, worst, budget, alive, self._alive_ttl_ms)])
-        return None if answers is None else bool(answers[0])
+        return (holds, credits, self.instance, worst, budget, alive, self._alive_ttl_ms)
 
     def take_credits(self, key_id: int, price: int, balance: int, quota_left: int) -> bool | None:
         """Take `price` credits of the key if they fit in `balance` (its balance before any instance's credits,
@@ -239,9 +281,13 @@ class RedisLimits:
         return None if answers is None else bool(answers[0])
 
     def unreserve(self, key_id: int, amount: int, *, pool: Pool = "holds") -> None:
-        """Give back `amount` held (or credits taken) here (a Redis out of reach drops it when this instance's
-        liveness key expires)."""
-        self.run(_UNRESERVE, [(self._pool(key_id, pool), self.instance, amount)])
+        """Give back `amount` held (or credits taken) here, deferred (a Redis out of reach drops it when this
+        instance's liveness key expires)."""
+        self.defer(_UNRESERVE, (self._pool(key_id, pool), self.instance, amount))
+
+    def hold_fee(self, key_id: int, fee: int) -> None:
+        """Count a call's fee as a hold of this instance until it is written (`written`), deferred."""
+        self.defer(_ADD, (self._pool(key_id, "holds"), self.instance, fee, self.alive_prefix, self._alive_ttl_ms))
 
     def written(self, amounts: dict[int, int], *, pool: Pool = "holds") -> None:
         """Fees (or credits) held here, per key, are written to the database: counted for `written_ttl_s` more,
@@ -288,53 +334,89 @@ class RedisLimits:
 
     def close(self) -> None:
         self._closed.set()
+        self._pipe.close()
         with contextlib.suppress(self._errors):
             self._client.delete(f"{self._prefix}alive:{self.instance}")  # this instance's holds end with it
         if self._conn is not None:
             self._conn.disconnect()
         self._client.close()
 
+    def defer(self, script: Script, call: tuple[Any, ...]) -> None:
+        """Run `script` for `call` with the event loop's next batch (now, outside a loop); its answer is not read by
+        anyone (a failure is dropped, as a check's would be)."""
+        if self._down_until is not None and time.monotonic() < self._down_until:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.run(script, [call])
+            return
+        self._pipe.send("EVAL", script.text, script.keys, *call)  # whole: no answer is read to see a NOSCRIPT
+
+    async def run_async(self, script: Script, call: tuple[Any, ...]) -> int | None:
+        """`run` for one call on the event loop's pipe: its answer, or None."""
+        if self._down_until is not None and time.monotonic() < self._down_until:
+            return None
+        try:
+            answer = await self._pipe.call("EVALSHA", script.sha, script.keys, *call)
+            if isinstance(answer, hiredis.ReplyError) and str(answer).startswith("NOSCRIPT"):
+                answer = await self._pipe.call("EVAL", script.text, script.keys, *call)
+        except PipeBroken as e:
+            self._unreachable(e)
+            return None
+        self._reachable()
+        if isinstance(answer, hiredis.ReplyError):
+            raise self._answered_error(str(answer))
+        return int(answer)
+
     def run(self, script: Script, calls: list[tuple[Any, ...]]) -> list[int] | None:
         """Run `script` once for each of `calls` (its key, then its arguments), in one round trip: the answers, or
         None when Redis cannot be reached (or is not tried for now)."""
-        now = time.monotonic()
-        if self._down_until is not None and now < self._down_until:
+        if self._down_until is not None and time.monotonic() < self._down_until:
             return None
         try:
-            answers = self._send(script, calls)
+            try:
+                answers = self._send([(script, call) for call in calls])
+            except self._closed_error:  # closed while unused (the event loop's pipe may have seen Redis restart)
+                self._conn.disconnect()
+                answers = self._send([(script, call) for call in calls])
         except self._errors as e:
             if self._conn is not None:
                 self._conn.disconnect()  # connected again at the next try
-            if self._down_until is None:
-                log.warning("redis.unreachable", error=type(e).__name__, detail=str(e), fallback="in-memory limits")
-            self._down_until = now + self._retry_after_s
+            self._unreachable(e)
             return None
+        self._reachable()
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return [int(answer) for answer in answers]
+
+    def _unreachable(self, e: Exception) -> None:
+        if self._down_until is None:
+            log.warning("redis.unreachable", error=type(e).__name__, detail=str(e), fallback="in-memory limits")
+        self._down_until = time.monotonic() + self._retry_after_s
+
+    def _reachable(self) -> None:
         if self._down_until is not None:
             self._down_until = None
             log.warning("redis.reachable", limits="shared again")
-        return answers
 
-    def _send(self, script: Script, calls: list[tuple[Any, ...]]) -> list[int]:
+    def _send(self, calls: list[tuple[Script, tuple[Any, ...]]]) -> list[Any]:
         if self._conn is None or self._conn_pid != os.getpid():  # a forked worker makes its own
             self._conn, self._conn_pid = self._client.connection_pool.make_connection(), os.getpid()
         conn = self._conn
         conn.send_packed_command(
-            [part for call in calls for part in conn.pack_command("EVALSHA", script.sha, script.keys, *call)],
+            [part for script, call in calls for part in conn.pack_command("EVALSHA", script.sha, script.keys, *call)],
             check_health=False,
         )
         answers = [self._read(conn) for _ in calls]
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, self._no_script)]
         if missing:  # a Redis that has not seen the script yet (or was restarted): sent whole, then cached
-            conn.send_packed_command(
-                [part for i in missing for part in conn.pack_command("EVAL", script.text, script.keys, *calls[i])],
-                check_health=False,
-            )
+            whole = [conn.pack_command("EVAL", calls[i][0].text, calls[i][0].keys, *calls[i][1]) for i in missing]
+            conn.send_packed_command([part for packed in whole for part in packed], check_health=False)
             for i in missing:
                 answers[i] = self._read(conn)
-        for answer in answers:
-            if isinstance(answer, Exception):
-                raise answer
-        return [int(answer) for answer in answers]
+        return answers
 
     def _read(self, conn: Any) -> Any:
         """The next answer, or the error Redis answered (each answer is read whole: the next one is read right)."""

@@ -104,7 +104,7 @@ class FeishuReceiver:
         gw = self._gw
         try:
             key = gw.authenticate(bot.api_key.strip(), OWN_ADDRESS)
-            gw.admit(key)
+            await gw.admit(key)
             if session is not None and len(session) > MAX_SESSION_ID:
                 return f"Error: Session-Id must be at most {MAX_SESSION_ID} characters."
             if len(raw) > MAX_BODY:
@@ -122,7 +122,7 @@ class FeishuReceiver:
         """The engine's status and answer to `body` (`raw` as asked, which is recorded); the call is accounted for
         once, however it ends."""
         gw = self._gw
-        hold = gw.hold(key, model, prompt_bound=len(body), max_tokens=None)
+        hold = await gw.hold(key, model, prompt_bound=len(body), max_tokens=None)
         call = await gw.open(model.name, "/chat/completions", body, hold=hold)
         outcome = Outcome(500)
         try:

@@ -210,7 +210,7 @@ class Completions:
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
 
-    def admit(self, key: KeyInfo, req: Valid, *, reserve: bool = True) -> tuple[ModelInfo, int]:
+    async def admit(self, key: KeyInfo, req: Valid, *, reserve: bool = True) -> tuple[ModelInfo, int]:
         """(the model, the call's cost in units), or the refusal; nothing is sent anywhere yet.
 
         `reserve`: the cost is taken off the key's balance now, in the same step as its check, so that concurrent
@@ -221,7 +221,7 @@ class Completions:
         if rate is None:
             raise LlmEndpointError(Refusal.INVALID, NO_PRICING)
         try:
-            gw.admit(key, spend=False)
+            await gw.admit(key, spend=False)
             model = gw.resolve(key, req.model, fallback=False)
         except RateLimited as e:
             raise LlmEndpointError(Refusal.RATE_LIMITED, str(e)) from e
@@ -243,7 +243,7 @@ class Completions:
     async def open(self, key: KeyInfo, model: ModelInfo, req: Valid, price: int) -> Call:
         """The call to a replica, once admitted (and reserved); the reservation is given back if none answers."""
         # A hold of nothing: its credits are reserved apart, but the key's call is then known to be in flight.
-        hold = self._gw.hold(key, model, prompt_bound=0, max_tokens=0)
+        hold = await self._gw.hold(key, model, prompt_bound=0, max_tokens=0)
         try:
             return await self._gw.open(model.name, "/chat/completions", req.engine_body, hold=hold)
         except (NoReplica, UpstreamFailed) as e:
@@ -275,7 +275,7 @@ class Completions:
 
     async def complete(self, key: KeyInfo, req: Valid) -> str:
         """A whole (non-stream) completion's text; raises LlmEndpointError."""
-        model, price = self.admit(key, req)
+        model, price = await self.admit(key, req)
         call = await self.open(key, model, req, price)
         outcome = Outcome(500)
         try:

@@ -89,7 +89,7 @@ class TaskRunner:
                 Refusal.FORBIDDEN, UNAUTHORIZED, "the admin key owns no tasks: queue with a client key"
             )
         req = parse(raw, stream_allowed=False)
-        self._completions.admit(key, req, reserve=False)  # the refusals now; credits are reserved when it runs
+        await self._completions.admit(key, req, reserve=False)  # the refusals now; credits are reserved when it runs
         task = CompletionTask(id=str(uuid.uuid4()), key_id=key.id, model=req.model, request=req.stored())
         await self.store.add(task)
         log.info("task.queued", task_id=task.id, model=task.model)

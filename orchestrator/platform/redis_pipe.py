@@ -1,0 +1,168 @@
+"""The event loop's own connection to Redis, never blocking it: the commands of every call in one turn of the loop
+go out in one write, and their answers are read in order as they arrive, while the loop serves other calls.
+
+A call's check that waits for its answer costs it a round trip but costs the loop nothing; concurrent calls share
+round trips. A write whose answer nobody reads (`send`) goes out with the next turn's batch.
+
+Errors: `PipeBroken` when the connection fails, closes or an answer takes longer than the timeout (every command
+waiting on it fails with it, and the next command connects again). An error Redis answers (a script's) is returned,
+as a `hiredis.ReplyError`, not raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Any
+
+import hiredis
+
+
+class PipeBroken(Exception):
+    """The connection to Redis failed; the commands waiting on it have no answer."""
+
+
+_DISCARD = None
+"""In the queue of answers awaited, the place of a command sent with `send` (its answer is dropped)."""
+
+
+class RedisPipe:
+    """Commands to one Redis, pipelined on the running event loop (one connection per loop)."""
+
+    def __init__(self, connect: dict[str, Any], *, timeout_s: float) -> None:
+        self._connect_kwargs = connect
+        """redis-py's connection arguments: `path` (a unix socket) or `host`/`port`; `db`, `username`, `password`."""
+        self._timeout_s = timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._out: list[bytes] = []
+        """Packed commands waiting for this turn's write."""
+        self._writing = False
+        self._awaited: collections.deque[asyncio.Future[Any] | None] = collections.deque()
+        """One place per command written or to be written, in order: its future, or `_DISCARD`."""
+        self._written = 0
+        self._answered = 0
+        """Commands written and answers read on this connection: a write whose answers are not all read within the
+        timeout breaks it (one timer per write, not per command)."""
+
+    async def call(self, *command: str | int | float | bytes) -> Any:
+        """The answer to `command` (an error Redis answers is returned, not raised)."""
+        loop = self._ensure_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue(_pack(command), future)
+        return await future
+
+    def send(self, *command: str | int | float | bytes) -> None:
+        """Send `command` with this turn's batch; its answer is not read by anyone (a lost one is lost)."""
+        self._ensure_loop()
+        self._queue(_pack(command), _DISCARD)
+
+    def close(self) -> None:
+        self._broken(PipeBroken("closed"))
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (a test's, a forked worker's): nothing of the old one is usable
+            self._drop()
+            self._loop, self._out, self._awaited, self._writing = loop, [], collections.deque(), False
+        return loop
+
+    def _queue(self, packed: bytes, future: asyncio.Future[Any] | None) -> None:
+        self._out.append(packed)
+        self._awaited.append(future)
+        if not self._writing:
+            self._writing = True
+            assert self._loop is not None
+            self._loop.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            if self._writer is None:
+                await self._open()
+            await asyncio.sleep(0)  # one turn more: what this turn's other calls add goes in the same write
+            out, self._out = self._out, []
+            assert self._writer is not None
+            self._writer.write(b"".join(out))
+            self._written += len(out)
+            asyncio.get_running_loop().call_later(self._timeout_s, self._deadline, self._writer, self._written)
+        except (OSError, PipeBroken, TimeoutError) as e:
+            self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
+        finally:
+            self._writing = False
+            if self._out:
+                self._writing = True
+                asyncio.get_running_loop().create_task(self._write())
+
+    async def _open(self) -> None:
+        kw = self._connect_kwargs
+        async with asyncio.timeout(self._timeout_s):
+            if kw.get("path"):
+                reader, writer = await asyncio.open_unix_connection(kw["path"])
+            else:
+                reader, writer = await asyncio.open_connection(kw.get("host", "localhost"), kw.get("port", 6379))
+        # The session's own commands go first, their answers dropped in place (an error there shows in the next).
+        hello: list[bytes] = []
+        if kw.get("password"):
+            auth = (kw["username"], kw["password"]) if kw.get("username") else (kw["password"],)
+            hello.append(_pack(("AUTH", *auth)))
+        if kw.get("db"):
+            hello.append(_pack(("SELECT", kw["db"])))
+        for _ in hello:
+            self._awaited.appendleft(_DISCARD)
+        self._out[:0] = hello
+        self._writer = writer
+        self._reading = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        parser = hiredis.Reader()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise PipeBroken("Redis closed the connection")
+                parser.feed(data)
+                while (answer := parser.gets()) is not False:
+                    future = self._awaited.popleft()
+                    self._answered += 1
+                    if future is not None and not future.done():
+                        future.set_result(answer)
+        except (OSError, PipeBroken, IndexError, hiredis.ProtocolError) as e:
+            self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
+
+    def _deadline(self, writer: asyncio.StreamWriter, written: int) -> None:
+        if writer is self._writer and self._answered < written:
+            self._broken(PipeBroken(f"no answer from Redis in {self._timeout_s} s"))
+
+    def _broken(self, error: PipeBroken) -> None:
+        """Every command waiting fails with `error`; the next one connects again."""
+        self._drop()
+        awaited, self._awaited = self._awaited, collections.deque()
+        for future in awaited:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        self._out = []
+
+    def _drop(self) -> None:
+        if self._reading is not None and self._reading is not _current_task():
+            self._reading.cancel()
+        self._reading = None
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # a transport of a loop already closed
+                self._writer.close()
+        self._writer = None
+        self._written = self._answered = 0
+
+
+def _pack(command: tuple[Any, ...]) -> bytes:
+    # A tuple of any length (hiredis's stubs say a 1-tuple).
+    packed: bytes = hiredis.pack_command(command)
+    return packed
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None

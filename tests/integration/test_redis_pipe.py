@@ -1,0 +1,91 @@
+"""The event loop's pipe to Redis, against a real redis-server: concurrent commands share one connection and get
+their own answers in order, answers nobody reads never shift the others, and a Redis that stops or goes silent
+fails the waiting commands (never hangs them) while the next command connects again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from orchestrator.platform.redis_pipe import PipeBroken, RedisPipe
+from tests.support.redis import RedisServer
+
+
+def _pipe(server: RedisServer, timeout_s: float = 1.0) -> RedisPipe:
+    kwargs = redis.Redis.from_url(server.url).connection_pool.connection_kwargs
+    return RedisPipe({k: kwargs[k] for k in ("path", "host", "port", "db") if kwargs.get(k)}, timeout_s=timeout_s)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer.private()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_concurrent_commands_get_their_own_answers_on_one_connection(redis_server: RedisServer) -> None:
+    pipe, key = _pipe(redis_server), f"t:{uuid.uuid4().hex}"
+    watcher = redis.Redis.from_url(redis_server.url)
+    connections = watcher.info("stats")["total_connections_received"]
+    try:
+        answers = await asyncio.gather(*(pipe.call("INCR", key) for _ in range(200)))
+        assert sorted(answers) == list(range(1, 201))  # each call its own answer: no answer given twice or lost
+        names = await asyncio.gather(*(pipe.call("ECHO", f"n{i}") for i in range(50)))
+        assert names == [f"n{i}".encode() for i in range(50)]
+        assert watcher.info("stats")["total_connections_received"] == connections + 1  # one, for the 250 commands
+    finally:
+        pipe.close()
+        watcher.close()
+
+
+async def test_unread_answers_do_not_shift_the_next_ones(redis_server: RedisServer) -> None:
+    pipe, key = _pipe(redis_server), f"t:{uuid.uuid4().hex}"
+    try:
+        for i in range(20):
+            pipe.send("INCRBY", key, 10)
+            assert await pipe.call("ECHO", f"after {i}") == f"after {i}".encode()
+        assert await pipe.call("GET", key) == b"200"
+        error = await pipe.call("EVAL", "return redis.call('NOPE')", 0)
+        assert "Unknown Redis command" in str(error)  # Redis's error is an answer, not a broken pipe
+        assert await pipe.call("ECHO", "still") == b"still"
+    finally:
+        pipe.close()
+
+
+async def test_a_redis_that_restarts_fails_the_waiting_and_serves_the_next(own_redis: RedisServer) -> None:
+    pipe = _pipe(own_redis)
+    try:
+        assert await pipe.call("PING") == b"PONG"
+        own_redis.pause()
+        with pytest.raises(PipeBroken):
+            await pipe.call("PING")
+        own_redis.resume()
+        assert await pipe.call("PING") == b"PONG"
+    finally:
+        pipe.close()
+
+
+async def test_a_silent_redis_fails_the_waiting_within_the_timeout(own_redis: RedisServer) -> None:
+    pipe = _pipe(own_redis, timeout_s=0.2)
+    assert own_redis._proc is not None  # the test's own server, stopped in place
+    try:
+        assert await pipe.call("PING") == b"PONG"
+        os.kill(own_redis._proc.pid, signal.SIGSTOP)
+        try:
+            waiting = [asyncio.ensure_future(pipe.call("PING")) for _ in range(5)]
+            done, _ = await asyncio.wait(waiting, timeout=10)
+            assert len(done) == 5
+            assert all(isinstance(f.exception(), PipeBroken) for f in done)
+        finally:
+            os.kill(own_redis._proc.pid, signal.SIGCONT)
+        assert await pipe.call("PING") == b"PONG"
+    finally:
+        pipe.close()
