@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Router, delete, get, post
+from litestar import Controller, Router, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
@@ -33,6 +33,13 @@ class HostController(Controller):
     async def list_hosts(self, hosts: NamedDependency[HostService]) -> list[s.HostOut]:
         """Every host with its GPUs in use and the replicas placed on it (no key material)."""
         return [s.HostOut.of(h) for h in await hosts.list()]
+
+    @put("/{host_id:int}")
+    async def update(
+        self, hosts: NamedDependency[HostService], host_id: HostId, data: JSONBody[s.HostUpdateIn]
+    ) -> s.HostOut:
+        """Disable a host (no new replica is placed on it; those on it stay) or enable it again."""
+        return s.HostOut.of(await hosts.set_disabled(host_id, disabled=data.disabled))
 
     @delete("/{host_id:int}", status_code=HTTP_204_NO_CONTENT)
     async def remove(self, hosts: NamedDependency[HostService], host_id: HostId) -> None:

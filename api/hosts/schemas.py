@@ -43,6 +43,11 @@ class HostIn(_In):
         )
 
 
+class HostUpdateIn(_In):
+    disabled: bool
+    """True: no new replica is placed on the host (those on it stay); false: it takes replicas again."""
+
+
 class PlacedOut(BaseModel):
     replica_id: int
     status: str

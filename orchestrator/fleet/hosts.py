@@ -109,6 +109,12 @@ class HostService:
     async def list(self) -> list[HostUse]:
         return await self._store.hosts()
 
+    async def set_disabled(self, host_id: int, *, disabled: bool) -> HostUse:
+        use = await self._store.set_disabled(host_id, disabled)
+        log.info("host.disabled" if disabled else "host.enabled", host=use.host.name)
+        await self._changed()
+        return use
+
     async def delete(self, host_id: int) -> None:
         await self._store.delete(host_id)
         log.info("host.deleted", host_id=host_id)

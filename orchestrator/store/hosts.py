@@ -63,6 +63,19 @@ class HostStore:
             placed = await _live(s, [row_id(h.id) for h in hosts])
         return [HostUse(h, placed.get(row_id(h.id), ())) for h in hosts]
 
+    async def set_disabled(self, host_id: int, disabled: bool) -> HostUse:
+        """A disabled host takes no new replica; those on it stay."""
+        async with self._sessions() as s:
+            host = await s.get(Host, host_id)
+            if host is None:
+                raise NotFound(f"host {host_id} does not exist")
+            host.disabled = disabled
+            s.add(host)
+            await s.commit()
+            await s.refresh(host)
+            placed = (await _live(s, [host_id])).get(host_id, ())
+            return HostUse(host, placed)
+
     async def delete(self, host_id: int) -> None:
         """Removes the host; Conflict while a live replica is placed on it."""
         async with self._sessions() as s:

@@ -70,6 +70,8 @@ async def test_a_host_is_registered_listed_without_its_key_and_deleted(
     assert (await client.delete(f"/api/v1/hosts/{created['id']}")).status_code == 204
     assert (await client.get("/api/v1/hosts")).json() == []
     assert (await client.delete(f"/api/v1/hosts/{created['id']}")).status_code == 404
+    assert (await client.put(f"/api/v1/hosts/{created['id']}", json={"disabled": True})).status_code == 404
+    assert (await client.put("/api/v1/hosts/1", json={"disabled": "maybe"})).status_code == 400
 
 
 @pytest.mark.parametrize(
@@ -136,6 +138,12 @@ async def test_placement_takes_free_gpus_and_ports_waits_when_full_and_is_releas
     assert str(first) in r.json()["error"]
 
     await terminate(deps, first)
+    r = await client.put(f"/api/v1/hosts/{host['id']}", json={"disabled": True})
+    assert r.status_code == 200
+    assert r.json()["disabled"] is True
+    assert r.json()["gpus_used"] == 1  # the replica on it stays
+    assert await store.place(third, "rack-a", 1, PORTS) == "no enabled host is registered in pool 'rack-a'"
+    assert (await client.put(f"/api/v1/hosts/{host['id']}", json={"disabled": False})).json()["disabled"] is False
     assert await store.place(third, "rack-a", 1, PORTS) == Spot(host["id"], "gpu-1", (0,), 8100)
     await terminate(deps, second)
     await terminate(deps, third)
