@@ -139,12 +139,20 @@ class HostsBackend:
         return frozenset({OPEN_TO_ALL}) if status != 0 else read_rules(out)
 
     def destroy(self, replica_id: int) -> None:
+        """From its host; a replica placed nowhere (it waited, or an orphan whose placement is gone) is looked for
+        on every host that answers: one out of reach would be found later by `owned`, and must not keep a replica
+        that never reached it from ending."""
         seat = self.book.seat(replica_id)
         if seat is None and not self.book.loaded:
             raise BackendError("the registered hosts are not loaded yet; try again")
-        for host in [seat.host] if seat is not None else self.book.hosts():
-            with self._session(host) as ssh:
-                ssh.run(_remove(replica_id), f"removing replica {replica_id} from host {host.name}")
+        if seat is not None:
+            self._remove(seat.host, replica_id)
+            return
+        for host in self.book.hosts():
+            try:
+                self._remove(host, replica_id)
+            except BackendError as e:
+                log.warning("hosts.remove_failed host=%s replica_id=%s error=%s", host.name, replica_id, e)
 
     def owned(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -159,6 +167,10 @@ class HostsBackend:
         return frozenset(ids)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _remove(self, host: HostLogin, replica_id: int) -> None:
+        with self._session(host) as ssh:
+            ssh.run(_remove(replica_id), f"removing replica {replica_id} from host {host.name}")
 
     def _seat(self, replica_id: int) -> Seat:
         seat = self.book.seat(replica_id)

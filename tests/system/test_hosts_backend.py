@@ -221,9 +221,28 @@ async def test_replicas_are_placed_on_a_registered_host_serve_and_are_released_o
     assert f"orchestrator-replica-{third}\n" in authorized
     assert await chat(transport, key)
 
-    for rid in (second, third):
+    # A replica of a pool with no host waits, and is deleted without ever reaching a host, even with another host
+    # of another pool out of reach (nothing listens on its port).
+    ghost = {"name": "ghost", "pool": "elsewhere", "address": GATEWAY, "ssh_port": 1, "gpus": 1}
+    r = await client.post(
+        "/api/v1/hosts", json={**ghost, "ssh_user": "ubuntu", "ssh_private_key": admin_key, "host_key": host_key}
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        f"/api/v1/models/{model_id}/replicas",
+        json={"create_vm": True, "vm_creation_details": {**details, "environment_name": "rack-z"}},
+    )
+    nowhere = int(r.json()["replica_id"])
+    ids.append(nowhere)
+    await reconcile(deps.store, deps.managed)
+    await deps.managed.settle()
+    row = await deps.store.replica(nowhere)
+    assert row is not None
+    assert row.probe_error == "no enabled host is registered in pool 'rack-z'"
+
+    for rid in (second, third, nowhere):
         assert (await client.delete(f"/api/v1/replicas/{rid}")).status_code == 204
-    await drive(deps, ids, dict.fromkeys(ids, S.TERMINATED))
+    await drive(deps, ids, dict.fromkeys(ids, S.TERMINATED), timeout_s=30)
     assert await asyncio.to_thread(deps.managed.backend.owned) == frozenset()
     assert "orchestrator-replica-" not in on_host(machines, "/home/ubuntu/.ssh/authorized_keys").read_text()
     assert (await client.delete(f"/api/v1/hosts/{host_id}")).status_code == 204
