@@ -1,0 +1,173 @@
+"""A deployment with an autoscaling policy, end to end on the local sandbox backend: engines (the simulator in sshd
+sandboxes) that run two calls at once and queue the rest, ten openai SDK clients through the gateway (half of them
+streaming), and the leader's jobs run pass by pass as the scheduler runs them (engine_load, the deployments' keeper
+in the reconcile, the managed replicas' steps, the probes). The deployment grows to three replicas until the calls
+waiting fall under the target, and shrinks back to one after the load ends, with no failed call."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from infra.sandbox import SandboxBackend
+from orchestrator.domain.lifecycle import REASON_SCALED_DOWN, ReplicaStatus
+from orchestrator.fleet.drain import Drain
+from orchestrator.fleet.reconcile import reconcile
+from orchestrator.platform.settings import Settings
+from orchestrator.runtime.container import Deps
+from tests.support.engines import Engine
+from tests.support.gateway import issue_key, openai_client
+from tests.support.settings import instance_settings
+from tests.support.toolkit import create_model, vm_details
+
+S = ReplicaStatus
+MODEL = "sim-autoscaled"
+AUTOSCALE = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_waiting": 2,
+    "scale_up_delay_s": 0.5,
+    "scale_down_delay_s": 1.0,
+}
+CLIENTS = 10
+"""Three replicas run six at once and leave about four waiting (1.3 each, under the target of 2); two leave six."""
+ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'orchestrator.db'}"  # one database kind: the fleet is the subject
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    assert os.geteuid() == 0, "the sandbox system tests need root for nftables (CI runs as root)"
+    return instance_settings(tmp_path / "state", database_url)
+
+
+@pytest.fixture
+async def sandbox(deps: Deps) -> AsyncIterator[SandboxBackend]:
+    backend = deps.managed.backend
+    assert isinstance(backend, SandboxBackend)
+    try:
+        yield backend
+    finally:
+        await deps.managed.settle()
+        for replica_id in backend.owned():  # whatever a failed test left behind
+            backend.destroy(replica_id)
+
+
+class Leader:
+    """The leader's jobs, one pass each, as the scheduler runs them; each engine made a queue once it is READY."""
+
+    def __init__(self, deps: Deps, client: httpx.AsyncClient, model_id: int) -> None:
+        self.deps, self.client, self.model_id = deps, client, model_id
+        self.queued: set[int] = set()
+
+    async def step(self) -> dict[str, Any]:
+        deps = self.deps
+        await deps.engine_load.scrape()
+        await deps.keeper.keep()
+        await reconcile(deps.store, deps.managed, Drain(deps.catalog, deps.settings.drain_timeout_s))
+        await deps.managed.settle()
+        await deps.health.run()
+        for replica in await deps.store.replicas_in([S.READY]):
+            if replica.id not in self.queued:  # as `--max-num-seqs 2`, with calls of about 0.2 s
+                engine = Engine(f"http://{replica.vm_address}:{replica.port}", MODEL)
+                await engine.set_faults(max_num_seqs=2, tokens_per_s=50)
+                self.queued.add(replica.id or 0)
+        r = await self.client.get(f"/api/v1/models/{self.model_id}/deployment")
+        assert r.status_code == 200, r.text
+        deployment: dict[str, Any] = r.json()
+        return deployment
+
+
+def ready(d: dict[str, Any]) -> int:
+    return sum(m["status"] == "READY" for m in d["members"])
+
+
+async def clients(sdk: openai.AsyncOpenAI, stop: asyncio.Event) -> tuple[int, list[BaseException]]:
+    """CLIENTS callers, every other one streaming, each calling again at once until `stop`: (answers, failures)."""
+    answered, failed = 0, []
+
+    async def caller(stream: bool) -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                if stream:
+                    chunks = await sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, stream=True)
+                    assert [c async for c in chunks][-1].choices[0].finish_reason == "length"
+                else:
+                    reply = await sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10)
+                    assert reply.choices[0].finish_reason == "length"
+                answered += 1
+            except (openai.OpenAIError, AssertionError) as e:
+                failed.append(e)
+
+    await asyncio.gather(*(caller(i % 2 == 1) for i in range(CLIENTS)))
+    return answered, failed
+
+
+async def test_an_autoscaled_deployment_grows_on_the_engines_queue_and_shrinks_after(
+    client: httpx.AsyncClient, transport: httpx.ASGITransport, deps: Deps, sandbox: SandboxBackend
+) -> None:
+    model_id = await create_model(client, MODEL)
+    template = {"create_vm": True, "vm_creation_details": vm_details(security_rules=[])}
+    r = await client.put(f"/api/v1/models/{model_id}/deployment", json={"template": template, "autoscale": AUTOSCALE})
+    assert r.status_code == 200, r.text
+    leader = Leader(deps, client, model_id)
+    deadline = time.monotonic() + 20
+    while ready(d := await leader.step()) < 1:
+        assert time.monotonic() < deadline, d
+        await asyncio.sleep(0.05)
+
+    _, key = await issue_key(client)
+    stop = asyncio.Event()
+    load_run = asyncio.create_task(clients(openai_client(transport, key), stop))
+    desired: list[int] = []
+    messages: list[str] = []
+    under_at_three = 0
+    deadline = time.monotonic() + 90  # far past the ~10 s it takes: only a hang fails here
+    try:
+        while True:
+            assert time.monotonic() < deadline, f"desired so far: {desired}, last: {d}"
+            d = await leader.step()
+            desired.append(d["desired"])
+            messages.append(d["message"] or "")
+            load = deps.engine_load.load_of(model_id)
+            if not stop.is_set() and ready(d) == 3 and load is not None and load.ready == 3:
+                under_at_three += load.waiting / load.ready < AUTOSCALE["target_waiting"]
+                if under_at_three == 3:  # the waiting calls stayed under the target: the load ends
+                    stop.set()
+            if load_run.done() and d["desired"] == 1 and ready(d) == 1 and d["status"] == "steady":
+                break
+            await asyncio.sleep(0.05)  # the jobs' pace; the calls run in this loop meanwhile
+    finally:  # a failed wait must not leave the callers running into the runtime's stop
+        stop.set()
+        await asyncio.wait({load_run}, timeout=30)
+
+    answered, failed = load_run.result()
+    assert failed == []
+    assert answered > CLIENTS
+    # Up to three, held there while loaded, back to one after: never down while the load ran, never up after.
+    assert [b for a, b in itertools.pairwise(desired) if a != b] == [2, 3, 2, 1], desired
+    assert any(m.startswith("waiting ") and "ready for" in m for m in messages), messages  # the reason of a step up
+    drained = [m for m in d["members"] if m["status"] == "TERMINATED"]
+    assert [m["termination_reason"] for m in drained] == [REASON_SCALED_DOWN] * 2
+    metrics = (await client.get("/metrics")).text
+    deployment_id = d["id"]
+    for direction in ("up", "down"):
+        sample = (
+            f'orchestrator_autoscale_decisions_total{{deployment_id="{deployment_id}",direction="{direction}"}} 2.0'
+        )
+        assert sample in metrics
