@@ -1,10 +1,10 @@
 """vLLM-compatible engine simulator: OpenAI endpoints, /tokenize, /metrics, fault knobs and a request log, no GPU.
 
 Beside vLLM's API, for tests: GET/POST /sim/faults reads and sets the fault knobs (and the pace, `tokens_per_s`,
-and the batch's size, `max_num_seqs`, so that an engine started by someone else can be made slow or a queue); GET /sim/requests answers
-{"requests": [{"received": unix time, "finished": unix time or null while running, "path": "/v1/...",
-"body": the request's JSON (its text if it was not JSON)}, ... oldest first], "peak_running": the most
-completion requests in flight at once since start or the last clear}, and DELETE /sim/requests clears both.
+and the batch's size, `max_num_seqs`, so that an engine started by someone else can be made slow or a queue);
+GET /sim/requests answers {"requests": [{"received": unix time, "finished": unix time or null while running,
+"path": "/v1/...", "body": the request's JSON (its text if it was not JSON)}, ... oldest first], "peak_running":
+the most completion requests in flight at once since start or the last clear}, and DELETE /sim/requests clears both.
 """
 
 from __future__ import annotations
