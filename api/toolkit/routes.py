@@ -164,9 +164,13 @@ def _replica_out(r: Replica) -> s.ReplicaOut:
 
 
 def _error_message(r: Replica) -> str | None:
-    """Why the replica failed, or, while it is not ready, what its probes find wrong (the toolkit's UI shows this
-    field only)."""
-    if r.error_message or not r.probe_error or r.status not in _PROBED_FOR_READINESS:
+    """Why the replica failed, or, while it is not ready, what its probes find wrong, or, while PENDING, why it
+    waits (the toolkit's UI shows this field only)."""
+    if r.error_message or not r.probe_error:
+        return r.error_message
+    if r.status == ReplicaStatus.PENDING:  # why it waits (for a host with room, on `hosts`)
+        return r.probe_error
+    if r.status not in _PROBED_FOR_READINESS:
         return r.error_message
     return f"not ready: {r.probe_error}"
 

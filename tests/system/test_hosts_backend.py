@@ -170,6 +170,8 @@ async def test_replicas_are_placed_on_a_registered_host_serve_and_are_released_o
     )
     events = (await client.get(f"/api/v1/replicas/{third}")).json()["events"]
     assert [e["reason"] for e in events if e["reason"] == "waiting_for_host"] == ["waiting_for_host"]  # said once
+    listed = {r["id"]: r for r in (await client.get(f"/api/v1/models/{model_id}/replicas")).json()}
+    assert (listed[third]["vm_status"], listed[third]["error_message"]) == ("PENDING", waiting.probe_error)  # the UI's
 
     # Each on the host's own address, its own GPU and port, bootstrapped in its own unit and directory.
     placed = {
