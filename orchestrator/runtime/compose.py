@@ -165,8 +165,8 @@ def build_deps(settings: Settings) -> Deps:
 
     bots = BotService(BotStore(sessions), box, keys.secret_key)
     metrics = ServerMetrics()
-    # The gateway's queue waits count as the engines' own waiting calls; calls refused for want of a READY
-    # replica are not counted by the gateway yet, so nothing wakes a deployment from zero but its queue.
+    # The gateway's queue waits count as the engines' own waiting calls. Calls refused for want of a READY replica
+    # (the queue refuses them too) are not counted per model by the gateway yet: nothing wakes a deployment at zero.
     engine_load = EngineLoad(
         store,
         upstream,
