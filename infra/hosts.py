@@ -119,7 +119,7 @@ class HostsBackend:
         rid = request.replica_id
         seat = self._seat(rid)
         line = " ".join([*request.ssh_public_key.split()[:2], f"{KEY_TAG}{rid}"])
-        with self._session(seat.host) as ssh:
+        with self.session(seat.host) as ssh:
             ssh.run(_authorise(rid, line), "authorising the replica's key")
             ssh.run("sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(rid, seat, request.rules))
         host = seat.host
@@ -127,14 +127,14 @@ class HostsBackend:
 
     def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
         seat = self._seat(request.replica_id)
-        with self._session(seat.host) as ssh:
+        with self.session(seat.host) as ssh:
             ssh.run(
                 "sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(request.replica_id, seat, rules)
             )
 
     def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
         seat = self._seat(handle.replica_id)
-        with self._session(seat.host) as ssh:
+        with self.session(seat.host) as ssh:
             status, out = ssh.call(f"sudo -n nft -j list table inet {table_name(handle.replica_id)}")
         return frozenset({OPEN_TO_ALL}) if status != 0 else read_rules(out)
 
@@ -158,7 +158,7 @@ class HostsBackend:
         ids: set[int] = set()
         for host in self.book.hosts():
             try:
-                with self._session(host) as ssh:
+                with self.session(host) as ssh:
                     _, out = ssh.call(_INVENTORY)
             except BackendError as e:  # one host out of reach hides only its own replicas
                 log.warning("hosts.inventory_failed host=%s error=%s", host.name, e)
@@ -169,7 +169,7 @@ class HostsBackend:
     # -- internals ----------------------------------------------------------------------------
 
     def _remove(self, host: HostLogin, replica_id: int) -> None:
-        with self._session(host) as ssh:
+        with self.session(host) as ssh:
             ssh.run(_remove(replica_id), f"removing replica {replica_id} from host {host.name}")
 
     def _seat(self, replica_id: int) -> Seat:
@@ -179,27 +179,37 @@ class HostsBackend:
         return seat
 
     @contextlib.contextmanager
-    def _session(self, host: HostLogin) -> Iterator[_Shell]:
+    def session(self, host: HostLogin) -> Iterator[HostShell]:
+        """Logged in to `host` as its admin (the pinned host key, the registered key); BackendError otherwise."""
         client = _login(host, self._source, self._timeout_s)
         try:
-            yield _Shell(client, host.name, self._timeout_s)
+            yield HostShell(client, host.name, self._timeout_s)
         finally:
             client.close()
 
 
-class _Shell:
+class HostShell:
     def __init__(self, client: paramiko.SSHClient, host: str, timeout_s: float) -> None:
         self._client, self._host, self._timeout_s = client, host, timeout_s
 
     def call(self, command: str, stdin: str | None = None) -> tuple[int, str]:
+        """The command's exit status and its output, stderr included (where nft and sudo say what went wrong)."""
+        transport = self._client.get_transport()
         try:
-            chan_in, chan_out, _ = self._client.exec_command(command, timeout=self._timeout_s)
-            if stdin is not None:
-                chan_in.write(stdin)
-            chan_in.channel.shutdown_write()
-            chan_out.channel.set_combine_stderr(True)
-            out = chan_out.read().decode(errors="replace")
-            return chan_out.channel.recv_exit_status(), out
+            if transport is None:
+                raise paramiko.SSHException("the session is closed")
+            chan = transport.open_session(timeout=self._timeout_s)
+            with chan:
+                chan.set_combine_stderr(True)
+                chan.settimeout(self._timeout_s)
+                chan.exec_command(command)
+                if stdin is not None:
+                    chan.sendall(stdin.encode())
+                chan.shutdown_write()
+                out = bytearray()
+                while data := chan.recv(65536):
+                    out += data
+                return chan.recv_exit_status(), out.decode(errors="replace")
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise BackendError(f"host {self._host}: the SSH session failed: {type(e).__name__}: {e}") from e
 
