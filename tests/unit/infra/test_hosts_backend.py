@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 
-from infra.hosts import OPEN_TO_ALL, HostLogin, Seat, inventory_ids, read_rules, rules_script
-from infra.vm import Rule
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from infra.hosts import OPEN_TO_ALL, HostLogin, Seat, inventory_ids, private_key, read_rules, rules_script
+from infra.vm import BackendError, Rule
+from provisioning.ssh_keys import generate_keypair
 
 LOGIN = HostLogin("gpu-1", "192.0.2.10", 22, "ubuntu", "unused", "ssh-ed25519 AAAA")
 SEAT = Seat(LOGIN, (0,), 8101)
@@ -58,3 +63,23 @@ def test_the_inventory_finds_each_replicas_key_directory_unit_and_table() -> Non
         ]
     )
     assert inventory_ids(out) == {3, 4, 5, 6}
+
+
+def _pem(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat, password: bytes = b""
+) -> str:
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, fmt, encryption).decode()
+
+
+def test_an_admins_key_may_be_ed25519_ecdsa_or_rsa_in_openssh_or_pem_but_not_encrypted() -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    assert private_key(generate_keypair()[0]).get_name() == "ssh-ed25519"
+    assert private_key(_pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL)).get_name() == "ssh-rsa"
+    assert private_key(_pem(rsa_key, serialization.PrivateFormat.OpenSSH)).get_name() == "ssh-rsa"
+    assert private_key(_pem(ec_key, serialization.PrivateFormat.TraditionalOpenSSL)).get_name().startswith("ecdsa")
+    with pytest.raises(BackendError, match="not an unencrypted"):
+        private_key(_pem(rsa_key, serialization.PrivateFormat.OpenSSH, b"passphrase"))
+    with pytest.raises(BackendError, match="not an unencrypted"):
+        private_key("ssh-ed25519 AAAA a public line")
