@@ -49,7 +49,8 @@ class _Seat:
     gpus: str = "all"
     """Docker's `--gpus` value."""
     env: Mapping[str, str] = field(default_factory=dict)
-    """Plain variables the engine also gets (a host's CUDA_VISIBLE_DEVICES and ENGINE_PORT)."""
+    """Plain variables the engine also gets (a host's CUDA_VISIBLE_DEVICES and ENGINE_PORT), on its command line by
+    `env`: the env file's values are secrets, redacted from every output (a GPU index "0" would be everywhere)."""
 
 
 def cloud_plans() -> PlanMaker:
@@ -78,7 +79,7 @@ def host_plans(book: HostBook) -> PlanMaker:
 
 
 def _cloud_plan(replica: Replica, model: str, secrets: Mapping[str, str], seat: _Seat) -> EnginePlan:
-    env = {**seat.env, **secrets}
+    env = dict(secrets)
     if replica.run_command:
         # The admin's shell command, kept as written; a `docker run` also gets the engine key from the unit's
         # environment (`-e NAME` copies it: the value is never on a command line).
@@ -88,12 +89,12 @@ def _cloud_plan(replica: Replica, model: str, secrets: Mapping[str, str], seat: 
     else:
         spec = EngineSpec.from_json(replica.engine_spec) if replica.engine_spec else EngineSpec()
         env |= spec.env
-        passed = sorted(set(env) - set(seat.env))  # placement's variables are for the host, not the container
-        command = shlex.join(spec_command(spec, model, replica.port or 0, passed, name=seat.unit, gpus=seat.gpus))
+        # The placement's variables stay out of the container: it sees its GPUs renumbered from 0.
+        command = shlex.join(spec_command(spec, model, replica.port or 0, sorted(env), name=seat.unit, gpus=seat.gpus))
     program = (shlex.split(command) or ["sh"])[0]
     docker = _DOCKER_RUN.search(command) is not None
     return EnginePlan(
-        serve_argv=("/bin/sh", "-c", command),
+        serve_argv=(*_env_prefix(seat.env), "/bin/sh", "-c", command),
         secret_env=env,
         work_dir=seat.work_dir,
         unit_name=seat.unit,
@@ -104,6 +105,10 @@ def _cloud_plan(replica: Replica, model: str, secrets: Mapping[str, str], seat: 
         install_check=f"command -v {shlex.quote(program)}",
         install=f"echo {shlex.quote(f'{program} is not installed on this VM image')} >&2; exit 1",
     )
+
+
+def _env_prefix(env: Mapping[str, str]) -> tuple[str, ...]:
+    return ("env", *(f"{name}={value}" for name, value in sorted(env.items()))) if env else ()
 
 
 def spec_command(

@@ -184,14 +184,16 @@ async def test_replicas_are_placed_on_a_registered_host_serve_and_are_released_o
         assert replica is not None
         assert (replica.vm_address, replica.port, replica.ssh_user) == (address, port, "ubuntu")
         assert replica.host_key == " ".join(host_key.split()[:2])  # the server's own key is the one pinned
-        env = on_host(machines, f"/opt/orchestrator-engine/replica-{rid}/engine.env").read_text()
-        assert f"CUDA_VISIBLE_DEVICES={gpu}\n" in env
+        run = on_host(machines, f"/opt/orchestrator-engine/replica-{rid}/run.sh").read_text()
+        assert f"exec env CUDA_VISIBLE_DEVICES={gpu} ENGINE_PORT={port} /bin/sh -c " in run
         assert on_host(machines, f"/etc/systemd/system/orchestrator-engine-r{rid}.service").exists()
         assert connects(address, port, GATEWAY)
         assert not connects(address, port, STRANGER)  # the replica's own table, inside the host
         detail = (await client.get(f"/api/v1/replicas/{rid}")).json()
         [secured] = [e["message"] for e in detail["events"] if e["reason"] == "secured"]
         assert f"a foreign source ({STRANGER})" in secured
+        [gpu_check] = [e["message"] for e in detail["events"] if e["reason"] == "bootstrap_gpu"]
+        assert "GPU 0: " in gpu_check  # the placement's plain values are no secrets: never redacted from outputs
     assert connects(address, 22, ORCHESTRATOR)  # a replica never closes the host's SSH
     assert await rules_drift(deps.managed) == []  # each table read back from the host is its stored set
     # A restarted leader knows nothing of the hosts until it reads them: every backend call reads them first.

@@ -25,8 +25,10 @@ def test_an_engine_spec_replica_runs_in_its_own_unit_on_its_gpus_and_port() -> N
 
     assert plan.unit_name == "orchestrator-engine-r7"
     assert plan.work_dir == "/opt/orchestrator-engine/replica-7"
-    assert plan.secret_env == {"VLLM_API_KEY": "sk-engine", "CUDA_VISIBLE_DEVICES": "2,3", "ENGINE_PORT": "8105"}
-    argv = shlex.split(plan.serve_argv[2])
+    # Plain values on the command line: the env file's are secrets, redacted from outputs wherever they appear.
+    assert plan.secret_env == SECRETS
+    assert plan.serve_argv[:5] == ("env", "CUDA_VISIBLE_DEVICES=2,3", "ENGINE_PORT=8105", "/bin/sh", "-c")
+    argv = shlex.split(plan.serve_argv[5])
     assert argv[argv.index("--name") + 1] == "orchestrator-engine-r7"  # two containers on one host never clash
     assert argv[argv.index("--gpus") + 1] == '"device=2,3"'  # Docker's own quoting of a device list
     assert argv[argv.index("-p") + 1] == "8105:8000"
@@ -37,10 +39,14 @@ def test_a_run_command_gets_the_placed_gpus_and_the_port_by_variable() -> None:
     command = "docker run --gpus all -p $ENGINE_PORT:8000 vllm/vllm-openai:v0.11.0 --model m"
     plan = host_plans(book_with(3, (1,), 8101))(Replica(id=3, model_id=1, run_command=command), "m", SECRETS)
 
-    assert plan.serve_argv[2] == (
-        "docker run -e VLLM_API_KEY --gpus '\"device=1\"' -p $ENGINE_PORT:8000 vllm/vllm-openai:v0.11.0 --model m"
+    assert plan.serve_argv == (
+        "env",
+        "CUDA_VISIBLE_DEVICES=1",
+        "ENGINE_PORT=8101",
+        "/bin/sh",
+        "-c",
+        "docker run -e VLLM_API_KEY --gpus '\"device=1\"' -p $ENGINE_PORT:8000 vllm/vllm-openai:v0.11.0 --model m",
     )
-    assert plan.secret_env["ENGINE_PORT"] == "8101"
 
 
 def test_a_replica_placed_nowhere_has_no_plan() -> None:
