@@ -106,6 +106,8 @@ async def test_a_silent_replica_has_no_sample_and_is_logged_once_without_its_key
     async with engine_with_guarded_metrics() as (engine, _):
         [rid] = await make_ready(client, deps, MODEL, engine.chat_url, engine_api_key=KEY)
         assert await deps.engine_load.scrape() == 1
+        gauge = f'orchestrator_engine_requests_running{{model="{MODEL}",replica_id="{rid}"}} 0.0'
+        assert gauge in (await client.get("/metrics")).text
     # The engine is gone, the replica still READY (its probes have not failed yet).
     with capture_logs() as logs:
         assert await deps.engine_load.scrape() == 0
@@ -115,5 +117,6 @@ async def test_a_silent_replica_has_no_sample_and_is_logged_once_without_its_key
     assert len(failed) == 1
     assert failed[0]["replica_id"] == rid
     assert KEY not in str(logs)
+    assert f'replica_id="{rid}"' not in (await client.get("/metrics")).text  # no stale gauge left behind
     model_id = (await client.get(f"/api/v1/models/{MODEL}")).json()["id"]
     assert deps.engine_load.load_of(model_id) is None
