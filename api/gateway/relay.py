@@ -10,12 +10,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 import msgspec
 from litestar.types import Receive, Send
 
 from orchestrator.billing.records import CallKind, refused_in_stream, relayed_tokens
 from orchestrator.gateway.flow import USAGE_DECODER, Call, Outcome, UpstreamFailed, Usage, counted_prompt, usage_of
+from orchestrator.gateway.http1 import BrokenOff
 from orchestrator.platform import sse
 from orchestrator.platform.sse import DONE_EVENT, EventReader
 
@@ -105,12 +105,12 @@ async def relay_whole(
     response = call.response
     try:
         payload = await response.read()
-    except (aiohttp.ClientError, TimeoutError) as e:  # nothing was sent yet: the caller answers 502
+    except (BrokenOff, TimeoutError) as e:  # nothing was sent yet: the caller answers 502
         raise UpstreamFailed(f"the replica broke off its answer: {type(e).__name__}") from e
     status = outcome.status = response.status
     outcome.usage = usage_of(payload) if status == 200 else None
     outcome.answer = payload
-    content_type = response.headers.get("Content-Type", "application/json").encode()
+    content_type = response.header(b"content-type") or b"application/json"
     outcome.first_byte = time.perf_counter()
     await commit()
     await send(
@@ -218,7 +218,7 @@ async def relay_stream(
     outcome.answer = sent
     broken = False
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response.chunks():
             block = reader.feed(chunk)
             if not block:
                 continue
@@ -229,7 +229,7 @@ async def relay_stream(
                 if outcome.first_byte is None:
                     outcome.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-    except (aiohttp.ClientError, TimeoutError):
+    except (BrokenOff, TimeoutError):
         outcome.status, broken = 502, True  # the replica broke off mid-stream: end ours cleanly
     await commit()
     await send({"type": "http.response.body", "body": b"" if broken else shape.end(reader.rest), "more_body": False})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import aiohttp
 import msgspec
 from litestar.types import HTTPScope, Receive, Send
 
@@ -14,6 +13,7 @@ from api.gateway.relay import Commit, Settlement, until_disconnected
 from api.gateway.routes import answer, client_address, credentials, read_body
 from orchestrator.gateway.catalog import KeyInfo, ModelInfo
 from orchestrator.gateway.flow import Call, Gateway, IpRefused, Outcome, Unauthorized, Usage
+from orchestrator.gateway.http1 import BrokenOff
 from orchestrator.platform.sse import EventReader, documents
 from orchestrator.runtime.metrics import ServerMetrics
 from orchestrator.surfaces.llmendpoint.completions import (
@@ -139,7 +139,7 @@ async def _relay_ndjson(call: Call, send: Send, outcome: Outcome, commit: Commit
     if response.status != 200:
         try:
             payload = await response.read()
-        except (aiohttp.ClientError, TimeoutError):
+        except (BrokenOff, TimeoutError):
             payload = b""
         outcome.status, outcome.answer = response.status, payload
         await commit()
@@ -156,7 +156,7 @@ async def _relay_ndjson(call: Call, send: Send, outcome: Outcome, commit: Commit
     events: list[bytes] = []  # the replica's events, for the call's record
     outcome.answer = events
     try:
-        async for chunk in response.content.iter_any():
+        async for chunk in response.chunks():
             block = reader.feed(chunk)
             if not block:
                 continue
@@ -175,7 +175,7 @@ async def _relay_ndjson(call: Call, send: Send, outcome: Outcome, commit: Commit
                 if outcome.first_byte is None:
                     outcome.first_byte = time.perf_counter()
                 await send({"type": "http.response.body", "body": bytes(lines), "more_body": True})
-    except (aiohttp.ClientError, TimeoutError):
+    except (BrokenOff, TimeoutError):
         outcome.status = 502  # the replica broke off mid-stream: end ours cleanly
     await commit()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -22,13 +22,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 import msgspec
 import structlog
 
 from orchestrator.billing.records import CallKind, CallRecord, CallRecords, prompt_texts
 from orchestrator.domain import money
 from orchestrator.gateway.catalog import SERVER_ADMIN, Catalog, KeyInfo, ModelInfo, Target
+from orchestrator.gateway.http1 import Answer
 from orchestrator.gateway.limits import RpmLimiter
 from orchestrator.gateway.tokens import encoding
 from orchestrator.gateway.upstream import ConnectFailed, Redirected, Upstream
@@ -122,7 +122,7 @@ class Hold:
 @dataclass(slots=True)
 class Call:
     target: Target
-    response: aiohttp.ClientResponse
+    response: Answer
     started: float
     hold: Hold | None = None
     """Its key's hold, ended by `finish`."""
@@ -299,7 +299,7 @@ class Gateway:
             raise UpstreamFailed(failure)
         raise NoReplica(model)
 
-    async def _send(self, target: Target, model: str, path: str, body: bytes) -> aiohttp.ClientResponse:
+    async def _send(self, target: Target, model: str, path: str, body: bytes) -> Answer:
         """The call to one target (once its gate lets it through); its slot is given back if it does not open."""
         if target.gate is not None:
             try:

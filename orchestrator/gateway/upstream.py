@@ -1,8 +1,9 @@
-"""Calls to replicas' engines: one long-lived aiohttp session shared by the gateway and the health prober.
+"""Calls to replicas' engines: the data path's calls on the lean HTTP/1.1 client (orchestrator.gateway.http1), and
+one long-lived aiohttp session for everything else (the health prober, the token counter, the engines' metrics).
 
-Every request on the session names this instance (orchestrator.gateway.hops) and never follows a redirect: a 3xx is an
-error of the engine, raised before anyone reads it (an engine must not send the gateway, the prober or the token
-counter to another host, whose answer would be relayed as the engine's).
+Every request names this instance (orchestrator.gateway.hops) and never follows a redirect: a 3xx is an error of the
+engine, raised before anyone reads it (an engine must not send the gateway, the prober or the token counter to another
+host, whose answer would be relayed as the engine's).
 
 UpstreamError
 └── ConnectFailed   nothing of an answer that may be relayed arrived: safe to retry on another replica
@@ -14,11 +15,14 @@ aiohttp.ClientResponseError
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from aiohttp.abc import AbstractResolver
 
 from orchestrator.gateway.hops import HEADER, Hops
+from orchestrator.gateway.http1 import Answer, BrokenOff, Http1Pool
 
 
 class UpstreamError(Exception):
@@ -53,6 +57,9 @@ class Upstream:
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._connect_timeout_s, self._read_timeout_s = connect_timeout_s, read_timeout_s
+        self._pool: Http1Pool | None = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
         self.hops = hops or Hops()
         self._resolver = resolver
         """How names are resolved (None: aiohttp's default); the server's refuses forbidden addresses."""
@@ -92,14 +99,31 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
         """Send a request and return once the answer's headers arrived; the caller reads and releases it."""
+        pool = self._data_pool()
         try:
-            return await self.session.post(url, data=body, headers=headers)
-        except RedirectNotFollowed as e:
-            raise Redirected(e.message) from e
-        except aiohttp.ClientConnectorError as e:
-            raise ConnectFailed(str(e), refused=True) from e
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, TimeoutError) as e:
-            raise ConnectFailed(str(e) or type(e).__name__, refused=False) from e
+            answer = await pool.post(url, body, headers, hop=(HEADER, self.hops.outgoing()))
+        except BrokenOff as e:  # a connection lost before its answer began
+            raise ConnectFailed(str(e), refused=False) from e
+        except TimeoutError as e:
+            raise ConnectFailed(str(e) or "timed out", refused=False) from e
+        except (OSError, ValueError) as e:  # not connected (refused, a name refused), or a URL that cannot be called
+            raise ConnectFailed(str(e) or type(e).__name__, refused=True) from e
+        if 300 <= answer.status < 400:  # the redirection class
+            answer.close()
+            raise Redirected(f"the engine answered {answer.status} (a redirect, which is never followed)")
+        return answer
+
+    def _data_pool(self) -> Http1Pool:
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._pool_loop is not loop:  # a pool's connections belong to one loop
+            self._pool = Http1Pool(
+                connect_timeout_s=self._connect_timeout_s, read_timeout_s=self._read_timeout_s, resolver=self._resolver
+            )
+            self._pool_loop = loop
+        return self._pool

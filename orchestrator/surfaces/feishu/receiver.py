@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import httpx
 import msgspec
 import structlog
@@ -33,6 +32,7 @@ from orchestrator.gateway.flow import (
     UpstreamFailed,
     usage_of,
 )
+from orchestrator.gateway.http1 import BrokenOff
 from orchestrator.surfaces.feishu.bots import BotService, FeishuBot
 from orchestrator.surfaces.feishu.client import FeishuClient, FeishuError
 
@@ -131,7 +131,7 @@ class FeishuReceiver:
             outcome.usage = usage_of(payload) if outcome.status == 200 else None
             outcome.answer = payload
             outcome.first_byte = time.perf_counter()
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (BrokenOff, TimeoutError) as e:
             outcome.status = 502
             raise UpstreamFailed(f"the replica broke off its answer: {type(e).__name__}") from e
         finally:

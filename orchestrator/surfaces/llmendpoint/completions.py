@@ -18,7 +18,6 @@ from enum import Enum
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-import aiohttp
 import msgspec
 
 from orchestrator.domain import money
@@ -34,6 +33,7 @@ from orchestrator.gateway.flow import (
     UpstreamFailed,
     usage_of,
 )
+from orchestrator.gateway.http1 import BrokenOff
 
 REQUIRED = "messages, model, max_tokens, and temperature are required"
 INVALID = "Invalid request"
@@ -281,7 +281,7 @@ class Completions:
         try:
             payload = await call.response.read()
             outcome = Outcome(call.response.status, usage_of(payload), payload)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (BrokenOff, TimeoutError) as e:
             outcome.status = 502
             raise LlmEndpointError(
                 Refusal.NO_HOST, NO_HOSTS, f"the host broke off its answer: {type(e).__name__}"
