@@ -14,6 +14,7 @@ import ipaddress
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -170,6 +171,11 @@ class Catalog:
         self.models: dict[str, ModelInfo] = {}
         self.rates: dict[str, CreditPrice] = {}
         self.pools: dict[str, list[Target]] = {}
+        self.waking: frozenset[str] = frozenset()
+        """Models that may have no replica for a while (a deployment scaled to zero): their calls wait in the queue
+        for one to start."""
+        self._unserved: Counter[str] = Counter()
+        """Calls refused (or waiting) for want of a READY replica, per model, since the autoscaler last asked."""
         self._targets: dict[int, Target] = {}
         self._endpoints: dict[str, Target] = {}
         self.on_reload: Callable[[], None] | None = None
@@ -203,8 +209,17 @@ class Catalog:
                     models[ep.id] = ModelInfo(0, ep.id, ep.connector_type, False, 0, 0, int(ep.created_at.timestamp()))
             self._note_left(targets)
             self.models, self._targets, self._endpoints, self.pools = models, targets, endpoints, pools
+            self.waking = view.waking
         if self.on_reload is not None:
             self.on_reload()
+
+    def unserved(self, model: str) -> None:
+        """A call for `model` found no READY replica: demand the autoscaler sees (`take_unserved`)."""
+        self._unserved[model] += 1
+
+    def take_unserved(self, model: str) -> int:
+        """The calls for `model` that found no READY replica since the last ask."""
+        return self._unserved.pop(model, 0)
 
     def _note_left(self, staying: dict[int, Target]) -> None:
         """Remember the replicas leaving the pool with calls in flight; forget those back in it (their Target is

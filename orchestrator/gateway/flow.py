@@ -297,6 +297,7 @@ class Gateway:
             return Call(target, response, started)
         if tried:
             raise UpstreamFailed(failure)
+        self.catalog.unserved(model)
         raise NoReplica(model)
 
     async def _send(self, target: Target, model: str, path: str, body: bytes) -> Answer:

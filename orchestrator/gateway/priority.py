@@ -97,7 +97,10 @@ class PriorityQueues:
 
         `timeout_s` shortens the queue's own timeout, never lengthens it."""
         if not self._catalog.pools.get(model):
-            raise NoReplica(model)
+            self._catalog.unserved(model)
+            if model not in self._catalog.waking:
+                raise NoReplica(model)
+            # A deployment at zero: the call waits while the autoscaler starts a replica (it counts this one too).
         timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         line = self._lines.setdefault(model, _Line())
         waiter = _Waiter(priority, next(self._seq), asyncio.get_running_loop().create_future())
@@ -118,6 +121,8 @@ class PriorityQueues:
                 waiter.turn.cancel()
                 line.live -= 1
             if isinstance(e, TimeoutError):
+                if not self._catalog.pools.get(model):  # no replica started in time: 503 and Retry-After
+                    raise NoReplica(model) from None
                 raise QueueTimeout(model, timeout_s) from None
             raise
 

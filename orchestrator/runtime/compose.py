@@ -165,13 +165,14 @@ def build_deps(settings: Settings) -> Deps:
 
     bots = BotService(BotStore(sessions), box, keys.secret_key)
     metrics = ServerMetrics()
-    # The gateway's queue waits count as the engines' own waiting calls. Calls refused for want of a READY replica
-    # (the queue refuses them too) are not counted per model by the gateway yet: nothing wakes a deployment at zero.
+    # The gateway's queue waits count as the engines' own waiting calls, and the calls that found no READY replica
+    # as unserved demand, which wakes a deployment at zero (its queued calls wait for the replica to start).
     engine_load = EngineLoad(
         store,
         upstream,
         box,
         queued=queues.waiting,
+        unserved=catalog.take_unserved,
         timeout_s=settings.engine_load_timeout_s,
         on_scraped=metrics.engines_scraped,
     )

@@ -1,8 +1,9 @@
 """SQL of what the gateway serves from memory, read in one go: live models, READY replicas, every key with its
-model bindings, credit rates and external endpoints."""
+model bindings, credit rates, external endpoints, and the models whose deployment may be at zero replicas."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from orchestrator.store.fleet import live_models
 from orchestrator.store.tables import (
     ApiKey,
     CreditRate,
+    Deployment,
     ExternalEndpoint,
     GroupModel,
     KeyModel,
@@ -44,6 +46,9 @@ class GatewayView:
     """(group id, model id) bindings."""
     rates: Sequence[CreditRate]
     endpoints: Sequence[ExternalEndpoint]
+    waking: frozenset[str]
+    """Models whose deployment's autoscaling may leave them no replica: a call for one waits for a replica to start
+    (in the priority queue) rather than being refused at once."""
 
 
 class GatewayViewStore:
@@ -70,6 +75,17 @@ class GatewayViewStore:
             group_models = (await s.exec(select(col(GroupModel.group_id), col(GroupModel.model_id)))).all()
             rates = (await s.exec(select(CreditRate))).all()
             endpoints = (await s.exec(select(ExternalEndpoint).order_by(col(ExternalEndpoint.id)))).all()
+            autoscaled = (
+                await s.exec(
+                    select(col(LlmModel.name), col(Deployment.autoscale))
+                    .join(Deployment, col(Deployment.model_id) == col(LlmModel.id))
+                    .where(
+                        col(Deployment.deleted_at).is_(None),
+                        col(LlmModel.deleted_at).is_(None),
+                        col(Deployment.autoscale).is_not(None),
+                    )
+                )
+            ).all()
         return GatewayView(
             models=models,
             ready=[
@@ -80,4 +96,12 @@ class GatewayViewStore:
             group_models=group_models,
             rates=rates,
             endpoints=endpoints,
+            waking=frozenset(name for name, policy in autoscaled if _from_zero(policy)),
         )
+
+
+def _from_zero(policy: str | None) -> bool:
+    try:
+        return bool(policy) and json.loads(policy or "{}").get("min_replicas") == 0
+    except (ValueError, AttributeError):  # not the JSON object the API wrote: it does not wake anything
+        return False

@@ -98,7 +98,7 @@ def ready(d: dict[str, Any]) -> int:
 
 async def clients(sdk: openai.AsyncOpenAI, stop: asyncio.Event) -> tuple[int, list[BaseException]]:
     """CLIENTS callers, every other one streaming, each calling again at once until `stop`: (answers, failures)."""
-    answered, failed = 0, []
+    answered, failed = 0, list[BaseException]()
 
     async def caller(stream: bool) -> None:
         nonlocal answered
@@ -171,3 +171,45 @@ async def test_an_autoscaled_deployment_grows_on_the_engines_queue_and_shrinks_a
             f'orchestrator_autoscale_decisions_total{{deployment_id="{deployment_id}",direction="{direction}"}} 2.0'
         )
         assert sample in metrics
+
+
+async def test_a_deployment_at_zero_wakes_for_a_queued_call_and_goes_back_to_zero(
+    client: httpx.AsyncClient, anon_client: httpx.AsyncClient, deps: Deps, sandbox: SandboxBackend
+) -> None:
+    model_id = await create_model(client, MODEL)
+    template = {"create_vm": True, "vm_creation_details": vm_details(security_rules=[])}
+    policy = {**AUTOSCALE, "min_replicas": 0, "max_replicas": 1}
+    r = await client.put(f"/api/v1/models/{model_id}/deployment", json={"template": template, "autoscale": policy})
+    assert r.status_code == 200, r.text
+    leader = Leader(deps, client, model_id)
+    d = await leader.step()
+    assert (d["desired"], d["members"]) == (0, [])  # nothing runs while nothing is asked
+    await deps.catalog.reload()  # what the change feed does on a server: the model is known to be at zero
+    _, key = await issue_key(client)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": MODEL, "messages": ASK, "max_tokens": 5}
+
+    refused = await anon_client.post("/v1/chat/completions", json=body, headers=headers)
+    assert refused.status_code == 503, refused.text  # a call that cannot wait is told to come back
+    assert refused.headers["retry-after"]
+
+    queued = asyncio.create_task(
+        anon_client.post("/queue/chat/completions", json={**body, "priority": 1}, headers=headers, timeout=60)
+    )
+    desired: list[int] = []
+    deadline = time.monotonic() + 60
+    while not queued.done():  # the leader's jobs run meanwhile; the queued call waits for the replica they start
+        assert time.monotonic() < deadline, f"desired so far: {desired}"
+        d = await leader.step()
+        desired.append(d["desired"])
+        await deps.catalog.reload()
+        await asyncio.sleep(0.05)
+    answer = queued.result()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+    assert 1 in desired
+
+    while (d := await leader.step())["desired"] != 0 or d["members"][0]["status"] != "TERMINATED":
+        assert time.monotonic() < deadline, d  # after the scale-down delay with nothing asked: back to zero
+        await asyncio.sleep(0.05)
+    assert [m["termination_reason"] for m in d["members"]] == [REASON_SCALED_DOWN]
