@@ -8,9 +8,10 @@ writes it whole (never an increment): a write lost while Redis was out of reach 
 field whose instance's liveness key (kept alive by `RedisLimits`) has expired is dropped by the next read, so the
 calls of a killed instance stop counting within the liveness TTL, and its gate slots are free again.
 
-In-flight counts are written at most every WRITE_EVERY_S, for every target whose count changed, in one round trip
-after the calls that changed them have gone on: never on a call's own path, and a few hundred round trips a second
-at most however many calls a process serves (the others see a count that much later). A gate's slot is taken on the
+In-flight counts are written at most every WRITE_EVERY_S, for every target whose count changed, in one batch on the
+event loop's pipe after the calls that changed them have gone on: never on a call's own path nor blocking the loop,
+and a few hundred round trips a second at most however many calls a process serves (the others see a count that much
+later). A gate's slot is taken on the
 call's path (one script: a slot if the calls inside on every instance are fewer than the limit, and the start time
 after the last one taken); a slot given back is written with the in-flight counts.
 
@@ -21,10 +22,9 @@ is logged once, by `RedisLimits`); the counts not written are written once it an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 from collections import Counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchestrator.platform.redis_limits import RedisLimits, Script
 
@@ -129,6 +129,8 @@ class RedisFlight:
         self._dirty: set[str] = set()
         """Redis keys whose count (this instance's) changed since it was last written."""
         self._flushing: asyncio.Handle | None = None
+        self._writing: asyncio.Task[None] | None = None
+        """The last write of counts under way (kept referenced until done)."""
 
     def started(self, target: str) -> None:
         self._calls[target] += 1
@@ -208,11 +210,22 @@ class RedisFlight:
         self._limits.keep_alive()
         me, alive, ttl_ms = self._limits.instance, self._limits.alive_prefix, self._limits.alive_ttl_ms
         calls = [(self._limits.key(k), me, self._count(k), alive, ttl_ms) for k in dirty]
-        if self._limits.run(_WRITE, calls) is None:
-            self._dirty |= dirty
-            with contextlib.suppress(RuntimeError):  # no loop: the next change writes them
-                loop = asyncio.get_running_loop()
-                self._flushing = loop.call_later(RETRY_S, self._flush, context=contextvars.Context())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a caller outside one): written now, and the next change retries a failure
+            if self._limits.run(_WRITE, calls) is None:
+                self._dirty |= dirty
+        else:  # on the loop's pipe: the loop goes on serving while the counts are written
+            self._writing = loop.create_task(self._write(dirty, calls), context=contextvars.Context())
         for counts in (self._calls, self._inside):
             for name in [n for n, c in counts.items() if c <= 0]:
                 del counts[name]
+
+    async def _write(self, dirty: set[str], calls: list[tuple[Any, ...]]) -> None:
+        answers = await asyncio.gather(*(self._limits.run_async(_WRITE, call) for call in calls))
+        failed = {key for key, answer in zip(dirty, answers, strict=True) if answer is None}
+        if failed:  # written whole at the next change, or after RETRY_S if none comes
+            self._dirty |= failed
+            if self._flushing is None:
+                loop = asyncio.get_running_loop()
+                self._flushing = loop.call_later(RETRY_S, self._flush, context=contextvars.Context())

@@ -146,7 +146,8 @@ class RedisPipe:
 
     def _drop(self) -> None:
         if self._reading is not None and self._reading is not _current_task():
-            self._reading.cancel()
+            with contextlib.suppress(RuntimeError):  # its loop already closed: nothing of it runs again
+                self._reading.cancel()
         self._reading = None
         if self._writer is not None:
             with contextlib.suppress(Exception):  # a transport of a loop already closed

@@ -5,7 +5,7 @@ reach leaves each instance counting its own, never an error."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from structlog.testing import capture_logs
@@ -19,7 +19,7 @@ MakeFlight = Callable[..., tuple[RedisLimits, RedisFlight]]
 
 
 @pytest.fixture
-def flights(redis_server: RedisServer) -> Iterator[MakeFlight]:
+async def flights(redis_server: RedisServer) -> AsyncIterator[MakeFlight]:
     """Instances of one deployment of the test's own on the session's Redis."""
     namespace = RedisServer.new_namespace()
     made: list[RedisLimits] = []
@@ -31,6 +31,7 @@ def flights(redis_server: RedisServer) -> Iterator[MakeFlight]:
     yield make
     for limits in made:
         limits.close()
+    await asyncio.sleep(0)  # in the loop, which closes their pipes' connections
 
 
 async def seen(flight: RedisFlight, targets: list[str], counts: list[int]) -> None:
