@@ -435,7 +435,7 @@ class DeploymentOut(BaseModel):
     template: dict[str, object]
     """The template as set, secret values left out (`engine.secret_env` lists their names)."""
     replicas: int | None
-    autoscale: dict[str, float] | None
+    autoscale: dict[str, int | float] | None
     desired: int
     """How many replicas the deployment wants now (the count, or the autoscaler's last decision)."""
     max_surge: int

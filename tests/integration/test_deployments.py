@@ -168,3 +168,15 @@ async def test_a_deleted_models_deployment_goes_with_it(client: Client, deps: De
     assert (await client.delete(f"/api/v1/models/{model_id}")).status_code == 204
     assert await deps.keeper.keep() is False  # none made for a model that is gone
     assert await deps.store.count_replicas_by_status() == {"DRAINING": 2}
+
+
+async def test_an_autoscaled_deployment_starts_at_its_minimum(client: Client, deps: Deps) -> None:
+    model_id = await create_model(client)
+    policy = {"min_replicas": 2, "max_replicas": 4, "target_waiting": 3, "scale_up_delay_s": 10}
+    status, made = await put(client, model_id, body(replicas=None, autoscale=policy))
+    assert status == 200, made
+    assert made["autoscale"] == {**policy, "scale_down_delay_s": 300}
+    assert (made["replicas"], made["desired"]) == (None, 2)
+    assert await deps.keeper.keep() is True  # no load is known yet: the count stays at the minimum
+    got = (await client.get(f"/api/v1/models/{model_id}/deployment")).json()
+    assert (len(got["members"]), got["desired"]) == (2, 2)
