@@ -39,6 +39,8 @@ MAX_IDLE = 256
 """Idle connections kept per origin."""
 HIGH_WATER = 256 * 1024
 """Bytes of an answer received and not yet taken, past which its connection stops reading."""
+MAX_HEAD = 64 * 1024
+"""Bytes of an answer's headers past which it is refused (an endpoint sending headers forever)."""
 
 
 class BrokenOff(Exception):
@@ -199,10 +201,12 @@ class _Conn(asyncio.Protocol):
         self.lost = False
         self.paused = False
         self.idle_since = 0.0
+        self.head_bytes = 0
+        """Bytes of the current answer's headers so far."""
 
     def send(self, answer: Answer, data: bytes) -> asyncio.Future[None]:
         assert self.transport is not None
-        self.answer, self.began, self.keep_alive = answer, False, False
+        self.answer, self.began, self.keep_alive, self.head_bytes = answer, False, False, 0
         self.head = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.head
@@ -252,8 +256,12 @@ class _Conn(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.answer is not None:
-            self.answer._headers[name.lower()] = value
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD:
+            self._failed(BrokenOff(f"the answer's headers are longer than {MAX_HEAD} bytes"))
+            self.close()
+        elif self.answer is not None:
+            self.answer._headers[name.lower()] = value  # filled by its connection
 
     def on_headers_complete(self) -> None:
         if self.answer is not None:

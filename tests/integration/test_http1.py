@@ -191,6 +191,20 @@ async def test_an_answer_framed_by_its_connection_ends_with_it(pool: Http1Pool) 
         answer.release()
 
 
+async def test_endless_headers_are_refused(pool: Http1Pool) -> None:
+    async def endless(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        with contextlib.suppress(ConnectionError):
+            for i in range(100_000):  # 4 MB of headers, unless the client hangs up first
+                w.write(b"X-Filler-%d: %s\r\n" % (i, b"y" * 30))
+                await w.drain()
+        return False
+
+    async with Server(endless) as server:
+        with pytest.raises(BrokenOff, match="headers are longer"):
+            await pool.post(server.url, b"{}", {}, hop=HOP)
+
+
 async def test_a_silent_server_times_out() -> None:
     async def silent(r: asyncio.StreamReader, _w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
         await r.read()  # until the client gives up
