@@ -167,7 +167,7 @@ def _roll(alive: list[Member], old: list[Member], target: Target) -> Plan:
     create = max(0, min(target.desired - len(new), target.desired + target.max_surge - left))
     message = (
         f"rolling to generation {target.generation}: {new_ready} of {target.desired} new replicas READY, "
-        f"{len(old) - len(retired)} old ones serving"
+        f"{len(old) - len(retired)} old still serving"
     )
     return Plan(create, tuple(Drain(m.id, REASON_ROLLED) for m in retired), DeploymentStatus.ROLLING, message)
 
