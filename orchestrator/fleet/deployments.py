@@ -125,7 +125,7 @@ class DeploymentService:
         if current is None or template != current.template or secrets != self._secrets(current):
             fields["generation"] = 1 if current is None else current.generation + 1
         if current is None or spec.replicas is not None or spec.autoscale != policy_of(current.autoscale):
-            fields["desired"] = spec.replicas if spec.replicas is not None else _start_count(spec.autoscale)
+            fields["desired"] = _start_count(spec, None if current is None else current.desired)
         fields["status"], fields["message"] = DeploymentStatus.SCALING, "changed by an admin"
         deployment = await self._store.put(model_id, fields)
         log.info(
@@ -168,9 +168,16 @@ class DeploymentService:
         )
 
 
-def _start_count(policy: AutoscalePolicy | None) -> int:
-    assert policy is not None
-    return policy.min_replicas
+def _start_count(spec: DeploymentSpec, desired: int | None) -> int:
+    """The count a PUT sets: a fixed one as given; an autoscaled one at its minimum when new, else the count it
+    wants now brought within the new bounds (a new policy never drains what the old one had grown to)."""
+    if spec.replicas is not None:
+        return spec.replicas
+    policy = spec.autoscale
+    assert policy is not None  # the API asks for one of the two
+    if desired is None:
+        return policy.min_replicas
+    return min(max(desired, policy.min_replicas), max(policy.min_replicas, policy.max_replicas))
 
 
 async def _drain(replicas: ReplicaService, replica_id: int, reason: str, message: str) -> bool:

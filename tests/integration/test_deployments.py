@@ -180,3 +180,23 @@ async def test_an_autoscaled_deployment_starts_at_its_minimum(client: Client, de
     assert await deps.keeper.keep() is True  # no load is known yet: the count stays at the minimum
     got = (await client.get(f"/api/v1/models/{model_id}/deployment")).json()
     assert (len(got["members"]), got["desired"]) == (2, 2)
+
+
+async def test_a_changed_policy_keeps_the_count_within_its_new_bounds(client: Client, deps: Deps) -> None:
+    model_id = await create_model(client)
+    at_five = {"min_replicas": 5, "max_replicas": 5}
+    assert (await put(client, model_id, body(replicas=None, autoscale=at_five)))[0] == 200
+    assert await deps.keeper.keep() is True
+    raised = {"min_replicas": 1, "max_replicas": 8}
+    status, changed = await put(client, model_id, body(replicas=None, autoscale=raised))
+    assert (status, changed["desired"]) == (200, 5)  # raising the ceiling drains nothing
+    assert await deps.keeper.keep() is False
+    assert await deps.store.count_replicas_by_status() == {"PENDING": 5}
+    assert (await put(client, model_id, body(replicas=None, autoscale={"min_replicas": 1, "max_replicas": 3})))[1][
+        "desired"
+    ] == 3  # a lower ceiling: the count brought under it, not to the minimum
+    assert (await put(client, model_id, body(replicas=2)))[1]["desired"] == 2
+    lifted = {"min_replicas": 4, "max_replicas": 6}
+    assert (await put(client, model_id, body(replicas=None, autoscale=lifted)))[1]["desired"] == 4
+    assert (await put(client, model_id, body(replicas=7)))[1]["desired"] == 7
+    assert (await put(client, model_id, body(replicas=None, autoscale=raised)))[1]["desired"] == 7
