@@ -260,7 +260,8 @@ def _login(host: HostLogin, source: str | None, timeout_s: float) -> paramiko.SS
 def private_key(pem: str) -> paramiko.PKey:
     """The admin's key for a host; BackendError (never quoting the key) when it is no unencrypted OpenSSH key."""
     for kind in _KEY_TYPES:
-        with contextlib.suppress(paramiko.SSHException, ValueError):
+        # A truncated OpenSSH body fails inside paramiko's unpadding with an IndexError.
+        with contextlib.suppress(paramiko.SSHException, ValueError, IndexError):
             return kind.from_private_key(io.StringIO(pem))
     raise BackendError("the host's registered key is not an unencrypted Ed25519, ECDSA or RSA private key")
 
@@ -269,8 +270,11 @@ def public_key(line: str) -> paramiko.PKey:
     parts = line.split()
     try:
         return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1], validate=True))
-    except (IndexError, ValueError, paramiko.SSHException) as e:
-        raise BackendError("the host's pinned key is not an OpenSSH public key line") from e
+    except (IndexError, ValueError, paramiko.SSHException, paramiko.UnknownKeyType) as e:
+        # UnknownKeyType (a type paramiko cannot use, as `sk-ssh-ed25519@openssh.com`) is a plain Exception.
+        raise BackendError(
+            "the host's pinned key is not an OpenSSH public key line of a type it can pin (Ed25519, ECDSA, RSA)"
+        ) from e
 
 
 # -- what runs on the host --------------------------------------------------------------------------

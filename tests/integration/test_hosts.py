@@ -20,6 +20,8 @@ S = ReplicaStatus
 PORTS = range(8100, 8110)
 PRIVATE, _ = generate_keypair("admin@laptop")
 _, HOST_KEY = generate_keypair("root@gpu-1")
+TRUNCATED = "\n".join([*PRIVATE.splitlines()[:2], PRIVATE.splitlines()[-1]])
+"""An OpenSSH private key cut to its header and first base64 line."""
 
 
 def host_body(**overrides: Any) -> dict[str, Any]:
@@ -85,6 +87,9 @@ BAD = [
     ("ssh_private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----"),
     ("host_key", "ssh-ed25519 not-base64!"),
     ("host_key", "just-one-word"),
+    ("host_key", "foo AAAA"),  # a key type paramiko does not know
+    ("host_key", "sk-ssh-ed25519@openssh.com AAAA"),
+    ("ssh_private_key", TRUNCATED),
     ("gpus", -1),
     ("gpus", 1000),
     ("gpus", "two"),
