@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -261,8 +262,13 @@ class RedisLimits:
         return None if answers is None else bool(answers[0])
 
     async def reserve_async(self, key_id: int, worst: int, budget: int) -> bool | None:
-        """`reserve` without blocking the event loop."""
-        answer = await self.run_async(_RESERVE, self._reserve_call(key_id, worst, budget))
+        """`reserve` without blocking the event loop; a hold made for a caller cancelled meanwhile is given back."""
+
+        def give_back(answer: Any) -> None:
+            if answer == 1:
+                self.unreserve(key_id, worst)
+
+        answer = await self.run_async(_RESERVE, self._reserve_call(key_id, worst, budget), abandoned=give_back)
         return None if answer is None else bool(answer)
 
     def _reserve_call(self, key_id: int, worst: int, budget: int) -> tuple[Any, ...]:
@@ -353,14 +359,17 @@ class RedisLimits:
             return
         self._pipe.send("EVAL", script.text, script.keys, *call)  # whole: no answer is read to see a NOSCRIPT
 
-    async def run_async(self, script: Script, call: tuple[Any, ...]) -> int | None:
-        """`run` for one call on the event loop's pipe: its answer, or None."""
+    async def run_async(
+        self, script: Script, call: tuple[Any, ...], *, abandoned: Callable[[Any], None] | None = None
+    ) -> int | None:
+        """`run` for one call on the event loop's pipe: its answer, or None. `abandoned`: given the answer of a
+        script that ran for a caller cancelled meanwhile."""
         if self._down_until is not None and time.monotonic() < self._down_until:
             return None
         try:
-            answer = await self._pipe.call("EVALSHA", script.sha, script.keys, *call)
+            answer = await self._pipe.call("EVALSHA", script.sha, script.keys, *call, abandoned=abandoned)
             if isinstance(answer, hiredis.ReplyError) and str(answer).startswith("NOSCRIPT"):
-                answer = await self._pipe.call("EVAL", script.text, script.keys, *call)
+                answer = await self._pipe.call("EVAL", script.text, script.keys, *call, abandoned=abandoned)
         except PipeBroken as e:
             self._unreachable(e)
             return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -42,17 +43,25 @@ class RedisPipe:
         self._writing = False
         self._awaited: collections.deque[asyncio.Future[Any] | None] = collections.deque()
         """One place per command written or to be written, in order: its future, or `_DISCARD`."""
+        self._abandoned: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
+        """What to do with the answer of a command whose caller was cancelled, by the caller's (cancelled) future."""
         self._written = 0
         self._answered = 0
         """Commands written and answers read on this connection: a write whose answers are not all read within the
         timeout breaks it (one timer per write, not per command)."""
 
-    async def call(self, *command: str | int | float | bytes) -> Any:
-        """The answer to `command` (an error Redis answers is returned, not raised)."""
+    async def call(self, *command: str | int | float | bytes, abandoned: Callable[[Any], None] | None = None) -> Any:
+        """The answer to `command` (an error Redis answers is returned, not raised). A caller cancelled before the
+        answer came does not stop the command: `abandoned` is then given its answer, to undo what it did."""
         loop = self._ensure_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue(_pack(command), future)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if abandoned is not None and future.cancelled():
+                self._abandoned[future] = abandoned
+            raise
 
     def send(self, *command: str | int | float | bytes) -> None:
         """Send `command` with this turn's batch; its answer is not read by anyone (a lost one is lost)."""
@@ -128,6 +137,8 @@ class RedisPipe:
                     self._answered += 1
                     if future is not None and not future.done():
                         future.set_result(answer)
+                    elif future is not None and (undo := self._abandoned.pop(future, None)) is not None:
+                        undo(answer)
         except (OSError, PipeBroken, IndexError, hiredis.ProtocolError) as e:
             self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
 
@@ -139,6 +150,7 @@ class RedisPipe:
         """Every command waiting fails with `error`; the next one connects again."""
         self._drop()
         awaited, self._awaited = self._awaited, collections.deque()
+        self._abandoned.clear()  # their commands' fate is unknown, as every waiting caller's is
         for future in awaited:
             if future is not None and not future.done():
                 future.set_exception(error)

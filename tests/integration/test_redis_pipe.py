@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from orchestrator.platform.redis_limits import RedisLimits
 from orchestrator.platform.redis_pipe import PipeBroken, RedisPipe
 from tests.support.redis import RedisServer
 
@@ -89,3 +90,38 @@ async def test_a_silent_redis_fails_the_waiting_within_the_timeout(own_redis: Re
         assert await pipe.call("PING") == b"PONG"
     finally:
         pipe.close()
+
+
+async def test_a_hold_made_for_a_caller_that_left_is_given_back(own_redis: RedisServer) -> None:
+    limits = RedisLimits(own_redis.url, namespace=RedisServer.new_namespace(), timeout_s=10)
+    watcher = redis.Redis.from_url(own_redis.url)
+    holds = limits.key("holds:7")
+    assert own_redis._proc is not None  # the test's own server, stopped in place
+    try:
+        assert await limits.reserve_async(7, 100, 1_000) is True
+        limits.unreserve(7, 100)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while watcher.hget(holds, limits.instance) is not None:  # the warm-up hold given back
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        os.kill(own_redis._proc.pid, signal.SIGSTOP)
+        try:
+            written = limits._pipe._written  # the pipe's count of commands sent
+            caller = asyncio.ensure_future(limits.reserve_async(7, 100, 1_000))
+            while limits._pipe._written == written:  # sent, and Redis will run it once it wakes
+                assert loop.time() < deadline
+                await asyncio.sleep(0.01)
+            caller.cancel()  # the client left while its hold was on its way
+            await asyncio.gather(caller, return_exceptions=True)
+        finally:
+            os.kill(own_redis._proc.pid, signal.SIGCONT)
+        while limits._pipe._answered <= written:  # the hold's answer came, to nobody
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert await limits._pipe.call("PING") == b"PONG"  # in order: whatever the answer set off has run
+        assert watcher.hget(holds, limits.instance) is None  # the hold was made, then given back
+    finally:
+        limits.close()
+        watcher.close()
+        await asyncio.sleep(0)  # in the loop, which closes the pipe's connection
