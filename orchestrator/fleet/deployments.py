@@ -30,11 +30,12 @@ from orchestrator.store.tables import Deployment, Replica, row_id, utcnow
 
 log = structlog.get_logger(__name__)
 
-LoadOf = Callable[[Deployment], "Load | Awaitable[Load | None] | None"]
-"""A deployment's current load (its engines' metrics and the gateway's queue), for its autoscaling policy."""
+LoadOf = Callable[[Deployment, list[int]], "Load | Awaitable[Load | None] | None"]
+"""A deployment's current load, for its autoscaling policy: the engines' metrics of the replicas given (its alive
+ones of the current template) and the gateway's queue for its model."""
 
 
-def no_load(deployment: Deployment) -> Load | None:
+def no_load(deployment: Deployment, replica_ids: list[int]) -> Load | None:
     return None
 
 
@@ -226,8 +227,11 @@ class DeploymentKeeper:
 
     async def _keep_one(self, deployment: Deployment) -> bool:
         deployment_id = row_id(deployment.id)
-        desired, why = await self._desired(deployment)
         rows = await self._store.members(deployment_id, deployment.attempts_since)
+        # Its load is that of its own replicas of the current template: a hand-made replica, or an old one still
+        # serving mid-roll, would count as READY while those it wants are still starting.
+        current = [m.id for m in rows if m.status not in GONE and m.generation == deployment.generation]
+        desired, why = await self._desired(deployment, current)
         target = Target(deployment.generation, desired, deployment.max_surge, self._max_failed_starts)
         decided = plan([_member(m, deployment) for m in rows], target)
         message = decided.message if why is None else f"{why}; {decided.message}"
@@ -236,11 +240,11 @@ class DeploymentKeeper:
             log_status("deployment.status", deployment_id=deployment_id, status=decided.status, message=message)
         return await self._carry_out(deployment, decided)
 
-    async def _desired(self, deployment: Deployment) -> tuple[int, str | None]:
+    async def _desired(self, deployment: Deployment, replica_ids: list[int]) -> tuple[int, str | None]:
         policy = policy_of(deployment.autoscale)
         if policy is None:
             return deployment.replicas or 0, None
-        load = self._load_of(deployment)
+        load = self._load_of(deployment, replica_ids)
         if inspect.isawaitable(load):
             load = await load
         decision = self._autoscaler.decide(row_id(deployment.id), policy, deployment.desired, load, self._clock())

@@ -5,7 +5,7 @@ its calls that found no replica).
 A scrape asks every READY replica at once (`concurrency` at a time), each with a short timeout, sending the
 replica's engine key as the health prober does (vLLM does not guard `/metrics`, a proxy in front of it may). A
 replica that does not answer keeps no sample: its load is unknown, not zero, and a model none of whose replicas
-answered has no load (`load_of` is None, and the autoscaler keeps its count). Samples of replicas no longer READY
+answered has no load (`load` is None, and the autoscaler keeps its count). Samples of replicas no longer READY
 are dropped at each scrape.
 """
 

@@ -215,7 +215,7 @@ def build_deps(settings: Settings) -> Deps:
             box,
             max_failed_starts=settings.deployment_max_failed_starts,
             autoscaler=autoscaler,
-            load_of=lambda deployment: engine_load.load_of(deployment.model_id),
+            load_of=lambda deployment, replica_ids: engine_load.load(deployment.model_id, replica_ids),
         ),
         api_keys=ApiKeyService(
             ApiKeyStore(sessions), keys.secret_key, on_change=changes.made(Change.KEYS), in_use=in_use

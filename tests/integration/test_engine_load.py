@@ -21,6 +21,7 @@ from orchestrator.fleet.engine_load import EngineLoad
 from orchestrator.runtime.container import Deps
 from tests.support.engines import Engine, app_in_process
 from tests.support.gateway import make_ready
+from tests.support.toolkit import vm_details
 
 MODEL = "qwen"
 KEY = "engine-secret-7f3a"
@@ -120,3 +121,37 @@ async def test_a_silent_replica_has_no_sample_and_is_logged_once_without_its_key
     assert f'replica_id="{rid}"' not in (await client.get("/metrics")).text  # no stale gauge left behind
     model_id = (await client.get(f"/api/v1/models/{MODEL}")).json()["id"]
     assert deps.engine_load.load_of(model_id) is None
+
+
+async def test_a_deployments_load_is_its_own_replicas_not_a_hand_made_ones(
+    client: httpx.AsyncClient, deps: Deps
+) -> None:
+    async with (
+        engine_with_guarded_metrics(max_num_seqs=1, tokens_per_s=10) as (engine, _),
+        aiohttp.ClientSession() as http,
+    ):
+        await make_ready(client, deps, MODEL, engine.chat_url, engine_api_key=KEY)  # by hand, beside the deployment
+        model_id = (await client.get(f"/api/v1/models/{MODEL}")).json()["id"]
+        policy = {"min_replicas": 1, "max_replicas": 4, "target_waiting": 1, "scale_up_delay_s": 0}
+        template = {"create_vm": True, "vm_creation_details": vm_details()}
+        r = await client.put(f"/api/v1/models/{model_id}/deployment", json={"template": template, "autoscale": policy})
+        assert r.status_code == 200, r.text
+        assert await deps.keeper.keep() is True  # its one replica made, PENDING: no VM is made here
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        calls = [
+            asyncio.create_task(http.post(f"{engine.url}/v1/chat/completions", json=body, headers=headers))
+            for _ in range(4)
+        ]
+
+        async def queued() -> bool:
+            await deps.engine_load.scrape()
+            load = deps.engine_load.load_of(model_id)
+            return load is not None and load.waiting == 3
+
+        await until(queued, "the hand-made engine never had 3 calls waiting")
+        # The hand-made replica's line is not the deployment's: its own replica is still starting.
+        assert await deps.keeper.keep() is False
+        assert (await client.get(f"/api/v1/models/{model_id}/deployment")).json()["desired"] == 1
+        for call in calls:
+            (await call).close()
