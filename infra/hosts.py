@@ -6,9 +6,10 @@ exactly it), and enforces the replica's rules; the orchestrator then bootstraps 
 with its engine under a unit, in a directory and on a port of its own (`unit_name`, `work_dir`).
 
 The rules live in an nftables table per replica on the host (`orch_replica_<id>`, `sudo -n nft`): its accept
-lines are the rule set, and its one reject covers the replica's engine port alone. Other replicas' ports and
-the host's own SSH are never refused by it, so replicas on one host do not touch each other and no rule set
-can lock the orchestrator (or the admin) out of the server.
+lines are the rule set, and its reject covers the replica's engine port alone, on `input` (an engine listening on
+the host) and on `prerouting` ahead of docker's DNAT (an engine in a container published with `-p`).
+Other replicas' ports and the host's own SSH are never refused by it, so replicas on one host do not touch each
+other and no rule set can lock the orchestrator (or the admin) out of the server.
 
 Which host a replica is on, and its GPUs, come from a `HostBook` the orchestrator keeps current from its
 database (the backend's methods take replica ids, and infra never reads the database).
@@ -26,10 +27,12 @@ import shlex
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
 import paramiko
+from paramiko.pkey import UnknownKeyType
 
+from infra.nft import DENY, decode_rule, encode_rule
 from infra.vm import BackendError, Rule, VmHandle, VmRequest
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,6 @@ KEY_TAG = "orchestrator-replica-"
 TABLE_PREFIX = "orch_replica_"
 UNIT_PREFIX = "orchestrator-engine-r"
 WORK_ROOT = "/opt/orchestrator-engine"
-_RULE = "orchestrator: "
-_DENY = "orchestrator: default deny"
 OPEN_TO_ALL = Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 0, 65535)
 """What a missing or foreign table means for drift: assume the worst."""
 _KEY_TYPES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
@@ -270,7 +271,7 @@ def public_key(line: str) -> paramiko.PKey:
     parts = line.split()
     try:
         return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1], validate=True))
-    except (IndexError, ValueError, paramiko.SSHException, paramiko.UnknownKeyType) as e:
+    except (IndexError, ValueError, paramiko.SSHException, UnknownKeyType) as e:
         # UnknownKeyType (a type paramiko cannot use, as `sk-ssh-ed25519@openssh.com`) is a plain Exception.
         raise BackendError(
             "the host's pinned key is not an OpenSSH public key line of a type it can pin (Ed25519, ECDSA, RSA)"
@@ -326,16 +327,22 @@ def inventory_ids(out: str) -> set[int]:
 
 
 def rules_script(replica_id: int, seat: Seat, rules: Sequence[Rule]) -> str:
-    """The replica's table, replaced atomically: every rule as an accept line (its comment encodes it, for
-    drift), then the one reject, of the engine port alone."""
+    """The replica's table, replaced atomically. Its ingress is filtered twice, with the same lines in each chain:
+    every rule as an accept line (its comment encodes it, for drift), then the reject of the engine port alone.
+    `input` sees a call to an engine that listens on the host itself; `prerouting` at -150, before the DNAT of
+    `docker run -p PORT:...` (dstnat, -100), sees a call that is then forwarded to a container and never meets
+    `input`. There the reject is of calls to the host's own addresses only (`fib daddr type local`), so a
+    container's outgoing connections to some other server's port of the same number pass."""
     name = table_name(replica_id)
     ingress = [_line(r) for r in sorted(set(rules)) if r.direction == "ingress"]
     egress = [_line(r) for r in sorted(set(rules)) if r.direction == "egress"]
-    port = seat.engine_port
-    ingress.append(f'tcp dport {port} reject with tcp reset comment "{_DENY}"')
+    reject = f'tcp dport {seat.engine_port} reject with tcp reset comment "{DENY}"'
     body = [
         "  chain ingress { type filter hook input priority 0; policy accept;",
-        *(f"    {line}" for line in ingress),
+        *(f"    {line}" for line in [*ingress, reject]),
+        "  }",
+        "  chain ingress_dnat { type filter hook prerouting priority -150; policy accept;",
+        *(f"    {line}" for line in [*ingress, f"fib daddr type local {reject}"]),
         "  }",
         "  chain egress { type filter hook output priority 0; policy accept;",
         *(f"    {line}" for line in egress),
@@ -344,35 +351,29 @@ def rules_script(replica_id: int, seat: Seat, rules: Sequence[Rule]) -> str:
     return f"add table inet {name}\ndelete table inet {name}\ntable inet {name} {{\n" + "\n".join(body) + "\n}\n"
 
 
+_REJECTS = 2
+"""One per ingress chain: a table with fewer (a foreign one, or one written before `prerouting` was filtered)
+reads as open, so the drift sweep writes it anew."""
+
+
 def _line(rule: Rule) -> str:
     family = "ip" if rule.ethertype == "IPv4" else "ip6"
     peer = "saddr" if rule.direction == "ingress" else "daddr"
     ports = f"{rule.port_range_min}-{rule.port_range_max}"
-    comment = _RULE + " ".join(map(str, astuple(rule)))
-    return f'{family} {peer} {rule.remote_ip_prefix} {rule.protocol} dport {ports} accept comment "{comment}"'
+    return f'{family} {peer} {rule.remote_ip_prefix} {rule.protocol} dport {ports} accept comment "{encode_rule(rule)}"'
 
 
 def read_rules(listing: str) -> frozenset[Rule]:
     """The rules of a replica's table (`nft -j list table`); a missing reject or a line this module did not
     write reads as open to all."""
     rules: set[Rule] = set()
-    denied = False
+    rejects = 0
     for item in json.loads(listing).get("nftables", []):
         if "rule" not in item:
             continue
         comment = str(item["rule"].get("comment", ""))
-        if comment == _DENY:
-            denied = True
+        if comment == DENY:
+            rejects += 1
             continue
-        rules.add(_decode(comment) or OPEN_TO_ALL)
-    return frozenset(rules if denied else {*rules, OPEN_TO_ALL})
-
-
-def _decode(comment: str) -> Rule | None:
-    parts = comment.removeprefix(_RULE).split()
-    if not comment.startswith(_RULE) or len(parts) != 6:
-        return None
-    direction, protocol, ethertype, prefix, low, high = parts
-    if direction not in {"ingress", "egress"} or protocol not in {"tcp", "udp"} or ethertype not in {"IPv4", "IPv6"}:
-        return None
-    return Rule(direction, protocol, ethertype, prefix, int(low), int(high))  # type: ignore[arg-type]
+        rules.add(decode_rule(comment) or OPEN_TO_ALL)
+    return frozenset(rules if rejects == _REJECTS else {*rules, OPEN_TO_ALL})

@@ -21,7 +21,8 @@ from dataclasses import astuple
 from infra.vm import BackendError, Rule
 
 TABLE_PREFIX = "orch_sandbox_"
-_DENY = "orchestrator: default deny"
+DENY = "orchestrator: default deny"
+"""The comment of a table's reject lines (the `hosts` backend's tables use it too)."""
 _RULE = "orchestrator: "
 TIMEOUT_S = 10.0
 LOCAL_HOOKS = ("input",)
@@ -61,8 +62,8 @@ def script(address: str, rules: Iterable[Rule], hooks: Sequence[str] = LOCAL_HOO
     for rule in sorted(set(rules)):
         (ingress if rule.direction == "ingress" else egress).append(_line(address, rule))
     ingress += [
-        f'ip daddr {address} meta l4proto tcp reject with tcp reset comment "{_DENY}"',
-        f'ip daddr {address} meta l4proto udp reject comment "{_DENY}"',
+        f'ip daddr {address} meta l4proto tcp reject with tcp reset comment "{DENY}"',
+        f'ip daddr {address} meta l4proto udp reject comment "{DENY}"',
     ]
     chains = [(f"ingress_{hook}", hook, ingress) for hook in hooks]
     # Egress rules are accepts under an accept policy: kept so the table states the whole desired set.
@@ -86,14 +87,16 @@ def _line(address: str, rule: Rule) -> str:
     # An IPv6 rule never concerns the sandbox's IPv4 address; it is kept (as an accept, a no-op under the
     # accept policy) so the table states the whole desired set.
     scope = f"ip {own} {address} " if family == "ip" else "meta nfproto ipv6 "
-    return f'{scope}{family} {peer} {net} {rule.protocol} dport {ports} accept comment "{_encode(rule)}"'
+    return f'{scope}{family} {peer} {net} {rule.protocol} dport {ports} accept comment "{encode_rule(rule)}"'
 
 
-def _encode(rule: Rule) -> str:
+def encode_rule(rule: Rule) -> str:
+    """The comment of the line that enforces `rule`: `decode_rule` reads the rule back from it."""
     return _RULE + " ".join(map(str, astuple(rule)))
 
 
-def _decode(comment: str) -> Rule | None:
+def decode_rule(comment: str) -> Rule | None:
+    """The rule an `encode_rule` comment names; None for any other comment."""
     parts = comment.removeprefix(_RULE).split()
     if not comment.startswith(_RULE) or len(parts) != 6:
         return None
@@ -124,10 +127,10 @@ def enforced(address: str, hooks: Sequence[str] = LOCAL_HOOKS) -> frozenset[Rule
         if "rule" not in item:
             continue
         comment = str(item["rule"].get("comment", ""))
-        if comment == _DENY:
+        if comment == DENY:
             denies += 1
         else:
-            rules.add(_decode(comment) or OPEN_TO_ALL)
+            rules.add(decode_rule(comment) or OPEN_TO_ALL)
     if denies != 2 * len(hooks):
         rules.add(OPEN_TO_ALL)
     return frozenset(rules)

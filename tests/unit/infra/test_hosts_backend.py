@@ -24,9 +24,25 @@ def test_the_table_refuses_only_the_replicas_engine_port_and_never_ssh() -> None
 
     assert script.startswith("add table inet orch_replica_5\ndelete table inet orch_replica_5\n")
     rejects = [line.strip() for line in script.splitlines() if "reject" in line]
-    assert rejects == ['tcp dport 8101 reject with tcp reset comment "orchestrator: default deny"']
-    assert "ip saddr 10.0.0.1/32 tcp dport 8101-8101 accept" in script
-    assert "ip saddr 10.0.0.2/32 tcp dport 22-22 accept" in script  # kept, so drift reads the whole set
+    assert rejects == [
+        'tcp dport 8101 reject with tcp reset comment "orchestrator: default deny"',
+        'fib daddr type local tcp dport 8101 reject with tcp reset comment "orchestrator: default deny"',
+    ]
+    assert script.count("ip saddr 10.0.0.1/32 tcp dport 8101-8101 accept") == 2
+    assert script.count("ip saddr 10.0.0.2/32 tcp dport 22-22 accept") == 2  # kept, so drift reads the whole set
+
+
+def test_the_engine_port_is_refused_before_dockers_dnat_too() -> None:
+    """`docker run -p PORT:8000` rewrites the port at prerouting (dstnat, -100), and the call then goes through
+    `forward`, never `input`: the replica's table meets it first, on prerouting at -150."""
+    script = rules_script(5, SEAT, [GATEWAY])
+    assert "chain ingress { type filter hook input priority 0; policy accept;" in script
+    assert "chain ingress_dnat { type filter hook prerouting priority -150; policy accept;" in script
+    dnat = script.split("chain ingress_dnat")[1].split("}")[0].splitlines()
+    assert [line.strip().split(" comment")[0] for line in dnat[1:] if line.strip()] == [
+        "ip saddr 10.0.0.1/32 tcp dport 8101-8101 accept",
+        "fib daddr type local tcp dport 8101 reject with tcp reset",
+    ]
 
 
 def listing(*comments: str) -> str:
@@ -40,7 +56,8 @@ def test_the_table_reads_back_as_the_rules_it_was_written_from() -> None:
         "orchestrator: ingress tcp IPv4 10.0.0.1/32 8101 8101",
         "orchestrator: default deny",
     ]
-    assert read_rules(listing(*comments)) == {SSH, GATEWAY}
+    assert read_rules(listing(*comments, *comments)) == {SSH, GATEWAY}  # each chain holds the set and a reject
+    assert OPEN_TO_ALL in read_rules(listing(*comments))  # one chain's (a table written before prerouting's)
 
 
 def test_a_table_without_its_reject_or_with_a_foreign_rule_reads_as_open() -> None:
