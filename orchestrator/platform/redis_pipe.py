@@ -84,25 +84,34 @@ class RedisPipe:
         if not self._writing:
             self._writing = True
             assert self._loop is not None
-            self._loop.create_task(self._write())
+            if self._writer is not None:  # the next turn writes what this turn's calls add, in one write
+                self._loop.call_soon(self._flush)
+            else:
+                self._loop.create_task(self._connect_then_flush())
 
-    async def _write(self) -> None:
+    async def _connect_then_flush(self) -> None:
         try:
-            if self._writer is None:
-                await self._open()
-            await asyncio.sleep(0)  # one turn more: what this turn's other calls add goes in the same write
-            out, self._out = self._out, []
-            assert self._writer is not None
-            self._writer.write(b"".join(out))
-            self._written += len(out)
-            asyncio.get_running_loop().call_later(self._timeout_s, self._deadline, self._writer, self._written)
+            await self._open()
         except (OSError, PipeBroken, TimeoutError) as e:
-            self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
-        finally:
             self._writing = False
-            if self._out:
-                self._writing = True
-                asyncio.get_running_loop().create_task(self._write())
+            self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        self._writing = False
+        writer = self._writer
+        if writer is None or not self._out:  # broken meanwhile: its commands have failed already
+            return
+        out, self._out = self._out, []
+        try:
+            writer.write(b"".join(out))
+        except (OSError, RuntimeError) as e:  # a transport closing under it
+            self._broken(PipeBroken(f"{type(e).__name__}: {e}"))
+            return
+        self._written += len(out)
+        assert self._loop is not None
+        self._loop.call_later(self._timeout_s, self._deadline, writer, self._written)
 
     async def _open(self) -> None:
         kw = self._connect_kwargs
