@@ -166,6 +166,23 @@ async def test_a_server_that_closes_idle_connections_costs_no_call(pool: Http1Po
         assert server.connections == 5
 
 
+async def test_a_reused_connection_closed_under_a_request_is_replaced(pool: Http1Pool) -> None:
+    served: dict[asyncio.StreamWriter, int] = {}
+
+    async def one_each(r: asyncio.StreamReader, w: asyncio.StreamWriter, h: bytes, b: bytes) -> bool:
+        served[w] = served.get(w, 0) + 1
+        if served[w] > 1:
+            return False  # its keep-alive ran out as the request came: closed unanswered
+        return await echo(r, w, h, b)
+
+    async with Server(one_each) as server:
+        for i in range(3):
+            answer = await pool.post(server.url, b"%d" % i, {}, hop=HOP)
+            assert await answer.read() == b"%d" % i  # each call answered, on a fresh connection when need be
+            answer.release()
+        assert server.connections == 3
+
+
 async def test_an_answer_broken_off_mid_body_raises(pool: Http1Pool) -> None:
     async def broken(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
