@@ -4,10 +4,12 @@ which to drain, and the deployment's status with why. Pure, so every case is a t
 A replica counts for a deployment while it is alive (not DRAINING, TERMINATING or TERMINATED). Those of the
 current template `generation` are "new", the others "old". With old ones alive the deployment rolls: up to
 `max_surge` new replicas beyond the count are made first, and one old replica is drained per new one READY.
-A new replica that ends without ever being READY stops the roll (`rollout_failed`): the new ones not READY are
-drained and the old ones keep serving. Without old ones, missing replicas are made and surplus ones drained
-(those not yet READY first); but once `max_failed_starts` replicas in a row ended without ever being READY,
-none is made any more (`failing`) until the template changes or an admin retries.
+A new replica that fails stops the roll (`rollout_failed`): the new ones not READY are drained and the old ones
+keep serving. Without old ones, missing replicas are made and surplus ones drained (those not yet READY first); but
+once `max_failed_starts` replicas in a row failed, none is made any more (`failing`) until the template changes or
+an admin retries. A replica fails when it ends for a reason of its own (not drained by anyone) without ever being
+READY, or within `min_served_s` of its first READY: an engine that crashes soon after it starts to serve would
+otherwise be replaced, one VM boot at a time, forever.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ class DeploymentStatus(StrEnum):
     ROLLING = "rolling"
     """Replicas of an older template being replaced: new ones first, then one old one drained per new READY one."""
     ROLLOUT_FAILED = "rollout_failed"
-    """A replica of the new template ended without ever being READY: the roll stopped, the old replicas serve."""
+    """A replica of the new template failed (ended without ever being READY, or soon after): the roll stopped, the
+    old replicas serve."""
     FAILING = "failing"
-    """Replicas ended without ever being READY too many times in a row: none is made until the template changes
-    or an admin retries."""
+    """Replicas failed (ended without ever being READY, or soon after) too many times in a row: none is made until
+    the template changes or an admin retries."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Member:
     generation: int
     ever_ready: bool = False
     termination_reason: str | None = None
+    served_s: float | None = None
+    """Seconds from its first READY to its end (its first move to DRAINING, TERMINATING or TERMINATED); None while
+    it is alive, or when it was never READY."""
     counted: bool = True
     """Made since the deployment's attempts were last reset (a template change, an admin's retry): only those count
     towards `failing` and `rollout_failed`."""
@@ -60,16 +66,21 @@ class Member:
     def alive(self) -> bool:
         return self.status not in GONE
 
-    @property
-    def failed(self) -> bool:
-        """Ended without ever being READY, for a reason of its own (not drained by anyone)."""
+    def failed(self, min_served_s: float) -> bool:
+        """Ended for a reason of its own (not drained by anyone), without ever being READY or within
+        `min_served_s` of its first READY."""
         return (
             self.counted
             and not self.alive
-            and not self.ever_ready
             and self.termination_reason is not None
             and self.termination_reason not in NOT_FAILURES
+            and (not self.ever_ready or (self.served_s is not None and self.served_s < min_served_s))
         )
+
+    def how_it_ended(self) -> str:
+        if self.ever_ready and self.served_s is not None:
+            return f"ended {self.served_s:.0f} s after its first READY"
+        return "ended without ever being READY"
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,8 @@ class Target:
     desired: int
     max_surge: int = 1
     max_failed_starts: int = 3
+    min_served_s: float = 600.0
+    """A replica that ends sooner after its first READY (for a reason of its own) is a failure."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,7 @@ def plan(members: list[Member], target: Target) -> Plan:
     alive = [m for m in members if m.alive]
     old = [m for m in alive if m.generation != target.generation]
     new = [m for m in members if m.generation == target.generation]
-    failures = _failures_in_a_row(new)
+    failures = _failures_in_a_row(new, target.min_served_s)
     if old:
         if failures:
             return _stop_roll(alive, old, failures[0], target)
@@ -110,14 +123,14 @@ def plan(members: list[Member], target: Target) -> Plan:
     return _scale(alive, target)
 
 
-def _failures_in_a_row(new: list[Member]) -> list[Member]:
-    """The latest replicas that ended without ever being READY, newest first, back to the latest that was READY."""
+def _failures_in_a_row(new: list[Member], min_served_s: float) -> list[Member]:
+    """The latest replicas that failed, newest first, back to the latest that was READY and did not fail."""
     failures = []
     for m in sorted(new, key=lambda m: m.id, reverse=True):
-        if m.ever_ready:
-            break
-        if m.failed:
+        if m.failed(min_served_s):
             failures.append(m)
+        elif m.ever_ready:
+            break
     return failures
 
 
@@ -150,8 +163,11 @@ def _scale(alive: list[Member], target: Target) -> Plan:
 def _failing(alive: list[Member], failures: list[Member], target: Target) -> Plan:
     last = failures[0]
     surplus = _drain_order(alive)[: max(0, len(alive) - target.desired)]
+    ended = "ended without ever being READY"
+    if any(m.ever_ready for m in failures):
+        ended += f", or within {target.min_served_s / 60:g} min of it"
     message = (
-        f"{len(failures)} replicas in a row ended without ever being READY (the last, replica {last.id}: "
+        f"{len(failures)} replicas in a row {ended} (the last, replica {last.id}: "
         f"{last.termination_reason}); no more are made until the template changes or an admin retries"
     )
     return Plan(0, tuple(Drain(m.id, REASON_SCALED_DOWN) for m in surplus), DeploymentStatus.FAILING, message)
@@ -175,7 +191,7 @@ def _roll(alive: list[Member], old: list[Member], target: Target) -> Plan:
 def _stop_roll(alive: list[Member], old: list[Member], failed: Member, target: Target) -> Plan:
     unready = [m for m in alive if m.generation == target.generation and m.status is not S.READY]
     message = (
-        f"replica {failed.id} of generation {target.generation} ended without ever being READY "
+        f"replica {failed.id} of generation {target.generation} {failed.how_it_ended()} "
         f"({failed.termination_reason}): the roll stopped, {len(old)} replicas of the previous template keep serving"
     )
     drains = tuple(Drain(m.id, REASON_ROLLOUT_STOPPED) for m in unready)

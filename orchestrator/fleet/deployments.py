@@ -287,6 +287,13 @@ def _member(row: MemberRow, deployment: Deployment) -> Member:
         status=row.status,
         generation=row.generation,
         ever_ready=row.ever_ready,
+        served_s=_served_s(row),
         termination_reason=row.termination_reason,
         counted=row.created_at >= deployment.attempts_since,
     )
+
+
+def _served_s(row: MemberRow) -> float | None:
+    if row.first_ready_at is None or row.ended_at is None:
+        return None
+    return (row.ended_at - row.first_ready_at).total_seconds()

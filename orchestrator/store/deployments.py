@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, or_, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlmodel import col, select
@@ -27,10 +27,16 @@ class MemberRow:
     id: int
     status: ReplicaStatus
     generation: int
-    ever_ready: bool
-    """It reached READY at least once (a READY move in its events)."""
+    first_ready_at: datetime | None
+    """Its first move to READY; None if it never reached READY."""
+    ended_at: datetime | None
+    """Its first move to DRAINING, TERMINATING or TERMINATED: when it stopped serving; None while alive."""
     termination_reason: str | None
     created_at: datetime
+
+    @property
+    def ever_ready(self) -> bool:
+        return self.first_ready_at is not None
 
 
 class DeploymentStore:
@@ -100,13 +106,17 @@ class DeploymentStore:
 
     async def members(self, deployment_id: int, since: datetime) -> list[MemberRow]:
         """The deployment's replicas still alive, and the ended ones made since `since` (the failures that count)."""
-        ever_ready = (
-            exists()
-            .where(col(ReplicaEvent.replica_id) == col(Replica.id), col(ReplicaEvent.to_status) == ReplicaStatus.READY)
-            .label("ever_ready")
-        )
+
+        def first_move(*to: ReplicaStatus) -> Any:
+            return (
+                select(func.min(col(ReplicaEvent.at)))
+                .where(col(ReplicaEvent.replica_id) == col(Replica.id), col(ReplicaEvent.to_status).in_(to))
+                .scalar_subquery()
+            )
+
+        gone = (ReplicaStatus.DRAINING, ReplicaStatus.TERMINATING, ReplicaStatus.TERMINATED)
         query = (
-            select(Replica, ever_ready)
+            select(Replica, first_move(ReplicaStatus.READY), first_move(*gone))
             .where(
                 col(Replica.deployment_id) == deployment_id,
                 or_(col(Replica.status) != ReplicaStatus.TERMINATED, col(Replica.created_at) >= since),
@@ -120,11 +130,12 @@ class DeploymentStore:
                 id=row_id(r.id),
                 status=ReplicaStatus(r.status),
                 generation=r.deployment_generation or 0,
-                ever_ready=bool(ready),
+                first_ready_at=ready_at,
+                ended_at=ended_at,
                 termination_reason=r.termination_reason,
                 created_at=r.created_at,
             )
-            for r, ready in rows
+            for r, ready_at, ended_at in rows
         ]
 
     async def orphans(self) -> list[int]:

@@ -3,10 +3,14 @@ the reconcile job is not run; `tests/system/test_deployments.py` runs it all on 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.runtime.container import Deps
 from tests.support.toolkit import Client, create_model, create_replica, vm_details
+
+S = ReplicaStatus
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -200,3 +204,25 @@ async def test_a_changed_policy_keeps_the_count_within_its_new_bounds(client: Cl
     assert (await put(client, model_id, body(replicas=None, autoscale=lifted)))[1]["desired"] == 4
     assert (await put(client, model_id, body(replicas=7)))[1]["desired"] == 7
     assert (await put(client, model_id, body(replicas=None, autoscale=raised)))[1]["desired"] == 7
+
+
+async def crash_after_ready(deps: Deps, replica_id: int) -> None:
+    """Walk a replica the keeper made to READY, then end it as an engine that crashed for good."""
+    path = [S.PENDING, S.PROVISIONING, S.BOOTSTRAPPING, S.STARTING, S.READY, S.UNHEALTHY, S.TERMINATING]
+    for src, dst in itertools.pairwise(path):
+        assert await deps.store.move(replica_id, src, dst, "unrecoverable" if dst is S.TERMINATING else "test")
+    assert await deps.store.move(replica_id, S.TERMINATING, S.TERMINATED, "terminated")
+
+
+async def test_engines_crashing_soon_after_ready_are_replaced_until_failing(client: Client, deps: Deps) -> None:
+    model_id = await create_model(client)
+    assert (await put(client, model_id, body(replicas=1)))[0] == 200
+    for _ in range(deps.settings.deployment_max_failed_starts):
+        assert await deps.keeper.keep() is True
+        members = (await client.get(f"/api/v1/models/{model_id}/deployment")).json()["members"]
+        [made] = [m["id"] for m in members if m["status"] == "PENDING"]
+        await crash_after_ready(deps, made)
+    assert await deps.keeper.keep() is False  # no VM booted for an engine that keeps crashing
+    got = (await client.get(f"/api/v1/models/{model_id}/deployment")).json()
+    assert got["status"] == "failing"
+    assert "or within 10 min of it" in got["message"]

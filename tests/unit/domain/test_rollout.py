@@ -122,3 +122,31 @@ def test_a_new_replica_that_never_gets_ready_stops_the_roll_and_keeps_the_old_on
         "replica 4 of generation 2 ended without ever being READY (provision_failed): the roll stopped, "
         "3 replicas of the previous template keep serving"
     )
+
+
+def crashed(i: int, served_s: float, gen: int = 1) -> Member:
+    """Ended `unrecoverable` `served_s` seconds after its first READY."""
+    return Member(i, S.TERMINATED, gen, ever_ready=True, termination_reason="unrecoverable", served_s=served_s)
+
+
+def test_engines_that_crash_soon_after_ready_count_as_failures_until_failing() -> None:
+    target = Target(1, 2, max_failed_starts=3)
+    assert plan([ready(1), crashed(2, 30), crashed(3, 45)], target).create == 1
+    stopped = plan([ready(1), crashed(2, 30), crashed(3, 45), crashed(4, 599)], target)
+    assert (stopped.create, stopped.status) == (0, D.FAILING)
+    assert stopped.message == (
+        "3 replicas in a row ended without ever being READY, or within 10 min of it (the last, replica 4: "
+        "unrecoverable); no more are made until the template changes or an admin retries"
+    )
+
+
+def test_an_engine_that_served_long_enough_before_it_crashed_breaks_the_run() -> None:
+    members = [crashed(1, 30), crashed(2, 30), crashed(3, 600), crashed(4, 30)]
+    assert plan(members, Target(1, 1, max_failed_starts=2)).create == 1
+
+
+def test_a_new_replica_that_crashes_soon_after_ready_stops_the_roll() -> None:
+    members = [ready(1), ready(2), crashed(4, 42, gen=2)]
+    p = plan(members, Target(2, 2))
+    assert (p.create, p.status) == (0, D.ROLLOUT_FAILED)
+    assert p.message.startswith("replica 4 of generation 2 ended 42 s after its first READY (unrecoverable): ")
