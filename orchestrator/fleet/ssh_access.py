@@ -48,6 +48,9 @@ class AccessPolicy:
     """How long the gateway's path may take to reach a just-secured engine."""
     closed_timeout_s: float = 1.5
     """A connection attempt that neither connects nor is refused within this is a closed (dropped) port."""
+    foreign_ssh: bool = True
+    """Whether the foreign source probes SSH too. Not on `hosts`: a host's SSH is the server's (its admin's way
+    in, often open to more than the orchestrator), which a replica's rules never close."""
 
 
 class EngineAccess:
@@ -110,9 +113,10 @@ class EngineAccess:
         ssh_kept = allows(rules, source_of(self._net.orchestrator_cidr), ssh_port)  # an admin rule may keep it
         if not ssh_kept and await self._port_open(host, ssh_port, self._net.ssh_source_address):
             return Verdict(f"SSH (port {ssh_port}) still accepts connections from the orchestrator after securing")
-        state = "engine port open to the gateway only, " + (
-            "SSH open to the orchestrator only" if ssh_kept else "SSH closed"
-        )
+        ssh_state = "SSH open to the orchestrator only" if ssh_kept else "SSH closed"
+        if not self.policy.foreign_ssh:
+            ssh_state = "SSH left as the host's own firewall has it"
+        state = f"engine port open to the gateway only, {ssh_state}"
         stranger = self._net.foreign_source_address
         if stranger is None:
             return Verdict(
@@ -120,7 +124,8 @@ class EngineAccess:
                 f"{state}; verified from the gateway and the orchestrator, not probed from outside: "
                 "no foreign source address on this backend",
             )
-        ports = {ssh_port: f"SSH (port {ssh_port})", engine_port: f"the engine port ({engine_port})"}
+        ports = {ssh_port: f"SSH (port {ssh_port})"} if self.policy.foreign_ssh else {}
+        ports[engine_port] = f"the engine port ({engine_port})"
         opened = await asyncio.gather(*(self._port_open(host, port, stranger) for port in ports))
         let_in = [what for what, is_open in zip(ports.values(), opened, strict=True) if is_open]
         if let_in:

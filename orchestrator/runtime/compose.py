@@ -130,7 +130,7 @@ def build_deps(settings: Settings) -> Deps:
         backend,
         box=box,
         network=network,
-        access=EngineAccess(box, network, upstream, plans, AccessPolicy()),
+        access=EngineAccess(box, network, upstream, plans, AccessPolicy(foreign_ssh=placer is None)),
         pool=ThreadPoolExecutor(settings.provision_workers, thread_name_prefix="vm-work"),
         policy=ManagedPolicy(
             boot_deadline_s=settings.boot_deadline_s,

@@ -41,7 +41,7 @@ GATEWAY, ORCHESTRATOR, STRANGER = "10.212.0.1", "10.212.0.2", "10.212.0.3"
 HOST_MACHINE = 9
 """The machine's id in its own backend (its /30 in the subnet); the database's replicas are 1, 2, 3."""
 HOST_RULES = (
-    Rule("ingress", "tcp", "IPv4", f"{ORCHESTRATOR}/32", 22, 22),  # the server's own firewall: SSH from us only
+    Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 22, 22),  # the server's own firewall: SSH from anywhere, as many do
     Rule("ingress", "tcp", "IPv4", "0.0.0.0/0", 8100, 8199),  # engine ports open: each replica's table guards its own
 )
 
@@ -192,6 +192,7 @@ async def test_replicas_are_placed_on_a_registered_host_serve_and_are_released_o
         detail = (await client.get(f"/api/v1/replicas/{rid}")).json()
         [secured] = [e["message"] for e in detail["events"] if e["reason"] == "secured"]
         assert f"a foreign source ({STRANGER})" in secured
+        assert "SSH left as the host's own firewall has it" in secured  # open to the stranger: not the replica's
         [gpu_check] = [e["message"] for e in detail["events"] if e["reason"] == "bootstrap_gpu"]
         assert "GPU 0: " in gpu_check  # the placement's plain values are no secrets: never redacted from outputs
     assert connects(address, 22, ORCHESTRATOR)  # a replica never closes the host's SSH
