@@ -210,6 +210,10 @@ class DeploymentKeeper:
         self._autoscaler = autoscaler or Autoscaler()
         self._load_of = load_of
         self._clock = clock
+        self._scaled: dict[int, int] = {}
+        """Autoscaled deployments by id, with the generation the autoscaler's memory of each was gathered on: a
+        deployment deleted, switched to a fixed count or rolled to another template is forgotten (what one replica
+        was seen to run at most is wrong for a smaller engine)."""
 
     async def keep(self) -> bool:
         """One look at every deployment; True if a replica was made or drained."""
@@ -218,7 +222,10 @@ class DeploymentKeeper:
             log.info("deployment.model_deleted", deployment_id=deployment_id)
         for replica_id in await self._store.orphans():  # a deletion that stopped half-way
             acted |= await _drain(self._replicas, replica_id, REASON_DEPLOYMENT_DELETED, "the deployment was deleted")
-        for deployment in await self._store.all_live():
+        live = await self._store.all_live()
+        for gone in set(self._scaled) - {row_id(d.id) for d in live}:
+            self._forget(gone)
+        for deployment in live:
             try:
                 acted |= await self._keep_one(deployment)
             except Exception:  # one deployment failing never stops the others
@@ -242,13 +249,23 @@ class DeploymentKeeper:
 
     async def _desired(self, deployment: Deployment, replica_ids: list[int]) -> tuple[int, str | None]:
         policy = policy_of(deployment.autoscale)
+        deployment_id = row_id(deployment.id)
         if policy is None:
+            if deployment_id in self._scaled:
+                self._forget(deployment_id)
             return deployment.replicas or 0, None
+        if self._scaled.get(deployment_id) != deployment.generation:
+            self._forget(deployment_id)  # first seen (nothing to forget), or another template
+            self._scaled[deployment_id] = deployment.generation
         load = self._load_of(deployment, replica_ids)
         if inspect.isawaitable(load):
             load = await load
-        decision = self._autoscaler.decide(row_id(deployment.id), policy, deployment.desired, load, self._clock())
+        decision = self._autoscaler.decide(deployment_id, policy, deployment.desired, load, self._clock())
         return decision.desired, decision.reason
+
+    def _forget(self, deployment_id: int) -> None:
+        self._autoscaler.forget(deployment_id)
+        self._scaled.pop(deployment_id, None)
 
     async def _carry_out(self, deployment: Deployment, decided: Plan) -> bool:
         for order in decided.drain:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from orchestrator.domain.autoscale import AutoscalePolicy, Load
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.runtime.container import Deps
 from tests.support.toolkit import Client, create_model, create_replica, vm_details
@@ -226,3 +227,36 @@ async def test_engines_crashing_soon_after_ready_are_replaced_until_failing(clie
     got = (await client.get(f"/api/v1/models/{model_id}/deployment")).json()
     assert got["status"] == "failing"
     assert "or within 10 min of it" in got["message"]
+
+
+POLICY = AutoscalePolicy(min_replicas=1, max_replicas=3, target_waiting=2, scale_up_delay_s=30)
+BUSY = Load(ready=1, running=8, waiting=15)
+
+
+def remembers(deps: Deps, deployment_id: int) -> bool:
+    """Whether the autoscaler still holds a load seen above the target at 0 s for the deployment (it grows at 30 s);
+    asking restarts that memory."""
+    return deps.autoscaler.decide(deployment_id, POLICY, 1, BUSY, 30.0).desired == 2
+
+
+async def test_the_autoscaler_forgets_a_deployment_deleted_rolled_or_fixed(client: Client, deps: Deps) -> None:
+    autoscale = {"min_replicas": 1, "max_replicas": 3, "target_waiting": 2, "scale_up_delay_s": 30}
+    other = {"create_vm": True, "vm_creation_details": vm_details(flavor_name="n3-H100x1")}
+    changes = [
+        ("nothing", lambda model_id: put(client, model_id, body(replicas=None, autoscale=autoscale))),
+        (
+            "a new template",
+            lambda model_id: put(client, model_id, body(replicas=None, autoscale=autoscale, template=other)),
+        ),
+        ("a fixed count", lambda model_id: put(client, model_id, body(replicas=2))),
+        ("its deletion", lambda model_id: client.delete(f"/api/v1/models/{model_id}/deployment")),
+    ]
+    for i, (change, make) in enumerate(changes):
+        model_id = await create_model(client, name=f"model-{i}")
+        status, made = await put(client, model_id, body(replicas=None, autoscale=autoscale))
+        assert status == 200, made
+        await deps.keeper.keep()
+        deps.autoscaler.decide(made["id"], POLICY, 1, BUSY, 0.0)  # a load above the target seen at 0 s
+        await make(model_id)
+        await deps.keeper.keep()
+        assert remembers(deps, made["id"]) is (change == "nothing"), change
