@@ -24,6 +24,8 @@ class HostRoom:
     gpus: int
     used_gpus: frozenset[int]
     used_ports: frozenset[int]
+    ssh_port: int = 22
+    """The host's own SSH: never an engine port, since a replica's table rejects its engine port to strangers."""
 
     @property
     def free_gpus(self) -> tuple[int, ...]:
@@ -73,4 +75,4 @@ def why_not(pool: str, hosts: Sequence[HostRoom], need: int, ports: range) -> st
 
 
 def _free_port(host: HostRoom, ports: range) -> int | None:
-    return next((p for p in ports if p not in host.used_ports), None)
+    return next((p for p in ports if p not in host.used_ports and p != host.ssh_port), None)

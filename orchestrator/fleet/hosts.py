@@ -48,7 +48,7 @@ class HostSpec:
     ssh_port: int = 22
 
 
-def check(spec: HostSpec) -> None:
+def check(spec: HostSpec, engine_ports: range) -> None:
     """InvalidInput naming the first field that is wrong (the key's material is never quoted)."""
     if not _NAME.fullmatch(spec.name):
         raise InvalidInput("name", "1-63 lower-case letters, digits and '-', starting with a letter or digit")
@@ -58,6 +58,12 @@ def check(spec: HostSpec) -> None:
         raise InvalidInput("address", "an IPv4 or IPv6 address or a DNS name")
     if not 0 < spec.ssh_port <= MAX_PORT:
         raise InvalidInput("ssh_port", f"a TCP port, 1-{MAX_PORT}")
+    if spec.ssh_port in engine_ports:
+        raise InvalidInput(
+            "ssh_port",
+            f"a port outside the engine ports {engine_ports.start}-{engine_ports.stop - 1} (ORCH_HOST_PORT_MIN and"
+            " _MAX): a replica's rules refuse its engine port to all but the gateway",
+        )
     if not _USER.fullmatch(spec.ssh_user):
         raise InvalidInput("ssh_user", "a login name: lower-case letters, digits, '_' and '-', up to 32")
     if spec.ssh_user == "root":
@@ -83,13 +89,15 @@ def _address(text: str) -> bool:
 
 
 class HostService:
-    def __init__(self, store: HostStore, box: SecretBox, placer: HostPlacer | None) -> None:
+    def __init__(self, store: HostStore, box: SecretBox, placer: HostPlacer | None, engine_ports: range) -> None:
         self._store = store
         self._box = box
         self._placer = placer
+        self._engine_ports = engine_ports
+        """ORCH_HOST_PORT_MIN..MAX, the ports placement gives engines (checked on any backend: it may change)."""
 
     async def register(self, spec: HostSpec) -> HostUse:
-        check(spec)
+        check(spec, self._engine_ports)
         host = await self._store.add(
             Host(
                 name=spec.name,

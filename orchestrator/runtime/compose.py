@@ -117,8 +117,9 @@ def build_deps(settings: Settings) -> Deps:
     host_store = HostStore(sessions)
     # `hosts`: each replica is placed on a registered server first; the backend reads where from the placer's book.
     placer = None
+    host_ports = range(settings.host_port_min, settings.host_port_max + 1)
     if isinstance(backend, HostsBackend):
-        placer = HostPlacer(host_store, box, backend.book, range(settings.host_port_min, settings.host_port_max + 1))
+        placer = HostPlacer(host_store, box, backend.book, host_ports)
 
     async def on_moved() -> None:
         await moved()
@@ -241,7 +242,7 @@ def build_deps(settings: Settings) -> Deps:
             ),
         ),
         token_counter=TokenCounter(catalog, upstream),
-        hosts=HostService(host_store, box, placer),
+        hosts=HostService(host_store, box, placer, host_ports),
         engine_load=engine_load,
         autoscaler=autoscaler,
         shared_limits=shared,

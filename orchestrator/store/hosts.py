@@ -144,6 +144,7 @@ def _room(host: Host, placed: Sequence[Placed]) -> HostRoom:
         gpus=host.gpus,
         used_gpus=frozenset(g for p in placed for g in p.gpus),
         used_ports=frozenset(p.engine_port for p in placed),
+        ssh_port=host.ssh_port,
     )
 
 

@@ -13,7 +13,7 @@ from orchestrator.runtime.compose import Runtime
 from orchestrator.runtime.container import Deps
 from orchestrator.store.db import make_sessions
 from orchestrator.store.hosts import HostStore
-from orchestrator.store.tables import LlmModel, Replica
+from orchestrator.store.tables import Host, LlmModel, Replica
 from provisioning.ssh_keys import generate_keypair
 
 S = ReplicaStatus
@@ -82,6 +82,7 @@ BAD = [
     ("address", "999.1.1.1"),
     ("ssh_port", 0),
     ("ssh_port", 70000),
+    ("ssh_port", 8150),  # inside ORCH_HOST_PORT_MIN..MAX: an engine port, rejected by its replica's table
     ("ssh_user", "root"),
     ("ssh_user", "bad user"),
     ("ssh_private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n-----END OPENSSH PRIVATE KEY-----"),
@@ -152,3 +153,23 @@ async def test_placement_takes_free_gpus_and_ports_waits_when_full_and_is_releas
     await terminate(deps, third)
     assert (await client.get("/api/v1/hosts")).json()[0]["gpus_used"] == 0
     assert (await client.delete(f"/api/v1/hosts/{host['id']}")).status_code == 204
+
+
+async def test_a_hosts_ssh_port_is_never_given_as_an_engine_port(runtime: Runtime) -> None:
+    """A host stored with its SSH port among the engine ports (registered before the check, or with other
+    ORCH_HOST_PORT_MIN/MAX): placement passes that port over."""
+    deps = runtime.deps
+    store = HostStore(make_sessions(deps.engine))
+    host = await store.add(
+        Host(
+            name="gpu-9",
+            pool="rack-a",
+            address="192.0.2.19",
+            ssh_port=8100,
+            ssh_user="ubuntu",
+            ssh_key_sealed=deps.box.seal(PRIVATE),
+            host_key=HOST_KEY,
+            gpus=1,
+        )
+    )
+    assert await store.place(await replica_in(deps), "rack-a", 1, PORTS) == Spot(host.id or 0, "gpu-9", (0,), 8101)

@@ -9,8 +9,10 @@ from orchestrator.domain.placement import HostRoom, Spot, gpus_needed, pick, why
 PORTS = range(8100, 8104)
 
 
-def room(host_id: int, name: str, gpus: int, used: Iterable[int] = (), ports: Iterable[int] = ()) -> HostRoom:
-    return HostRoom(host_id, name, gpus, frozenset(used), frozenset(ports))
+def room(
+    host_id: int, name: str, gpus: int, used: Iterable[int] = (), ports: Iterable[int] = (), *, ssh_port: int = 22
+) -> HostRoom:
+    return HostRoom(host_id, name, gpus, frozenset(used), frozenset(ports), ssh_port)
 
 
 def test_gpus_needed_follows_tensor_parallelism_then_the_flavor() -> None:
@@ -32,6 +34,12 @@ def test_a_host_without_free_ports_or_gpus_is_passed_over() -> None:
     assert pick([no_ports], 1, PORTS) is None
     assert pick([no_ports, room(2, "b", 1)], 1, PORTS) == Spot(2, "b", (0,), 8100)
     assert pick([room(1, "a", 2, {0})], 2, PORTS) is None
+
+
+def test_a_hosts_own_ssh_port_is_never_an_engine_port() -> None:
+    """The replica's table rejects its engine port: given the host's SSH port, it would lock the host's SSH."""
+    assert pick([room(1, "a", 2, ssh_port=8100)], 1, PORTS) == Spot(1, "a", (0,), 8101)
+    assert pick([room(1, "a", 2, ports={8101, 8102, 8103}, ssh_port=8100)], 1, PORTS) is None
 
 
 def test_a_replica_needing_no_gpu_still_needs_a_port() -> None:
