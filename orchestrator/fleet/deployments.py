@@ -82,6 +82,13 @@ def template_of(text: str, secrets: Mapping[str, str]) -> ReplicaSpec:
     )
 
 
+def template_secrets(box: SecretBox, deployment: Deployment) -> dict[str, str]:
+    """The template's secret values (the engine's `secret_env`), unsealed."""
+    sealed = deployment.template_secrets_sealed
+    secrets: dict[str, str] = json.loads(box.open(sealed)) if sealed else {}
+    return secrets
+
+
 def policy_of(text: str | None) -> AutoscalePolicy | None:
     return None if text is None else AutoscalePolicy(**json.loads(text))
 
@@ -123,7 +130,7 @@ class DeploymentService:
             "attempts_since": utcnow(),
         }
         current = await self._store.live(model_id)
-        if current is None or template != current.template or secrets != self._secrets(current):
+        if current is None or template != current.template or secrets != template_secrets(self._box, current):
             fields["generation"] = 1 if current is None else current.generation + 1
         if current is None or spec.replicas is not None or spec.autoscale != policy_of(current.autoscale):
             fields["desired"] = _start_count(spec, None if current is None else current.desired)
@@ -155,11 +162,6 @@ class DeploymentService:
             await _drain(self._replicas, replica_id, REASON_DEPLOYMENT_DELETED, "the deployment was deleted")
         log.info("deployment.deleted", deployment_id=deployment.id, model_id=model_id, drained=drained)
         return drained
-
-    def _secrets(self, deployment: Deployment) -> dict[str, str]:
-        sealed = deployment.template_secrets_sealed
-        secrets: dict[str, str] = json.loads(self._box.open(sealed)) if sealed else {}
-        return secrets
 
     async def _view(self, deployment: Deployment) -> DeploymentView:
         rows = await self._store.members(row_id(deployment.id), deployment.attempts_since)
@@ -290,9 +292,7 @@ class DeploymentKeeper:
         return bool(decided.drain) or decided.create > 0
 
     def _template(self, deployment: Deployment) -> ReplicaSpec:
-        sealed = deployment.template_secrets_sealed
-        secrets: dict[str, str] = json.loads(self._box.open(sealed)) if sealed else {}
-        return template_of(deployment.template, secrets)
+        return template_of(deployment.template, template_secrets(self._box, deployment))
 
 
 _BAD = frozenset({DeploymentStatus.FAILING, DeploymentStatus.ROLLOUT_FAILED})

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
 
 from infra.sandbox import SandboxBackend
 from orchestrator.domain.lifecycle import REASON_SCALED_DOWN, ReplicaStatus
@@ -25,8 +23,10 @@ from orchestrator.fleet.drain import Drain
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
+from tests.support.callers import ASK, call_until
 from tests.support.engines import Engine
 from tests.support.gateway import issue_key, openai_client
+from tests.support.managed_sandbox import managed_sandbox
 from tests.support.settings import instance_settings
 from tests.support.toolkit import create_model, vm_details
 
@@ -41,7 +41,6 @@ AUTOSCALE = {
 }
 CLIENTS = 10
 """Three replicas run six at once and leave about four waiting (1.3 each, under the target of 2); two leave six."""
-ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
 
 
 @pytest.fixture
@@ -57,14 +56,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def sandbox(deps: Deps) -> AsyncIterator[SandboxBackend]:
-    backend = deps.managed.backend
-    assert isinstance(backend, SandboxBackend)
-    try:
+    async with managed_sandbox(deps) as backend:
         yield backend
-    finally:
-        await deps.managed.settle()
-        for replica_id in backend.owned():  # whatever a failed test left behind
-            backend.destroy(replica_id)
 
 
 class Leader:
@@ -96,28 +89,6 @@ def ready(d: dict[str, Any]) -> int:
     return sum(m["status"] == "READY" for m in d["members"])
 
 
-async def clients(sdk: openai.AsyncOpenAI, stop: asyncio.Event) -> tuple[int, list[BaseException]]:
-    """CLIENTS callers, every other one streaming, each calling again at once until `stop`: (answers, failures)."""
-    answered, failed = 0, list[BaseException]()
-
-    async def caller(stream: bool) -> None:
-        nonlocal answered
-        while not stop.is_set():
-            try:
-                if stream:
-                    chunks = await sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, stream=True)
-                    assert [c async for c in chunks][-1].choices[0].finish_reason == "length"
-                else:
-                    reply = await sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10)
-                    assert reply.choices[0].finish_reason == "length"
-                answered += 1
-            except (openai.OpenAIError, AssertionError) as e:
-                failed.append(e)
-
-    await asyncio.gather(*(caller(i % 2 == 1) for i in range(CLIENTS)))
-    return answered, failed
-
-
 async def test_an_autoscaled_deployment_grows_on_the_engines_queue_and_shrinks_after(
     client: httpx.AsyncClient, transport: httpx.ASGITransport, deps: Deps, sandbox: SandboxBackend
 ) -> None:
@@ -133,7 +104,7 @@ async def test_an_autoscaled_deployment_grows_on_the_engines_queue_and_shrinks_a
 
     _, key = await issue_key(client)
     stop = asyncio.Event()
-    load_run = asyncio.create_task(clients(openai_client(transport, key), stop))
+    load_run = asyncio.create_task(call_until(openai_client(transport, key), MODEL, stop, callers=CLIENTS))
     desired: list[int] = []
     messages: list[str] = []
     under_at_three = 0

@@ -17,15 +17,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
 
 from orchestrator.domain.autoscale import AutoscalePolicy, Load
 from orchestrator.domain.lifecycle import ReplicaStatus
 from orchestrator.fleet.drain import Drain
 from orchestrator.fleet.reconcile import reconcile
 from orchestrator.runtime.container import Deps
+from tests.support.callers import call_until
 from tests.support.engines import Engine, engine_process
 from tests.support.gateway import issue_key, make_ready, openai_client
 
@@ -36,7 +35,6 @@ POLICY = AutoscalePolicy(
 CLIENTS = 10
 """Three replicas run six at once and leave about four waiting (1.3 each, under the target of 2); two leave six (3
 each), one eight."""
-ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
 PASS_S = 0.1
 """The pace of the keeper's passes (the scrape job's and the reconcile's interval, shortened)."""
 
@@ -101,28 +99,6 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, within_s: float
         await asyncio.sleep(0.02)
 
 
-async def clients(sdk: openai.AsyncOpenAI, stop: asyncio.Event) -> tuple[int, list[BaseException]]:
-    """CLIENTS callers, every other one streaming, each calling again at once until `stop`: (answers, failures)."""
-    answered, failed = 0, []
-
-    async def caller(stream: bool) -> None:
-        nonlocal answered
-        while not stop.is_set():
-            try:
-                if stream:
-                    chunks = await sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, stream=True)
-                    assert [c async for c in chunks][-1].choices[0].finish_reason == "length"
-                else:
-                    reply = await sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10)
-                    assert reply.choices[0].finish_reason == "length"
-                answered += 1
-            except (openai.OpenAIError, AssertionError) as e:
-                failed.append(e)
-
-    await asyncio.gather(*(caller(i % 2 == 1) for i in range(CLIENTS)))
-    return answered, failed
-
-
 async def test_replicas_follow_the_engines_queue_up_and_back_down(
     client: httpx.AsyncClient, transport: httpx.ASGITransport, deps: Deps, engines: list[Engine]
 ) -> None:
@@ -131,7 +107,7 @@ async def test_replicas_follow_the_engines_queue_up_and_back_down(
     keeper = Keeper(client, deps, model_id, first, engines)
     _, key = await issue_key(client)
     stop = asyncio.Event()
-    load_run = asyncio.create_task(clients(openai_client(transport, key), stop))
+    load_run = asyncio.create_task(call_until(openai_client(transport, key), MODEL, stop, callers=CLIENTS))
 
     counts: list[int] = []
     under_at_three: list[Load] = []

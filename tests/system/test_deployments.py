@@ -25,6 +25,7 @@ from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
 from tests.support.engines import Engine
 from tests.support.gateway import issue_key, openai_client
+from tests.support.managed_sandbox import managed_sandbox
 from tests.support.settings import instance_settings
 from tests.support.toolkit import create_model, vm_details
 
@@ -55,14 +56,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def sandbox(deps: Deps) -> AsyncIterator[SandboxBackend]:
-    backend = deps.managed.backend
-    assert isinstance(backend, SandboxBackend)
-    try:
+    async with managed_sandbox(deps) as backend:
         yield backend
-    finally:
-        await deps.managed.settle()
-        for replica_id in backend.owned():  # whatever a failed test left behind
-            backend.destroy(replica_id)
 
 
 @dataclass
