@@ -1,7 +1,8 @@
 """No secret the app holds comes back in clear from any route, and none is stored in clear.
 
-One of every secret is made: a toolkit key, connector keys (one of them reset), a replica's engine key, a Moonshot
-endpoint's token, a Feishu bot's app secret and encrypt key, and the server's admin and secret keys. Then every GET
+One of every secret is made: a toolkit key, connector keys (one of them reset), a replica's engine key, a
+deployment template's engine secret (`secret_env`, its replica made), a Moonshot endpoint's token, a Feishu bot's
+app secret and encrypt key, a host's SSH key, and the server's admin and secret keys. Then every GET
 operation of the OpenAPI schema is called (path parameters filled with every id made, list filters with known
 values, as the admin and as client keys), with the table browser on every table, the connector's POST routes that
 answer with a key or a bot, and the gateway's calls and model lists. A key's plain text may appear in one response
@@ -29,6 +30,7 @@ from provisioning.ssh_keys import generate_keypair
 from tests.support.engines import Engine, engine_in_process
 from tests.support.gateway import make_ready
 from tests.support.settings import instance_settings
+from tests.support.toolkit import vm_details
 
 MODEL = "llama3.1"  # rated by LlmEndpoint, so /api/v1/completions serves it too
 
@@ -145,6 +147,14 @@ async def world(transport: httpx.ASGITransport, deps: Deps, engine: Engine, reco
     await _ok(admin, "POST", "/api/v1/hosts", {**host, "ssh_private_key": host_private, "host_key": host_public})
     made.append(Secret("host's SSH key", host_private.splitlines()[1]))  # a PEM line: no JSON escape in it
 
+    hf_token = _secret("hf-token")
+    engine = {"model": "meta-llama/Llama-3.1-8B-Instruct", "secret_env": {"HF_TOKEN": hf_token}}
+    template = {"create_vm": True, "vm_creation_details": vm_details(run_command=None, engine=engine)}
+    await _ok(admin, "PUT", f"/api/v1/models/{model_id}/deployment", {"template": template, "replicas": 1})
+    made.append(Secret("deployment's engine secret", hf_token))
+    assert await deps.keeper.keep() is True  # its replica made, the secret sealed in it too
+    [member] = (await _ok(admin, "GET", f"/api/v1/models/{model_id}/deployment"))["members"]
+
     clients = {
         "admin": admin,
         "toolkit key": _client(transport, recorder, toolkit["api_key"]),
@@ -158,6 +168,7 @@ async def world(transport: httpx.ASGITransport, deps: Deps, engine: Engine, reco
         clients=clients,
         int_ids={
             replica_id,
+            member["id"],
             model_id,
             group["id"],
             toolkit["id"],
@@ -273,7 +284,12 @@ async def test_no_secret_is_stored_in_clear(world: World, deps: Deps) -> None:
     hashes = {row["key_hash"] for row in rows["api_key"]}
     for secret in world.secrets:
         assert (hash_api_key(deps.keys.secret_key, secret.value) in hashes) is secret.hashed, secret.name
-    assert [box.open(r["engine_key_sealed"]) for r in rows["replicas"]] == [ENGINE_KEY]
+    assert [box.open(r["engine_key_sealed"]) for r in rows["replicas"] if r["engine_key_sealed"]] == [ENGINE_KEY]
+    [deployment] = rows["deployments"]
+    [hf_token] = [s.value for s in world.secrets if s.name == "deployment's engine secret"]
+    assert json.loads(box.open(deployment["template_secrets_sealed"])) == {"HF_TOKEN": hf_token}
+    sealed_in_replicas = [box.open(r["engine_secrets_sealed"]) for r in rows["replicas"] if r["engine_secrets_sealed"]]
+    assert [json.loads(s) for s in sealed_in_replicas] == [{"HF_TOKEN": hf_token}]
     [endpoint] = rows["llm_endpoint"]
     assert box.open(endpoint["token_sealed"]) in {s.value for s in world.secrets if s.name == "llm_endpoint token"}
     [bot] = rows["bot_connector"]
