@@ -239,8 +239,9 @@ class DeploymentKeeper:
         rows = await self._store.members(deployment_id, deployment.attempts_since)
         # Its load is that of its own replicas of the current template: a hand-made replica, or an old one still
         # serving mid-roll, would count as READY while those it wants are still starting.
-        current = [m.id for m in rows if m.status not in GONE and m.generation == deployment.generation]
-        desired, why = await self._desired(deployment, current)
+        alive = [m for m in rows if m.status not in GONE]
+        current = [m.id for m in alive if m.generation == deployment.generation]
+        desired, why = await self._desired(deployment, current, rolling=len(current) < len(alive))
         target = Target(deployment.generation, desired, deployment.max_surge, self._max_failed_starts)
         decided = plan([_member(m, deployment) for m in rows], target)
         message = decided.message if why is None else f"{why}; {decided.message}"
@@ -249,7 +250,9 @@ class DeploymentKeeper:
             log_status("deployment.status", deployment_id=deployment_id, status=decided.status, message=message)
         return await self._carry_out(deployment, decided)
 
-    async def _desired(self, deployment: Deployment, replica_ids: list[int]) -> tuple[int, str | None]:
+    async def _desired(
+        self, deployment: Deployment, replica_ids: list[int], *, rolling: bool
+    ) -> tuple[int, str | None]:
         policy = policy_of(deployment.autoscale)
         deployment_id = row_id(deployment.id)
         if policy is None:
@@ -259,6 +262,9 @@ class DeploymentKeeper:
         if self._scaled.get(deployment_id) != deployment.generation:
             self._forget(deployment_id)  # first seen (nothing to forget), or another template
             self._scaled[deployment_id] = deployment.generation
+        if rolling:
+            # The old replicas carry most calls while the new ones come up: the count is judged once they are gone.
+            return deployment.desired, "the count is held while the deployment rolls"
         load = self._load_of(deployment, replica_ids)
         if inspect.isawaitable(load):
             load = await load

@@ -8,7 +8,10 @@ from typing import Any
 
 from orchestrator.domain.autoscale import AutoscalePolicy, Load
 from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.fleet.deployments import DeploymentKeeper
 from orchestrator.runtime.container import Deps
+from orchestrator.store.db import make_sessions
+from orchestrator.store.deployments import DeploymentStore
 from tests.support.toolkit import Client, create_model, create_replica, vm_details
 
 S = ReplicaStatus
@@ -260,3 +263,49 @@ async def test_the_autoscaler_forgets_a_deployment_deleted_rolled_or_fixed(clien
         await make(model_id)
         await deps.keeper.keep()
         assert remembers(deps, made["id"]) is (change == "nothing"), change
+
+
+async def walk_to_ready(deps: Deps, replica_id: int) -> None:
+    for src, dst in itertools.pairwise([S.PENDING, S.PROVISIONING, S.BOOTSTRAPPING, S.STARTING, S.READY]):
+        assert await deps.store.move(replica_id, src, dst, "test")
+
+
+async def test_a_rolling_deployment_is_not_resized_on_its_new_replicas_load(client: Client, deps: Deps) -> None:
+    """Mid-roll the old replicas carry the calls: the few new ones READY are no measure of the deployment's load."""
+    seen: list[list[int]] = []
+
+    def idle(deployment: Any, replica_ids: list[int]) -> Load:
+        seen.append(sorted(replica_ids))
+        return Load(ready=len(replica_ids))  # nothing running, nothing waiting
+
+    keeper = DeploymentKeeper(
+        DeploymentStore(make_sessions(deps.engine)), deps.replicas, deps.box, max_failed_starts=3, load_of=idle
+    )
+    model_id = await create_model(client)
+    fixed = {"min_replicas": 2, "max_replicas": 2, "scale_down_delay_s": 0}
+    await put(client, model_id, body(replicas=None, autoscale=fixed))
+    assert await keeper.keep() is True
+    old = [m["id"] for m in (await client.get(f"/api/v1/models/{model_id}/deployment")).json()["members"]]
+    for replica_id in old:
+        await walk_to_ready(deps, replica_id)
+    other = {"create_vm": True, "vm_creation_details": vm_details(flavor_name="n3-H100x1")}
+    loose = {**fixed, "min_replicas": 1}
+    assert (await put(client, model_id, body(replicas=None, autoscale=loose, template=other)))[1]["desired"] == 2
+    assert await keeper.keep() is True  # the surge: one new replica
+    [new] = [
+        m["id"]
+        for m in (await client.get(f"/api/v1/models/{model_id}/deployment")).json()["members"]
+        if m["generation"] == 2
+    ]
+    await walk_to_ready(deps, new)
+    assert await keeper.keep() is True  # one old one drained for the new one READY, the next new one made
+    got = (await client.get(f"/api/v1/models/{model_id}/deployment")).json()
+    assert (got["status"], got["desired"]) == ("rolling", 2), got["message"]
+    assert got["message"].startswith("the count is held while the deployment rolls; ")
+    [second] = [m["id"] for m in got["members"] if m["generation"] == 2 and m["id"] != new]
+    await walk_to_ready(deps, second)
+    assert await keeper.keep() is True  # the last old one drained
+    assert seen == [[]]  # asked once, before the roll
+    await keeper.keep()
+    assert seen[-1] == sorted([new, second])  # the roll over: its new replicas' load, never the old ones'
+    assert (await client.get(f"/api/v1/models/{model_id}/deployment")).json()["desired"] == 1
