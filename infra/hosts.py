@@ -160,7 +160,7 @@ class HostsBackend:
         for host in self.book.hosts():
             try:
                 with self.session(host) as ssh:
-                    _, out = ssh.call(_INVENTORY)
+                    _, out = ssh.call(INVENTORY)
             except BackendError as e:  # one host out of reach hides only its own replicas
                 log.warning("hosts.inventory_failed host=%s error=%s", host.name, e)
                 continue
@@ -171,7 +171,7 @@ class HostsBackend:
 
     def _remove(self, host: HostLogin, replica_id: int) -> None:
         with self.session(host) as ssh:
-            ssh.run(_remove(replica_id), f"removing replica {replica_id} from host {host.name}")
+            ssh.run(removal(replica_id), f"removing replica {replica_id} from host {host.name}")
 
     def _seat(self, replica_id: int) -> Seat:
         seat = self.book.seat(replica_id)
@@ -297,12 +297,16 @@ _LOCK = "exec 9>>~/.ssh/.orchestrator.lock && flock -w 30 9"
 """Serialises the edits of authorized_keys (`flock` is in util-linux, on every distribution)."""
 
 
-def _remove(replica_id: int) -> str:
-    """Stops and removes the replica's unit, its files, its key line and its rules; nothing there is fine."""
+def removal(replica_id: int) -> str:
+    """Stops and removes the replica's unit, its container, its files, its key line and its rules; nothing there
+    is fine. The container goes by its name (the unit's, `spec_command`'s `--name`): stopping the unit stops only
+    the `docker run` client, and an engine that hangs on its signal would keep its container, GPUs and port."""
     unit, wd = shlex.quote(unit_name(replica_id)), shlex.quote(work_dir(replica_id))
     tag = shlex.quote(f"{KEY_TAG}{replica_id}")
     return (
-        f"sudo -n systemctl disable --now {unit} >/dev/null 2>&1; sudo -n rm -f /etc/systemd/system/{unit}.service"
+        f"sudo -n systemctl disable --now {unit} >/dev/null 2>&1;"
+        f" {{ ! command -v docker >/dev/null || timeout 60 sudo -n docker rm -f {unit} >/dev/null 2>&1; true; }};"
+        f" sudo -n rm -f /etc/systemd/system/{unit}.service"
         f" && sudo -n systemctl daemon-reload && {{ sudo -n systemctl reset-failed {unit} 2>/dev/null; true; }}"
         f" && sudo -n rm -rf {wd}"
         f' && f=~/.ssh/authorized_keys && {{ ! [ -f "$f" ] || {{ {_LOCK} && awk -v t={tag} \'$NF != t\' "$f" > "$f.$$"'
@@ -312,17 +316,20 @@ def _remove(replica_id: int) -> str:
     )
 
 
-_INVENTORY = (
+INVENTORY = (
     "awk '{print $NF}' ~/.ssh/authorized_keys 2>/dev/null; ls -1 " + WORK_ROOT + " 2>/dev/null;"
-    " ls -1 /etc/systemd/system 2>/dev/null; sudo -n nft list tables 2>/dev/null; true"
+    " ls -1 /etc/systemd/system 2>/dev/null; sudo -n nft list tables 2>/dev/null;"
+    " command -v docker >/dev/null && timeout 30 sudo -n docker ps -a --format '{{.Names}}' 2>/dev/null; true"
 )
+"""What a host holds of replicas: key lines, directories, units, tables and (where docker is) containers."""
 _OWNED = re.compile(
-    rf"^(?:{KEY_TAG}(\d+)|replica-(\d+)|{UNIT_PREFIX}(\d+)\.service|table inet {TABLE_PREFIX}(\d+))$", re.MULTILINE
+    rf"^(?:{KEY_TAG}(\d+)|replica-(\d+)|{UNIT_PREFIX}(\d+)(?:\.service)?|table inet {TABLE_PREFIX}(\d+))$",
+    re.MULTILINE,
 )
 
 
 def inventory_ids(out: str) -> set[int]:
-    """The replica ids that `_INVENTORY`'s output shows something of (a key, a directory, a unit, a table)."""
+    """The replica ids that `INVENTORY`'s output shows something of (a key, a directory, a unit, a table)."""
     return {int(next(g for g in m.groups() if g)) for m in _OWNED.finditer(out)}
 
 

@@ -9,7 +9,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from infra.hosts import OPEN_TO_ALL, HostLogin, Seat, inventory_ids, private_key, read_rules, rules_script
+from infra.hosts import (
+    INVENTORY,
+    OPEN_TO_ALL,
+    HostLogin,
+    Seat,
+    inventory_ids,
+    private_key,
+    read_rules,
+    removal,
+    rules_script,
+)
 from infra.vm import BackendError, Rule
 from provisioning.ssh_keys import generate_keypair
 
@@ -77,9 +87,19 @@ def test_the_inventory_finds_each_replicas_key_directory_unit_and_table() -> Non
             "table inet orch_replica_6",
             "table inet filter",
             "orchestrator-replica-12x",
+            "orchestrator-engine-r7",  # a container (`docker ps -a`)
+            "orchestrator-engine-r8x",
         ]
     )
-    assert inventory_ids(out) == {3, 4, 5, 6}
+    assert inventory_ids(out) == {3, 4, 5, 6, 7}
+    assert "docker ps -a --format '{{.Names}}'" in INVENTORY
+
+
+def test_removing_a_replica_removes_its_container_too() -> None:
+    """systemd stops only the `docker run` client: an engine that hangs keeps its container running."""
+    script = removal(5)
+    assert "docker rm -f orchestrator-engine-r5 " in script
+    assert script.index("systemctl disable --now") < script.index("docker rm -f") < script.index("rm -rf")
 
 
 def _pem(
