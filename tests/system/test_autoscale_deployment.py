@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,8 +25,7 @@ from orchestrator.runtime.container import Deps
 from tests.support.callers import ASK, call_until
 from tests.support.engines import Engine
 from tests.support.gateway import issue_key, openai_client
-from tests.support.managed_sandbox import managed_sandbox
-from tests.support.settings import instance_settings
+from tests.support.managed_sandbox import managed_sandbox, sandbox_settings, sqlite_url
 from tests.support.toolkit import create_model, vm_details
 
 S = ReplicaStatus
@@ -45,13 +43,12 @@ CLIENTS = 10
 
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'orchestrator.db'}"  # one database kind: the fleet is the subject
+    return sqlite_url(tmp_path)
 
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
-    assert os.geteuid() == 0, "the sandbox system tests need root for nftables (CI runs as root)"
-    return instance_settings(tmp_path / "state", database_url)
+    return sandbox_settings(tmp_path, database_url)
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
 from tests.support.engines import Engine
 from tests.support.gateway import issue_key, openai_client
-from tests.support.managed_sandbox import managed_sandbox
-from tests.support.settings import instance_settings
+from tests.support.managed_sandbox import managed_sandbox, sandbox_settings, sqlite_url
 from tests.support.toolkit import create_model, vm_details
 
 S = ReplicaStatus
@@ -37,13 +36,12 @@ PAUSE_S = 0.02
 
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'orchestrator.db'}"  # one database kind: the fleet is the subject
+    return sqlite_url(tmp_path)
 
 
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
-    assert os.geteuid() == 0, "the sandbox system tests need root for nftables (CI runs as root)"
-    return instance_settings(tmp_path / "state", database_url).model_copy(
+    return sandbox_settings(tmp_path, database_url).model_copy(
         update={
             "startup_grace_s": 4.0,  # an engine that never answers is given up after 4 s
             "unhealthy_after": 1,
