@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     max_recoveries: int = Field(default=2, ge=0)
     """Engine restarts tried on an UNHEALTHY managed replica before it is terminated."""
     deployment_max_failed_starts: int = Field(default=3, ge=1)
-    """Replicas of a deployment that may end in a row without ever being READY before it makes no more (`failing`)
-    until its template changes or an admin retries."""
+    """Replicas of a deployment that may end in a row without ever being READY, or within 10 minutes of their first
+    READY, before it makes no more (`failing`) until its template changes or an admin retries."""
     recover_after_s: float = Field(default=30.0, ge=0)
     """How long a managed replica stays UNHEALTHY (it may recover by itself) before the engine is restarted."""
     provision_workers: int = Field(default=32, ge=1)
