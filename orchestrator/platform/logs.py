@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextvars
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
@@ -65,11 +69,72 @@ def info_direct(logger: str, event: str, fields: dict[str, Any]) -> bool:
     fields["timestamp"] = _iso_now()
     if bound:  # only a bound value can be unknown here
         redact_secrets(None, "", fields)
-    line = _encoder.encode(fields).decode() + "\n"
-    with handler.lock:  # type: ignore[union-attr]  # created by Handler.__init__
-        handler.stream.write(line)
-        handler.stream.flush()
+    _lines.put(handler, _encoder.encode(fields).decode() + "\n")
     return True
+
+
+class _LineWriter:
+    """Writes `info_direct`'s lines from a thread of its own: a write to a log file (or a pipe) that stalls, on a
+    disk's writeback or a reader that lags, holds that thread and never the event loop. Lines keep their order;
+    those still queued are written at exit (`flush`), and within milliseconds otherwise."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[logging.StreamHandler[Any], str]] = collections.deque()
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._taken = 0
+        self._written = 0
+        self._pid = 0
+
+    def put(self, handler: logging.StreamHandler[Any], line: str) -> None:
+        if self._pid != os.getpid():  # first use, or a forked worker (threads do not survive a fork)
+            self._pid = os.getpid()
+            self._queue.clear()
+            self._taken = self._written = 0
+            threading.Thread(target=self._run, name="log-lines", daemon=True).start()
+            atexit.register(self.flush)
+        self._taken += 1
+        self._queue.append((handler, line))
+        self._wake.set()
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Return once every line put so far is written (or after `timeout_s`)."""
+        taken = self._taken
+        with self._done:
+            self._done.wait_for(lambda: self._written >= taken, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            taken = 0
+            while self._queue:
+                handler, line = self._queue.popleft()
+                lines = [line]
+                while self._queue and self._queue[0][0] is handler:  # written together, to the same stream
+                    lines.append(self._queue.popleft()[1])
+                taken += len(lines)
+                self._write(handler, "".join(lines))
+            with self._done:
+                self._written += taken
+                self._done.notify_all()
+
+    @staticmethod
+    def _write(handler: logging.StreamHandler[Any], text: str) -> None:
+        try:
+            with handler.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+                handler.stream.write(text)
+                handler.stream.flush()
+        except (OSError, ValueError):  # a stream closed or failing: as logging does, the lines are dropped
+            handler.handleError(logging.makeLogRecord({"msg": "request log lines lost"}))
+
+
+_lines = _LineWriter()
+
+
+def flush_direct() -> None:
+    """Wait until every line `info_direct` took is written (tests read them; a stopping server writes them)."""
+    _lines.flush()
 
 
 _WRAP = structlog.stdlib.ProcessorFormatter.wrap_for_formatter

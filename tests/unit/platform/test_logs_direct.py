@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 import structlog
 
-from orchestrator.platform.logs import REDACTED, configure_logging, info_direct
+from orchestrator.platform.logs import REDACTED, configure_logging, flush_direct, info_direct
 
 
 @pytest.fixture
@@ -31,6 +31,7 @@ def both_ways(capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, object], di
     """(structlog's line, the direct line) of the same event."""
     structlog.get_logger("api.request").info("request", **fields())
     assert info_direct("api.request", "request", fields())
+    flush_direct()  # written by the log's own thread
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2
     slow, direct = (json.loads(line) for line in lines)
@@ -76,7 +77,16 @@ def test_captured_logs_are_left_to_structlog(logs: pytest.CaptureFixture[str]) -
     with structlog.testing.capture_logs():
         assert not info_direct("api.request", "request", fields())
     assert info_direct("api.request", "request", fields())  # configured as before once the capture ends
+    flush_direct()
     assert len(logs.readouterr().err.splitlines()) == 1
+
+
+def test_lines_are_written_in_order_by_the_logs_thread(logs: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json")
+    for n in range(500):
+        assert info_direct("api.request", "request", {**fields(), "status": n})
+    flush_direct()
+    assert [json.loads(line)["status"] for line in logs.readouterr().err.splitlines()] == list(range(500))
 
 
 def test_another_handler_is_left_to_structlog(logs: pytest.CaptureFixture[str]) -> None:
