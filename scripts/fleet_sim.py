@@ -81,6 +81,10 @@ class Outcome:
                 self.wait_p99_s = w
                 break
 
+    def report(self) -> dict[str, Any]:
+        """The outcome's figures, without the waits they were drawn from."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
 
 def rates(day: Day) -> list[float]:
     """Calls per second at each step: the diurnal curve, with the day's bursts laid on it."""
@@ -215,8 +219,8 @@ def run(day: Day, fleet: Fleet, policy: AutoscalePolicy) -> dict[str, object]:
         "fleet": asdict(fleet),
         "policy": asdict(policy),
         "fixed_replicas": fixed,
-        "autoscaled": {k: v for k, v in asdict(auto).items() if not k.startswith("_")},
-        "fixed_at_peak": {k: v for k, v in asdict(peak).items() if not k.startswith("_")},
+        "autoscaled": auto.report(),
+        "fixed_at_peak": peak.report(),
     }
 
 
@@ -242,7 +246,7 @@ def _share(o: dict[str, Any]) -> str:
     return f"{o['waited'] / max(1, o['calls']):.2%} ({o['waited']:,})"
 
 
-def _waits(o: dict[str, object]) -> str:
+def _waits(o: dict[str, Any]) -> str:
     return f"{o['wait_mean_s']:.2f} / {o['wait_p99_s']:.0f} / {o['wait_max_s']:.0f}"
 
 
