@@ -92,26 +92,14 @@ class HostStore:
 
     async def placement(self, replica_id: int) -> tuple[HostPlacement, Host] | None:
         async with self._sessions() as s:
-            query = (
-                select(HostPlacement, Host)
-                .join(Host, col(Host.id) == col(HostPlacement.host_id))
-                .where(col(HostPlacement.replica_id) == replica_id)
-            )
-            row = (await s.exec(query)).first()
-            return None if row is None else (row[0], row[1])
+            return await _placement(s, replica_id)
 
     async def place(self, replica_id: int, pool: str, need: int, ports: range) -> Spot | str:
         """The replica's placement: the one it has, or a new one on a host of `pool` with `need` free GPUs and a
         free port, recorded. A string says why no host has room. The caller serialises placements (the leader's
         one placer), and the port's unique constraint catches any other race."""
         async with self._sessions() as s:
-            existing = (
-                await s.exec(
-                    select(HostPlacement, Host)
-                    .join(Host, col(Host.id) == col(HostPlacement.host_id))
-                    .where(col(HostPlacement.replica_id) == replica_id)
-                )
-            ).first()
+            existing = await _placement(s, replica_id)
             if existing is not None:
                 placement, host = existing
                 return Spot(row_id(host.id), host.name, gpu_list(placement.gpus), placement.engine_port)
@@ -146,6 +134,16 @@ def _room(host: Host, placed: Sequence[Placed]) -> HostRoom:
         used_ports=frozenset(p.engine_port for p in placed),
         ssh_port=host.ssh_port,
     )
+
+
+async def _placement(s: AsyncSession, replica_id: int) -> tuple[HostPlacement, Host] | None:
+    query = (
+        select(HostPlacement, Host)
+        .join(Host, col(Host.id) == col(HostPlacement.host_id))
+        .where(col(HostPlacement.replica_id) == replica_id)
+    )
+    row = (await s.exec(query)).first()
+    return None if row is None else (row[0], row[1])
 
 
 async def _live(s: AsyncSession, host_ids: Sequence[int]) -> dict[int, tuple[Placed, ...]]:
