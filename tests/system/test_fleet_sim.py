@@ -11,7 +11,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def simulate(*args: str) -> dict[str, Any]:
+def fleet_sim(*args: str) -> str:
+    """The script's output, run as a developer runs it."""
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "fleet_sim.py"), *args],
         capture_output=True,
@@ -20,7 +21,11 @@ def simulate(*args: str) -> dict[str, Any]:
         check=True,
         cwd=REPO,
     )
-    report: dict[str, Any] = json.loads(done.stdout)
+    return done.stdout
+
+
+def simulate(*args: str) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(fleet_sim(*args))
     return report
 
 
@@ -44,14 +49,7 @@ def test_a_short_day_report_is_consistent() -> None:
 
 
 def test_the_table_is_what_the_readme_shows() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fleet_sim.py"), "--day-hours", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    lines = done.stdout.splitlines()
+    lines = fleet_sim("--day-hours", "1").splitlines()
     assert lines[0] == "| | autoscaled | fixed at peak |"
     assert [line.split(" | ")[0] for line in lines[2:]] == [
         "| replicas",
