@@ -122,16 +122,14 @@ class HostsBackend:
         line = " ".join([*request.ssh_public_key.split()[:2], f"{KEY_TAG}{rid}"])
         with self.session(seat.host) as ssh:
             ssh.run(_authorise(rid, line), "authorising the replica's key")
-            ssh.run("sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(rid, seat, request.rules))
+            _apply(ssh, rid, seat, request.rules)
         host = seat.host
         return VmHandle(rid, f"{host.name}/replica-{rid}", host.address, host.ssh_port, host.ssh_user)
 
     def apply_rules(self, request: VmRequest, rules: Sequence[Rule]) -> None:
         seat = self._seat(request.replica_id)
         with self.session(seat.host) as ssh:
-            ssh.run(
-                "sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(request.replica_id, seat, rules)
-            )
+            _apply(ssh, request.replica_id, seat, rules)
 
     def enforced_rules(self, handle: VmHandle) -> frozenset[Rule]:
         seat = self._seat(handle.replica_id)
@@ -281,6 +279,10 @@ def public_key(line: str) -> paramiko.PKey:
 # -- what runs on the host --------------------------------------------------------------------------
 
 
+def _apply(ssh: HostShell, replica_id: int, seat: Seat, rules: Sequence[Rule]) -> None:
+    ssh.run("sudo -n nft -f -", "applying the replica's rules", stdin=rules_script(replica_id, seat, rules))
+
+
 def _authorise(replica_id: int, line: str) -> str:
     """The replica's key line, tagged, in the login's authorized_keys: an older line of the same replica goes.
     Under a lock, since replicas placed on one host at once edit the same file (and the admin's own line in it
@@ -341,8 +343,9 @@ def rules_script(replica_id: int, seat: Seat, rules: Sequence[Rule]) -> str:
     `input`. There the reject is of calls to the host's own addresses only (`fib daddr type local`), so a
     container's outgoing connections to some other server's port of the same number pass."""
     name = table_name(replica_id)
-    ingress = [_line(r) for r in sorted(set(rules)) if r.direction == "ingress"]
-    egress = [_line(r) for r in sorted(set(rules)) if r.direction == "egress"]
+    ordered = sorted(set(rules))
+    ingress = [_line(r) for r in ordered if r.direction == "ingress"]
+    egress = [_line(r) for r in ordered if r.direction == "egress"]
     reject = f'tcp dport {seat.engine_port} reject with tcp reset comment "{DENY}"'
     body = [
         "  chain ingress { type filter hook input priority 0; policy accept;",
