@@ -164,8 +164,7 @@ class DeploymentService:
         return drained
 
     async def _view(self, deployment: Deployment) -> DeploymentView:
-        rows = await self._store.members(row_id(deployment.id), deployment.attempts_since)
-        replicas = [r for r in [await self._fleet.replica(m.id) for m in rows] if r is not None]
+        replicas = list(await self._store.replicas(row_id(deployment.id), deployment.attempts_since))
         return DeploymentView(
             deployment, template_of(deployment.template, {}), policy_of(deployment.autoscale), replicas
         )

@@ -17,6 +17,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 
 from orchestrator.domain.errors import Conflict, NotFound
 from orchestrator.domain.lifecycle import ReplicaStatus
+from orchestrator.domain.rollout import GONE
 from orchestrator.store.tables import Deployment, LlmModel, Replica, ReplicaEvent, row_id, utcnow
 
 
@@ -114,13 +115,9 @@ class DeploymentStore:
                 .scalar_subquery()
             )
 
-        gone = (ReplicaStatus.DRAINING, ReplicaStatus.TERMINATING, ReplicaStatus.TERMINATED)
         query = (
-            select(Replica, first_move(ReplicaStatus.READY), first_move(*gone))
-            .where(
-                col(Replica.deployment_id) == deployment_id,
-                or_(col(Replica.status) != ReplicaStatus.TERMINATED, col(Replica.created_at) >= since),
-            )
+            select(Replica, first_move(ReplicaStatus.READY), first_move(*GONE))
+            .where(*_members_of(deployment_id, since))
             .order_by(col(Replica.id))
         )
         async with self._sessions() as s:
@@ -137,6 +134,12 @@ class DeploymentStore:
             )
             for r, ready_at, ended_at in rows
         ]
+
+    async def replicas(self, deployment_id: int, since: datetime) -> Sequence[Replica]:
+        """The rows of the replicas `members` names, for the admin's view."""
+        query = select(Replica).where(*_members_of(deployment_id, since)).order_by(col(Replica.id))
+        async with self._sessions() as s:
+            return (await s.exec(query)).all()
 
     async def orphans(self) -> list[int]:
         """Live replicas of deployments no longer kept (deleted, or their model deleted): theirs to drain."""
@@ -167,6 +170,14 @@ class DeploymentStore:
                 s.add(deployment)
             await s.commit()
             return [row_id(d.id) for d in gone]
+
+
+def _members_of(deployment_id: int, since: datetime) -> tuple[Any, ...]:
+    """The deployment's replicas still alive, and the ended ones made since `since`."""
+    return (
+        col(Replica.deployment_id) == deployment_id,
+        or_(col(Replica.status) != ReplicaStatus.TERMINATED, col(Replica.created_at) >= since),
+    )
 
 
 def _live() -> SelectOfScalar[Deployment]:
