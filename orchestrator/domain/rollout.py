@@ -145,11 +145,15 @@ def _drain_order(members: list[Member]) -> list[Member]:
     return sorted(members, key=rank)
 
 
+def _surplus(alive: list[Member], desired: int) -> tuple[Drain, ...]:
+    """Those beyond the count, in drain order."""
+    return tuple(Drain(m.id, REASON_SCALED_DOWN) for m in _drain_order(alive)[: max(0, len(alive) - desired)])
+
+
 def _scale(alive: list[Member], target: Target) -> Plan:
     ready = sum(1 for m in alive if m.status is S.READY)
     create = max(0, target.desired - len(alive))
-    surplus = _drain_order(alive)[: max(0, len(alive) - target.desired)]
-    drains = tuple(Drain(m.id, REASON_SCALED_DOWN) for m in surplus)
+    drains = _surplus(alive, target.desired)
     if not create and not drains and ready == target.desired:
         return Plan(0, (), DeploymentStatus.STEADY, f"{ready} of {target.desired} replicas READY")
     message = f"{ready} of {target.desired} replicas READY, {len(alive)} alive"
@@ -162,7 +166,6 @@ def _scale(alive: list[Member], target: Target) -> Plan:
 
 def _failing(alive: list[Member], failures: list[Member], target: Target) -> Plan:
     last = failures[0]
-    surplus = _drain_order(alive)[: max(0, len(alive) - target.desired)]
     ended = "ended without ever being READY"
     if any(m.ever_ready for m in failures):
         ended += f", or within {target.min_served_s / 60:g} min of it"
@@ -170,7 +173,7 @@ def _failing(alive: list[Member], failures: list[Member], target: Target) -> Pla
         f"{len(failures)} replicas in a row {ended} (the last, replica {last.id}: "
         f"{last.termination_reason}); no more are made until the template changes or an admin retries"
     )
-    return Plan(0, tuple(Drain(m.id, REASON_SCALED_DOWN) for m in surplus), DeploymentStatus.FAILING, message)
+    return Plan(0, _surplus(alive, target.desired), DeploymentStatus.FAILING, message)
 
 
 def _roll(alive: list[Member], old: list[Member], target: Target) -> Plan:
