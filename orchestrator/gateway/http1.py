@@ -22,7 +22,7 @@ import functools
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, cast
@@ -72,12 +72,31 @@ def _target(url: str) -> _Target:
 
 @functools.lru_cache(maxsize=256)
 def _header_lines(items: tuple[tuple[str, str], ...]) -> bytes:
+    """The caller's headers as sent (a JSON body's Content-Type unless they name one)."""
     out = bytearray()
     for name, value in items:
         if any(c in name or c in value for c in "\r\n\0") or not name or ":" in name:
             raise ValueError(f"a header that cannot be sent: {name!r}")
         out += f"{name}: {value}\r\n".encode("latin-1")
+    if all(name.lower() != "content-type" for name, _ in items):
+        out += b"Content-Type: application/json\r\n"
     return bytes(out)
+
+
+async def _within(future: asyncio.Future[None], timeout_s: float, what: str, on_timeout: Callable[[], None]) -> None:
+    """Wait for `future`; past `timeout_s`, it fails with TimeoutError (`what` says what did not come) and
+    `on_timeout` runs. One timer, cancelled once the future is done."""
+
+    def expire() -> None:
+        if not future.done():
+            future.set_exception(TimeoutError(f"{what} for {timeout_s} s"))
+            on_timeout()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    try:
+        await future
+    finally:
+        timer.cancel()
 
 
 class Answer:
@@ -142,20 +161,15 @@ class Answer:
         self.fail(BrokenOff("the answer was cut"))
 
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(self._pool.read_timeout_s, self._stalled, waiter)
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
         try:
-            await waiter
+            await _within(waiter, self._pool.read_timeout_s, "no byte of the answer", self._stalled)
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _stalled(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_exception(TimeoutError(f"no byte of the answer for {self._pool.read_timeout_s} s"))
-            if self._conn is not None:
-                self._conn.close()
+    def _stalled(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -295,42 +309,31 @@ class Http1Pool:
         """Send `body` to `url` and return once the answer's status and headers arrived (the caller reads the body
         and calls `release`). A 3xx is returned like any answer: following it or not is the caller's choice."""
         target = _target(url)
-        extra = _header_lines((*headers.items(), hop))
-        if "content-type" not in {name.lower() for name in headers}:
-            extra += b"Content-Type: application/json\r\n"
-        data = b"%s%sContent-Length: %d\r\n\r\n%s" % (target.head, extra, len(body), body)
-        for _ in range(2):
-            conn = self._take(target.origin)
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(target.origin)
-            answer = Answer(self, conn)
-            head = conn.send(answer, data)
+        data = b"%s%sContent-Length: %d\r\n\r\n%s" % (
+            target.head,
+            _header_lines((*headers.items(), hop)),
+            len(body),
+            body,
+        )
+        conn = self._take(target.origin)
+        if conn is not None:
             try:
-                await self._headers_of(head, conn)
+                return await self._send(conn, data)
             except BrokenOff:
-                conn.close()
-                if reused and not conn.began:
-                    continue  # closed by the server while idle: the request was never read
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            return answer
-        raise BrokenOff("unreachable")  # the loop either returns or raises
+                if conn.began:
+                    raise
+                # Closed by the server while idle (its keep-alive ran out): the request was never read.
+        return await self._send(await self._connect(target.origin), data)
 
-    async def _headers_of(self, head: asyncio.Future[None], conn: _Conn) -> None:
-        loop = asyncio.get_running_loop()
-
-        def stalled() -> None:
-            if not head.done():
-                head.set_exception(TimeoutError(f"no answer for {self.read_timeout_s} s"))
-
-        timer = loop.call_later(self.read_timeout_s, stalled)
+    async def _send(self, conn: _Conn, data: bytes) -> Answer:
+        """Write the request on `conn`; its answer once its headers arrived (the connection closed on a failure)."""
+        answer = Answer(self, conn)
         try:
-            await head
-        finally:
-            timer.cancel()
+            await _within(conn.send(answer, data), self.read_timeout_s, "no answer", conn.close)
+        except BaseException:
+            conn.close()
+            raise
+        return answer
 
     def put(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.origin, [])

@@ -385,10 +385,10 @@ class RedisLimits:
             return None
         try:
             try:
-                answers = self._send([(script, call) for call in calls])
+                answers = self._send(script, calls)
             except self._closed_error:  # closed while unused (the event loop's pipe may have seen Redis restart)
                 self._conn.disconnect()
-                answers = self._send([(script, call) for call in calls])
+                answers = self._send(script, calls)
         except self._errors as e:
             if self._conn is not None:
                 self._conn.disconnect()  # connected again at the next try
@@ -410,19 +410,21 @@ class RedisLimits:
             self._down_until = None
             log.warning("redis.reachable", limits="shared again")
 
-    def _send(self, calls: list[tuple[Script, tuple[Any, ...]]]) -> list[Any]:
+    def _send(self, script: Script, calls: list[tuple[Any, ...]]) -> list[Any]:
         if self._conn is None or self._conn_pid != os.getpid():  # a forked worker makes its own
             self._conn, self._conn_pid = self._client.connection_pool.make_connection(), os.getpid()
         conn = self._conn
         conn.send_packed_command(
-            [part for script, call in calls for part in conn.pack_command("EVALSHA", script.sha, script.keys, *call)],
+            [part for call in calls for part in conn.pack_command("EVALSHA", script.sha, script.keys, *call)],
             check_health=False,
         )
         answers = [self._read(conn) for _ in calls]
         missing = [i for i, answer in enumerate(answers) if isinstance(answer, self._no_script)]
         if missing:  # a Redis that has not seen the script yet (or was restarted): sent whole, then cached
-            whole = [conn.pack_command("EVAL", calls[i][0].text, calls[i][0].keys, *calls[i][1]) for i in missing]
-            conn.send_packed_command([part for packed in whole for part in packed], check_health=False)
+            conn.send_packed_command(
+                [part for i in missing for part in conn.pack_command("EVAL", script.text, script.keys, *calls[i])],
+                check_health=False,
+            )
             for i in missing:
                 answers[i] = self._read(conn)
         return answers

@@ -94,7 +94,7 @@ class RedisPipe:
             await self._open()
         except (OSError, PipeBroken, TimeoutError) as e:
             self._writing = False
-            self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
+            self._broken(_as_broken(e))
             return
         self._flush()
 
@@ -107,7 +107,7 @@ class RedisPipe:
         try:
             writer.write(b"".join(out))
         except (OSError, RuntimeError) as e:  # a transport closing under it
-            self._broken(PipeBroken(f"{type(e).__name__}: {e}"))
+            self._broken(_as_broken(e))
             return
         self._written += len(out)
         assert self._loop is not None
@@ -149,7 +149,7 @@ class RedisPipe:
                     elif future is not None and (undo := self._abandoned.pop(future, None)) is not None:
                         undo(answer)
         except (OSError, PipeBroken, IndexError, hiredis.ProtocolError) as e:
-            self._broken(e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}"))
+            self._broken(_as_broken(e))
 
     def _deadline(self, writer: asyncio.StreamWriter, written: int) -> None:
         if writer is self._writer and self._answered < written:
@@ -175,6 +175,10 @@ class RedisPipe:
                 self._writer.close()
         self._writer = None
         self._written = self._answered = 0
+
+
+def _as_broken(e: Exception) -> PipeBroken:
+    return e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}")
 
 
 def _pack(command: tuple[Any, ...]) -> bytes:
