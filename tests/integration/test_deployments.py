@@ -210,11 +210,16 @@ async def test_a_changed_policy_keeps_the_count_within_its_new_bounds(client: Cl
     assert (await put(client, model_id, body(replicas=None, autoscale=raised)))[1]["desired"] == 7
 
 
+async def walk_to_ready(deps: Deps, replica_id: int) -> None:
+    for src, dst in itertools.pairwise([S.PENDING, S.PROVISIONING, S.BOOTSTRAPPING, S.STARTING, S.READY]):
+        assert await deps.store.move(replica_id, src, dst, "test")
+
+
 async def crash_after_ready(deps: Deps, replica_id: int) -> None:
     """Walk a replica the keeper made to READY, then end it as an engine that crashed for good."""
-    path = [S.PENDING, S.PROVISIONING, S.BOOTSTRAPPING, S.STARTING, S.READY, S.UNHEALTHY, S.TERMINATING]
-    for src, dst in itertools.pairwise(path):
-        assert await deps.store.move(replica_id, src, dst, "unrecoverable" if dst is S.TERMINATING else "test")
+    await walk_to_ready(deps, replica_id)
+    assert await deps.store.move(replica_id, S.READY, S.UNHEALTHY, "test")
+    assert await deps.store.move(replica_id, S.UNHEALTHY, S.TERMINATING, "unrecoverable")
     assert await deps.store.move(replica_id, S.TERMINATING, S.TERMINATED, "terminated")
 
 
@@ -263,11 +268,6 @@ async def test_the_autoscaler_forgets_a_deployment_deleted_rolled_or_fixed(clien
         await make(model_id)
         await deps.keeper.keep()
         assert remembers(deps, made["id"]) is (change == "nothing"), change
-
-
-async def walk_to_ready(deps: Deps, replica_id: int) -> None:
-    for src, dst in itertools.pairwise([S.PENDING, S.PROVISIONING, S.BOOTSTRAPPING, S.STARTING, S.READY]):
-        assert await deps.store.move(replica_id, src, dst, "test")
 
 
 async def test_a_rolling_deployment_is_not_resized_on_its_new_replicas_load(client: Client, deps: Deps) -> None:
