@@ -4,6 +4,7 @@ the reconcile job is not run; `tests/system/test_deployments.py` runs it all on 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from orchestrator.domain.autoscale import AutoscalePolicy, Load
@@ -250,7 +251,7 @@ def remembers(deps: Deps, deployment_id: int) -> bool:
 async def test_the_autoscaler_forgets_a_deployment_deleted_rolled_or_fixed(client: Client, deps: Deps) -> None:
     autoscale = {"min_replicas": 1, "max_replicas": 3, "target_waiting": 2, "scale_up_delay_s": 30}
     other = {"create_vm": True, "vm_creation_details": vm_details(flavor_name="n3-H100x1")}
-    changes = [
+    changes: list[tuple[str, Callable[[int], Awaitable[object]]]] = [
         ("nothing", lambda model_id: put(client, model_id, body(replicas=None, autoscale=autoscale))),
         (
             "a new template",
