@@ -76,7 +76,8 @@ def test_replicas_still_starting_do_not_break_the_run() -> None:
 
 def test_an_admins_retry_forgets_the_earlier_failures() -> None:
     members = [ended(i, counted=False) for i in (1, 2, 3)]
-    assert (plan(members, Target(1, 2)).create, plan(members, Target(1, 2)).status) == (2, D.SCALING)
+    p = plan(members, Target(1, 2))
+    assert (p.create, p.status) == (2, D.SCALING)
 
 
 def test_replicas_drained_by_the_deployment_are_not_failures() -> None:
