@@ -25,7 +25,6 @@ from orchestrator.domain.rollout import GONE, DeploymentStatus, Member, Plan, Ta
 from orchestrator.fleet.replicas import ReplicaService, ReplicaSpec, VmSpec
 from orchestrator.platform.secrets import SecretBox
 from orchestrator.store.deployments import DeploymentStore, MemberRow
-from orchestrator.store.fleet import FleetStore
 from orchestrator.store.tables import Deployment, Replica, row_id, utcnow
 
 log = structlog.get_logger(__name__)
@@ -100,13 +99,11 @@ class DeploymentService:
         self,
         store: DeploymentStore,
         replicas: ReplicaService,
-        fleet: FleetStore,
         box: SecretBox,
         nudge: Callable[[], None],
     ) -> None:
         self._store = store
         self._replicas = replicas
-        self._fleet = fleet
         self._box = box
         self._nudge = nudge
 

@@ -209,7 +209,7 @@ def build_deps(settings: Settings) -> Deps:
         metrics=metrics,
         models=ModelService(store, changes.wake, on_change=changes.made(Change.MODELS)),
         replicas=replicas,
-        deployments=DeploymentService(deployment_store, replicas, store, box, changes.wake),
+        deployments=DeploymentService(deployment_store, replicas, box, changes.wake),
         keeper=DeploymentKeeper(
             deployment_store,
             replicas,
