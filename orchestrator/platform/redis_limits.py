@@ -5,15 +5,16 @@ script: one round trip, atomic over every instance.
 
 The gateway's own calls check their rate limit and hold their spend without blocking the event loop
 (`allow_rpm_async`, `reserve_async`, over `RedisPipe`: the checks of concurrent calls share round trips). What only
-gives back or adds an amount nobody waits to read (a hold ended, a call's fee) is sent with the next batch, its answer
-unread. The other surfaces' checks, and the records' and liveness writes, block for their round trip on a connection
-of their own, bounded by a short socket timeout. A Redis that cannot be reached is never an error
-to a caller: each method answers None ("not shared right now"), the caller falls back to its own in-memory limits,
-and the outage is logged once (`redis.unreachable`) with its end (`redis.reachable`); Redis is tried again every
-`retry_after_s` meanwhile, not on every call.
+gives back or adds an amount nobody waits to read (a hold ended, a call's fee) is summed per key over the loop's turn
+and sent with the next batch, its answer unread. The other surfaces' checks, and the records' and liveness writes,
+block for their round trip on a connection of their own, bounded by a short socket timeout. A Redis that cannot be
+reached is never an error to a caller: each method answers None ("not shared right now"), the caller falls back to its
+own in-memory limits, and the outage is logged once (`redis.unreachable`) with its end (`redis.reachable`); Redis is
+tried again every `retry_after_s` meanwhile, not on every call.
 
 Holds, credits and busy marks die with their instance: each instance keeps a liveness key alive from a thread of its
-own, and an entry whose instance's liveness key has expired is dropped by the next check of its key.
+own, and an entry whose instance's liveness key has expired is dropped by the next check of its key. Written fees are
+counted under a name that carries its own expiry.
 """
 
 from __future__ import annotations
@@ -74,26 +75,42 @@ return allowed and 1 or 0
 """`RpmLimiter`'s sliding window (orchestrator.gateway.limits), on Redis's clock so that every instance agrees."""
 
 _LIVE = """
-local function live(key, me, alive)
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function live(key, me, alive, now)
   local sum = 0
   local entries = redis.call('HGETALL', key)
   for i = 1, #entries, 2 do
-    if entries[i] == me or redis.call('EXISTS', alive .. entries[i]) == 1 then
+    local owner = entries[i]
+    local counted = owner == me
+    if not counted then
+      local expires = tonumber(string.match(owner, '^w:(%d+):'))
+      if expires then
+        counted = expires > now
+      else
+        counted = redis.call('EXISTS', alive .. owner) == 1
+      end
+    end
+    if counted then
       sum = sum + tonumber(entries[i + 1])
     else
-      redis.call('HDEL', key, entries[i])
+      redis.call('HDEL', key, owner)
     end
   end
   return sum
 end
 """
-"""The sum of a hash's amounts whose owner (an instance, or a batch of written fees) is alive; the dead are dropped."""
+"""The sum of a hash's amounts whose owner is alive, the dead dropped: an instance lives while its liveness key does;
+a batch of written fees (`w:<expiry in ms on Redis's clock>:<batch>`) until its expiry, with no key to look up."""
 
 _RESERVE = Script(
     _LIVE
     + """
 local me, worst, budget, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-if live(KEYS[1], me, alive) + live(KEYS[2], me, alive) + worst > budget then return 0 end
+local now = now_ms()
+if live(KEYS[1], me, alive, now) + live(KEYS[2], me, alive, now) + worst > budget then return 0 end
 redis.call('HINCRBY', KEYS[1], me, ARGV[2])
 redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 return 1
@@ -108,9 +125,10 @@ _CREDITS = Script(
     _LIVE
     + """
 local me, price, balance, quota, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local past_quota = live(KEYS[2], me, alive) - quota
+local now = now_ms()
+local past_quota = live(KEYS[2], me, alive, now) - quota
 if past_quota < 0 then past_quota = 0 end
-if live(KEYS[1], me, alive) + past_quota + price > balance then return 0 end
+if live(KEYS[1], me, alive, now) + past_quota + price > balance then return 0 end
 redis.call('HINCRBY', KEYS[1], me, ARGV[2])
 redis.call('SET', alive .. me, 1, 'PX', ARGV[6])
 return 1
@@ -147,27 +165,26 @@ return busy
 """)
 """How many other live instances have calls of the key in flight or not yet written (the dead are dropped)."""
 
-_WRITTEN = Script("""
-if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-redis.call('HINCRBY', KEYS[1], ARGV[3], ARGV[2])
-redis.call('SET', ARGV[4] .. ARGV[3], 1, 'PX', ARGV[5])
+_WRITTEN = Script(
+    _LIVE
+    + """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('HINCRBY', KEYS[1], 'w:' .. string.format('%d', now_ms() + tonumber(ARGV[4])) .. ':' .. ARGV[3], ARGV[2])
 return 1
-""")
+"""
+)
 """Fees written to the database: no longer this instance's, they are counted under a name of their own until every
-instance has read the accounts again (its liveness key expires), since until then another may not know of them."""
+instance has read the accounts again (`written_ttl_s`), since until then another may not know of them. This
+instance's count may go below zero for a moment (its fees were added on the pipe, which another connection's command
+may overtake): the addition then brings it back."""
 
-_UNRESERVE = Script("""
-if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 1
-""")
-
-
-_ADD = Script("""
-redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+_ADJUST = Script("""
+if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 redis.call('SET', ARGV[3] .. ARGV[1], 1, 'PX', ARGV[4])
 return 1
 """)
-"""Count `amount` more for this instance (a fee held until it is written: never refused, so never checked)."""
+"""Add `amount` (negative: give back) to this instance's count: holds given back and fees held until written, never
+refused, so never checked."""
 
 Pool = Literal["holds", "credits"]
 """A key's amounts counted per instance: a metered key's holds and unwritten fees, or LlmEndpoint credits taken."""
@@ -236,6 +253,8 @@ class RedisLimits:
         self._heartbeat: threading.Thread | None = None
         self._heartbeat_pid = 0
         self._closed = threading.Event()
+        self._adjusting: dict[str, int] = {}
+        """Changes to this instance's counts, by pool, not sent yet: they go with the pipe's next write."""
         connect = self._client.connection_pool.connection_kwargs
         self._pipe = RedisPipe(
             {k: connect[k] for k in ("path", "host", "port", "db", "username", "password") if connect.get(k)},
@@ -289,21 +308,19 @@ class RedisLimits:
     def unreserve(self, key_id: int, amount: int, *, pool: Pool = "holds") -> None:
         """Give back `amount` held (or credits taken) here, deferred (a Redis out of reach drops it when this
         instance's liveness key expires)."""
-        self.defer(_UNRESERVE, (self._pool(key_id, pool), self.instance, amount))
+        self._adjust(self._pool(key_id, pool), -amount)
 
     def hold_fee(self, key_id: int, fee: int) -> None:
         """Count a call's fee as a hold of this instance until it is written (`written`), deferred."""
-        self.defer(_ADD, (self._pool(key_id, "holds"), self.instance, fee, self.alive_prefix, self._alive_ttl_ms))
+        self._adjust(self._pool(key_id, "holds"), fee)
 
     def written(self, amounts: dict[int, int], *, pool: Pool = "holds") -> None:
         """Fees (or credits) held here, per key, are written to the database: counted for `written_ttl_s` more,
         which is how long every instance may take to read the accounts that carry them. One round trip for them
         all."""
-        batch, alive = f"w:{uuid.uuid4().hex}", self.alive_prefix
-        calls = [
-            (self._pool(k, pool), self.instance, n, batch, alive, self._written_ttl_ms) for k, n in amounts.items()
-        ]
-        self.run(_WRITTEN, calls)
+        self._send_adjustments(blocking=True)  # this instance's own count first: what is taken off it was added
+        batch, ttl = uuid.uuid4().hex, self._written_ttl_ms
+        self.run(_WRITTEN, [(self._pool(k, pool), self.instance, n, batch, ttl) for k, n in amounts.items()])
 
     def mark_busy(self, key_id: int) -> bool | None:
         """This instance has calls of the key in flight or not yet written (until `unmark_busy`, or its death):
@@ -347,17 +364,35 @@ class RedisLimits:
             self._conn.disconnect()
         self._client.close()
 
-    def defer(self, script: Script, call: tuple[Any, ...]) -> None:
-        """Run `script` for `call` with the event loop's next batch (now, outside a loop); its answer is not read by
-        anyone (a failure is dropped, as a check's would be)."""
+    def _adjust(self, pool: str, amount: int) -> None:
+        """Add `amount` to this instance's count in `pool` with the event loop's next batch (now, outside a loop),
+        summed with the turn's other changes of it: one command per pool and turn, whatever the calls, its answer
+        unread (a failure is dropped, as a check's would be)."""
         if self._down_until is not None and time.monotonic() < self._down_until:
             return
+        self._adjusting[pool] = self._adjusting.get(pool, 0) + amount
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            self.run(script, [call])
+            self._send_adjustments(blocking=True)
             return
-        self._pipe.send("EVAL", script.text, script.keys, *call)  # whole: no answer is read to see a NOSCRIPT
+        self._pipe.before_write(self._send_adjustments)
+
+    def _send_adjustments(self, *, blocking: bool = False) -> None:
+        """Send the changes summed since the last batch: on the pipe (just before its write), or blocking (outside
+        the event loop, or when what follows must come after them)."""
+        pending, self._adjusting = self._adjusting, {}
+        alive, ttl = self.alive_prefix, self._alive_ttl_ms
+        calls = [(pool, self.instance, amount, alive, ttl) for pool, amount in pending.items() if amount]
+        if not calls:
+            return
+        if blocking:
+            self.run(_ADJUST, calls)
+            return
+        for call in calls:  # by SHA, and whole again if Redis answers that it does not know the script
+            self._pipe.send(
+                "EVALSHA", _ADJUST.sha, _ADJUST.keys, *call, fallback=("EVAL", _ADJUST.text, _ADJUST.keys, *call)
+            )
 
     async def run_async(
         self, script: Script, call: tuple[Any, ...], *, abandoned: Callable[[Any], None] | None = None

@@ -2,7 +2,8 @@
 go out in one write, and their answers are read in order as they arrive, while the loop serves other calls.
 
 A call's check that waits for its answer costs it a round trip but costs the loop nothing; concurrent calls share
-round trips. A write whose answer nobody reads (`send`) goes out with the next turn's batch.
+round trips. A write whose answer nobody reads (`send`) goes out with the next turn's batch, and a caller may add its
+own last commands to that batch (`before_write`: changes summed over the turn go as one).
 
 Errors: `PipeBroken` when the connection fails, closes or an answer takes longer than the timeout (every command
 waiting on it fails with it, and the next command connects again). An error Redis answers (a script's) is returned,
@@ -27,6 +28,10 @@ class PipeBroken(Exception):
 _DISCARD = None
 """In the queue of answers awaited, the place of a command sent with `send` (its answer is dropped)."""
 
+_Awaited = asyncio.Future[Any] | bytes | None
+"""A command's place in the queue of answers awaited: its caller's future, `_DISCARD`, or (for a script sent by SHA
+with `send`) the whole script's command, sent instead if Redis answers that it does not know the SHA."""
+
 
 class RedisPipe:
     """Commands to one Redis, pipelined on the running event loop (one connection per loop)."""
@@ -41,8 +46,10 @@ class RedisPipe:
         self._out: list[bytes] = []
         """Packed commands waiting for this turn's write."""
         self._writing = False
-        self._awaited: collections.deque[asyncio.Future[Any] | None] = collections.deque()
-        """One place per command written or to be written, in order: its future, or `_DISCARD`."""
+        self._before: list[Callable[[], None]] = []
+        """Called just before this turn's write (each once), to add their commands to it."""
+        self._awaited: collections.deque[_Awaited] = collections.deque()
+        """One place per command written or to be written, in order."""
         self._abandoned: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
         """What to do with the answer of a command whose caller was cancelled, by the caller's (cancelled) future."""
         self._written = 0
@@ -63,10 +70,19 @@ class RedisPipe:
                 self._abandoned[future] = abandoned
             raise
 
-    def send(self, *command: str | int | float | bytes) -> None:
-        """Send `command` with this turn's batch; its answer is not read by anyone (a lost one is lost)."""
+    def send(self, *command: str | int | float | bytes, fallback: tuple[str | int | float | bytes, ...] = ()) -> None:
+        """Send `command` with this turn's batch; its answer is not read by anyone (a lost one is lost). `fallback`:
+        sent instead when Redis answers NOSCRIPT (an EVALSHA's whole script, to a Redis restarted meanwhile)."""
         self._ensure_loop()
-        self._queue(_pack(command), _DISCARD)
+        self._queue(_pack(command), _pack(fallback) if fallback else _DISCARD)
+
+    def before_write(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (once, however often it is asked for) just before this turn's batch is written: what it
+        sends goes in that write."""
+        self._ensure_loop()
+        if callback not in self._before:
+            self._before.append(callback)
+        self._schedule()
 
     def close(self) -> None:
         self._broken(PipeBroken("closed"))
@@ -76,11 +92,15 @@ class RedisPipe:
         if loop is not self._loop:  # a new loop (a test's, a forked worker's): nothing of the old one is usable
             self._drop()
             self._loop, self._out, self._awaited, self._writing = loop, [], collections.deque(), False
+            self._before = []
         return loop
 
-    def _queue(self, packed: bytes, future: asyncio.Future[Any] | None) -> None:
+    def _queue(self, packed: bytes, awaited: _Awaited) -> None:
         self._out.append(packed)
-        self._awaited.append(future)
+        self._awaited.append(awaited)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self._writing:
             self._writing = True
             assert self._loop is not None
@@ -99,6 +119,9 @@ class RedisPipe:
         self._flush()
 
     def _flush(self) -> None:
+        before, self._before = self._before, []
+        for callback in before:  # still writing: what they send joins this write
+            callback()
         self._writing = False
         writer = self._writer
         if writer is None or not self._out:  # broken meanwhile: its commands have failed already
@@ -144,7 +167,10 @@ class RedisPipe:
                 while (answer := parser.gets()) is not False:
                     future = self._awaited.popleft()
                     self._answered += 1
-                    if future is not None and not future.done():
+                    if isinstance(future, bytes):
+                        if isinstance(answer, hiredis.ReplyError) and str(answer).startswith("NOSCRIPT"):
+                            self._queue(future, _DISCARD)
+                    elif future is not None and not future.done():
                         future.set_result(answer)
                     elif future is not None and (undo := self._abandoned.pop(future, None)) is not None:
                         undo(answer)
@@ -161,7 +187,7 @@ class RedisPipe:
         awaited, self._awaited = self._awaited, collections.deque()
         self._abandoned.clear()  # their commands' fate is unknown, as every waiting caller's is
         for future in awaited:
-            if future is not None and not future.done():
+            if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(error)
         self._out = []
 

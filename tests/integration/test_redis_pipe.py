@@ -125,3 +125,70 @@ async def test_a_hold_made_for_a_caller_that_left_is_given_back(own_redis: Redis
         limits.close()
         watcher.close()
         await asyncio.sleep(0)  # in the loop, which closes the pipe's connection
+
+
+async def test_a_turns_holds_given_back_and_fees_go_as_one_command_per_key(own_redis: RedisServer) -> None:
+    limits = RedisLimits(own_redis.url, namespace=RedisServer.new_namespace(), timeout_s=10)
+    watcher = redis.Redis.from_url(own_redis.url)
+    holds = limits.key("holds:7")
+    try:
+        assert all(await asyncio.gather(*(limits.reserve_async(7, 100, 10_000) for _ in range(21))))
+        limits.unreserve(7, 100)  # Redis learns the script
+        await limits._pipe.call("PING")
+        await limits._pipe.call("PING")
+        watcher.config_resetstat()
+        for _ in range(20):  # twenty calls ending in one turn of the loop: each gives its hold back, then its fee
+            limits.unreserve(7, 100)
+            limits.hold_fee(7, 3)
+        await limits._pipe.call("PING")  # written with the turn's changes, which go last in its write
+        assert await limits._pipe.call("PING") == b"PONG"  # the next write: after them
+        assert watcher.hget(holds, limits.instance) == b"60"
+        scripts = watcher.info("commandstats")
+        assert scripts["cmdstat_evalsha"]["calls"] == 1  # not 40
+        assert "cmdstat_eval" not in scripts
+    finally:
+        limits.close()
+        watcher.close()
+        await asyncio.sleep(0)
+
+
+async def test_a_change_sent_by_sha_to_a_redis_that_forgot_the_script_is_sent_whole(own_redis: RedisServer) -> None:
+    limits = RedisLimits(own_redis.url, namespace=RedisServer.new_namespace(), timeout_s=10)
+    watcher = redis.Redis.from_url(own_redis.url)
+    holds = limits.key("holds:7")
+    try:
+        assert await limits.reserve_async(7, 100, 10_000) is True
+        watcher.script_flush()  # as a restarted Redis, on the same connection
+        limits.unreserve(7, 40)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while watcher.hget(holds, limits.instance) != b"60":  # NOSCRIPT, answered to nobody, then the whole script
+            assert loop.time() < deadline
+            await limits._pipe.call("PING")
+    finally:
+        limits.close()
+        watcher.close()
+        await asyncio.sleep(0)
+
+
+async def test_written_fees_are_counted_without_a_key_looked_up_per_batch(own_redis: RedisServer) -> None:
+    limits = RedisLimits(own_redis.url, namespace=RedisServer.new_namespace(), timeout_s=10, written_ttl_s=0.5)
+    watcher = redis.Redis.from_url(own_redis.url)
+    try:
+        for _ in range(10):  # ten flushes, each its own batch of written fees
+            limits.hold_fee(7, 10)
+            limits.written({7: 10})
+        watcher.config_resetstat()
+        assert await limits.reserve_async(7, 100, 200) is True  # 100 written + 100 fits in 200
+        assert await limits.reserve_async(7, 1, 200) is False
+        assert "cmdstat_exists" not in watcher.info("commandstats")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not await limits.reserve_async(7, 1, 200):  # the batches expire on Redis's clock
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        assert watcher.hkeys(limits.key("holds:7")) == [limits.instance.encode()]  # the expired batches dropped
+    finally:
+        limits.close()
+        watcher.close()
+        await asyncio.sleep(0)
