@@ -74,11 +74,17 @@ return allowed and 1 or 0
 """)
 """`RpmLimiter`'s sliding window (orchestrator.gateway.limits), on Redis's clock so that every instance agrees."""
 
-_LIVE = """
+_NOW_MS = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+"""
+"""Redis's clock, in milliseconds."""
+
+_LIVE = (
+    _NOW_MS
+    + """
 local function live(key, me, alive, now)
   local sum = 0
   local entries = redis.call('HGETALL', key)
@@ -102,6 +108,7 @@ local function live(key, me, alive, now)
   return sum
 end
 """
+)
 """The sum of a hash's amounts whose owner is alive, the dead dropped: an instance lives while its liveness key does;
 a batch of written fees (`w:<expiry in ms on Redis's clock>:<batch>`) until its expiry, with no key to look up."""
 
@@ -166,7 +173,7 @@ return busy
 """How many other live instances have calls of the key in flight or not yet written (the dead are dropped)."""
 
 _WRITTEN = Script(
-    _LIVE
+    _NOW_MS
     + """
 if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 redis.call('HINCRBY', KEYS[1], 'w:' .. string.format('%d', now_ms() + tonumber(ARGV[4])) .. ':' .. ARGV[3], ARGV[2])
