@@ -76,6 +76,10 @@ def serve(host: str | None, port: int | None, no_scheduler: bool, workers: int |
             loop=Loops.uvloop,
             factory=True,
             log_enabled=False,
+            # A worker that dies (kill -9, the OOM killer) is started again, which replays the calls it journaled;
+            # without this one worker's death stopped the whole server. One that dies again within seconds of its
+            # restart stops it (granian's crash-loop guard).
+            respawn_failed_workers=True,
         ).serve()
     else:
         import uvicorn  # noqa: PLC0415
