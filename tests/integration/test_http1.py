@@ -183,13 +183,19 @@ async def test_a_reused_connection_closed_under_a_request_is_replaced(pool: Http
         assert server.connections == 3
 
 
-async def test_an_answer_broken_off_mid_body_raises(pool: Http1Pool) -> None:
-    async def broken(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await w.drain()
-        return False
+def writes(raw: bytes, *, keep_alive: bool = False) -> Handler:
+    """A server's answer to every request: `raw`, as it is; then the connection closes unless `keep_alive`."""
 
-    async with Server(broken) as server:
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
+        w.write(raw)
+        await w.drain()
+        return keep_alive
+
+    return answer
+
+
+async def test_an_answer_broken_off_mid_body_raises(pool: Http1Pool) -> None:
+    async with Server(writes(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")) as server:
         answer = await pool.post(server.url, b"{}", {}, hop=HOP)
         with pytest.raises(BrokenOff):
             await answer.read()
@@ -197,11 +203,7 @@ async def test_an_answer_broken_off_mid_body_raises(pool: Http1Pool) -> None:
 
 
 async def test_an_answer_framed_by_its_connection_ends_with_it(pool: Http1Pool) -> None:
-    async def unframed(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
-        w.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok":true}')
-        await w.drain()
-        return False
-
+    unframed = writes(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok":true}')
     async with Server(unframed) as server:
         answer = await pool.post(server.url, b"{}", {}, hop=HOP)
         assert await answer.read() == b'{"ok":true}'
@@ -283,10 +285,7 @@ async def test_cutting_an_answer_wakes_its_reader(pool: Http1Pool) -> None:
 
 
 async def test_upstream_refuses_redirects_bad_headers_and_closed_ports() -> None:
-    async def moved(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _h: bytes, _b: bytes) -> bool:
-        w.write(whole(b"", status=307, extra=b"Location: http://169.254.169.254/\r\n"))
-        await w.drain()
-        return True
+    moved = writes(whole(b"", status=307, extra=b"Location: http://169.254.169.254/\r\n"), keep_alive=True)
 
     upstream = Upstream(connect_timeout_s=1.0, read_timeout_s=1.0)
     try:

@@ -1,17 +1,22 @@
-"""The sandbox backend a test's deps made its managed replicas on, cleaned up after the test (the replicas' steps
-in flight settled, then every sandbox the test left behind destroyed), and the settings such a test runs on."""
+"""The VM backend a test's deps made their managed replicas on (the local sandbox, or booted machines), cleaned up
+after the test (the replicas' steps in flight settled, then every VM the test left behind destroyed), and the
+settings a sandbox test runs on."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
+from infra.machine import MachineBackend
 from infra.sandbox import SandboxBackend
 from orchestrator.platform.settings import Settings
 from orchestrator.runtime.container import Deps
 from tests.support.settings import instance_settings
+
+Backend = TypeVar("Backend", SandboxBackend, MachineBackend)
 
 
 def sqlite_url(tmp_path: Path) -> str:
@@ -26,12 +31,18 @@ def sandbox_settings(tmp_path: Path, database_url: str) -> Settings:
 
 
 @asynccontextmanager
-async def managed_sandbox(deps: Deps) -> AsyncIterator[SandboxBackend]:
+async def managed_backend(deps: Deps, kind: type[Backend]) -> AsyncIterator[Backend]:
+    """The VM backend (sandbox or machine) the deps made their managed replicas on, whatever a test leaves of it
+    destroyed afterwards: the replicas' steps in flight settled first."""
     backend = deps.managed.backend
-    assert isinstance(backend, SandboxBackend), "the deps were not built on the local sandbox backend"
+    assert isinstance(backend, kind), f"the deps were not built on the {kind.__name__}"
     try:
         yield backend
     finally:
         await deps.managed.settle()
         for replica_id in backend.owned():  # whatever a failed test left behind
             backend.destroy(replica_id)
+
+
+def managed_sandbox(deps: Deps) -> AbstractAsyncContextManager[SandboxBackend]:
+    return managed_backend(deps, SandboxBackend)

@@ -33,6 +33,7 @@ from orchestrator.runtime.container import Deps
 from orchestrator.store.tables import Replica
 from provisioning.ssh_keys import generate_keypair
 from tests.support.gateway import issue_key, openai_client
+from tests.support.managed_sandbox import managed_backend
 from tests.support.sandbox import connects
 from tests.support.server import poll, serving
 from tests.support.settings import instance_settings
@@ -65,14 +66,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def machines(deps: Deps) -> AsyncIterator[MachineBackend]:
-    backend = deps.managed.backend
-    assert isinstance(backend, MachineBackend)
-    try:
+    async with managed_backend(deps, MachineBackend) as backend:
         yield backend
-    finally:
-        await deps.managed.settle()
-        for replica_id in backend.owned():  # whatever a failed test left behind
-            backend.destroy(replica_id)
 
 
 async def drive_to(deps: Deps, replica_id: int, status: ReplicaStatus, timeout_s: float = 180.0) -> Replica:

@@ -25,6 +25,7 @@ from orchestrator.store.tables import Replica
 from provisioning.ssh_keys import generate_keypair
 from tests.support.engines import Engine
 from tests.support.gateway import issue_key, openai_client
+from tests.support.managed_sandbox import managed_sandbox
 from tests.support.sandbox import FOREIGN, connects, listening_on, sockets_on
 from tests.support.toolkit import create_model, vm_details
 from tests.support.vm import WrappedBackend, vm_request
@@ -44,15 +45,9 @@ def _root_and_nft() -> None:
 
 @pytest.fixture
 async def sandbox(deps: Deps) -> AsyncIterator[SandboxBackend]:
-    backend = deps.managed.backend
-    assert isinstance(backend, SandboxBackend)
-    assert backend.not_enforced_reason is None
-    try:
+    async with managed_sandbox(deps) as backend:
+        assert backend.not_enforced_reason is None
         yield backend
-    finally:
-        await deps.managed.settle()
-        for replica_id in backend.owned():  # whatever a failed test left behind
-            backend.destroy(replica_id)
 
 
 async def step_jobs(deps: Deps) -> None:
