@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import hiredis
 import structlog
 
-from orchestrator.platform.redis_pipe import PipeBroken, RedisPipe
+from orchestrator.platform.redis_pipe import PipeBroken, RedisPipe, connection_args
 
 if TYPE_CHECKING:
     import redis
@@ -262,11 +262,7 @@ class RedisLimits:
         self._closed = threading.Event()
         self._adjusting: dict[str, int] = {}
         """Changes to this instance's counts, by pool, not sent yet: they go with the pipe's next write."""
-        connect = self._client.connection_pool.connection_kwargs
-        self._pipe = RedisPipe(
-            {k: connect[k] for k in ("path", "host", "port", "db", "username", "password") if connect.get(k)},
-            timeout_s=timeout_s,
-        )
+        self._pipe = RedisPipe(connection_args(url), timeout_s=timeout_s)
 
     def allow_rpm(self, key_id: int, rpm: int) -> bool | None:
         """Count a request of the key in its minute window if it fits under `rpm`: whether it did, or None."""

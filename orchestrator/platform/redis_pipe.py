@@ -62,7 +62,7 @@ class RedisPipe:
         answer came does not stop the command: `abandoned` is then given its answer, to undo what it did."""
         loop = self._ensure_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue(_pack(command), future)
+        self._queue(pack(command), future)
         try:
             return await future
         except asyncio.CancelledError:
@@ -74,7 +74,7 @@ class RedisPipe:
         """Send `command` with this turn's batch; its answer is not read by anyone (a lost one is lost). `fallback`:
         sent instead when Redis answers NOSCRIPT (an EVALSHA's whole script, to a Redis restarted meanwhile)."""
         self._ensure_loop()
-        self._queue(_pack(command), _pack(fallback) if fallback else _DISCARD)
+        self._queue(pack(command), pack(fallback) if fallback else _DISCARD)
 
     def before_write(self, callback: Callable[[], None]) -> None:
         """Call `callback` (once, however often it is asked for) just before this turn's batch is written: what it
@@ -137,19 +137,10 @@ class RedisPipe:
         self._loop.call_later(self._timeout_s, self._deadline, writer, self._written)
 
     async def _open(self) -> None:
-        kw = self._connect_kwargs
         async with asyncio.timeout(self._timeout_s):
-            if kw.get("path"):
-                reader, writer = await asyncio.open_unix_connection(kw["path"])
-            else:
-                reader, writer = await asyncio.open_connection(kw.get("host", "localhost"), kw.get("port", 6379))
+            reader, writer = await open_connection(self._connect_kwargs)
         # The session's own commands go first, their answers dropped in place (an error there shows in the next).
-        hello: list[bytes] = []
-        if kw.get("password"):
-            auth = (kw["username"], kw["password"]) if kw.get("username") else (kw["password"],)
-            hello.append(_pack(("AUTH", *auth)))
-        if kw.get("db"):
-            hello.append(_pack(("SELECT", kw["db"])))
+        hello = session_commands(self._connect_kwargs)
         for _ in hello:
             self._awaited.appendleft(_DISCARD)
         self._out[:0] = hello
@@ -203,11 +194,37 @@ class RedisPipe:
         self._written = self._answered = 0
 
 
+def connection_args(url: str) -> dict[str, Any]:
+    """What a connection of ours needs of a `redis://` or `unix://` URL (parsed as redis-py does): `path` (a unix
+    socket) or `host`/`port`; `db`, `username`, `password`."""
+    from redis.connection import parse_url  # noqa: PLC0415 (redis-py's imports, paid only by an instance using Redis)
+
+    parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    return {k: parsed[k] for k in ("path", "host", "port", "db", "username", "password") if parsed.get(k)}
+
+
+async def open_connection(args: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if args.get("path"):
+        return await asyncio.open_unix_connection(args["path"])
+    return await asyncio.open_connection(args.get("host", "localhost"), args.get("port", 6379))
+
+
+def session_commands(args: dict[str, Any], *, select: bool = True) -> list[bytes]:
+    """The commands a new connection sends first, packed: AUTH, and SELECT of its database (`select`)."""
+    hello: list[bytes] = []
+    if args.get("password"):
+        auth = (args["username"], args["password"]) if args.get("username") else (args["password"],)
+        hello.append(pack(("AUTH", *auth)))
+    if select and args.get("db"):
+        hello.append(pack(("SELECT", args["db"])))
+    return hello
+
+
 def _as_broken(e: Exception) -> PipeBroken:
     return e if isinstance(e, PipeBroken) else PipeBroken(f"{type(e).__name__}: {e}")
 
 
-def _pack(command: tuple[Any, ...]) -> bytes:
+def pack(command: tuple[Any, ...]) -> bytes:
     # A tuple of any length (hiredis's stubs say a 1-tuple).
     packed: bytes = hiredis.pack_command(command)
     return packed

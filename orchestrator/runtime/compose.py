@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from infra.hosts import HostBook, HostsBackend
 from infra.machine import MachineBackend, MachineConfig
@@ -41,6 +42,7 @@ from orchestrator.gateway.priority import PriorityQueues
 from orchestrator.gateway.upstream import Upstream
 from orchestrator.platform.guarded_resolver import GuardedResolver
 from orchestrator.platform.outbound import OutboundPolicy
+from orchestrator.platform.redis_channel import RedisChannel
 from orchestrator.platform.redis_flight import RedisFlight
 from orchestrator.platform.redis_limits import RedisLimits
 from orchestrator.platform.secrets import SecretBox
@@ -61,7 +63,7 @@ from orchestrator.store.external_endpoints import ExternalEndpointStore
 from orchestrator.store.fleet import FleetStore
 from orchestrator.store.gateway_view import GatewayViewStore
 from orchestrator.store.hosts import HostStore
-from orchestrator.store.notify import Change, ChangeFeed
+from orchestrator.store.notify import Change, ChangeFeed, Channel, PostgresChannel
 from orchestrator.store.tasks import TaskStore
 from orchestrator.surfaces.feishu.bots import BotService
 from orchestrator.surfaces.feishu.client import FeishuClient
@@ -75,6 +77,16 @@ log = structlog.get_logger(__name__)
 
 SWITCH_INTERVAL_S = 0.001
 """How long a thread may keep the interpreter lock while another waits for it, in a serving process."""
+
+
+def _changes_channel(engine: AsyncEngine, settings: Settings, shared: RedisLimits | None) -> Channel | None:
+    """Where the instances announce their changes: their PostgreSQL, or Redis between the workers of one machine on
+    SQLite; nowhere for one process on SQLite."""
+    if engine.dialect.name == "postgresql":
+        return PostgresChannel(engine)
+    if shared is not None and settings.redis_url is not None:
+        return RedisChannel(settings.redis_url, shared.key("changes"))
+    return None
 
 
 def build_deps(settings: Settings) -> Deps:
@@ -99,8 +111,8 @@ def build_deps(settings: Settings) -> Deps:
     # ORCH_REDIS_URL: calls in flight per replica and endpoint gates are counted over every instance as well.
     flight = None if shared is None else RedisFlight(shared)
     catalog = Catalog(GatewayViewStore(sessions), box, ledger, on_drained=nudge, flight=flight)
-    # Every change below is announced to the other instances on the same PostgreSQL before it reloads this one.
-    changes = ChangeFeed(engine, catalog.reload, nudge)
+    # Every change below is announced to the other instances before it reloads this one.
+    changes = ChangeFeed(_changes_channel(engine, settings, shared), catalog.reload, nudge)
     moved = changes.made(Change.MOVES)
     outbound = OutboundPolicy.from_settings(settings)  # a bad ORCH_OUTBOUND_ALLOW_CIDRS stops the start here
     upstream = Upstream(resolver=GuardedResolver(outbound.allowed))  # names judged again at every connect

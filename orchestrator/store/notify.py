@@ -1,8 +1,9 @@
-"""Changes between instances on one PostgreSQL: after an admin change commits, a `NOTIFY` says what it touched; every
-instance `LISTEN`s on a connection of its own and acts at once (its catalog reloads), instead of at its next
-periodic refresh. That refresh stays the net for what a notification cannot carry: one sent while an instance was
-reconnecting, or never sent because its sender died between the commit and the `NOTIFY`. On SQLite (one process)
-nothing is sent or heard.
+"""Changes between instances: after an admin change commits, a notification says what it touched; every instance
+listens on a connection of its own and acts at once (its catalog reloads), instead of at its next periodic refresh.
+The channel is PostgreSQL's `NOTIFY` when the instances share one PostgreSQL, and a Redis pub/sub channel when they
+share a SQLite file and a Redis (the workers of one `serve --workers N`). The periodic refresh stays the net for what
+a notification cannot carry: one sent while an instance was reconnecting, or never sent because its sender died
+between the commit and the notification. With neither (one process on SQLite) nothing is sent or heard.
 
 Notifications arriving together are acted on once (a burst of changes is one reload), and an instance ignores its
 own (it reloaded before it answered)."""
@@ -15,7 +16,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import structlog
@@ -61,22 +62,111 @@ Reload = Callable[[], Awaitable[None]]
 _CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+class Listening(Protocol):
+    """A connection listening on a channel."""
+
+    async def until_lost(self) -> str:
+        """Hands each notification to the listener until the connection closes or stops answering; says why."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Channel(Protocol):
+    """Where the instances' notifications go. Each method raises `ConnectionError` when its server cannot be
+    reached (now)."""
+
+    async def publish(self, payload: str) -> object: ...
+
+    async def listen(self, heard: Callable[[str], None]) -> Listening: ...
+
+    def close(self) -> None: ...
+
+
+class PostgresChannel:
+    """The channel `CHANNEL` of the instances' PostgreSQL: `NOTIFY` after the change's commit, `LISTEN` on a
+    connection of its own (named `LISTENER_NAME`)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def publish(self, payload: str) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload}
+                )
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            raise ConnectionError(str(root_cause(e))) from e
+
+    async def listen(self, heard: Callable[[str], None]) -> _PostgresListening:
+        _, params = self._engine.dialect.create_connect_args(self._engine.url)
+        for option in _DIALECT_ONLY:
+            params.pop(option, None)
+        settings = {**params.pop("server_settings", {}), "application_name": LISTENER_NAME}
+        try:
+            conn = await asyncio.wait_for(asyncpg.connect(**params, server_settings=settings), CHECK_TIMEOUT_S)
+        except _CONNECT_ERRORS as e:
+            raise ConnectionError(str(e) or type(e).__name__) from e
+        try:
+            await conn.add_listener(CHANNEL, lambda _conn, _pid, _channel, payload: heard(payload))
+        except BaseException as e:
+            conn.terminate()
+            if isinstance(e, _CONNECT_ERRORS):
+                raise ConnectionError(str(e) or type(e).__name__) from e
+            raise
+        return _PostgresListening(conn)
+
+    def close(self) -> None:
+        """Nothing of its own to close: it announces over the engine's pool."""
+
+
+class _PostgresListening:
+    def __init__(self, conn: Any) -> None:  # an asyncpg.Connection
+        self._conn = conn
+
+    async def until_lost(self) -> str:
+        conn = self._conn
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        while True:
+            if conn.is_closed():
+                return "connection closed"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), CHECK_EVERY_S)
+                return "connection closed"
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), CHECK_TIMEOUT_S)
+            except _CONNECT_ERRORS as e:
+                return str(e) or type(e).__name__
+
+    async def close(self) -> None:
+        conn = self._conn
+        if not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), CHECK_TIMEOUT_S)
+            except _CONNECT_ERRORS:
+                conn.terminate()
+
+
 class ChangeFeed:
     """Announces this instance's changes and hears the others'.
 
     `reload` makes this instance's memory follow the database (after its own changes, and when another instance
-    changed something); `nudge` asks the reconcile job here to run now (a no-op where the jobs do not run)."""
+    changed something); `nudge` asks the reconcile job here to run now (a no-op where the jobs do not run). With no
+    `channel` (one process) it only does both here."""
 
-    def __init__(self, engine: AsyncEngine, reload: Reload, nudge: Callable[[], None]) -> None:
+    def __init__(self, channel: Channel | None, reload: Reload, nudge: Callable[[], None]) -> None:
         self.instance = uuid.uuid4().hex[:12]
-        self._engine = engine
+        self._channel = channel
         self._reload = reload
         self._nudge = nudge
-        self._shared = engine.dialect.name == "postgresql"
         self._pending: set[Change] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._conn: Any = None  # asyncpg.Connection while listening
+        self._listening: Listening | None = None
         self._announcing: set[asyncio.Task[None]] = set()
 
     @property
@@ -97,7 +187,7 @@ class ChangeFeed:
         """Asks the reconcile job to run now, here and wherever the jobs run: the services' `nudge`. The
         announcement goes out in the background, as the caller cannot wait for it."""
         self._nudge()
-        if not self._shared:
+        if self._channel is None:
             return
         try:
             task = asyncio.get_running_loop().create_task(self._announce_work())
@@ -113,32 +203,26 @@ class ChangeFeed:
             log.exception("changes.not_announced", kind=Change.WORK.value)
 
     async def announce(self, kind: Change) -> None:
-        """Tell every listening instance that `kind` changed (after the change committed). A database that cannot
+        """Tell every listening instance that `kind` changed (after the change committed). A channel that cannot
         be reached now loses the notification, not the change: the others see it at their periodic refresh."""
-        if not self._shared:
+        if self._channel is None:
             return
-        payload = json.dumps({"from": self.instance, "kind": kind.value})
         try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload}
-                )
-        except Exception as e:
-            if not unreachable(e):
-                raise
-            log.warning("changes.not_announced", kind=kind.value, error=str(root_cause(e)))
+            await self._channel.publish(json.dumps({"from": self.instance, "kind": kind.value}))
+        except ConnectionError as e:
+            log.warning("changes.not_announced", kind=kind.value, error=str(e))
 
     async def start(self) -> None:
-        """Listen (on PostgreSQL): once this returns, a change another instance commits is heard, unless the
-        database cannot be reached now (then the listener keeps trying in the background)."""
-        if not self._shared or self._tasks:
+        """Listen: once this returns, a change another instance commits is heard, unless the channel cannot be
+        reached now (then the listener keeps trying in the background)."""
+        if self._channel is None or self._tasks:
             return
         try:
-            self._conn = await self._connect()
-        except _CONNECT_ERRORS as e:
+            self._listening = await self._channel.listen(self._heard)
+        except ConnectionError as e:
             log.warning("changes.listener_down", error=str(e))
         self._tasks = [
-            asyncio.create_task(self._listen(), name="changes-listener"),
+            asyncio.create_task(self._listen(self._channel), name="changes-listener"),
             asyncio.create_task(self._apply(), name="changes-apply"),
         ]
 
@@ -151,8 +235,10 @@ class ChangeFeed:
                 await task
         self._tasks = []
         await self._close()
+        if self._channel is not None:
+            self._channel.close()
 
-    def _heard(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _heard(self, payload: str) -> None:
         try:
             note = json.loads(payload)
             if note["from"] == self.instance:
@@ -182,16 +268,16 @@ class ChangeFeed:
                 else:
                     log.warning("changes.apply_failed", kinds=sorted(kinds), error=str(root_cause(e)))
 
-    async def _listen(self) -> None:
+    async def _listen(self, channel: Channel) -> None:
         """Keeps one listening connection, reconnecting with backoff; one warning per outage, one line at its end
         (and then everything is reloaded: what changed meanwhile was not heard)."""
         delay = RETRY_FIRST_S
-        down = self._conn is None
+        down = self._listening is None
         while True:
-            if self._conn is None:
+            if self._listening is None:
                 try:
-                    self._conn = await self._connect()
-                except _CONNECT_ERRORS as e:
+                    self._listening = await channel.listen(self._heard)
+                except ConnectionError as e:
                     log.debug("changes.listener_retry", error=str(e), retry_in_s=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
@@ -202,43 +288,12 @@ class ChangeFeed:
                 self._pending |= EVERYTHING
                 self._wake.set()
             delay = RETRY_FIRST_S
-            error = await self._until_lost(self._conn)
+            error = await self._listening.until_lost()
             await self._close()
             down = True
             log.warning("changes.listener_down", error=error)
 
-    async def _until_lost(self, conn: Any) -> str:
-        """Waits until `conn` closes (the server ended it) or stops answering; says why."""
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
-        while True:
-            if conn.is_closed():
-                return "connection closed"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), CHECK_EVERY_S)
-                return "connection closed"
-            try:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), CHECK_TIMEOUT_S)
-            except _CONNECT_ERRORS as e:
-                return str(e) or type(e).__name__
-
-    async def _connect(self) -> Any:
-        _, params = self._engine.dialect.create_connect_args(self._engine.url)
-        for option in _DIALECT_ONLY:
-            params.pop(option, None)
-        settings = {**params.pop("server_settings", {}), "application_name": LISTENER_NAME}
-        conn = await asyncio.wait_for(asyncpg.connect(**params, server_settings=settings), CHECK_TIMEOUT_S)
-        try:
-            await conn.add_listener(CHANNEL, self._heard)
-        except BaseException:
-            conn.terminate()
-            raise
-        return conn
-
     async def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), CHECK_TIMEOUT_S)
-            except _CONNECT_ERRORS:
-                conn.terminate()
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            await listening.close()

@@ -1,27 +1,29 @@
-"""The change feed on a real PostgreSQL, two feeds standing for two instances: one's announcement makes the other
-reload (and nudge the jobs for fleet changes), never itself; a burst is acted on together; a listening connection
-ended by the server, or lost to an outage, comes back and hears again, having reloaded for what it missed. On SQLite
-nothing is sent."""
+"""The change feed over each of its channels, a real PostgreSQL's `NOTIFY` and a real Redis's pub/sub, two feeds
+standing for two instances: one's announcement makes the other reload (and nudge the jobs for fleet changes), never
+itself; a burst is acted on together; a listening connection ended by the server, or lost to an outage, comes back and
+hears again, having reloaded for what it missed. With no channel (one process on SQLite) nothing is sent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio
 import structlog
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orchestrator.platform.redis_channel import RedisChannel
 from orchestrator.store.db import make_engine
-from orchestrator.store.notify import CHANNEL, LISTENER_NAME, Change, ChangeFeed
+from orchestrator.store.notify import CHANNEL, LISTENER_NAME, Change, ChangeFeed, Channel, PostgresChannel
 from tests.support.postgres import PostgresServer
+from tests.support.redis import RedisServer
 
 
 @dataclass
@@ -52,29 +54,91 @@ async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
-@pytest.fixture
-async def engine(postgres: PostgresServer) -> AsyncIterator[AsyncEngine]:
+@dataclass
+class Server:
+    """A channel's server, and what a third party does to it."""
+
+    channel: Callable[[], Channel]
+    """A new channel to it, as an instance makes."""
+    send: Callable[[str], Awaitable[None]]
+    """A notification from elsewhere (another process, another version), whole as given."""
+    listeners: Callable[[], Awaitable[list[int]]]
+    """The ids of the connections listening now."""
+    end: Callable[[list[int]], Awaitable[None]]
+    """The server ends these connections."""
+
+
+@asynccontextmanager
+async def on_postgres(postgres: PostgresServer) -> AsyncIterator[Server]:
     engine = make_engine(await postgres.new_database())
-    yield engine
-    await engine.dispose()
+    dsn = make_url(engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def run(query: str, *args: Any) -> list[Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    async def send(payload: str) -> None:
+        await run("SELECT pg_notify($1, $2)", CHANNEL, payload)
+
+    async def listeners() -> list[int]:
+        query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()"
+        return [int(r["pid"]) for r in await run(query, LISTENER_NAME)]
+
+    async def end(pids: list[int]) -> None:
+        await run("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids)
+
+    try:
+        yield Server(lambda: PostgresChannel(engine), send, listeners, end)
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def on_redis(server: RedisServer) -> AsyncIterator[Server]:
+    name = f"orch:{RedisServer.new_namespace()}:changes"
+    client = redis.asyncio.Redis.from_url(server.url)
+
+    async def send(payload: str) -> None:
+        await client.publish(name, payload)
+
+    async def listeners() -> list[int]:
+        return [int(c["id"]) for c in await client.client_list() if c["name"] == name]
+
+    async def end(ids: list[int]) -> None:
+        for client_id in ids:
+            await client.client_kill_filter(_id=str(client_id))
+
+    try:
+        yield Server(lambda: RedisChannel(server.url, name), send, listeners, end)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "redis"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    made: AbstractAsyncContextManager[Server]
+    if request.param == "postgres":
+        made = on_postgres(request.getfixturevalue("postgres"))
+    else:
+        made = on_redis(request.getfixturevalue("redis_server"))
+    async with made as it:
+        yield it
 
 
 @pytest.fixture
-async def pair(engine: AsyncEngine) -> AsyncIterator[tuple[Instance, Instance]]:
+async def pair(server: Server) -> AsyncIterator[tuple[Instance, Instance]]:
     a, b = Instance(), Instance()
     for it in (a, b):
-        it.feed = ChangeFeed(engine, it.reload, it.nudge)
+        it.feed = ChangeFeed(server.channel(), it.reload, it.nudge)
         await it.feed.start()
     yield a, b
     for it in (a, b):
         await it.feed.stop()
 
 
-def _dsn(engine: AsyncEngine) -> str:
-    return make_url(engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@pytest.mark.postgres
 async def test_a_change_made_on_one_instance_reloads_the_other_at_once_and_never_itself(
     pair: tuple[Instance, Instance],
 ) -> None:
@@ -89,7 +153,6 @@ async def test_a_change_made_on_one_instance_reloads_the_other_at_once_and_never
     assert b.reloads == 2  # its own, once: what it announced came back to it and was ignored
 
 
-@pytest.mark.postgres
 async def test_work_for_the_jobs_nudges_the_reconcile_job_here_and_on_every_other_instance(
     pair: tuple[Instance, Instance],
 ) -> None:
@@ -102,9 +165,8 @@ async def test_work_for_the_jobs_nudges_the_reconcile_job_here_and_on_every_othe
     assert (a.reloads, a.nudges, b.nudges) == (0, 1, 1)  # and nothing was reloaded for the nudge itself
 
 
-@pytest.mark.postgres
 async def test_a_burst_of_changes_is_one_reload_behind_the_one_under_way(
-    pair: tuple[Instance, Instance], engine: AsyncEngine
+    pair: tuple[Instance, Instance], server: Server
 ) -> None:
     a, b = pair
     b.gate = asyncio.Event()
@@ -113,12 +175,9 @@ async def test_a_burst_of_changes_is_one_reload_behind_the_one_under_way(
     for _ in range(20):
         await a.feed.announce(Change.ACCOUNTS)
     await a.feed.announce(Change.WORK)
-    conn = await asyncpg.connect(_dsn(engine))
-    try:  # the last one, from a third party, says b heard everything before the gate opens
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps({"from": "x", "kind": "endpoints"}))
-    finally:
-        await conn.close()
-    # Notifications reach a listener in commit order: once the last is heard, so are the others.
+    # The last one, from a third party, says b heard everything before the gate opens: notifications reach a
+    # listener in the order they were sent.
+    await server.send(json.dumps({"from": "x", "kind": "endpoints"}))
     await until(lambda: Change.ENDPOINTS in b.feed.pending)
     assert b.reloads == 0
     b.gate.set()
@@ -127,57 +186,32 @@ async def test_a_burst_of_changes_is_one_reload_behind_the_one_under_way(
     assert not b.feed.pending  # and nothing more to act on: 23 notifications, 2 reloads
 
 
-@pytest.mark.postgres
-async def test_an_unreadable_notification_reloads_everything(
-    pair: tuple[Instance, Instance], engine: AsyncEngine
-) -> None:
+async def test_an_unreadable_notification_reloads_everything(pair: tuple[Instance, Instance], server: Server) -> None:
     _, b = pair
-    conn = await asyncpg.connect(_dsn(engine))
-    try:
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, "not json")
-    finally:
-        await conn.close()
+    await server.send("not json")
     await until(lambda: b.reloads == 1)
     assert b.nudges == 1
 
 
-async def _listeners(engine: AsyncEngine) -> list[int]:
-    conn = await asyncpg.connect(_dsn(engine))
-    try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
-            LISTENER_NAME,
-        )
-        return [int(r["pid"]) for r in rows]
-    finally:
-        await conn.close()
-
-
-@pytest.mark.postgres
 async def test_a_listening_connection_ended_by_the_server_comes_back_and_hears_again(
-    pair: tuple[Instance, Instance], engine: AsyncEngine
+    pair: tuple[Instance, Instance], server: Server
 ) -> None:
     a, b = pair
-    old = await _listeners(engine)
+    old = await server.listeners()
     assert len(old) == 2
-    conn = await asyncpg.connect(_dsn(engine))
-    try:
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", old)
-    finally:
-        await conn.close()
+    await server.end(old)
     # Each comes back, and reloads for what it may have missed meanwhile.
     await until(lambda: a.reloads == 1 and b.reloads == 1)
-    new = await _listeners(engine)
+    new = await server.listeners()
     assert len(new) == 2
     assert not set(new) & set(old)
     await a.feed.made(Change.ENDPOINTS)()
     await until(lambda: b.reloads == 2)
 
 
-async def test_on_sqlite_a_change_only_reloads_here(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'one.db'}")
+async def test_with_no_channel_a_change_only_reloads_here() -> None:
     it = Instance()
-    it.feed = ChangeFeed(engine, it.reload, it.nudge)
+    it.feed = ChangeFeed(None, it.reload, it.nudge)
     try:
         await it.feed.start()
         await it.feed.made(Change.MODELS)()
@@ -185,24 +219,41 @@ async def test_on_sqlite_a_change_only_reloads_here(tmp_path: Path) -> None:
         assert (it.reloads, it.nudges) == (1, 1)
     finally:
         await it.feed.stop()
-        await engine.dispose()
 
 
-@pytest.mark.postgres
-async def test_a_database_outage_is_one_warning_and_one_line_at_its_end_and_then_changes_are_heard_again() -> None:
-    with PostgresServer.serving(private=True) as server:
-        engine = make_engine(await server.new_database())
-        a, b = Instance(), Instance()
-        with structlog.testing.capture_logs() as logs:
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "redis"])
+def private(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[PostgresServer | RedisServer, Callable[[], AbstractAsyncContextManager[Server]]]]:
+    """A server of the test's own, to stop and start again, and how to reach it."""
+    if request.param == "postgres":
+        with PostgresServer.serving(private=True) as pg:
+            yield pg, lambda: on_postgres(pg)
+    else:
+        rs = RedisServer.private()
+        try:
+            yield rs, lambda: on_redis(rs)
+        finally:
+            rs.stop()
+
+
+async def test_an_outage_is_one_warning_and_one_line_at_its_end_and_then_changes_are_heard_again(
+    private: tuple[PostgresServer | RedisServer, Callable[[], AbstractAsyncContextManager[Server]]],
+) -> None:
+    outage, reach = private
+    a, b = Instance(), Instance()
+    with structlog.testing.capture_logs() as logs:
+        async with reach() as server:
             try:
                 for it in (a, b):
-                    it.feed = ChangeFeed(engine, it.reload, it.nudge)
+                    it.feed = ChangeFeed(server.channel(), it.reload, it.nudge)
                     await it.feed.start()
-                server.pause()
+                outage.pause()
                 try:
                     await until(lambda: _count(logs, "changes.listener_down") == 2)
+                    await a.feed.announce(Change.KEYS)  # lost, not raised: b reloads everything when it is back
                 finally:
-                    server.resume()
+                    outage.resume()
                 await until(lambda: _count(logs, "changes.listener_back") == 2, timeout_s=30)
                 await until(lambda: a.reloads == b.reloads == 1)  # what changed meanwhile was not heard
                 await a.feed.made(Change.KEYS)()
@@ -210,8 +261,8 @@ async def test_a_database_outage_is_one_warning_and_one_line_at_its_end_and_then
             finally:
                 for it in (a, b):
                     await it.feed.stop()
-                await engine.dispose()
     assert _count(logs, "changes.listener_down") == 2  # one per listener, however many attempts failed
+    assert _count(logs, "changes.not_announced") == 1
     assert not [e for e in logs if e["log_level"] in {"error", "critical"}], logs
 
 

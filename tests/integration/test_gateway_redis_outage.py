@@ -60,8 +60,10 @@ async def test_a_keys_rate_limit_through_a_redis_outage(
         while (await statuses(1)) != [200]:  # Redis is tried again a second after it failed
             assert loop.time() < deadline, "the limits never went back to Redis"
             await asyncio.sleep(0.05)
-    warnings = [e for e in logs if e["log_level"] == "warning"]
-    assert [e["event"] for e in warnings] == ["redis.unreachable", "redis.reachable"]
+    # The limits' outage, once (on SQLite the change feed, which listens over Redis too, says its own).
+    limits = [e["event"] for e in logs if e["log_level"] == "warning" and e["event"].startswith("redis.")]
+    assert limits == ["redis.unreachable", "redis.reachable"]
+    assert not [e for e in logs if e["log_level"] in {"error", "critical"}], logs
     assert await statuses(3) == [200, 200, 429]  # the window in Redis: three, the one above included
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -73,6 +74,17 @@ class RedisServer:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The (private) server stopped with SIGSTOP: its connections stay open, and nothing answers on them (a peer
+        gone silently); it goes on where it stopped afterwards."""
+        assert self._proc is not None, "an existing server (ORCH_TEST_REDIS_URL) is not ours to freeze"
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -38,8 +38,13 @@ def metered_key(base: str, chat_url: str) -> tuple[int, str]:
     r = httpx.post(f"{base}/api/v1/models/{model_id}/replicas", json={"endpoint": chat_url}, headers=ADMIN_HEADERS)
     replica = r.json()["replica_id"]
     poll(lambda: httpx.get(f"{base}/api/v1/replicas/{replica}", headers=ADMIN_HEADERS).json(), _ready)
+    return bound_key(base, model_id)
+
+
+def bound_key(base: str, model_id: int, name: str = "payer") -> tuple[int, str]:
+    """A new connector key with a large quota, bound to the model."""
     data = httpx.post(
-        f"{base}/admin/api-key/apply", json={"name": "payer", "month_quota": 100}, headers=ADMIN_HEADERS
+        f"{base}/admin/api-key/apply", json={"name": name, "month_quota": 100}, headers=ADMIN_HEADERS
     ).json()["data"]
     r = httpx.post(
         f"{base}/admin/api-key/bind-or-unbind-model",
