@@ -16,7 +16,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from api.asgi import create_app
+from api.app import create_app
 from orchestrator.billing.ledger import SharedLedger
 from orchestrator.domain.money import CREDIT, UNIT
 from orchestrator.domain.spend import Account

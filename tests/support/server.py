@@ -36,7 +36,7 @@ START_TIMEOUT_S = 90.0
 """A server starts in about 2 s here; a CI machine busy with booting VMs has taken over 30."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -54,7 +54,7 @@ def serving(
 ) -> Iterator[tuple[str, list[str]]]:
     """Run `orchestrator serve`; after the block, the list holds everything it printed.
     `stop_signal=SIGKILL` ends it as a crash would."""
-    port = _free_port()
+    port = free_port()
     output: list[str] = []
     proc = subprocess.Popen(
         [*ORCHESTRATOR, "serve", "--host", "127.0.0.1", "--port", str(port), *extra],
