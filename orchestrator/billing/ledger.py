@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from orchestrator.domain.spend import Account
-from orchestrator.platform.redis_limits import SharedLimits
+from orchestrator.platform.redis_limits import Pool, SharedLimits
 
 
 class Ledger:
@@ -154,6 +154,13 @@ class SharedLedger(Ledger):
         """Keys marked busy in the shared store by this instance."""
         self._idle: set[int] = set()
         """Marked keys with no call in flight here: their marks are lifted once their records are written."""
+        shared.counted_by(self._counted)  # what the store is told this instance holds, after an outage
+
+    def _counted(self) -> dict[tuple[Pool, int], int]:
+        """What this instance holds in the shared store, by pool and key: holds with unwritten fees, and credits."""
+        counts: dict[tuple[Pool, int], int] = {("holds", k): n for k, n in self._held_shared.items()}
+        counts.update((("credits", k), n) for k, n in self._credits_shared.items())
+        return counts
 
     def reserve(self, key_id: int, worst: int, month: int) -> int | None:
         budget = self._budget(key_id, worst, month)
@@ -226,9 +233,9 @@ class SharedLedger(Ledger):
         metered = account is not None and account.metered
         # Until it is written, the fee is counted for every instance as a hold of this one, which always fits.
         if fee > 0 and not on_balance and metered:
-            self._shared.hold_fee(key_id, fee)
-            _add(self._held_shared, key_id, fee)
+            _add(self._held_shared, key_id, fee)  # counted here before it is sent (what a resync would set)
             _add(self._fees_shared, key_id, fee)
+            self._shared.hold_fee(key_id, fee)
 
     def settle(self, written: Iterable[tuple[int, int, bool]], fresh: dict[int, Account]) -> None:
         written = list(written)

@@ -15,6 +15,12 @@ tried again every `retry_after_s` meanwhile, not on every call.
 Holds, credits and busy marks die with their instance: each instance keeps a liveness key alive from a thread of its
 own, and an entry whose instance's liveness key has expired is dropped by the next check of its key. Written fees are
 counted under a name that carries its own expiry.
+
+An outage leaves an instance's counts in Redis wrong: what it gave back meanwhile was dropped, and a command whose
+answer never came may have run, or may still run when a stalled Redis resumes. So the first command after one puts
+them right (`_SYNC`): each count this instance ever wrote is set to what its ledger says it holds, under a new epoch
+of this instance; every command that changes a count carries the epoch it was sent in, and one from an older epoch
+that runs after the resync changes nothing (it is fenced).
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class Script:
     text: str
     keys: int = 1
     """How many of a call's first values are Redis keys (the rest are its arguments)."""
+    fenced: bool = False
+    """Changes this instance's counts: its sender adds its fence key and epoch as the last two arguments, and the
+    script (`_FENCE`) changes nothing when a resync has run since."""
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +91,18 @@ end
 """
 """Redis's clock, in milliseconds."""
 
+_FENCE = """
+local function fenced()
+  local current = redis.call('GET', ARGV[#ARGV - 1])
+  return current and tonumber(current) > tonumber(ARGV[#ARGV])
+end
+"""
+"""Whether this command was sent before the instance's last resync (its fence key, then its epoch, end ARGV): it ran
+late, on a connection given up for lost, and what it would change was set since."""
+
 _LIVE = (
     _NOW_MS
+    + _FENCE
     + """
 local function live(key, me, alive, now)
   local sum = 0
@@ -116,6 +135,7 @@ _RESERVE = Script(
     _LIVE
     + """
 local me, worst, budget, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if fenced() then return -1 end
 local now = now_ms()
 if live(KEYS[1], me, alive, now) + live(KEYS[2], me, alive, now) + worst > budget then return 0 end
 redis.call('HINCRBY', KEYS[1], me, ARGV[2])
@@ -123,6 +143,7 @@ redis.call('SET', alive .. me, 1, 'PX', ARGV[5])
 return 1
 """,
     keys=2,
+    fenced=True,
 )
 """Hold `worst` if every live instance's holds of the key (KEYS[1]) and the credits they took of it (KEYS[2]), plus
 `worst`, fit in `budget`. The sums are Lua's doubles (exact to $9,000 in units of 10^-12 $, within a millionth of a
@@ -132,6 +153,7 @@ _CREDITS = Script(
     _LIVE
     + """
 local me, price, balance, quota, alive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+if fenced() then return -1 end
 local now = now_ms()
 local past_quota = live(KEYS[2], me, alive, now) - quota
 if past_quota < 0 then past_quota = 0 end
@@ -141,6 +163,7 @@ redis.call('SET', alive .. me, 1, 'PX', ARGV[6])
 return 1
 """,
     keys=2,
+    fenced=True,
 )
 """Take `price` credits (KEYS[1]) if they fit in the balance after the credits every live instance took and the part
 of a metered key's holds and fees (KEYS[2]) past what is left of its month's quota: credits come off the balance
@@ -174,27 +197,59 @@ return busy
 
 _WRITTEN = Script(
     _NOW_MS
+    + _FENCE
     + """
-if redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if not fenced() and redis.call('HINCRBY', KEYS[1], ARGV[1], '-' .. ARGV[2]) == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
 redis.call('HINCRBY', KEYS[1], 'w:' .. string.format('%d', now_ms() + tonumber(ARGV[4])) .. ':' .. ARGV[3], ARGV[2])
 return 1
-"""
+""",
+    fenced=True,
 )
 """Fees written to the database: no longer this instance's, they are counted under a name of their own until every
 instance has read the accounts again (`written_ttl_s`), since until then another may not know of them. This
 instance's count may go below zero for a moment (its fees were added on the pipe, which another connection's command
-may overtake): the addition then brings it back."""
+may overtake): the addition then brings it back. Fenced, the fees are still counted as written: a resync set this
+instance's count without them."""
 
-_ADJUST = Script("""
+_ADJUST = Script(
+    _FENCE
+    + """
+if fenced() then return -1 end
 if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 redis.call('SET', ARGV[3] .. ARGV[1], 1, 'PX', ARGV[4])
 return 1
-""")
+""",
+    fenced=True,
+)
 """Add `amount` (negative: give back) to this instance's count: holds given back and fees held until written, never
 refused, so never checked."""
 
+_SYNC = Script("""
+local me, epoch, alive, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+redis.call('SET', KEYS[1], epoch, 'PX', ttl)
+for i = 5, #ARGV, 2 do
+  if tonumber(ARGV[i + 1]) > 0 then
+    redis.call('HSET', ARGV[i], me, ARGV[i + 1])
+  else
+    redis.call('HDEL', ARGV[i], me)
+  end
+end
+redis.call('SET', alive .. me, 1, 'PX', ttl)
+return 1
+""")
+"""Set this instance's count in each given hash (after ARGV's first four: the hash, then the amount) to the amount,
+and its fence (KEYS[1]) to the new epoch: what an older command would change from now on stays as set here."""
+
+_SYNC_BATCH = 500
+"""Counts set per `_SYNC` command (an instance that served many keys sends several, in one round trip)."""
+
 Pool = Literal["holds", "credits"]
 """A key's amounts counted per instance: a metered key's holds and unwritten fees, or LlmEndpoint credits taken."""
+
+Counts = Callable[[], dict[tuple[Pool, int], int]]
+"""What an instance holds in the shared store by pool and key, as its ledger knows it."""
 
 
 class SharedLimits(Protocol):
@@ -221,6 +276,12 @@ class SharedLimits(Protocol):
     def unmark_busy(self, key_ids: list[int]) -> bool: ...
 
     def busy_elsewhere(self, key_id: int) -> bool | None: ...
+
+    def counted_by(self, counts: Counts) -> None:
+        """Where this instance's true counts are read from, to put them right in the store after an outage: each
+        change must be in them before it is handed to `unreserve`, `hold_fee` or `written` (a resync may take the
+        place of the change)."""
+        ...
 
 
 class RedisLimits:
@@ -262,7 +323,15 @@ class RedisLimits:
         self._closed = threading.Event()
         self._adjusting: dict[str, int] = {}
         """Changes to this instance's counts, by pool, not sent yet: they go with the pipe's next write."""
-        self._pipe = RedisPipe(connection_args(url), timeout_s=timeout_s)
+        self._epoch = 0
+        """Raised by each resync; sent with every change of this instance's counts (`Script.fenced`)."""
+        self._fence = f"{self._prefix}fence:{self.instance}"
+        self._stale = False
+        """An outage may have left this instance's counts in Redis wrong: the next command puts them right first."""
+        self._counts: Counts | None = None
+        self._touched: set[tuple[Pool, int]] = set()
+        """Every count this instance has changed (what a resync sets, to 0 where its ledger holds nothing)."""
+        self._pipe = RedisPipe(connection_args(url), timeout_s=timeout_s, on_broken=self._lost)
 
     def allow_rpm(self, key_id: int, rpm: int) -> bool | None:
         """Count a request of the key in its minute window if it fits under `rpm`: whether it did, or None."""
@@ -277,24 +346,25 @@ class RedisLimits:
     def _rpm_call(self, key_id: int, rpm: int) -> tuple[Any, ...]:
         return (f"{self._prefix}rpm:{key_id}", rpm)
 
+    def counted_by(self, counts: Counts) -> None:
+        self._counts = counts
+
     def reserve(self, key_id: int, worst: int, budget: int) -> bool | None:
         """Hold `worst` for the key if the holds and credits of every instance plus `worst` fit in `budget` (what
         the key has left before any of them): whether it was held, or None."""
         answers = self.run(_RESERVE, [self._reserve_call(key_id, worst, budget)])
-        return None if answers is None else bool(answers[0])
+        return None if answers is None else _fits(answers[0])
 
     async def reserve_async(self, key_id: int, worst: int, budget: int) -> bool | None:
         """`reserve` without blocking the event loop; a hold made for a caller cancelled meanwhile is given back."""
-
-        def give_back(answer: Any) -> None:
-            if answer == 1:
-                self.unreserve(key_id, worst)
-
-        answer = await self.run_async(_RESERVE, self._reserve_call(key_id, worst, budget), abandoned=give_back)
-        return None if answer is None else bool(answer)
+        answer = await self.run_async(
+            _RESERVE, self._reserve_call(key_id, worst, budget), adds=(self._pool(key_id, "holds"), worst)
+        )
+        return None if answer is None else _fits(answer)
 
     def _reserve_call(self, key_id: int, worst: int, budget: int) -> tuple[Any, ...]:
         self.keep_alive()
+        self._touched.add(("holds", key_id))
         holds, credits, alive = self._pool(key_id, "holds"), self._pool(key_id, "credits"), self.alive_prefix
         return (holds, credits, self.instance, worst, budget, alive, self._alive_ttl_ms)
 
@@ -303,25 +373,27 @@ class RedisLimits:
         holds or fees) after every instance's credits and the holds and fees past `quota_left`: whether they were
         taken, or None."""
         self.keep_alive()
+        self._touched.add(("credits", key_id))
         credits, holds, alive = self._pool(key_id, "credits"), self._pool(key_id, "holds"), self.alive_prefix
         call = (credits, holds, self.instance, price, balance, quota_left, alive, self._alive_ttl_ms)
         answers = self.run(_CREDITS, [call])
-        return None if answers is None else bool(answers[0])
+        return None if answers is None else _fits(answers[0])
 
     def unreserve(self, key_id: int, amount: int, *, pool: Pool = "holds") -> None:
-        """Give back `amount` held (or credits taken) here, deferred (a Redis out of reach drops it when this
-        instance's liveness key expires)."""
-        self._adjust(self._pool(key_id, pool), -amount)
+        """Give back `amount` held (or credits taken) here, deferred (dropped while Redis is out of reach: the
+        resync after the outage sets what is held)."""
+        self._adjust(key_id, pool, -amount)
 
     def hold_fee(self, key_id: int, fee: int) -> None:
         """Count a call's fee as a hold of this instance until it is written (`written`), deferred."""
-        self._adjust(self._pool(key_id, "holds"), fee)
+        self._adjust(key_id, "holds", fee)
 
     def written(self, amounts: dict[int, int], *, pool: Pool = "holds") -> None:
         """Fees (or credits) held here, per key, are written to the database: counted for `written_ttl_s` more,
         which is how long every instance may take to read the accounts that carry them. One round trip for them
         all."""
         self._send_adjustments(blocking=True)  # this instance's own count first: what is taken off it was added
+        self._touched.update((pool, k) for k in amounts)
         batch, ttl = uuid.uuid4().hex, self._written_ttl_ms
         self.run(_WRITTEN, [(self._pool(k, pool), self.instance, n, batch, ttl) for k, n in amounts.items()])
 
@@ -367,13 +439,17 @@ class RedisLimits:
             self._conn.disconnect()
         self._client.close()
 
-    def _adjust(self, pool: str, amount: int) -> None:
-        """Add `amount` to this instance's count in `pool` with the event loop's next batch (now, outside a loop),
-        summed with the turn's other changes of it: one command per pool and turn, whatever the calls, its answer
-        unread (a failure is dropped, as a check's would be)."""
+    def _adjust(self, key_id: int, pool: Pool, amount: int) -> None:
+        """Add `amount` to this instance's count of the key in `pool` with the event loop's next batch (now, outside
+        a loop), summed with the turn's other changes of it: one command per count and turn, whatever the calls, its
+        answer unread (a failure is dropped, as a check's would be, and put right by the resync after it)."""
+        self._touched.add((pool, key_id))
+        self._add(self._pool(key_id, pool), amount)
+
+    def _add(self, name: str, amount: int) -> None:
         if self._down_until is not None and time.monotonic() < self._down_until:
             return
-        self._adjusting[pool] = self._adjusting.get(pool, 0) + amount
+        self._adjusting[name] = self._adjusting.get(name, 0) + amount
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -384,6 +460,9 @@ class RedisLimits:
     def _send_adjustments(self, *, blocking: bool = False) -> None:
         """Send the changes summed since the last batch: on the pipe (just before its write), or blocking (outside
         the event loop, or when what follows must come after them)."""
+        if blocking and not self._usable():  # dropped in an outage; after one, the resync has set them
+            self._adjusting = {}
+            return
         pending, self._adjusting = self._adjusting, {}
         alive, ttl = self.alive_prefix, self._alive_ttl_ms
         calls = [(pool, self.instance, amount, alive, ttl) for pool, amount in pending.items() if amount]
@@ -393,17 +472,26 @@ class RedisLimits:
             self.run(_ADJUST, calls)
             return
         for call in calls:  # by SHA, and whole again if Redis answers that it does not know the script
+            fenced = (*call, self._fence, self._epoch)
             self._pipe.send(
-                "EVALSHA", _ADJUST.sha, _ADJUST.keys, *call, fallback=("EVAL", _ADJUST.text, _ADJUST.keys, *call)
+                "EVALSHA", _ADJUST.sha, _ADJUST.keys, *fenced, fallback=("EVAL", _ADJUST.text, _ADJUST.keys, *fenced)
             )
 
     async def run_async(
-        self, script: Script, call: tuple[Any, ...], *, abandoned: Callable[[Any], None] | None = None
+        self, script: Script, call: tuple[Any, ...], *, adds: tuple[str, int] | None = None
     ) -> int | None:
-        """`run` for one call on the event loop's pipe: its answer, or None. `abandoned`: given the answer of a
-        script that ran for a caller cancelled meanwhile."""
-        if self._down_until is not None and time.monotonic() < self._down_until:
+        """`run` for one call on the event loop's pipe: its answer, or None. `adds`: the count and the amount the
+        script adds to this instance's when it answers 1, added again if a resync set the count meanwhile (after the
+        script ran, on the same connection), and taken back if the caller was cancelled meanwhile."""
+        if not self._usable():
             return None
+        epoch = self._epoch
+        call = self._fenced(script, call)
+
+        def abandoned(answer: Any) -> None:  # the caller was cancelled: what the script added is given back
+            if adds is not None and answer == 1 and self._epoch == epoch:
+                self._add(adds[0], -adds[1])
+
         try:
             answer = await self._pipe.call("EVALSHA", script.sha, script.keys, *call, abandoned=abandoned)
             if isinstance(answer, hiredis.ReplyError) and str(answer).startswith("NOSCRIPT"):
@@ -414,19 +502,18 @@ class RedisLimits:
         self._reachable()
         if isinstance(answer, hiredis.ReplyError):
             raise self._answered_error(str(answer))
+        if adds is not None and answer == 1 and self._epoch != epoch:
+            self._add(adds[0], adds[1])
         return int(answer)
 
     def run(self, script: Script, calls: list[tuple[Any, ...]]) -> list[int] | None:
         """Run `script` once for each of `calls` (its key, then its arguments), in one round trip: the answers, or
         None when Redis cannot be reached (or is not tried for now)."""
-        if self._down_until is not None and time.monotonic() < self._down_until:
+        if not self._usable():
             return None
+        calls = [self._fenced(script, call) for call in calls]
         try:
-            try:
-                answers = self._send(script, calls)
-            except self._closed_error:  # closed while unused (the event loop's pipe may have seen Redis restart)
-                self._conn.disconnect()
-                answers = self._send(script, calls)
+            answers = self._exchange(script, calls)
         except self._errors as e:
             if self._conn is not None:
                 self._conn.disconnect()  # connected again at the next try
@@ -438,7 +525,56 @@ class RedisLimits:
                 raise answer
         return [int(answer) for answer in answers]
 
+    def _fenced(self, script: Script, call: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (*call, self._fence, self._epoch) if script.fenced else call
+
+    def _lost(self) -> None:
+        """The pipe's connection failed: what it had sent may have run, or may still run."""
+        self._stale = True
+
+    def _usable(self) -> bool:
+        """Whether Redis may be tried now: not while an outage is waited out, and not before this instance's counts
+        are put right after one."""
+        if self._down_until is not None and time.monotonic() < self._down_until:
+            return False
+        return not self._stale or self._resync()
+
+    def _resync(self) -> bool:
+        """Set every count this instance has changed to what its ledger holds, under a new epoch (one round trip,
+        blocking: every command sent after it runs after it). Changes not sent yet are in what the ledger holds."""
+        self._epoch += 1
+        self._adjusting = {}
+        counts = self._counts() if self._counts is not None else {}
+        owned = sorted(self._touched | counts.keys())
+        head = (self._fence, self.instance, self._epoch, self.alive_prefix, self._alive_ttl_ms)
+        calls = [
+            (
+                *head,
+                *(
+                    x
+                    for pool, key_id in batch
+                    for x in (self._pool(key_id, pool), max(counts.get((pool, key_id), 0), 0))
+                ),
+            )
+            for batch in (owned[i : i + _SYNC_BATCH] for i in range(0, max(len(owned), 1), _SYNC_BATCH))
+        ]
+        try:
+            for answer in self._exchange(_SYNC, calls):
+                if isinstance(answer, Exception):  # Redis refused it (not an outage): a bug, raised
+                    raise answer
+        except self._errors as e:
+            if isinstance(e, self._answered_error):
+                raise
+            if self._conn is not None:
+                self._conn.disconnect()
+            self._unreachable(e)
+            return False
+        self._stale = False
+        log.info("redis.resynced", epoch=self._epoch, counts=len(owned))
+        return True
+
     def _unreachable(self, e: Exception) -> None:
+        self._stale = True
         if self._down_until is None:
             log.warning("redis.unreachable", error=type(e).__name__, detail=str(e), fallback="in-memory limits")
         self._down_until = time.monotonic() + self._retry_after_s
@@ -447,6 +583,15 @@ class RedisLimits:
         if self._down_until is not None:
             self._down_until = None
             log.warning("redis.reachable", limits="shared again")
+
+    def _exchange(self, script: Script, calls: list[tuple[Any, ...]]) -> list[Any]:
+        """`_send`, on a new connection if this one was found closed while unused (the event loop's pipe may have
+        seen Redis restart, or a timeout dropped it)."""
+        try:
+            return self._send(script, calls)
+        except self._closed_error:
+            self._conn.disconnect()
+            return self._send(script, calls)
 
     def _send(self, script: Script, calls: list[tuple[Any, ...]]) -> list[Any]:
         if self._conn is None or self._conn_pid != os.getpid():  # a forked worker makes its own
@@ -486,5 +631,13 @@ class RedisLimits:
         key = f"{self._prefix}alive:{self.instance}"
         while not self._closed.is_set():
             with contextlib.suppress(self._errors):  # the calls on the event loop log an outage
-                self._client.set(key, 1, px=self._alive_ttl_ms)
+                beat = self._client.pipeline(transaction=False)
+                beat.set(key, 1, px=self._alive_ttl_ms)
+                beat.pexpire(self._fence, self._alive_ttl_ms)  # lasts as long as the instance (if a resync set it)
+                beat.execute()
             self._closed.wait(self._alive_ttl_ms / 3000)
+
+
+def _fits(answer: int) -> bool | None:
+    """A check's answer: 1 done, 0 refused, -1 fenced (sent before a resync: not known, so not shared)."""
+    return None if answer < 0 else bool(answer)

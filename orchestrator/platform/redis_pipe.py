@@ -36,10 +36,14 @@ with `send`) the whole script's command, sent instead if Redis answers that it d
 class RedisPipe:
     """Commands to one Redis, pipelined on the running event loop (one connection per loop)."""
 
-    def __init__(self, connect: dict[str, Any], *, timeout_s: float) -> None:
+    def __init__(
+        self, connect: dict[str, Any], *, timeout_s: float, on_broken: Callable[[], None] | None = None
+    ) -> None:
         self._connect_kwargs = connect
         """redis-py's connection arguments: `path` (a unix socket) or `host`/`port`; `db`, `username`, `password`."""
         self._timeout_s = timeout_s
+        self._on_broken = on_broken
+        """Told when the connection fails: what was written on it may or may not have run (or may run later)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reading: asyncio.Task[None] | None = None
@@ -181,6 +185,8 @@ class RedisPipe:
             if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(error)
         self._out = []
+        if self._on_broken is not None:
+            self._on_broken()
 
     def _drop(self) -> None:
         if self._reading is not None and self._reading is not _current_task():
