@@ -30,7 +30,8 @@ class EarlyStop:
 
     def hold(self) -> None:
         for sig in STOP_SIGNALS:
-            self._before[sig] = signal.signal(sig, self._keep)
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # one ignored (a server started in the background) stays so
+                self._before[sig] = signal.signal(sig, self._keep)
 
     def release(self) -> None:
         """Gives the signals back to whoever handles them now, and sends again the one that came meanwhile. A handler
