@@ -4,7 +4,6 @@ instance's own limits meanwhile (never a 500), the outage is logged once, and th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,16 +20,6 @@ from tests.support.redis import RedisServer
 from tests.support.settings import instance_settings
 
 __all__ = ["engine"]  # the fixture, from tests/support/billing.py
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of the test's own, which it may stop and start."""
-    server = RedisServer.private()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -6,22 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
 from orchestrator.platform.redis_channel import RedisChannel
 from tests.support.redis import RedisServer
-
-
-@pytest.fixture
-def private() -> Iterator[RedisServer]:
-    server = RedisServer.private()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _name() -> str:
@@ -51,24 +41,24 @@ async def test_every_message_reaches_each_subscriber_whole_and_in_order(redis_se
     channel.close()
 
 
-async def test_a_wrong_password_or_no_redis_is_a_connection_error_saying_why(private: RedisServer) -> None:
-    with redis.Redis.from_url(private.url) as admin:
+async def test_a_wrong_password_or_no_redis_is_a_connection_error_saying_why(own_redis: RedisServer) -> None:
+    with redis.Redis.from_url(own_redis.url) as admin:
         admin.config_set("requirepass", "right-password")
-    wrong = private.url.replace("unix://", "unix://:wrong-password@")
+    wrong = own_redis.url.replace("unix://", "unix://:wrong-password@")
     channel = RedisChannel(wrong, _name())
     with pytest.raises(ConnectionError, match=r"WRONGPASS|invalid password"):
         await channel.listen(lambda _: None)
     with pytest.raises(ConnectionError, match=r"WRONGPASS|invalid password|NOAUTH"):
         await channel.publish("x")
     channel.close()
-    right = RedisChannel(private.url.replace("unix://", "unix://:right-password@"), _name())
+    right = RedisChannel(own_redis.url.replace("unix://", "unix://:right-password@"), _name())
     subscription = await right.listen(lambda _: None)
     assert await right.publish("x") == 1
     await subscription.close()
     right.close()
 
-    private.pause()
-    gone = RedisChannel(private.url, _name())
+    own_redis.pause()
+    gone = RedisChannel(own_redis.url, _name())
     with pytest.raises(ConnectionError):
         await gone.listen(lambda _: None)
     with pytest.raises(ConnectionError):
@@ -76,14 +66,14 @@ async def test_a_wrong_password_or_no_redis_is_a_connection_error_saying_why(pri
     gone.close()
 
 
-async def test_a_redis_that_stops_answering_ends_the_subscription_after_its_ping(private: RedisServer) -> None:
-    channel = RedisChannel(private.url, _name(), timeout_s=0.3, check_every_s=0.2)
+async def test_a_redis_that_stops_answering_ends_the_subscription_after_its_ping(own_redis: RedisServer) -> None:
+    channel = RedisChannel(own_redis.url, _name(), timeout_s=0.3, check_every_s=0.2)
     subscription = await channel.listen(lambda _: None)
     try:
         waiting = asyncio.create_task(subscription.until_lost())
         await asyncio.sleep(0.5)  # quiet but answering: two PINGs answered, still listening
         assert not waiting.done()
-        with private.frozen():
+        with own_redis.frozen():
             why = await asyncio.wait_for(waiting, 10)
         assert why == "no answer from Redis in 0.3 s"
     finally:

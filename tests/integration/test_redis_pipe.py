@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -21,15 +20,6 @@ from tests.support.redis import RedisServer
 def _pipe(server: RedisServer, timeout_s: float = 1.0) -> RedisPipe:
     kwargs = redis.Redis.from_url(server.url).connection_pool.connection_kwargs
     return RedisPipe({k: kwargs[k] for k in ("path", "host", "port", "db") if kwargs.get(k)}, timeout_s=timeout_s)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer.private()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_concurrent_commands_get_their_own_answers_on_one_connection(redis_server: RedisServer) -> None:
@@ -76,17 +66,13 @@ async def test_a_redis_that_restarts_fails_the_waiting_and_serves_the_next(own_r
 
 async def test_a_silent_redis_fails_the_waiting_within_the_timeout(own_redis: RedisServer) -> None:
     pipe = _pipe(own_redis, timeout_s=0.2)
-    assert own_redis._proc is not None  # the test's own server, stopped in place
     try:
         assert await pipe.call("PING") == b"PONG"
-        os.kill(own_redis._proc.pid, signal.SIGSTOP)
-        try:
+        with own_redis.frozen():  # stopped in place
             waiting = [asyncio.ensure_future(pipe.call("PING")) for _ in range(5)]
             done, _ = await asyncio.wait(waiting, timeout=10)
             assert len(done) == 5
             assert all(isinstance(f.exception(), PipeBroken) for f in done)
-        finally:
-            os.kill(own_redis._proc.pid, signal.SIGCONT)
         assert await pipe.call("PING") == b"PONG"
     finally:
         pipe.close()

@@ -6,26 +6,32 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 
-import pytest
 import redis
 from structlog.testing import capture_logs
 
+from orchestrator.billing.ledger import SharedLedger
 from orchestrator.platform.redis_limits import _ADJUST, _WRITTEN, RedisLimits
 from tests.integration.test_shared_limits import KEY, MAY, WORST, balance, ledger_of
 from tests.support.redis import RedisServer
 from tests.support.server import poll
 
-RETRY_S = 0.2
 
-
-@pytest.fixture
-def private() -> Iterator[RedisServer]:
-    server = RedisServer.private()
+@contextmanager
+def instance(server: RedisServer, **options: float) -> Iterator[tuple[RedisLimits, SharedLedger, str]]:
+    """One instance on `server` (Redis tried again at once after a failure), its ledger of a key with 10 worst cases
+    left, and the name of the key's holds in Redis."""
+    namespace = RedisServer.new_namespace()
+    shared = RedisLimits(server.url, namespace=namespace, retry_after_s=0, **options)
     try:
-        yield server
+        yield shared, ledger_of(shared, key=balance(10 * WORST)), f"orch:{namespace}:holds:{KEY}"
     finally:
-        server.stop()
+        shared.close()
+
+
+def _fence(shared: RedisLimits, holds: str) -> str:
+    return holds.replace(f"holds:{KEY}", f"fence:{shared.instance}")
 
 
 def _counts(server: RedisServer, name: str) -> dict[str, int]:
@@ -33,22 +39,22 @@ def _counts(server: RedisServer, name: str) -> dict[str, int]:
         return {owner: int(n) for owner, n in client.hgetall(name).items()}
 
 
-async def test_a_hold_taken_during_a_stall_is_not_left_held(private: RedisServer) -> None:
+async def test_a_hold_taken_during_a_stall_is_not_left_held(own_redis: RedisServer) -> None:
     namespace = RedisServer.new_namespace()
-    here = RedisLimits(private.url, namespace=namespace, retry_after_s=0)
-    there = RedisLimits(private.url, namespace=namespace)
+    here = RedisLimits(own_redis.url, namespace=namespace, retry_after_s=0)
+    there = RedisLimits(own_redis.url, namespace=namespace)
     try:
         a, b = ledger_of(here, key=balance(3 * WORST)), ledger_of(there, key=balance(3 * WORST))
         assert await a.reserve_async(KEY, WORST, MAY) == WORST
         with capture_logs() as logs:
-            with private.frozen():  # no answer: the command waits its 0.25 s, then falls back
+            with own_redis.frozen():  # no answer: the command waits its 0.25 s, then falls back
                 # Held by this instance's own rule; its command runs when Redis resumes, its answer never read.
                 assert await a.reserve_async(KEY, WORST, MAY) == WORST
                 a.unreserve(KEY, WORST)  # both calls end
                 a.unreserve(KEY, WORST)
             assert await a.reserve_async(KEY, 1, MAY) == 1  # the first command after the outage: a resync, then it
         holds = f"orch:{namespace}:holds:{KEY}"
-        assert _counts(private, holds) == {here.instance: 1}
+        assert _counts(own_redis, holds) == {here.instance: 1}
         assert b.reserve(KEY, 3 * WORST - 1, MAY) == 3 * WORST - 1  # all but that one unit is free for the others
         events = [e["event"] for e in logs if e["event"].startswith("redis.")]
         assert events == ["redis.unreachable", "redis.resynced", "redis.reachable"]
@@ -57,43 +63,33 @@ async def test_a_hold_taken_during_a_stall_is_not_left_held(private: RedisServer
         there.close()
 
 
-def test_a_change_sent_before_the_resync_changes_nothing_when_it_runs_after(private: RedisServer) -> None:
-    namespace = RedisServer.new_namespace()
-    shared = RedisLimits(private.url, namespace=namespace, retry_after_s=0)
-    try:
-        ledger = ledger_of(shared, key=balance(10 * WORST))
+def test_a_change_sent_before_the_resync_changes_nothing_when_it_runs_after(own_redis: RedisServer) -> None:
+    with instance(own_redis) as (shared, ledger, holds):
         assert ledger.reserve(KEY, WORST, MAY) == WORST
-        with private.frozen():
+        with own_redis.frozen():
             assert ledger.reserve(KEY, WORST, MAY) == WORST  # no answer: an outage, held here alone
         assert ledger.reserve(KEY, 2, MAY) == 2  # the resync (epoch 1): in Redis, this instance holds WORST + 2
-        holds = f"orch:{namespace}:holds:{KEY}"
-        assert _counts(private, holds) == {shared.instance: WORST + 2}
-        fence = f"orch:{namespace}:fence:{shared.instance}"
-        alive, ttl = shared.alive_prefix, shared.alive_ttl_ms
-        with redis.Redis.from_url(private.url) as client:
+        assert _counts(own_redis, holds) == {shared.instance: WORST + 2}
+        fence, alive, ttl = _fence(shared, holds), shared.alive_prefix, shared.alive_ttl_ms
+        with redis.Redis.from_url(own_redis.url) as client:
             # What a connection given up for lost still held, run now: a give-back and a write, of epoch 0.
             assert client.eval(_ADJUST.text, 1, holds, shared.instance, -WORST, alive, ttl, fence, 0) == -1
             client.eval(_WRITTEN.text, 1, holds, shared.instance, 2, "batch", 10_000, fence, 0)
-            assert _counts(private, holds)[shared.instance] == WORST + 2  # unchanged by either
-            written = [owner for owner in _counts(private, holds) if owner.startswith("w:")]
+            assert _counts(own_redis, holds)[shared.instance] == WORST + 2  # unchanged by either
+            written = [owner for owner in _counts(own_redis, holds) if owner.startswith("w:")]
             assert len(written) == 1  # the fees written are still counted as written
             # The same of the current epoch does change it.
             assert client.eval(_ADJUST.text, 1, holds, shared.instance, -2, alive, ttl, fence, 1) == 1
-        assert _counts(private, holds)[shared.instance] == WORST
-    finally:
-        shared.close()
+        assert _counts(own_redis, holds)[shared.instance] == WORST
 
 
-def test_the_fence_lasts_as_long_as_the_instance(private: RedisServer) -> None:
-    namespace = RedisServer.new_namespace()
-    shared = RedisLimits(private.url, namespace=namespace, retry_after_s=0, alive_ttl_s=0.6)
-    try:
-        ledger = ledger_of(shared, key=balance(10 * WORST))
-        with private.frozen():
+def test_the_fence_lasts_as_long_as_the_instance(own_redis: RedisServer) -> None:
+    with instance(own_redis, alive_ttl_s=0.6) as (shared, ledger, holds):
+        with own_redis.frozen():
             assert ledger.reserve(KEY, WORST, MAY) == WORST
         assert ledger.reserve(KEY, 1, MAY) == 1  # resynced: the fence is set, to expire with the liveness key
-        fence = f"orch:{namespace}:fence:{shared.instance}"
-        with redis.Redis.from_url(private.url) as client:
+        fence = _fence(shared, holds)
+        with redis.Redis.from_url(own_redis.url) as client:
             epoch = client.get(fence)
             assert epoch is not None
             seen: list[int] = []
@@ -106,19 +102,12 @@ def test_the_fence_lasts_as_long_as_the_instance(private: RedisServer) -> None:
             assert client.get(fence) == epoch
             shared.close()
             poll(lambda: client.exists(fence), lambda n: n == 0, timeout_s=5)  # and gone after it
-    finally:
-        shared.close()
 
 
-def test_a_fee_charged_as_redis_comes_back_is_counted_once(private: RedisServer) -> None:
-    namespace = RedisServer.new_namespace()
-    shared = RedisLimits(private.url, namespace=namespace, retry_after_s=0)
-    try:
-        ledger = ledger_of(shared, key=balance(10 * WORST))
+def test_a_fee_charged_as_redis_comes_back_is_counted_once(own_redis: RedisServer) -> None:
+    with instance(own_redis) as (shared, ledger, holds):
         assert ledger.reserve(KEY, WORST, MAY) == WORST
-        with private.frozen():
+        with own_redis.frozen():
             ledger.unreserve(KEY, WORST)  # no answer: an outage
         ledger.charge(KEY, 3)  # the first command after it: the resync, which sets the fee with the rest
-        assert _counts(private, f"orch:{namespace}:holds:{KEY}") == {shared.instance: 3}
-    finally:
-        shared.close()
+        assert _counts(own_redis, holds) == {shared.instance: 3}

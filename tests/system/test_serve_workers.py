@@ -20,6 +20,19 @@ from tests.support.server import ORCHESTRATOR, free_port, orch_env, poll, servin
 from tests.system.test_money_crash import ADMIN_HEADERS, MODEL, bound_key, metered_key, threads_of
 
 ADMIN = "sk-serve-workers-admin-key-0123456789"
+METERED = ADMIN_HEADERS["Authorization"].removeprefix("Bearer ")
+"""The admin key of the tests that make a metered key (with `metered_key`, which calls as that admin)."""
+
+
+def _on_redis(redis_server: RedisServer, admin: str = ADMIN) -> dict[str, str]:
+    """A server's environment for `--workers 2`: Redis, a deployment of its own, the admin key, fast probes."""
+    return {
+        "ORCH_REDIS_URL": redis_server.url,
+        "ORCH_DEPLOYMENT": RedisServer.new_namespace(),
+        "ORCH_ADMIN_API_KEY": admin,
+        "ORCH_LOG_LEVEL": "WARNING",
+        "ORCH_PROBE_STARTING_INTERVAL_S": "0.2",
+    }
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -50,11 +63,7 @@ def test_several_workers_without_redis_are_refused_at_start(tmp_path: Path) -> N
 def test_a_stop_while_the_workers_still_build_the_app_stops_the_server(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    env = orch_env(tmp_path / "state") | {
-        "ORCH_REDIS_URL": redis_server.url,
-        "ORCH_DEPLOYMENT": RedisServer.new_namespace(),
-        "ORCH_ADMIN_API_KEY": ADMIN,
-    }
+    env = orch_env(tmp_path / "state") | _on_redis(redis_server)
     serve = [*ORCHESTRATOR, "serve", "--host", "127.0.0.1", "--port", str(free_port()), "--workers", "2"]
     proc = subprocess.Popen(
         serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -78,12 +87,7 @@ def test_a_stop_while_the_workers_still_build_the_app_stops_the_server(
 
 def test_two_workers_serve_one_database_and_exactly_one_leads(tmp_path: Path, redis_server: RedisServer) -> None:
     state = tmp_path / "state"
-    env = {
-        "ORCH_REDIS_URL": redis_server.url,
-        "ORCH_DEPLOYMENT": RedisServer.new_namespace(),
-        "ORCH_ADMIN_API_KEY": ADMIN,
-        "ORCH_LOG_LEVEL": "WARNING",
-    }
+    env = _on_redis(redis_server)
     headers = {"Authorization": f"Bearer {ADMIN}"}
     lock = state / "orchestrator.db.leader"
     with serving(state, "--workers", "2", env=env) as (base, _):
@@ -144,12 +148,7 @@ def test_a_key_issued_through_one_worker_is_taken_by_the_other_at_once(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     state = tmp_path / "state"
-    env = {
-        "ORCH_REDIS_URL": redis_server.url,
-        "ORCH_DEPLOYMENT": RedisServer.new_namespace(),
-        "ORCH_ADMIN_API_KEY": ADMIN_HEADERS["Authorization"].removeprefix("Bearer "),
-        "ORCH_LOG_LEVEL": "WARNING",
-        "ORCH_PROBE_STARTING_INTERVAL_S": "0.2",
+    env = _on_redis(redis_server, METERED) | {
         "ORCH_CATALOG_REFRESH_INTERVAL_S": "3600",  # no periodic net: what a worker knows, it read at start or was told
         "ORCH_USAGE_FLUSH_INTERVAL_S": "3600",  # answered calls stay in the journal of the worker that answered
     }
@@ -170,12 +169,7 @@ def test_a_worker_killed_outright_comes_back_and_its_answered_calls_are_charged_
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     state = tmp_path / "state"
-    env = {
-        "ORCH_REDIS_URL": redis_server.url,
-        "ORCH_DEPLOYMENT": RedisServer.new_namespace(),
-        "ORCH_ADMIN_API_KEY": ADMIN_HEADERS["Authorization"].removeprefix("Bearer "),
-        "ORCH_LOG_LEVEL": "WARNING",
-        "ORCH_PROBE_STARTING_INTERVAL_S": "0.2",
+    env = _on_redis(redis_server, METERED) | {
         "ORCH_USAGE_FLUSH_INTERVAL_S": "3600",  # the records job never writes: answered calls wait in the journal
     }
     with engine_process(MODEL) as (engine, _), serving(state, "--workers", "2", env=env) as (base, _):
