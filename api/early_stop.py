@@ -3,15 +3,16 @@
 A granian worker is forked from the server's main process and keeps the main's own signal handler until the worker's
 event loop installs its own, after the app is built (imports, settings, the composition: about a second). A SIGTERM
 in between (the server stopped just after it started) was taken by that inherited handler and lost: the worker then
-served on, deaf to the stop its main process waited for, for ever. Held from the start of the build, such a signal is
-sent again once the server's own handlers are in place (when the app's lifespan starts), and the worker stops as soon
-as it has started.
+served on, deaf to the stop its main process waited for, for ever. Held from the start of the app's build (all but
+the milliseconds of granian's own set-up after the fork), such a signal is sent again once the server's own handlers
+are in place (when the app's lifespan starts), and the worker stops as soon as it has started.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -29,6 +30,8 @@ class EarlyStop:
         return bool(self._before)
 
     def hold(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+            return
         for sig in STOP_SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:  # one ignored (a server started in the background) stays so
                 self._before[sig] = signal.signal(sig, self._keep)

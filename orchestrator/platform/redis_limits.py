@@ -228,6 +228,8 @@ refused, so never checked."""
 
 _SYNC = Script("""
 local me, epoch, alive, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local current = redis.call('GET', KEYS[1])
+if current and tonumber(current) >= tonumber(epoch) then return 0 end
 redis.call('SET', KEYS[1], epoch, 'PX', ttl)
 for i = 5, #ARGV, 2 do
   if tonumber(ARGV[i + 1]) > 0 then
@@ -240,7 +242,8 @@ redis.call('SET', alive .. me, 1, 'PX', ttl)
 return 1
 """)
 """Set this instance's count in each given hash (after ARGV's first four: the hash, then the amount) to the amount,
-and its fence (KEYS[1]) to the new epoch: what an older command would change from now on stays as set here."""
+and its fence (KEYS[1]) to the new epoch: what an older command would change from now on stays as set here. An older
+resync that runs late (sent on a connection given up for lost while Redis was stalled) changes nothing."""
 
 _SYNC_BATCH = 500
 """Counts set per `_SYNC` command (an instance that served many keys sends several, in one round trip)."""
@@ -279,8 +282,8 @@ class SharedLimits(Protocol):
 
     def counted_by(self, counts: Counts) -> None:
         """Where this instance's true counts are read from, to put them right in the store after an outage: each
-        change must be in them before it is handed to `unreserve`, `hold_fee` or `written` (a resync may take the
-        place of the change)."""
+        change must be in them before it is handed to `unreserve`, `hold_fee` or `written` (a resync that comes
+        first takes the place of the change; `written`'s own count is then left as the resync set it)."""
         ...
 
 
@@ -392,10 +395,12 @@ class RedisLimits:
         """Fees (or credits) held here, per key, are written to the database: counted for `written_ttl_s` more,
         which is how long every instance may take to read the accounts that carry them. One round trip for them
         all."""
+        epoch = self._epoch  # what the ledger handed over is not in the counts a resync would set from here on
         self._send_adjustments(blocking=True)  # this instance's own count first: what is taken off it was added
         self._touched.update((pool, k) for k in amounts)
         batch, ttl = uuid.uuid4().hex, self._written_ttl_ms
-        self.run(_WRITTEN, [(self._pool(k, pool), self.instance, n, batch, ttl) for k, n in amounts.items()])
+        calls = [(self._pool(k, pool), self.instance, n, batch, ttl) for k, n in amounts.items()]
+        self.run(_WRITTEN, calls, epoch=epoch)  # a resync since: the fees are counted as written, and not taken twice
 
     def mark_busy(self, key_id: int) -> bool | None:
         """This instance has calls of the key in flight or not yet written (until `unmark_busy`, or its death):
@@ -481,8 +486,9 @@ class RedisLimits:
         self, script: Script, call: tuple[Any, ...], *, adds: tuple[str, int] | None = None
     ) -> int | None:
         """`run` for one call on the event loop's pipe: its answer, or None. `adds`: the count and the amount the
-        script adds to this instance's when it answers 1, added again if a resync set the count meanwhile (after the
-        script ran, on the same connection), and taken back if the caller was cancelled meanwhile."""
+        script adds to this instance's when it answers 1: added again if a resync set the count meanwhile (it ran
+        after the script, which its answer says was not fenced), and taken back if the caller was cancelled (unless
+        a resync has set the count since)."""
         if not self._usable():
             return None
         epoch = self._epoch
@@ -506,12 +512,13 @@ class RedisLimits:
             self._add(adds[0], adds[1])
         return int(answer)
 
-    def run(self, script: Script, calls: list[tuple[Any, ...]]) -> list[int] | None:
+    def run(self, script: Script, calls: list[tuple[Any, ...]], *, epoch: int | None = None) -> list[int] | None:
         """Run `script` once for each of `calls` (its key, then its arguments), in one round trip: the answers, or
-        None when Redis cannot be reached (or is not tried for now)."""
+        None when Redis cannot be reached (or is not tried for now). `epoch`: the one a fenced script's change was
+        made in, when a resync may have come since (the current one otherwise)."""
         if not self._usable():
             return None
-        calls = [self._fenced(script, call) for call in calls]
+        calls = [self._fenced(script, call, epoch) for call in calls]
         try:
             answers = self._exchange(script, calls)
         except self._errors as e:
@@ -525,8 +532,8 @@ class RedisLimits:
                 raise answer
         return [int(answer) for answer in answers]
 
-    def _fenced(self, script: Script, call: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (*call, self._fence, self._epoch) if script.fenced else call
+    def _fenced(self, script: Script, call: tuple[Any, ...], epoch: int | None = None) -> tuple[Any, ...]:
+        return (*call, self._fence, self._epoch if epoch is None else epoch) if script.fenced else call
 
     def _lost(self) -> None:
         """The pipe's connection failed: what it had sent may have run, or may still run."""
@@ -570,6 +577,8 @@ class RedisLimits:
             self._unreachable(e)
             return False
         self._stale = False
+        # What holds nothing here needs no setting again: a late command of an older epoch is fenced.
+        self._touched = {owner for owner in owned if counts.get(owner, 0) > 0}
         log.info("redis.resynced", epoch=self._epoch, counts=len(owned))
         return True
 

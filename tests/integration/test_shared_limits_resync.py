@@ -12,7 +12,7 @@ import redis
 from structlog.testing import capture_logs
 
 from orchestrator.billing.ledger import SharedLedger
-from orchestrator.platform.redis_limits import _ADJUST, _WRITTEN, RedisLimits
+from orchestrator.platform.redis_limits import _ADJUST, _SYNC, _WRITTEN, RedisLimits
 from tests.integration.test_shared_limits import KEY, MAY, WORST, balance, ledger_of
 from tests.support.redis import RedisServer
 from tests.support.server import poll
@@ -111,3 +111,33 @@ def test_a_fee_charged_as_redis_comes_back_is_counted_once(own_redis: RedisServe
             ledger.unreserve(KEY, WORST)  # no answer: an outage
         ledger.charge(KEY, 3)  # the first command after it: the resync, which sets the fee with the rest
         assert _counts(own_redis, holds) == {shared.instance: 3}
+
+
+def test_fees_written_as_redis_comes_back_are_taken_off_once(own_redis: RedisServer) -> None:
+    with instance(own_redis) as (shared, ledger, holds):
+        ledger.charge(KEY, 3)  # held as this instance's fee until written
+        assert _counts(own_redis, holds) == {shared.instance: 3}
+        with own_redis.frozen():
+            assert ledger.busy_elsewhere(KEY) is None  # no answer: an outage
+        # The records flush writes the fee: its first command is the resync (this instance holds nothing now), and
+        # the fee is then counted as written, not taken off this instance's count a second time.
+        ledger.settle([(KEY, 3, False)], {KEY: balance(10 * WORST - 3)})
+        counts = _counts(own_redis, holds)
+        assert shared.instance not in counts
+        assert [n for owner, n in counts.items() if owner.startswith("w:")] == [3]
+
+
+def test_an_older_resync_that_runs_late_changes_nothing(own_redis: RedisServer) -> None:
+    with instance(own_redis) as (shared, ledger, holds):
+        assert ledger.reserve(KEY, WORST, MAY) == WORST
+        with own_redis.frozen():
+            assert ledger.busy_elsewhere(KEY) is None
+        assert ledger.reserve(KEY, 1, MAY) == 1  # the resync
+        fence = _fence(shared, holds)
+        with redis.Redis.from_url(own_redis.url) as client:
+            epoch = int(client.get(fence) or 0)
+            # One sent before it (on a connection given up for lost while Redis was stalled), run now.
+            args = (shared.instance, epoch - 1, shared.alive_prefix, shared.alive_ttl_ms, holds, 0)
+            assert client.eval(_SYNC.text, 1, fence, *args) == 0
+            assert int(client.get(fence) or 0) == epoch
+        assert _counts(own_redis, holds) == {shared.instance: WORST + 1}
