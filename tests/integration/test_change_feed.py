@@ -193,6 +193,22 @@ async def test_an_unreadable_notification_reloads_everything(pair: tuple[Instanc
     assert b.nudges == 1
 
 
+async def test_a_flood_of_unreadable_notifications_is_a_line_per_reload(
+    pair: tuple[Instance, Instance], server: Server
+) -> None:
+    a, b = pair
+    await a.feed.stop()  # b alone listens
+    b.gate = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(50):
+            await server.send("not json")
+        await server.send(json.dumps({"from": "x", "kind": "keys"}))  # the last one: every one before is heard
+        await until(lambda: b.reloading.is_set() and Change.KEYS in b.feed.pending)
+        b.gate.set()
+        await until(lambda: b.reloads == 2 and not b.feed.pending)
+    assert 1 <= _count(logs, "changes.unreadable_notification") <= 2  # one per burst, not one per message
+
+
 async def test_a_listening_connection_ended_by_the_server_comes_back_and_hears_again(
     pair: tuple[Instance, Instance], server: Server
 ) -> None:
