@@ -245,7 +245,7 @@ class ChangeFeed:
                 return
             kinds = {Change(note["kind"])}
         except (ValueError, TypeError, KeyError) as e:  # another version's payload: act on everything
-            if not EVERYTHING <= self._pending:  # once per burst: a flood of them is one line per reload
+            if not self._pending >= EVERYTHING:  # once per burst: a flood of them is one line per reload
                 log.warning("changes.unreadable_notification", error=str(e))
             kinds = set(EVERYTHING)
         self._pending |= kinds
