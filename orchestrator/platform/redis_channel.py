@@ -30,7 +30,7 @@ class RedisChannel:
     """One channel named `name` on the Redis at `url`. Its listening connections carry the same name (`CLIENT LIST`
     shows them)."""
 
-    def __init__(self, url: str, name: str, *, timeout_s: float = 5.0, check_every_s: float = 10.0) -> None:
+    def __init__(self, url: str, name: str, *, timeout_s: float, check_every_s: float) -> None:
         self.name = name
         self._args = connection_args(url)
         self._timeout_s = timeout_s

@@ -477,7 +477,7 @@ class RedisLimits:
             self.run(_ADJUST, calls)
             return
         for call in calls:  # by SHA, and whole again if Redis answers that it does not know the script
-            fenced = (*call, self._fence, self._epoch)
+            fenced = self._fenced(_ADJUST, call)
             self._pipe.send(
                 "EVALSHA", _ADJUST.sha, _ADJUST.keys, *fenced, fallback=("EVAL", _ADJUST.text, _ADJUST.keys, *fenced)
             )
@@ -493,10 +493,12 @@ class RedisLimits:
             return None
         epoch = self._epoch
         call = self._fenced(script, call)
+        abandoned = None
+        if adds is not None:  # a check that adds nothing (the RPM window's) has nothing to give back
 
-        def abandoned(answer: Any) -> None:  # the caller was cancelled: what the script added is given back
-            if adds is not None and answer == 1 and self._epoch == epoch:
-                self._add(adds[0], -adds[1])
+            def abandoned(answer: Any) -> None:  # the caller was cancelled: what the script added is given back
+                if answer == 1 and self._epoch == epoch:
+                    self._add(adds[0], -adds[1])
 
         try:
             answer = await self._pipe.call("EVALSHA", script.sha, script.keys, *call, abandoned=abandoned)
@@ -518,7 +520,15 @@ class RedisLimits:
         made in, when a resync may have come since (the current one otherwise)."""
         if not self._usable():
             return None
-        calls = [self._fenced(script, call, epoch) for call in calls]
+        answers = self._round_trip(script, [self._fenced(script, call, epoch) for call in calls])
+        if answers is None:
+            return None
+        self._reachable()
+        return [int(answer) for answer in answers]
+
+    def _round_trip(self, script: Script, calls: list[tuple[Any, ...]]) -> list[Any] | None:
+        """`calls` of `script` on the blocking connection: their answers, or None when Redis cannot be reached (the
+        outage noted). An error Redis answers (a script's) is raised."""
         try:
             answers = self._exchange(script, calls)
         except self._errors as e:
@@ -526,11 +536,10 @@ class RedisLimits:
                 self._conn.disconnect()  # connected again at the next try
             self._unreachable(e)
             return None
-        self._reachable()
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
-        return [int(answer) for answer in answers]
+        return answers
 
     def _fenced(self, script: Script, call: tuple[Any, ...], epoch: int | None = None) -> tuple[Any, ...]:
         return (*call, self._fence, self._epoch if epoch is None else epoch) if script.fenced else call
@@ -554,27 +563,10 @@ class RedisLimits:
         counts = self._counts() if self._counts is not None else {}
         owned = sorted(self._touched | counts.keys())
         head = (self._fence, self.instance, self._epoch, self.alive_prefix, self._alive_ttl_ms)
-        calls = [
-            (
-                *head,
-                *(
-                    x
-                    for pool, key_id in batch
-                    for x in (self._pool(key_id, pool), max(counts.get((pool, key_id), 0), 0))
-                ),
-            )
-            for batch in (owned[i : i + _SYNC_BATCH] for i in range(0, max(len(owned), 1), _SYNC_BATCH))
-        ]
-        try:
-            for answer in self._exchange(_SYNC, calls):
-                if isinstance(answer, Exception):  # Redis refused it (not an outage): a bug, raised
-                    raise answer
-        except self._errors as e:
-            if isinstance(e, self._answered_error):
-                raise
-            if self._conn is not None:
-                self._conn.disconnect()
-            self._unreachable(e)
+        pairs = [x for pool, key_id in owned for x in (self._pool(key_id, pool), max(counts.get((pool, key_id), 0), 0))]
+        step = 2 * _SYNC_BATCH
+        calls = [(*head, *pairs[i : i + step]) for i in range(0, max(len(pairs), 1), step)]
+        if self._round_trip(_SYNC, calls) is None:
             return False
         self._stale = False
         # What holds nothing here needs no setting again: a late command of an older epoch is fenced.

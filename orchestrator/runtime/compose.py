@@ -63,7 +63,14 @@ from orchestrator.store.external_endpoints import ExternalEndpointStore
 from orchestrator.store.fleet import FleetStore
 from orchestrator.store.gateway_view import GatewayViewStore
 from orchestrator.store.hosts import HostStore
-from orchestrator.store.notify import Change, ChangeFeed, Channel, PostgresChannel
+from orchestrator.store.notify import (
+    CHECK_EVERY_S,
+    CHECK_TIMEOUT_S,
+    Change,
+    ChangeFeed,
+    Channel,
+    PostgresChannel,
+)
 from orchestrator.store.tasks import TaskStore
 from orchestrator.surfaces.feishu.bots import BotService
 from orchestrator.surfaces.feishu.client import FeishuClient
@@ -85,7 +92,9 @@ def _changes_channel(engine: AsyncEngine, settings: Settings, shared: RedisLimit
     if engine.dialect.name == "postgresql":
         return PostgresChannel(engine)
     if shared is not None and settings.redis_url is not None:
-        return RedisChannel(settings.redis_url, shared.key("changes"))
+        return RedisChannel(
+            settings.redis_url, shared.key("changes"), timeout_s=CHECK_TIMEOUT_S, check_every_s=CHECK_EVERY_S
+        )
     return None
 
 

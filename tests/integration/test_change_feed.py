@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -21,7 +22,16 @@ from sqlalchemy.engine import make_url
 
 from orchestrator.platform.redis_channel import RedisChannel
 from orchestrator.store.db import make_engine
-from orchestrator.store.notify import CHANNEL, LISTENER_NAME, Change, ChangeFeed, Channel, PostgresChannel
+from orchestrator.store.notify import (
+    CHANNEL,
+    CHECK_EVERY_S,
+    CHECK_TIMEOUT_S,
+    LISTENER_NAME,
+    Change,
+    ChangeFeed,
+    Channel,
+    PostgresChannel,
+)
 from tests.support.postgres import PostgresServer
 from tests.support.redis import RedisServer
 
@@ -112,7 +122,8 @@ async def on_redis(server: RedisServer) -> AsyncIterator[Server]:
             await client.client_kill_filter(_id=str(client_id))
 
     try:
-        yield Server(lambda: RedisChannel(server.url, name), send, listeners, end)
+        channel = partial(RedisChannel, server.url, name, timeout_s=CHECK_TIMEOUT_S, check_every_s=CHECK_EVERY_S)
+        yield Server(channel, send, listeners, end)
     finally:
         await client.aclose()
 

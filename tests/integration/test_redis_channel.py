@@ -14,12 +14,14 @@ from orchestrator.platform.redis_channel import RedisChannel
 from tests.support.redis import RedisServer
 
 
-def _name() -> str:
-    return f"orch:{RedisServer.new_namespace()}:changes"
+def _channel(url: str, *, timeout_s: float = 5.0, check_every_s: float = 10.0) -> RedisChannel:
+    """A channel of the test's own on the Redis at `url`."""
+    name = f"orch:{RedisServer.new_namespace()}:changes"
+    return RedisChannel(url, name, timeout_s=timeout_s, check_every_s=check_every_s)
 
 
 async def test_every_message_reaches_each_subscriber_whole_and_in_order(redis_server: RedisServer) -> None:
-    channel = RedisChannel(redis_server.url, _name())
+    channel = _channel(redis_server.url)
     heard: tuple[list[str], list[str]] = ([], [])
     subscriptions = [await channel.listen(got.append) for got in heard]
     tasks = [asyncio.create_task(s.until_lost()) for s in subscriptions]
@@ -45,20 +47,20 @@ async def test_a_wrong_password_or_no_redis_is_a_connection_error_saying_why(own
     with redis.Redis.from_url(own_redis.url) as admin:
         admin.config_set("requirepass", "right-password")
     wrong = own_redis.url.replace("unix://", "unix://:wrong-password@")
-    channel = RedisChannel(wrong, _name())
+    channel = _channel(wrong)
     with pytest.raises(ConnectionError, match=r"WRONGPASS|invalid password"):
         await channel.listen(lambda _: None)
     with pytest.raises(ConnectionError, match=r"WRONGPASS|invalid password|NOAUTH"):
         await channel.publish("x")
     channel.close()
-    right = RedisChannel(own_redis.url.replace("unix://", "unix://:right-password@"), _name())
+    right = _channel(own_redis.url.replace("unix://", "unix://:right-password@"))
     subscription = await right.listen(lambda _: None)
     assert await right.publish("x") == 1
     await subscription.close()
     right.close()
 
     own_redis.pause()
-    gone = RedisChannel(own_redis.url, _name())
+    gone = _channel(own_redis.url)
     with pytest.raises(ConnectionError):
         await gone.listen(lambda _: None)
     with pytest.raises(ConnectionError):
@@ -67,12 +69,17 @@ async def test_a_wrong_password_or_no_redis_is_a_connection_error_saying_why(own
 
 
 async def test_a_redis_that_stops_answering_ends_the_subscription_after_its_ping(own_redis: RedisServer) -> None:
-    channel = RedisChannel(own_redis.url, _name(), timeout_s=0.3, check_every_s=0.2)
+    channel = _channel(own_redis.url, timeout_s=0.3, check_every_s=0.2)
     subscription = await channel.listen(lambda _: None)
     try:
-        waiting = asyncio.create_task(subscription.until_lost())
-        await asyncio.sleep(0.5)  # quiet but answering: two PINGs answered, still listening
-        assert not waiting.done()
+        with redis.Redis.from_url(own_redis.url) as watcher:
+            watcher.config_resetstat()
+            waiting = asyncio.create_task(subscription.until_lost())
+            deadline = time.monotonic() + 10
+            while watcher.info("commandstats").get("cmdstat_ping", {}).get("calls", 0) < 2:
+                assert time.monotonic() < deadline, "the quiet subscription was never PINGed"
+                await asyncio.sleep(0.01)
+        assert not waiting.done()  # quiet but answering: still listening
         with own_redis.frozen():
             why = await asyncio.wait_for(waiting, 10)
         assert why == "no answer from Redis in 0.3 s"
