@@ -11,6 +11,7 @@ vLLM refuses a request at three stages, each with its own answer, and the simula
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -23,6 +24,8 @@ _PATH_PART: Final = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _MISSING: Final = re.compile(r"^Object missing required field `([^`]+)`")
 _T = TypeVar("_T")
 COMPLETION_MAX_TOKENS: Final = 16  # what a legacy completion generates at most when it names no max_tokens
+MAX_N_SEQUENCES: Final = int(os.environ.get("VLLM_MAX_N_SEQUENCES", "16384"))
+"""vLLM's bound on `n` (its environment variable, read the same way): a client cannot ask for a billion outputs."""
 
 
 class Refusal(Exception):
@@ -338,6 +341,17 @@ def tokenize_request(body: bytes) -> TokenizeRequest:
     return _typed(_document(body), TokenizeRequest)
 
 
+def _n_problem(n: int) -> str | None:
+    if n < 1:
+        return f"n must be at least 1, got {n}."
+    if n > MAX_N_SEQUENCES:
+        return (
+            f"n must be at most {MAX_N_SEQUENCES}, got {n}. "
+            "To increase this limit, set the VLLM_MAX_N_SEQUENCES environment variable."
+        )
+    return None
+
+
 def sampling_problem(req: ChatRequest | CompletionRequest, max_tokens: int) -> str | None:  # noqa: PLR0911
     """vLLM's SamplingParams checks, in its order; None applies the default, as SamplingParams.from_optional does."""
     n = 1 if req.n is None else req.n
@@ -348,8 +362,8 @@ def sampling_problem(req: ChatRequest | CompletionRequest, max_tokens: int) -> s
     top_p = 1.0 if req.top_p is None else req.top_p
     top_k = 0 if req.top_k is None else req.top_k
     min_p = 0.0 if req.min_p is None else req.min_p
-    if n < 1:
-        return f"n must be at least 1, got {n}."
+    if (problem := _n_problem(n)) is not None:
+        return problem
     if not -2.0 <= presence <= 2.0:
         return f"presence_penalty must be in [-2, 2], got {presence}."
     if not -2.0 <= frequency <= 2.0:

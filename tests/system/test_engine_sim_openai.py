@@ -237,6 +237,11 @@ INVALID = [  # the request model's (pydantic's) errors: "Bad Request", the messa
 BAD = [  # the serving code's: "BadRequestError", vLLM's exact words
     (*_chat(n=0), "n must be at least 1, got 0."),
     (*_text(n=0), "n must be at least 1, got 0."),
+    (  # n: 10**9 used to take the simulator's memory (5.6 GB and growing) instead
+        *_text(n=16385),
+        "n must be at most 16384, got 16385. To increase this limit, set the VLLM_MAX_N_SEQUENCES environment "
+        "variable.",
+    ),
     (*_chat(temperature=-1), "temperature must be non-negative, got -1.0."),
     (*_chat(top_p=0), "top_p must be in (0, 1], got 0.0."),
     (*_text(top_p=1.5), "top_p must be in (0, 1], got 1.5."),
